@@ -1,0 +1,467 @@
+"""A small CEL AST built from celpy's lark parse tree, with exact source offsets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lark
+from lark import Lark, Token, Tree
+from lark.exceptions import LexError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from .errors import CelIssue, CelSyntaxError, line_col
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+
+@dataclass(eq=False)
+class Node:
+    offset: int
+    end: int
+    # filled by the checker
+    type: Any = field(default=None, init=False, repr=False)
+    can_error: bool = field(default=True, init=False, repr=False)
+
+
+@dataclass(eq=False)
+class Lit(Node):
+    value: Any
+    kind: str  # int uint double string bytes bool null
+
+
+@dataclass(eq=False)
+class Ident(Node):
+    name: str
+    root: bool = False  # written with a leading dot: `.name`
+
+
+@dataclass(eq=False)
+class Select(Node):
+    operand: Node
+    field: str
+    test_only: bool = False  # has()
+
+
+@dataclass(eq=False)
+class Index(Node):
+    operand: Node
+    index: Node
+
+
+@dataclass(eq=False)
+class Call(Node):
+    """Function, method or operator call. Operators use names like ``_+_``, ``!_``, ``_[_]``."""
+
+    function: str
+    args: list[Node]
+    target: Node | None = None
+
+
+@dataclass(eq=False)
+class Cond(Node):
+    cond: Node
+    then: Node
+    other: Node
+
+
+@dataclass(eq=False)
+class ListLit(Node):
+    items: list[Node]
+
+
+@dataclass(eq=False)
+class MapLit(Node):
+    entries: list[tuple[Node, Node]]
+
+
+@dataclass(eq=False)
+class ObjLit(Node):
+    type_name: str
+    fields: list[tuple[str, int, Node]]
+
+
+@dataclass(eq=False)
+class Comprehension(Node):
+    """A macro: all, exists, exists_one, map, filter."""
+
+    macro: str
+    range: Node
+    var: str
+    var_offset: int
+    body: Node  # predicate (or transform for map)
+    filter: Node | None = None  # 3-arg map's filter
+
+
+MACROS = {"all": (2,), "exists": (2,), "exists_one": (2,), "map": (2, 3), "filter": (2,)}
+
+_PARSER: Lark | None = None
+
+
+def _parser() -> Lark:
+    global _PARSER
+    if _PARSER is None:
+        import celpy.celparser as cp
+
+        grammar = (Path(cp.__file__).parent / "cel.lark").read_text()
+        _PARSER = Lark(
+            grammar,
+            parser="lalr",
+            start="expr",
+            g_regex_flags=re.M,
+            lexer_callbacks={"IDENT": cp.CELParser.ambiguous_literals},
+            propagate_positions=True,
+            maybe_placeholders=False,
+            priority="invert",
+        )
+    return _PARSER
+
+
+class _Builder:
+    def __init__(self, source: str) -> None:
+        self.src = source
+        self.issues: list[CelIssue] = []
+        self.semantic: list[CelIssue] = []  # macro misuse: reported with the type errors
+
+    # -- helpers ---------------------------------------------------------
+    def issue(self, offset: int, message: str, code: str = "syntax", hint: str | None = None, end: int | None = None) -> None:
+        line, col = line_col(self.src, offset)
+        issue = CelIssue(offset, line, col, message, code, hint, end)
+        (self.issues if code == "syntax" else self.semantic).append(issue)
+
+    def find_op(self, start: int, op: str) -> int:
+        """Offset of operator ``op`` at/after ``start``, skipping whitespace and comments."""
+        s = self.src
+        i = start
+        n = len(s)
+        while i < n:
+            if s.startswith(op, i):
+                return i
+            if s[i] in " \t\r\n\f":
+                i += 1
+            elif s.startswith("//", i):
+                j = s.find("\n", i)
+                i = n if j < 0 else j + 1
+            else:
+                i += 1
+        return start
+
+    def build(self, t: Tree | Token) -> Node:
+        if isinstance(t, Token):  # pragma: no cover - grammar never hands bare tokens here
+            raise AssertionError(t)
+        return getattr(self, "t_" + t.data)(t)
+
+    @staticmethod
+    def sp(t: Tree) -> tuple[int, int]:
+        return t.meta.start_pos, t.meta.end_pos
+
+    # -- rules -----------------------------------------------------------
+    def t_expr(self, t: Tree) -> Node:
+        if len(t.children) == 1:
+            return self.build(t.children[0])
+        c, a, b = (self.build(x) for x in t.children)
+        q = self.find_op(t.children[0].meta.end_pos, "?")
+        return Cond(q, t.meta.end_pos, c, a, b)
+
+    def _binary_chain(self, t: Tree, op: str, fn: str) -> Node:
+        if len(t.children) == 1:
+            return self.build(t.children[0])
+        left, right = t.children
+        a = self.build(left)
+        b = self.build(right)
+        off = self.find_op(left.meta.end_pos, op)
+        return Call(off, t.meta.end_pos, fn, [a, b])
+
+    def t_conditionalor(self, t: Tree) -> Node:
+        return self._binary_chain(t, "||", "_||_")
+
+    def t_conditionaland(self, t: Tree) -> Node:
+        return self._binary_chain(t, "&&", "_&&_")
+
+    _REL = {
+        "relation_lt": ("<", "_<_"), "relation_le": ("<=", "_<=_"), "relation_gt": (">", "_>_"),
+        "relation_ge": (">=", "_>=_"), "relation_eq": ("==", "_==_"), "relation_ne": ("!=", "_!=_"),
+        "relation_in": ("in", "@in"), "addition_add": ("+", "_+_"), "addition_sub": ("-", "_-_"),
+        "multiplication_mul": ("*", "_*_"), "multiplication_div": ("/", "_/_"), "multiplication_mod": ("%", "_%_"),
+    }
+
+    def _binop(self, t: Tree) -> Node:
+        if len(t.children) == 1:
+            return self.build(t.children[0])
+        optree, right = t.children
+        op, fn = self._REL[optree.data]
+        left = optree.children[0]
+        a = self.build(left)
+        b = self.build(right)
+        off = optree.meta.end_pos - len(op)
+        return Call(off, t.meta.end_pos, fn, [a, b])
+
+    t_relation = t_addition = t_multiplication = _binop
+
+    def t_unary(self, t: Tree) -> Node:
+        if len(t.children) == 1:
+            return self.build(t.children[0])
+        op, operand = t.children
+        inner = self.build(operand)
+        fn = "!_" if op.data == "unary_not" else "-_"
+        return Call(op.meta.start_pos, t.meta.end_pos, fn, [inner])
+
+    def t_member(self, t: Tree) -> Node:
+        return self.build(t.children[0])
+
+    def t_primary(self, t: Tree) -> Node:
+        return self.build(t.children[0])
+
+    def t_paren_expr(self, t: Tree) -> Node:
+        return self.build(t.children[0])
+
+    def _args(self, children: list[Any]) -> list[Node]:
+        for c in children:
+            if isinstance(c, Tree) and c.data == "exprlist":
+                return [self.build(x) for x in c.children]
+        return []
+
+    def t_member_dot(self, t: Tree) -> Node:
+        operand, name = t.children
+        return Select(name.start_pos, t.meta.end_pos, self.build(operand), str(name))
+
+    def t_member_dot_arg(self, t: Tree) -> Node:
+        operand, name = t.children[0], t.children[1]
+        target = self.build(operand)
+        args = self._args(t.children[2:])
+        fn = str(name)
+        if fn in MACROS:
+            return self._macro(fn, name.start_pos, t.meta.end_pos, target, args)
+        return Call(name.start_pos, t.meta.end_pos, fn, args, target)
+
+    def _macro(self, fn: str, off: int, end: int, target: Node, args: list[Node]) -> Node:
+        if len(args) not in MACROS[fn]:
+            want = " or ".join(str(n) for n in MACROS[fn])
+            self.issue(off, f"macro '{fn}' takes {want} arguments, got {len(args)}", "macro-arity", end=end)
+            return Lit(off, end, None, "null")
+        var = args[0]
+        if not isinstance(var, Ident) or var.root:
+            self.issue(var.offset, f"the first argument of '{fn}' must be a simple identifier", "macro-var", end=var.end)
+            return Lit(off, end, None, "null")
+        if fn == "map" and len(args) == 3:
+            return Comprehension(off, end, fn, target, var.name, var.offset, args[2], args[1])
+        return Comprehension(off, end, fn, target, var.name, var.offset, args[1])
+
+    def t_member_index(self, t: Tree) -> Node:
+        operand, index = t.children
+        off = self.find_op(operand.meta.end_pos, "[")
+        return Call(off, t.meta.end_pos, "_[_]", [self.build(operand), self.build(index)])
+
+    def t_member_object(self, t: Tree) -> Node:
+        operand = t.children[0]
+        name = _qualified(operand)
+        fields: list[tuple[str, int, Node]] = []
+        for c in t.children[1:]:
+            if isinstance(c, Tree) and c.data == "fieldinits":
+                kids = c.children
+                for i in range(0, len(kids), 2):
+                    fields.append((str(kids[i]), kids[i].start_pos, self.build(kids[i + 1])))
+        return ObjLit(operand.meta.start_pos, t.meta.end_pos, name or "?", fields)
+
+    def t_dot_ident_arg(self, t: Tree) -> Node:
+        name = t.children[0]
+        args = self._args(t.children[1:])
+        return Call(name.start_pos, t.meta.end_pos, str(name), args)
+
+    def t_dot_ident(self, t: Tree) -> Node:
+        name = t.children[0]
+        return Ident(name.start_pos, name.end_pos, str(name), root=True)
+
+    def t_ident_arg(self, t: Tree) -> Node:
+        name = t.children[0]
+        args = self._args(t.children[1:])
+        fn = str(name)
+        if fn == "has":
+            if len(args) != 1:
+                self.issue(name.start_pos, f"macro 'has' takes 1 argument, got {len(args)}", "macro-arity", end=t.meta.end_pos)
+                return Lit(name.start_pos, t.meta.end_pos, False, "bool")
+            arg = args[0]
+            if not isinstance(arg, Select):
+                self.issue(arg.offset, "has() requires a field selection argument, e.g. has(x.field)", "has-arg", end=arg.end)
+                return Lit(name.start_pos, t.meta.end_pos, False, "bool")
+            return Select(arg.offset, t.meta.end_pos, arg.operand, arg.field, test_only=True)
+        return Call(name.start_pos, t.meta.end_pos, fn, args)
+
+    def t_ident(self, t: Tree) -> Node:
+        name = t.children[0]
+        return Ident(name.start_pos, name.end_pos, str(name))
+
+    def t_list_lit(self, t: Tree) -> Node:
+        s, e = self.sp(t)
+        return ListLit(s, e, self._args(t.children))
+
+    def t_map_lit(self, t: Tree) -> Node:
+        s, e = self.sp(t)
+        entries: list[tuple[Node, Node]] = []
+        for c in t.children:
+            if isinstance(c, Tree) and c.data == "mapinits":
+                kids = [self.build(x) for x in c.children]
+                entries = [(kids[i], kids[i + 1]) for i in range(0, len(kids), 2)]
+        return MapLit(s, e, entries)
+
+    def t_literal(self, t: Tree) -> Node:
+        tok: Token = t.children[0]
+        s, e = tok.start_pos, tok.end_pos
+        text = str(tok)
+        typ = tok.type
+        try:
+            if typ == "INT_LIT":
+                v = _parse_int(text)
+                if not INT64_MIN <= v <= INT64_MAX:
+                    self.issue(s, f"int literal out of range: {text}", end=e)
+                    v = 0
+                return Lit(s, e, v, "int")
+            if typ == "UINT_LIT":
+                body = text[:-1]
+                v = _parse_int(body)
+                if body.startswith("-") or v > UINT64_MAX:
+                    self.issue(s, f"uint literal out of range: {text}", end=e)
+                    v = 0
+                return Lit(s, e, v, "uint")
+            if typ == "FLOAT_LIT":
+                return Lit(s, e, float(text), "double")
+            if typ == "BOOL_LIT":
+                return Lit(s, e, text == "true", "bool")
+            if typ == "NULL_LIT":
+                return Lit(s, e, None, "null")
+            if typ in ("STRING_LIT", "MLSTRING_LIT"):
+                return Lit(s, e, _parse_string(text, False), "string")
+            if typ == "BYTES_LIT":
+                return Lit(s, e, _parse_string(text[1:], True), "bytes")
+        except ValueError as ex:
+            self.issue(s, f"invalid literal {text}: {ex}", end=e)
+            return Lit(s, e, None, "null")
+        raise AssertionError(typ)  # pragma: no cover
+
+
+def _qualified(t: Tree) -> str | None:
+    """`a.b.c` written as a message type name in `a.b.c{...}`."""
+    if isinstance(t, Token):
+        return str(t)
+    if t.data in ("member", "primary"):
+        return _qualified(t.children[0])
+    if t.data in ("ident", "dot_ident"):
+        return str(t.children[0])
+    if t.data == "member_dot":
+        left = _qualified(t.children[0])
+        return None if left is None else f"{left}.{t.children[1]}"
+    return None
+
+
+def _parse_int(text: str) -> int:
+    neg = text.startswith("-")
+    body = text[1:] if neg else text
+    v = int(body[2:], 16) if body[:2].lower() == "0x" else int(body, 10)
+    return -v if neg else v
+
+
+_SIMPLE_ESC = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+               '"': '"', "'": "'", "\\": "\\", "`": "`", "?": "?"}
+
+
+def _parse_string(text: str, is_bytes: bool) -> Any:
+    raw = text[:1] in "rR"
+    if raw:
+        text = text[1:]
+    q = 3 if text[:3] in ('"""', "'''") else 1
+    body = text[q:-q]
+    if raw:
+        return body.encode("utf-8") if is_bytes else body
+    out: list[Any] = []  # str pieces, or ints (raw bytes) for bytes literals
+    i, n = 0, len(body)
+    while i < n:
+        ch = body[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise ValueError("dangling backslash")
+        e = body[i + 1]
+        if e in _SIMPLE_ESC:
+            out.append(_SIMPLE_ESC[e])
+            i += 2
+        elif e in "xX":
+            h = body[i + 2 : i + 4]
+            if len(h) != 2 or not all(c in "0123456789abcdefABCDEF" for c in h):
+                raise ValueError("bad \\x escape")
+            out.append(int(h, 16) if is_bytes else chr(int(h, 16)))
+            i += 4
+        elif e in "uU":
+            width = 4 if e == "u" else 8
+            if is_bytes:
+                raise ValueError("\\u escapes are not allowed in bytes literals")
+            h = body[i + 2 : i + 2 + width]
+            if len(h) != width or not all(c in "0123456789abcdefABCDEF" for c in h):
+                raise ValueError(f"bad \\{e} escape")
+            cp = int(h, 16)
+            if cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+                raise ValueError("invalid code point")
+            out.append(chr(cp))
+            i += 2 + width
+        elif e in "0123":
+            o = body[i + 1 : i + 4]
+            if len(o) != 3 or not all(c in "01234567" for c in o):
+                raise ValueError("bad octal escape")
+            out.append(int(o, 8) if is_bytes else chr(int(o, 8)))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape \\{e}")
+    if is_bytes:
+        buf = bytearray()
+        for p in out:
+            if isinstance(p, int):
+                buf.append(p)
+            else:
+                buf.extend(p.encode("utf-8"))
+        return bytes(buf)
+    return "".join(out)
+
+
+def parse(source: str) -> Node:
+    """Parse CEL source into the AST; raises :class:`CelSyntaxError` with every issue found."""
+    node, semantic = parse_with_issues(source)
+    if semantic:
+        from .errors import CelTypeError
+
+        raise CelTypeError(semantic, source)
+    return node
+
+
+def parse_with_issues(source: str) -> tuple[Node, list[CelIssue]]:
+    """Parse; syntax problems raise, macro misuse is returned for the checker to report."""
+    b = _Builder(source)
+    try:
+        tree = _parser().parse(source)
+    except UnexpectedInput as ex:
+        off = getattr(ex, "pos_in_stream", None)
+        if off is None or off < 0:
+            off = len(source)
+        if isinstance(ex, UnexpectedToken) and ex.token is not None and ex.token.type == "$END":
+            off = len(source)
+        tok = getattr(ex, "token", None)
+        if isinstance(ex, UnexpectedEOF) or off >= len(source):
+            msg = "unexpected end of expression"
+        elif isinstance(ex, UnexpectedCharacters):
+            msg = f"unexpected character {source[off]!r}"
+        else:
+            msg = f"unexpected token {str(tok)!r}" if tok is not None else "syntax error"
+            if tok is not None and tok.type == "RESERVED":
+                msg = f"reserved word {str(tok)!r} cannot be used here"
+        b.issue(off, msg)
+        raise CelSyntaxError(b.issues, source) from None
+    except LexError as ex:  # pragma: no cover - defensive
+        b.issue(0, str(ex).splitlines()[0])
+        raise CelSyntaxError(b.issues, source) from None
+    node = b.build(tree)
+    if b.issues:
+        raise CelSyntaxError(b.issues, source)
+    return node, b.semantic

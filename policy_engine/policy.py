@@ -1,0 +1,216 @@
+"""The policy file format, version 1, as pydantic models.
+
+These models are the single definition of the format: the loader validates
+against them, `schemas/policy.schema.json` is generated from them, and the
+README's reference table is written from their field descriptions.
+CEL expressions stay strings here; `compile` turns them into code.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "Policy",
+    "Rule",
+    "ExprText",
+    "Ceilings",
+    "Budget",
+    "Stickiness",
+    "TestCase",
+    "TestState",
+    "Expectation",
+    "Speed",
+    "parse_duration",
+]
+
+Speed = Literal["fast", "standard"]
+Cel = Annotated[str, Field(min_length=1, description="A CEL expression.", json_schema_extra={"format": "cel"})]
+Usd = Annotated[Decimal, Field(ge=0, decimal_places=6, description="An amount in US dollars (at most 6 decimals).")]
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")]
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'90s', '15m', '1h30m', '2d' or a number of seconds -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError("a duration must be positive")
+        return float(text)
+    match = _DURATION.match(str(text).strip())
+    if not match or not any(match.groups()):
+        raise ValueError(f"'{text}' is not a duration; write it like '90s', '15m', '1h30m' or '2d'")
+    d, h, m, s = (int(g or 0) for g in match.groups())
+    seconds = float(((d * 24 + h) * 60 + m) * 60 + s)
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[Union[str, int], Field(description="A duration such as '90s', '15m', '1h30m', '2d', or seconds.")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ExprText(_Model):
+    """A reason computed by a CEL string expression instead of fixed text."""
+
+    expr: Cel = Field(description="CEL expression of type string, e.g. `'SLO ' + string(context.latency_slo_ms) + 'ms'`.")
+
+
+class Rule(_Model):
+    name: Name = Field(description="Unique name of the rule; decisions, traces and tests refer to it.")
+    when: Cel = Field(description="CEL expression of type bool; the first rule whose `when` is true decides.")
+    speed: Speed = Field(description="Speed this rule chooses: `fast` or `standard`.")
+    reason: Union[str, ExprText, None] = Field(
+        default=None, description="Why, for logs and traces: plain text, or `{expr: <CEL string expression>}`."
+    )
+    description: str | None = Field(default=None, description="Free text for reviewers.")
+
+
+class Ceilings(_Model):
+    per_request_usd: Usd | None = Field(
+        default=None,
+        description="Worst-case cost ceiling for one request. Over it, fast is downgraded to standard if standard fits; "
+        "otherwise `on_exceed` applies.",
+    )
+    on_exceed: Literal["reject", "allow"] = Field(
+        default="reject", description="When even standard speed is over `per_request_usd`: `reject` the request or `allow` it."
+    )
+
+
+class Budget(_Model):
+    name: Identifier = Field(description="Unique budget name (an identifier); decisions and errors name it, CEL reads it as `budgets.<name>`.")
+    key: Cel = Field(
+        default="'global'",
+        description="CEL string expression naming the scope, e.g. `context.tenant`: each key value has its own budget.",
+    )
+    window: Literal["hour", "day", "week", "month"] = Field(description="Calendar window the budget resets on.")
+    timezone: str = Field(default="UTC", description="IANA timezone whose calendar defines the window, e.g. `America/New_York`.")
+    limit_usd: Usd = Field(description="Spend allowed per window and key, in USD.")
+    counts: Literal["all", "fast", "premium"] = Field(
+        default="all",
+        description="What spends the budget: `all` spend, only `fast` requests' spend, or only the fast `premium` "
+        "(fast cost minus what standard would have cost).",
+    )
+    on_exceed: Literal["downgrade", "reject"] = Field(
+        default="downgrade",
+        description="When the request's worst case does not fit: `downgrade` fast to standard (rejecting only if "
+        "standard does not fit either, for budgets that count standard spend), or `reject` the request.",
+    )
+    description: str | None = Field(default=None, description="Free text for reviewers.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA timezone '{value}'") from None
+        return value
+
+
+class Stickiness(_Model):
+    ttl: Duration = Field(description="How long a conversation keeps its last speed, e.g. `10m`.")
+    key: Cel = Field(
+        default="context.conversation_id",
+        description="CEL string expression identifying the conversation.",
+    )
+
+    @field_validator("ttl")
+    @classmethod
+    def _valid_ttl(cls, value: str | int) -> str | int:
+        parse_duration(value)
+        return value
+
+    @property
+    def ttl_s(self) -> float:
+        return parse_duration(self.ttl)
+
+
+class TestBudgetState(_Model):
+    spent_usd: Usd = Field(default=Decimal(0), description="Already spent in the current window for this request's key.")
+
+
+class TestRateLimitState(_Model):
+    input_tokens_remaining: int | None = Field(default=None, ge=0)
+    output_tokens_remaining: int | None = Field(default=None, ge=0)
+    input_tokens_limit: int | None = Field(default=None, ge=0)
+    output_tokens_limit: int | None = Field(default=None, ge=0)
+    reset_in_s: float | None = Field(default=None, ge=0)
+    seconds_since_429: float | None = Field(default=None, ge=0)
+
+
+class TestConversationState(_Model):
+    last_speed: Speed | None = None
+    cached_prefix_tokens: int = Field(default=0, ge=0)
+    age_s: float = Field(default=0, ge=0, description="Seconds since the conversation's last decision.")
+
+
+class TestState(_Model):
+    budgets: dict[str, TestBudgetState] = Field(default_factory=dict, description="Budget name -> state.")
+    ratelimit: TestRateLimitState | None = Field(default=None, description="Known fast rate-limit state.")
+    conversation: TestConversationState | None = Field(default=None, description="The conversation's sticky state.")
+
+
+class Expectation(_Model):
+    speed: Speed | None = Field(default=None, description="Expected speed.")
+    rule: str | None = Field(default=None, description="Expected deciding rule name (or `default`).")
+    outcome: Literal["allowed", "downgraded", "rejected"] | None = Field(
+        default=None, description="`allowed` (the rule's speed stands), `downgraded` (a guardrail or ceiling forced standard), or `rejected`."
+    )
+    reasons: list[str] = Field(default_factory=list, description="Substrings that must each appear in some reason.")
+    guardrails: list[str] | None = Field(default=None, description="Exactly these guardrails applied.")
+
+
+class TestCase(_Model):
+    __test__ = False  # not a pytest class
+
+    name: Name = Field(description="Unique test name.")
+    request: dict[str, Any] = Field(description="Messages API parameters, as passed to `client.messages.create`.")
+    input_tokens: int | None = Field(default=None, ge=0, description="Pretend the input was counted exactly at this many tokens.")
+    context: dict[str, Any] = Field(default_factory=dict, description="The caller's context (tenant, latency SLO, ...).")
+    state: TestState = Field(default_factory=TestState, description="Budget, rate-limit and conversation state before the request.")
+    now: datetime | None = Field(default=None, description="Decision time (RFC 3339); defaults to 2026-01-01T12:00:00Z.")
+    expect: Expectation = Field(description="What the decision must be.")
+
+
+class Policy(_Model):
+    version: Literal[1] = Field(description="Format version. Always `1`.")
+    name: Name = Field(description="Policy name; traces and decisions carry it.")
+    description: str | None = Field(default=None, description="What the policy is for.")
+    owner: str | None = Field(default=None, description="Who to ask about it (team, email, channel).")
+    default: Speed = Field(default="standard", description="Speed when no rule matches.")
+    on_error: Literal["skip", "standard", "raise"] = Field(
+        default="skip",
+        description="When a rule's `when` fails to evaluate: `skip` the rule, force `standard` for the request, "
+        "or `raise` to the caller.",
+    )
+    on_fast_rate_limited: Literal["fallback", "retry", "fail"] = Field(
+        default="fallback",
+        description="On a fast-mode 429: `fallback` to standard at once (Anthropic's recipe), `retry` after "
+        "`retry-after`, or `fail`.",
+    )
+    on_state_unavailable: Literal["standard", "reject"] = Field(
+        default="standard",
+        description="When shared state (budgets, rate limits) cannot be reached: decide `standard` and go on, or `reject`.",
+    )
+    variables: dict[Identifier, Cel] = Field(
+        default_factory=dict, description="Named CEL expressions, evaluated at most once per decision, used as `vars.<name>`."
+    )
+    rules: list[Rule] = Field(default_factory=list, description="Ordered rules; the first match wins.")
+    ceilings: Ceilings = Field(default_factory=Ceilings, description="Per-request cost ceiling.")
+    budgets: list[Budget] = Field(default_factory=list, description="Spend limits per calendar window and scope key.")
+    stickiness: Stickiness | None = Field(default=None, description="Keep a conversation's speed to protect its prompt cache.")
+    tests: list[TestCase] = Field(default_factory=list, description="Embedded test cases, run by `policy-engine test`.")
