@@ -202,8 +202,11 @@ class _Builder:
     def _node(self, node: yaml.Node, path: Path_) -> Any:
         self.visited += 1
         if self.visited > MAX_NODES:
-            raise _TooBig(self._diag(node, "PE003",
-                f"document expands to more than {MAX_NODES} values, which looks like an alias bomb",
+            # The aliased node sits where its anchor is; the key being expanded is what to fix.
+            top = self.keys.get(path[:1])
+            line, col = self._line_col(top.start) if top else (node.start_mark.line + 1, node.start_mark.column + 1)
+            raise _TooBig(Diagnostic(self.name, line, col, "PE003",
+                f"'{path[0] if path else 'document'}' expands to more than {MAX_NODES} values, which looks like an alias bomb",
                 "remove the anchors (&) and aliases (*) that repeat large structures"))
         if id(node) in self.active:
             raise _TooBig(self._diag(node, "PE003", "recursive alias: a value contains itself", "remove the alias that points at its own ancestor"))
@@ -252,6 +255,10 @@ class _Builder:
             self.keys[path + (key,)] = _Span(key_node.start_mark.index, key_node.end_mark.index, None)
             result[key] = self._node(value_node, path + (key,))
         return result
+
+    def _line_col(self, index: int) -> tuple[int, int]:
+        line = self.text.count("\n", 0, index)
+        return line + 1, index - (self.text.rfind("\n", 0, index) + 1) + 1
 
     def _diag(self, node: yaml.Node, code: str, message: str, hint: str | None = None) -> Diagnostic:
         return Diagnostic(self.name, node.start_mark.line + 1, node.start_mark.column + 1, code, message, hint)
