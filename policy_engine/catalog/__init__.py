@@ -1,0 +1,63 @@
+"""The model and price catalog, and exact request costs.
+
+    from policy_engine.catalog import load_catalog, estimate, actual, format_usd
+
+    catalog = load_catalog()                      # packaged catalog.yaml
+    opus = catalog.model("claude-opus-4-6")
+    worst = estimate(opus, speed="fast", input_tokens=250_000, max_tokens=10_000)
+    format_usd(worst)                             # "$17.25"
+
+Money is exact: prices are Decimals in the YAML, turned at load into integer pico-dollars
+per token (`RateCard`); a request's cost is an integer number of pico-dollars rounded up
+once to the micro-dollar; sums of costs are exact integer sums.
+"""
+
+from __future__ import annotations
+
+from ._cost import MICRO_PER_USD, UsageCounts, UsageError, actual, estimate, format_usd, parse_usage, to_usd
+from ._load import DEFAULT_CATALOG_PATH, load_catalog
+from ._models import (
+    BatchPricing,
+    CacheMultipliers,
+    Catalog,
+    DataResidency,
+    FastMode,
+    FastPricing,
+    ModelEntry,
+    PriceTier,
+    ProviderEntry,
+    SourceKind,
+    StandardPricing,
+    Throughput,
+)
+from ._rates import PICO_PER_MICRO, PICO_PER_USD_PER_MTOK, SPEEDS, RateCard, Speed
+
+__all__ = [
+    "DEFAULT_CATALOG_PATH",
+    "MICRO_PER_USD",
+    "PICO_PER_MICRO",
+    "PICO_PER_USD_PER_MTOK",
+    "SPEEDS",
+    "BatchPricing",
+    "CacheMultipliers",
+    "Catalog",
+    "DataResidency",
+    "FastMode",
+    "FastPricing",
+    "ModelEntry",
+    "PriceTier",
+    "ProviderEntry",
+    "RateCard",
+    "SourceKind",
+    "Speed",
+    "StandardPricing",
+    "Throughput",
+    "UsageCounts",
+    "UsageError",
+    "actual",
+    "estimate",
+    "format_usd",
+    "load_catalog",
+    "parse_usage",
+    "to_usd",
+]

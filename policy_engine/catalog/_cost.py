@@ -1,0 +1,171 @@
+"""Exact request costs in integer micro-dollars.
+
+Rounding, once and only once: a request's cost is summed exactly in pico-dollars
+(1e-12 USD, integer rates x integer token counts) and then rounded UP to the next
+micro-dollar (1e-6 USD). Sums of request costs (budgets, reports) are exact integer
+sums of those micro-dollar amounts; nothing is ever converted to float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from ._models import ModelEntry
+from ._rates import PICO_PER_MICRO, SPEEDS, Speed
+
+MICRO_PER_USD = 1_000_000
+
+
+class UsageError(ValueError):
+    """A usage object (or a token count given to `estimate`) is malformed."""
+
+
+class UsageCounts(NamedTuple):
+    """A response's usage, normalised. Every count is a non-negative int."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
+    cache_read_tokens: int
+    speed: Speed
+    inference_geo: str | None
+
+    @property
+    def total_input_tokens(self) -> int:
+        """input + cache writes + cache reads: what the >200K tier threshold counts."""
+        return self.input_tokens + self.cache_write_5m_tokens + self.cache_write_1h_tokens + self.cache_read_tokens
+
+
+def _ceil_micro(pico: int) -> int:
+    return -(-pico // PICO_PER_MICRO)
+
+
+def _count(name: str, value: Any) -> int:
+    if type(value) is not int:  # bool is not a token count, nor are floats or strings
+        raise UsageError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise UsageError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def estimate(
+    model: ModelEntry,
+    *,
+    speed: Speed,
+    input_tokens: int,
+    max_tokens: int,
+    cache_control: bool = False,
+    cache_ttl: str = "5m",
+    inference_geo: str | None = None,
+) -> int:
+    """Worst-case cost of a request, in integer micro-dollars, before it is sent.
+
+    `input_tokens` (the whole prompt, counted or estimated) are priced at the input rate or,
+    when `cache_control` is set, at the cache-write rate of `cache_ttl` ("5m" or "1h"),
+    since a cache write costs more than plain input and a read less. `max_tokens` are priced
+    at the output rate. The tier is picked by `input_tokens`. Rounded up to the micro-dollar.
+
+    Raises PricingError (unknown price, unsupported fast, unknown geo) and UsageError
+    (negative or non-int counts, bad ttl).
+    """
+    if type(input_tokens) is not int or type(max_tokens) is not int or input_tokens < 0 or max_tokens < 0:
+        _count("input_tokens", input_tokens)
+        _count("max_tokens", max_tokens)
+    card = model.rates(speed, input_tokens, inference_geo)
+    if cache_control:
+        if cache_ttl == "5m":
+            rate = card.cache_write_5m
+        elif cache_ttl == "1h":
+            rate = card.cache_write_1h
+        else:
+            raise UsageError(f"cache_ttl must be '5m' or '1h', got {cache_ttl!r}")
+    else:
+        rate = card.input
+    return -(-(input_tokens * rate + max_tokens * card.output) // PICO_PER_MICRO)
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
+    """Normalise a Messages API `usage` (a dict, or the anthropic SDK's Usage object).
+
+    Reads input_tokens and output_tokens (required), cache_creation_input_tokens,
+    cache_read_input_tokens (None or absent = 0), the TTL split
+    `cache_creation.{ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}` when present,
+    `speed` (absent = "standard") and `inference_geo`.
+
+    Cache writes without a split are billed at the 5-minute rate. If the split adds up to
+    less than cache_creation_input_tokens, the difference is billed at the 5-minute rate
+    too, so a cost is never under-counted.
+    """
+    if usage is None:
+        raise UsageError("usage is missing")
+    input_tokens = _count("usage.input_tokens", _get(usage, "input_tokens"))
+    output_tokens = _count("usage.output_tokens", _get(usage, "output_tokens"))
+    raw = _get(usage, "cache_creation_input_tokens")
+    creation = 0 if raw is None else _count("usage.cache_creation_input_tokens", raw)
+    raw = _get(usage, "cache_read_input_tokens")
+    read = 0 if raw is None else _count("usage.cache_read_input_tokens", raw)
+    split = _get(usage, "cache_creation")
+    if split is None:
+        write_5m, write_1h = creation, 0
+    else:
+        raw = _get(split, "ephemeral_5m_input_tokens")
+        write_5m = 0 if raw is None else _count("usage.cache_creation.ephemeral_5m_input_tokens", raw)
+        raw = _get(split, "ephemeral_1h_input_tokens")
+        write_1h = 0 if raw is None else _count("usage.cache_creation.ephemeral_1h_input_tokens", raw)
+        write_5m += max(0, creation - write_5m - write_1h)
+    speed = _get(usage, "speed")
+    if speed is None:
+        speed = "standard"
+    elif speed not in SPEEDS:
+        raise UsageError(f"usage.speed must be 'standard' or 'fast', got {speed!r}")
+    geo = _get(usage, "inference_geo")
+    if geo is not None and not isinstance(geo, str):
+        raise UsageError(f"usage.inference_geo must be a string, got {type(geo).__name__} {geo!r}")
+    return UsageCounts(input_tokens, output_tokens, write_5m, write_1h, read, speed, geo)
+
+
+def actual(model: ModelEntry, usage: Mapping[str, Any] | object, *, inference_geo: str | None = None) -> int:
+    """What a completed request cost, in integer micro-dollars (rounded up once).
+
+    Billed at `usage.speed` (the speed the request actually ran at; "standard" when absent)
+    and at `usage.inference_geo` when present, which overrides the `inference_geo` argument.
+    The price tier is picked by total input tokens (input + cache writes + cache reads).
+    Server-tool fees and the Batch discount are not included.
+    """
+    u = parse_usage(usage)
+    geo = u.inference_geo if u.inference_geo is not None else inference_geo
+    card = model.rates(u.speed, u.total_input_tokens, geo)
+    pico = (
+        u.input_tokens * card.input
+        + u.cache_write_5m_tokens * card.cache_write_5m
+        + u.cache_write_1h_tokens * card.cache_write_1h
+        + u.cache_read_tokens * card.cache_read
+        + u.output_tokens * card.output
+    )
+    return _ceil_micro(pico)
+
+
+def to_usd(micro: int) -> Decimal:
+    """Integer micro-dollars as an exact Decimal number of dollars (17_250_000 -> 17.250000)."""
+    if type(micro) is not int:
+        raise TypeError(f"micro-dollars must be an int, got {type(micro).__name__}")
+    return Decimal(f"{micro}e-6")
+
+
+def format_usd(micro: int) -> str:
+    """Display form: at least 2 decimals, up to 6 when needed: "$17.25", "$0.000001", "-$3.30"."""
+    if type(micro) is not int:
+        raise TypeError(f"micro-dollars must be an int, got {type(micro).__name__}")
+    sign = "-" if micro < 0 else ""
+    dollars, frac = divmod(abs(micro), MICRO_PER_USD)
+    decimals = f"{frac:06d}".rstrip("0").ljust(2, "0")
+    return f"{sign}${dollars}.{decimals}"
