@@ -177,7 +177,7 @@ class Expectation(_Model):
 class TestCase(_Model):
     __test__ = False  # not a pytest class
 
-    name: Name = Field(description="Unique test name.")
+    name: str = Field(min_length=1, max_length=200, description="Unique test name (any text).")
     request: dict[str, Any] = Field(description="Messages API parameters, as passed to `client.messages.create`.")
     input_tokens: int | None = Field(default=None, ge=0, description="Pretend the input was counted exactly at this many tokens.")
     context: dict[str, Any] = Field(default_factory=dict, description="The caller's context (tenant, latency SLO, ...).")
