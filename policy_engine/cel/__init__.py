@@ -1,0 +1,162 @@
+"""A type-checked CEL compiler that turns CEL source into Python functions.
+
+Usage::
+
+    from policy_engine.cel import compile, ObjectType, INT, BOOL
+    req = ObjectType("Request", {"input_tokens": INT})
+    prog = compile("request.input_tokens > 1000", {"request": req}, expect=BOOL)
+    prog.evaluate({"request": {"input_tokens": 5000}})   # True
+
+Pipeline: celpy's lark grammar parses the source (with token positions) into a
+small AST (:mod:`.ast`); :mod:`.compiler` type-checks it against the
+declarations, estimates its cost and generates the Python source of one
+function ``_cel(act)``, which is compiled once with :func:`compile`.
+
+``declarations=None`` selects *dynamic mode*: every identifier is ``dyn`` and
+every operation is dispatched on the run-time types.
+
+Run-time value mapping (CEL -> Python)::
+
+    int -> int            uint -> CelUint (int subclass)   double -> float
+    string -> str         bytes -> bytes                   bool -> bool
+    null -> None          list -> list (tuple accepted)    map -> dict (any Mapping accepted)
+    timestamp -> tz-aware datetime (UTC results, microsecond precision)
+    duration -> timedelta (microsecond precision)          type -> CelTypeValue
+    object types -> Mapping[str, object]
+
+Cost model (``Program.cost``): every AST node costs 1; string traversals
+(``==``/``<``/``+``/``contains``/``startsWith``/``endsWith`` on strings) add
+``0.1 x`` the smaller declared max string size, ``matches`` adds ``0.1 x`` size
+(times the pattern size when the pattern is not a literal); ``in`` on a list
+adds the list's max size; a comprehension costs
+``range + max_size x (body + 1)``.  Unknown sizes default to
+``DEFAULT_LIST_SIZE = 1000`` elements and ``DEFAULT_STRING_SIZE = 10_000``
+characters.  Set sizes with ``ListType(t, max_size=…)``, ``MapType(k, v, max_size=…)``,
+``StringType(max_size=…)`` or ``STRING.with_max(…)``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from typing import Any, Callable, Mapping
+
+from . import runtime as _rt
+from .ast import parse_with_issues
+from .compiler import DEFAULT_LIST_SIZE, DEFAULT_STRING_SIZE, STRING_COST_FACTOR, Compiler, _HELPER_NAMES, exact
+from .errors import CelError, CelEvaluationError, CelIssue, CelSyntaxError, CelTypeError, line_col
+from .runtime import CelTypeValue, CelUint
+from .types import (
+    BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
+    BytesType, CelType, Field, ListType, MapType, Nullable, ObjectType, StringType, assignable,
+)
+
+DEFAULT_MAX_ITERATIONS = 100_000
+
+__all__ = [
+    "compile", "Program", "CelType", "INT", "UINT", "DOUBLE", "STRING", "BOOL", "BYTES", "NULL", "DYN",
+    "TIMESTAMP", "DURATION", "TYPE", "ListType", "MapType", "ObjectType", "Field", "Nullable", "StringType",
+    "BytesType", "CelError", "CelSyntaxError", "CelTypeError", "CelEvaluationError", "CelIssue", "CelUint",
+    "CelTypeValue", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
+]
+
+
+class Program:
+    """A compiled CEL expression. ``evaluate(activation)`` runs the generated function."""
+
+    __slots__ = ("source", "result_type", "cost", "references", "python_source", "evaluate", "_fn")
+
+    source: str
+    result_type: CelType
+    cost: int
+    references: frozenset[str]
+    python_source: str
+    evaluate: Callable[[Mapping[str, object]], object]
+
+    def __init__(self, source: str, result_type: CelType, cost: int, references: frozenset[str],
+                 python_source: str, fn: Callable[[Mapping[str, object]], object]) -> None:
+        self.source = source
+        self.result_type = result_type
+        self.cost = cost
+        self.references = references
+        self.python_source = python_source
+        self._fn = fn
+        # The generated function is the evaluator: no wrapper call per evaluation.
+        self.evaluate = fn
+
+    def __call__(self, activation: Mapping[str, object]) -> object:
+        return self._fn(activation)
+
+    def __repr__(self) -> str:
+        return f"Program({self.source!r}, result_type={self.result_type}, cost={self.cost})"
+
+
+def _missing(e: KeyError) -> CelEvaluationError:
+    name = e.args[0] if e.args else "?"
+    return CelEvaluationError(f"no value for variable {name!r} in the activation")
+
+
+def compile(  # noqa: A001 - public API name
+    source: str,
+    declarations: Mapping[str, CelType] | None = None,
+    *,
+    expect: CelType | None = None,
+    max_cost: int | None = None,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> Program:
+    """Parse, type-check and compile ``source`` into a :class:`Program`.
+
+    Raises :class:`CelSyntaxError` or :class:`CelTypeError` listing every issue found.
+    """
+    node, semantic = parse_with_issues(source)
+    comp = Compiler(source, declarations, max_iterations)
+    comp.issues.extend(semantic)
+    result = comp.check(node)
+    start = len(source) - len(source.lstrip())
+    check_result: str | None = None
+    if expect is not None and expect.kind != "dyn":
+        if result.kind == "dyn":
+            check_result = expect.kind
+        elif not assignable(expect, result) and not (result.kind == expect.kind):
+            comp.error(start, f"expression has type {_tn(result)}, expected {_tn(expect)}", "result-type", end=len(source.rstrip()))
+        elif result.nullable and not expect.nullable:
+            check_result = expect.kind
+    cost = math.ceil(getattr(node, "cost", 1))
+    if max_cost is not None and cost > max_cost:
+        comp.error(start, f"estimated cost {cost} exceeds the limit {max_cost}", "cost",
+                   "declare max_size on lists, maps and strings to tighten the estimate", end=len(source.rstrip()))
+    if comp.issues:
+        issues = sorted(comp.issues, key=lambda i: i.offset)
+        raise CelTypeError(issues, source)
+    body = comp.gen(node)
+    if check_result is not None:
+        body = f"_check_result({body}, {check_result!r})"
+    refs = frozenset(comp.paths.values())
+    lines = ["def _cel(act):"]
+    if comp.globals:
+        lines.append("    try:")
+        for name, py in sorted(comp.globals.items()):
+            lines.append(f"        {py} = act[{name!r}]")
+        lines.append("    except KeyError as e:")
+        lines.append("        raise _missing(e) from None")
+    lines.append("    try:")
+    if comp.uses_iter:
+        lines.append("        _n = [0]")
+    lines.append(f"        return {body}")
+    lines.append("    except _CelEvaluationError:")
+    lines.append("        raise")
+    lines.append("    except Exception as e:")
+    lines.append("        raise _translate(e) from None")
+    py_source = "\n".join(lines) + "\n"
+    namespace: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
+    namespace.update(comp.consts)
+    namespace["_missing"] = _missing
+    namespace["_UTC"] = _rt.UTC
+    namespace["__builtins__"] = builtins
+    code = builtins.compile(py_source, f"<cel: {source[:60]!r}>", "exec")
+    exec(code, namespace)  # noqa: S102 - generated from a checked AST only
+    return Program(source, result, cost, refs, py_source, namespace["_cel"])
+
+
+def _tn(t: CelType) -> str:
+    return {"google.protobuf.Timestamp": "timestamp", "google.protobuf.Duration": "duration"}.get(t.kind, str(t))

@@ -1,0 +1,832 @@
+"""Type checker, cost estimator and Python code generator for CEL.
+
+The checker annotates every AST node with its static type (``node.type``),
+whether evaluating it may raise (``node.can_error``), its static cost
+(``node.cost``) and, for strings/bytes/lists/maps, an upper bound on its size
+(``node.msize``).  The generator then emits one Python expression per node:
+plain Python operators where the static types prove the operation cannot fail
+or differ from CEL, and run-time helpers (``runtime.py``) everywhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Mapping
+
+from . import runtime as rt
+from .ast import Call, Comprehension, Cond, Ident, Index, ListLit, Lit, MapLit, Node, ObjLit, Select
+from .errors import CelEvaluationError, CelIssue, line_col
+from .types import (
+    BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
+    CelType, Field, ListType, MapType, Nullable, ObjectType, assignable, non_null, unify,
+)
+
+# Cost model defaults (see Program.cost).
+DEFAULT_LIST_SIZE = 1000
+DEFAULT_STRING_SIZE = 10_000
+STRING_COST_FACTOR = 0.1  # cost per character traversed, as in Kubernetes CEL
+
+NUMERIC = ("int", "uint", "double")
+ORDERED = {"int", "uint", "double", "string", "bytes", "bool", TIMESTAMP.kind, DURATION.kind}
+TYPE_NAMES = {
+    "int": "int", "uint": "uint", "double": "double", "bool": "bool", "string": "string",
+    "bytes": "bytes", "list": "list", "map": "map", "null_type": "null_type", "type": "type",
+    "dyn": "dyn",
+    "google.protobuf.Timestamp": "google.protobuf.Timestamp",
+    "google.protobuf.Duration": "google.protobuf.Duration",
+}
+TIME_FUNCS = set(rt.TIME_ACCESSORS)
+DURATION_FUNCS = {"getHours", "getMinutes", "getSeconds", "getMilliseconds"}
+CONVERSIONS = {"int", "uint", "double", "string", "bool", "bytes", "duration", "timestamp", "dyn", "type"}
+STRING_METHODS = {"contains", "startsWith", "endsWith", "matches"}
+KNOWN_FUNCTIONS = sorted(TIME_FUNCS | CONVERSIONS | STRING_METHODS | {"size", "has", "all", "exists", "exists_one", "map", "filter"})
+
+_HELPER_NAMES = {
+    "ck": rt.ck, "cku": rt.cku, "idiv": rt.idiv, "imod": rt.imod, "udiv": rt.udiv, "umod": rt.umod,
+    "fdiv": rt.fdiv, "ts_add": rt.ts_add, "ts_sub": rt.ts_sub, "ts_diff": rt.ts_diff,
+    "dur_add": rt.dur_add, "dur_sub": rt.dur_sub, "add": rt.add, "sub": rt.sub, "mul": rt.mul,
+    "div": rt.div, "mod": rt.mod, "neg": rt.neg, "not_": rt.not_, "as_bool": rt.as_bool,
+    "and_": rt.and_, "or_": rt.or_, "eq": rt.eq, "ne": rt.ne, "lt": rt.lt, "le": rt.le, "gt": rt.gt,
+    "ge": rt.ge, "index": rt.index, "list_index": rt.list_index, "select": rt.select, "has": rt.has,
+    "in_": rt.in_, "in_list": rt.in_list, "make_map": rt.make_map, "size": rt.size,
+    "iter_range": rt.iter_range, "exists": rt.exists, "all_": rt.all_, "contains": rt.contains,
+    "starts_with": rt.starts_with, "ends_with": rt.ends_with, "matches": rt.matches,
+    "to_int": rt.to_int, "to_uint": rt.to_uint, "to_double": rt.to_double, "to_string": rt.to_string,
+    "to_bool": rt.to_bool, "to_bytes": rt.to_bytes, "to_duration": rt.to_duration,
+    "to_timestamp": rt.to_timestamp, "type_of": rt.type_of, "check_result": rt.check_result,
+    "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint,
+    "CelEvaluationError": CelEvaluationError, "map_get": rt.map_get,
+    **{"t_" + k: v for k, v in rt.TIME_ACCESSORS.items()},
+}
+
+
+def exact(t: CelType) -> bool:
+    """Statically known, not dyn, not nullable: Python ops on it behave as CEL's."""
+    return t.kind != "dyn" and not t.nullable
+
+
+def _suggest(name: str, candidates: Any) -> str | None:
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def _tname(t: CelType) -> str:
+    return {"google.protobuf.Timestamp": "timestamp", "google.protobuf.Duration": "duration"}.get(t.kind, str(t))
+
+
+class Compiler:
+    def __init__(self, source: str, declarations: Mapping[str, CelType] | None, max_iterations: int) -> None:
+        self.src = source
+        self.decls = dict(declarations) if declarations is not None else None
+        self.dynamic = declarations is None
+        self.max_iterations = max_iterations
+        self.issues: list[CelIssue] = []
+        self.scopes: list[dict[str, tuple[CelType, str]]] = []
+        self.globals: dict[str, str] = {}  # CEL name -> python local
+        self.consts: dict[str, Any] = {}
+        self._const_ids: dict[Any, str] = {}
+        self.paths: dict[int, str] = {}
+        self.path_nodes: dict[int, Node] = {}
+        self.uses_iter = False
+        self._n = 0
+
+    # ------------------------------------------------------------ issues
+    def error(self, offset: int, message: str, code: str, hint: str | None = None, end: int | None = None) -> CelType:
+        line, col = line_col(self.src, offset)
+        self.issues.append(CelIssue(offset, line, col, message, code, hint, end))
+        return DYN
+
+    def fresh(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self._n}"
+
+    def const(self, value: Any) -> str:
+        key = (type(value).__name__, repr(value)) if not callable(getattr(value, "search", None)) else id(value)
+        name = self._const_ids.get(key)
+        if name is None:
+            name = self.fresh("_k")
+            self._const_ids[key] = name
+            self.consts[name] = value
+        return name
+
+    # ------------------------------------------------------------ checker
+    def check(self, node: Node) -> CelType:
+        t = getattr(self, "c_" + type(node).__name__)(node)
+        node.type = t
+        if not hasattr(node, "msize"):
+            node.msize = getattr(t, "max_size", None)
+        return t
+
+    def _set(self, node: Node, can_error: bool, cost: float, size: int | None = None) -> None:
+        node.can_error = can_error
+        node.cost = cost
+        if size is not None:
+            node.msize = size
+
+    def c_Lit(self, n: Lit) -> CelType:
+        t = {"int": INT, "uint": UINT, "double": DOUBLE, "string": STRING, "bytes": BYTES, "bool": BOOL, "null": NULL}[n.kind]
+        self._set(n, False, 1, len(n.value) if n.kind in ("string", "bytes") else None)
+        return t
+
+    def lookup_local(self, name: str) -> tuple[CelType, str] | None:
+        for scope in reversed(self.scopes):
+            if name in scope:
+                return scope[name]
+        return None
+
+    def c_Ident(self, n: Ident) -> CelType:
+        self._set(n, False, 1)
+        if not n.root:
+            local = self.lookup_local(n.name)
+            if local is not None:
+                n.py = local[1]
+                return local[0]
+        if self.dynamic or (self.decls is not None and n.name in self.decls):
+            t = DYN if self.dynamic else self.decls[n.name]  # type: ignore[index]
+            n.py = self.globals.setdefault(n.name, "v_" + n.name.replace(".", "__"))
+            self.paths[id(n)] = n.name
+            self.path_nodes[id(n)] = n
+            if t.nullable:
+                n.can_error = False
+            return t
+        if n.name in TYPE_NAMES or n.name in ("timestamp", "duration"):
+            tn = {"timestamp": "google.protobuf.Timestamp", "duration": "google.protobuf.Duration"}.get(n.name, n.name)
+            if tn == "dyn":
+                tn = "dyn"
+            n.py = self.const(rt.TYPE_VALUES.get(tn) or rt.CelTypeValue(tn))
+            return TYPE
+        cands = list(self.decls or {}) + [k for s in self.scopes for k in s]
+        return self.error(n.offset, f"undeclared reference to '{n.name}'", "undeclared", _suggest(n.name, cands), n.end)
+
+    def _qualified(self, n: Node) -> str | None:
+        if isinstance(n, Ident):
+            return None if (not n.root and self.lookup_local(n.name)) else n.name
+        if isinstance(n, Select) and not n.test_only:
+            left = self._qualified(n.operand)
+            return None if left is None else f"{left}.{n.field}"
+        return None
+
+    def c_Select(self, n: Select) -> CelType:
+        # dotted declaration names, e.g. declarations={"request.model": STRING}
+        if self.decls and not n.test_only:
+            q = self._qualified(n)
+            if q is not None and q in self.decls and q.split(".")[0] not in self.decls:
+                ident = Ident(n.operand.offset, n.end, q)
+                t = self.c_Ident(ident)
+                n.py_ident = ident.py  # type: ignore[attr-defined]
+                self._set(n, False, 1)
+                self.paths[id(n)] = q
+                self.path_nodes[id(n)] = n
+                return t
+        ot = self.check(n.operand)
+        if id(n.operand) in self.paths:
+            self.paths[id(n)] = self.paths.pop(id(n.operand)) + "." + n.field
+            self.path_nodes[id(n)] = n
+        err = n.operand.can_error or ot.nullable
+        cost = n.operand.cost + 1
+        field_end = n.offset + len(n.field)
+        if n.test_only:
+            self._set(n, err, cost)
+            if isinstance(ot, ObjectType):
+                if n.field not in ot.fields:
+                    return self.error(n.offset, f"type '{ot.name}' has no field '{n.field}'", "no-such-field",
+                                      _suggest(n.field, ot.fields), field_end)
+                return BOOL
+            if ot.kind == "map":
+                if not (ot.key.kind in ("string", "dyn")):  # type: ignore[attr-defined]
+                    return self.error(n.offset, f"has() on a map with {_tname(ot.key)} keys", "no-overload", end=field_end)  # type: ignore[attr-defined]
+                return BOOL
+            if ot.kind == "dyn":
+                n.can_error = True
+                return BOOL
+            return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field", end=field_end)
+        if isinstance(ot, ObjectType):
+            f = ot.fields.get(n.field)
+            if f is None:
+                self._set(n, True, cost)
+                return self.error(n.offset, f"type '{ot.name}' has no field '{n.field}'", "no-such-field",
+                                  _suggest(n.field, ot.fields), field_end)
+            self._set(n, err or f.optional, cost)
+            return f.type
+        if ot.kind == "map":
+            assert isinstance(ot, MapType)
+            self._set(n, True, cost)
+            if ot.key.kind not in ("string", "dyn"):
+                return self.error(n.offset, f"cannot select field '{n.field}' from a map with {_tname(ot.key)} keys", "no-overload", end=field_end)
+            return ot.value
+        if ot.kind == "dyn":
+            self._set(n, True, cost)
+            return DYN
+        self._set(n, True, cost)
+        return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field", end=field_end)
+
+    def c_Index(self, n: Index) -> CelType:  # pragma: no cover - indexes are Call("_[_]")
+        raise AssertionError
+
+    def c_Cond(self, n: Cond) -> CelType:
+        ct = self.check(n.cond)
+        a = self.check(n.then)
+        b = self.check(n.other)
+        if not (ct.kind in ("bool", "dyn")):
+            self.error(n.offset, f"the condition of ?: must be bool, got {_tname(ct)}", "no-overload")
+        self._set(n, n.cond.can_error or not exact(ct) or n.then.can_error or n.other.can_error,
+                  n.cond.cost + max(n.then.cost, n.other.cost) + 1, _maxsize(n.then.msize, n.other.msize))
+        return unify(a, b)
+
+    def c_ListLit(self, n: ListLit) -> CelType:
+        elem: CelType | None = None
+        for it in n.items:
+            t = self.check(it)
+            elem = t if elem is None else unify(elem, t)
+        self._set(n, any(i.can_error for i in n.items), 1 + sum(i.cost for i in n.items), len(n.items))
+        return ListType(elem or DYN, len(n.items))
+
+    def c_MapLit(self, n: MapLit) -> CelType:
+        kt: CelType | None = None
+        vt: CelType | None = None
+        seen: dict[Any, int] = {}
+        dyn_keys = False
+        for k, v in n.entries:
+            a = self.check(k)
+            b = self.check(v)
+            if a.kind not in ("int", "uint", "string", "bool", "dyn"):
+                self.error(k.offset, f"unsupported map key type {_tname(a)}", "no-overload", end=k.end)
+            if isinstance(k, Lit) and k.kind in ("string", "int", "uint", "bool"):
+                key = (k.kind == "bool", k.value)
+                if key in seen:
+                    self.error(k.offset, f"duplicate map key {k.value!r}", "duplicate-key", end=k.end)
+                seen[key] = 1
+            else:
+                dyn_keys = True
+            kt = a if kt is None else unify(kt, a)
+            vt = b if vt is None else unify(vt, b)
+        n.dyn_keys = dyn_keys or any(isinstance(k, Lit) and k.kind != "string" for k, _ in n.entries)
+        self._set(n, any(k.can_error or v.can_error for k, v in n.entries) or n.dyn_keys,
+                  1 + sum(k.cost + v.cost for k, v in n.entries), len(n.entries))
+        return MapType(kt or DYN, vt or DYN, len(n.entries))
+
+    def c_ObjLit(self, n: ObjLit) -> CelType:
+        for _, _, v in n.fields:
+            self.check(v)
+        self._set(n, True, 1)
+        return self.error(n.offset, f"message construction '{n.type_name}{{...}}' is not supported", "unsupported")
+
+    def c_Comprehension(self, n: Comprehension) -> CelType:
+        rtype = self.check(n.range)
+        if rtype.kind == "list":
+            vt = rtype.elem  # type: ignore[attr-defined]
+        elif rtype.kind == "map":
+            vt = rtype.key  # type: ignore[attr-defined]
+        elif rtype.kind == "dyn":
+            vt = DYN
+        else:
+            vt = DYN
+            self.error(n.range.offset, f"'{n.macro}' cannot iterate over {_tname(rtype)}", "no-overload", end=n.range.end)
+        n.py_var = self.fresh("_c")
+        self.scopes.append({n.var: (vt, n.py_var)})
+        try:
+            bt = self.check(n.body)
+            ft = self.check(n.filter) if n.filter is not None else None
+        finally:
+            self.scopes.pop()
+        self.uses_iter = True
+        if n.macro != "map" and bt.kind not in ("bool", "dyn"):
+            self.error(n.body.offset, f"the predicate of '{n.macro}' must be bool, got {_tname(bt)}", "no-overload", end=n.body.end)
+        if ft is not None and ft.kind not in ("bool", "dyn"):
+            self.error(n.filter.offset, f"the filter of 'map' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
+        size = n.range.msize
+        iters = size if size is not None else DEFAULT_LIST_SIZE
+        body_cost = n.body.cost + (n.filter.cost if n.filter is not None else 0) + 1
+        self._set(n, True, n.range.cost + 1 + iters * body_cost, size)
+        if n.macro in ("all", "exists", "exists_one"):
+            return BOOL
+        if n.macro == "map":
+            return ListType(bt, size)
+        return ListType(vt, size)
+
+    # -- calls -----------------------------------------------------------
+    def c_Call(self, n: Call) -> CelType:
+        fn = n.function
+        if fn in ("_&&_", "_||_"):
+            return self.c_logic(n)
+        if fn == "@in":
+            return self.c_in(n)
+        if n.target is not None:
+            self.check(n.target)
+        for a in n.args:
+            self.check(a)
+        args = ([n.target] if n.target is not None else []) + n.args
+        base_err = any(a.can_error for a in args)
+        base_cost = 1 + sum(a.cost for a in args)
+        self._set(n, base_err, base_cost)
+        if fn.startswith("_") or fn in ("!_", "-_"):
+            return self.c_operator(n, args)
+        return self.c_function(n, args)
+
+    def c_logic(self, n: Call) -> CelType:
+        a, b = n.args
+        ta, tb = self.check(a), self.check(b)
+        for x, t in ((a, ta), (b, tb)):
+            if t.kind not in ("bool", "dyn"):
+                self.error(n.offset, f"no matching overload for '{n.function.strip('_')}' applied to ({_tname(ta)}, {_tname(tb)})", "no-overload", end=n.offset + 2)
+                break
+        self._set(n, a.can_error or b.can_error or not exact(ta) or not exact(tb), a.cost + b.cost + 1)
+        return BOOL
+
+    def c_in(self, n: Call) -> CelType:
+        x, c = n.args
+        tx, tc = self.check(x), self.check(c)
+        err = x.can_error or c.can_error or not exact(tc)
+        size = c.msize if c.msize is not None else DEFAULT_LIST_SIZE
+        self._set(n, err, x.cost + c.cost + 1 + (size if tc.kind == "list" else 0))
+        if tc.kind == "list":
+            et = tc.elem  # type: ignore[attr-defined]
+        elif tc.kind == "map":
+            et = tc.key  # type: ignore[attr-defined]
+        elif tc.kind == "dyn":
+            return BOOL
+        else:
+            return self.error(n.offset, f"no matching overload for 'in' applied to ({_tname(tx)}, {_tname(tc)})", "no-overload", end=n.offset + 2)
+        if not (assignable(et, tx) or assignable(tx, et) or (et.kind in NUMERIC and tx.kind in NUMERIC)):
+            return self.error(n.offset, f"no matching overload for 'in' applied to ({_tname(tx)}, {_tname(tc)})", "no-overload", end=n.offset + 2)
+        return BOOL
+
+    _ARITH = {"_+_": "+", "_-_": "-", "_*_": "*", "_/_": "/", "_%_": "%"}
+    _CMP = {"_<_": "<", "_<=_": "<=", "_>_": ">", "_>=_": ">="}
+
+    def c_operator(self, n: Call, args: list[Node]) -> CelType:
+        fn = n.function
+        types = [a.type for a in args]
+        op_sym = {"!_": "!", "-_": "-", "_[_]": "[]", "_==_": "==", "_!=_": "!="}.get(fn) or self._ARITH.get(fn) or self._CMP.get(fn, fn)
+        opw = len(op_sym) if op_sym != "[]" else 1
+
+        def bad() -> CelType:
+            sig = ", ".join(_tname(t) for t in types)
+            return self.error(n.offset, f"no matching overload for '{op_sym}' applied to ({sig})", "no-overload", end=n.offset + opw)
+
+        anydyn = any(t.kind == "dyn" for t in types)
+        nullable = any(t.nullable for t in types)
+        if nullable:
+            n.can_error = True
+        if fn == "!_":
+            if types[0].kind not in ("bool", "dyn"):
+                return bad()
+            n.can_error |= not exact(types[0])
+            return BOOL
+        if fn == "-_":
+            t = types[0]
+            if t.kind == "dyn":
+                n.can_error = True
+                return DYN
+            if t.kind == "int":
+                n.can_error = True
+                return INT
+            if t.kind == "double":
+                return DOUBLE
+            if t.kind == "google.protobuf.Duration":
+                n.can_error = True
+                return DURATION
+            return bad()
+        if fn in ("_==_", "_!=_"):
+            a, b = args
+            n.cost += _str_cost(a, b) if "string" in (types[0].kind, types[1].kind) else 0
+            return BOOL
+        if fn in self._CMP:
+            ta, tb = types
+            if anydyn:
+                n.can_error = True
+                return BOOL
+            if ta.kind == tb.kind and ta.kind in ORDERED or (ta.kind in NUMERIC and tb.kind in NUMERIC):
+                if ta.kind == "string":
+                    n.cost += _str_cost(*args)
+                return BOOL
+            return bad()
+        if fn == "_[_]":
+            c, i = args
+            tc, ti = types
+            n.can_error = True
+            if tc.kind == "list":
+                if ti.kind not in ("int", "uint", "dyn"):
+                    return bad()
+                return tc.elem  # type: ignore[attr-defined]
+            if tc.kind == "map":
+                if not (assignable(tc.key, ti) or (tc.key.kind in NUMERIC and ti.kind in NUMERIC)):  # type: ignore[attr-defined]
+                    return bad()
+                return tc.value  # type: ignore[attr-defined]
+            if tc.kind == "dyn":
+                return DYN
+            return bad()
+        # arithmetic
+        ta, tb = types
+        ka, kb = ta.kind, tb.kind
+        if anydyn:
+            n.can_error = True
+            return DYN
+        if fn == "_+_":
+            if ka == kb and ka in ("int", "uint", "double", "string", "bytes", "list", "google.protobuf.Duration"):
+                if ka in ("int", "uint", "google.protobuf.Duration"):
+                    n.can_error = True
+                if ka in ("string", "bytes", "list"):
+                    n.msize = _addsize(args[0].msize, args[1].msize)
+                    n.cost += _str_cost(*args) if ka != "list" else 0
+                if ka == "list":
+                    return ListType(unify(ta.elem, tb.elem), n.msize)  # type: ignore[attr-defined]
+                return CelType(ka, n.msize if ka in ("string", "bytes") else None)
+            if {ka, kb} == {"google.protobuf.Timestamp", "google.protobuf.Duration"}:
+                n.can_error = True
+                return TIMESTAMP
+            return bad()
+        if fn == "_-_":
+            if ka == kb and ka in ("int", "uint", "double", "google.protobuf.Duration", "google.protobuf.Timestamp"):
+                n.can_error |= ka != "double"
+                return DURATION if ka == "google.protobuf.Timestamp" else CelType(ka)
+            if ka == "google.protobuf.Timestamp" and kb == "google.protobuf.Duration":
+                n.can_error = True
+                return TIMESTAMP
+            return bad()
+        if fn in ("_*_", "_/_"):
+            if ka == kb and ka in NUMERIC:
+                n.can_error |= ka != "double"
+                return CelType(ka)
+            return bad()
+        if fn == "_%_":
+            if ka == kb and ka in ("int", "uint"):
+                n.can_error = True
+                return CelType(ka)
+            return bad()
+        return bad()  # pragma: no cover
+
+    def c_function(self, n: Call, args: list[Node]) -> CelType:
+        fn = n.function
+        is_method = n.target is not None
+        types = [a.type for a in args]
+        end = n.offset + len(fn)
+
+        def bad() -> CelType:
+            sig = ", ".join(_tname(t) for t in types)
+            shape = f"{_tname(types[0])}.{fn}({', '.join(_tname(t) for t in types[1:])})" if is_method else f"{fn}({sig})"
+            return self.error(n.offset, f"no matching overload for {shape}", "no-overload", end=end)
+
+        anydyn = any(t.kind == "dyn" or t.nullable for t in types)
+        if anydyn:
+            n.can_error = True
+        if fn == "size":
+            if len(args) != 1:
+                return bad()
+            if types[0].kind not in ("string", "bytes", "list", "map", "dyn"):
+                return bad()
+            return INT
+        if fn in STRING_METHODS:
+            if fn == "matches" and not is_method and len(args) == 2:
+                is_method = True  # matches(s, re) global form
+            if not is_method or len(args) != 2 or any(t.kind not in ("string", "dyn") for t in types):
+                return bad()
+            if fn == "matches":
+                pat = args[1]
+                if isinstance(pat, Lit) and pat.kind == "string":
+                    problem = rt.regex_problem(pat.value)
+                    if problem:
+                        self.error(pat.offset, problem, "bad-regex", end=pat.end)
+                    n.cost += math.ceil(_size(args[0].msize, DEFAULT_STRING_SIZE) * STRING_COST_FACTOR * 1 + len(pat.value) * STRING_COST_FACTOR)
+                else:
+                    n.can_error = True
+                    n.cost += math.ceil(_size(args[0].msize, DEFAULT_STRING_SIZE) * _size(args[1].msize, DEFAULT_STRING_SIZE) * STRING_COST_FACTOR)
+            else:
+                n.cost += _str_cost(*args)
+            return BOOL
+        if fn in TIME_FUNCS:
+            if not is_method or len(args) not in (1, 2):
+                return bad()
+            k = types[0].kind
+            if k == "google.protobuf.Duration":
+                if fn not in DURATION_FUNCS or len(args) != 1:
+                    return bad()
+                return INT
+            if k not in ("google.protobuf.Timestamp", "dyn"):
+                return bad()
+            if len(args) == 2:
+                if types[1].kind not in ("string", "dyn"):
+                    return bad()
+                tz = args[1]
+                if isinstance(tz, Lit):
+                    try:
+                        rt.tzinfo(tz.value)
+                    except CelEvaluationError as e:
+                        self.error(tz.offset, str(e), "bad-timezone", end=tz.end)
+                else:
+                    n.can_error = True
+            return INT
+        if fn in CONVERSIONS:
+            if is_method or len(args) != 1:
+                return bad()
+            k = types[0].kind
+            allowed = {
+                "int": {"int", "uint", "double", "string", "google.protobuf.Timestamp"},
+                "uint": {"int", "uint", "double", "string"},
+                "double": {"int", "uint", "double", "string"},
+                "string": {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration"},
+                "bool": {"bool", "string"},
+                "bytes": {"bytes", "string"},
+                "duration": {"string", "google.protobuf.Duration"},
+                "timestamp": {"string", "int", "google.protobuf.Timestamp"},
+            }.get(fn)
+            result = {"int": INT, "uint": UINT, "double": DOUBLE, "string": STRING, "bool": BOOL, "bytes": BYTES,
+                      "duration": DURATION, "timestamp": TIMESTAMP, "dyn": DYN, "type": TYPE}[fn]
+            if allowed is not None and k != "dyn" and k not in allowed:
+                return bad()
+            if fn in ("dyn", "type"):
+                n.can_error = args[0].can_error or fn == "type" and not exact(types[0])
+                return result
+            # conversions that can fail
+            same = k == result.kind
+            lossless = same or (fn == "double" and k in ("int", "uint")) or (fn == "string" and k in ("int", "uint", "bool", "double", "google.protobuf.Timestamp", "google.protobuf.Duration")) \
+                or (fn == "bytes" and k == "string") or (fn == "int" and k == "google.protobuf.Timestamp")
+            if not lossless or anydyn:
+                n.can_error = True
+            arg = args[0]
+            if fn in ("timestamp", "duration") and isinstance(arg, Lit) and arg.kind == "string":
+                try:
+                    n.folded = rt.to_timestamp(arg.value) if fn == "timestamp" else rt.to_duration(arg.value)
+                    n.can_error = False
+                except CelEvaluationError as e:
+                    self.error(arg.offset, str(e), "bad-literal", end=arg.end)
+            if fn == "string" and k == "string":
+                n.msize = arg.msize
+            return result
+        # unknown function
+        if self.decls is not None and fn in self.decls and not is_method:
+            return self.error(n.offset, f"'{fn}' is a variable, not a function", "undeclared-function", end=end)
+        return self.error(n.offset, f"undeclared function '{fn}'", "undeclared-function", _suggest(fn, KNOWN_FUNCTIONS), end)
+
+    # ------------------------------------------------------------ codegen
+    def gen(self, n: Node) -> str:
+        return getattr(self, "g_" + type(n).__name__)(n)
+
+    def g_Lit(self, n: Lit) -> str:
+        v = n.value
+        if n.kind == "uint":
+            return self.const(rt.CelUint(v))
+        if n.kind == "double":
+            if v != v or v in (math.inf, -math.inf):
+                return self.const(v)
+            return repr(v)
+        return repr(v)
+
+    def g_Ident(self, n: Ident) -> str:
+        return n.py  # type: ignore[attr-defined,no-any-return]
+
+    def g_Select(self, n: Select) -> str:
+        if hasattr(n, "py_ident"):
+            return n.py_ident  # type: ignore[attr-defined,no-any-return]
+        o = self.gen(n.operand)
+        ot = n.operand.type
+        f = repr(n.field)
+        if n.test_only:
+            if exact(ot) and ot.kind in ("object", "map"):
+                return f"({f} in {o})"
+            return f"_has({o}, {f})"
+        if exact(ot) and ot.kind in ("object", "map"):
+            return f"{o}[{f}]"
+        return f"_select({o}, {f})"
+
+    def g_Cond(self, n: Cond) -> str:
+        c = self.gen(n.cond)
+        if not exact(n.cond.type):
+            c = f"_as_bool({c})"
+        return f"({self.gen(n.then)} if {c} else {self.gen(n.other)})"
+
+    def g_ListLit(self, n: ListLit) -> str:
+        return "[" + ", ".join(self.gen(i) for i in n.items) + "]"
+
+    def g_MapLit(self, n: MapLit) -> str:
+        if not n.dyn_keys:  # type: ignore[attr-defined]
+            return "{" + ", ".join(f"{self.gen(k)}: {self.gen(v)}" for k, v in n.entries) + "}"
+        return "_make_map((" + "".join(f"({self.gen(k)}, {self.gen(v)}), " for k, v in n.entries) + "))"
+
+    def g_ObjLit(self, n: ObjLit) -> str:  # pragma: no cover - rejected by the checker
+        return "_fail('unsupported')"
+
+    def g_Comprehension(self, n: Comprehension) -> str:
+        r = f"_iter_range(_n, {self.max_iterations}, {self.gen(n.range)})"
+        v = n.py_var  # type: ignore[attr-defined]
+        body = self.gen(n.body)
+        safe_bool = not n.body.can_error and exact(n.body.type)
+        if n.macro in ("exists", "all"):
+            if safe_bool:
+                fn = "any" if n.macro == "exists" else "all"
+                return f"{fn}({body} for {v} in {r})"
+            helper = "_exists" if n.macro == "exists" else "_all_"
+            return f"{helper}({r}, lambda {v}: {body})"
+        if n.macro == "exists_one":
+            if not exact(n.body.type):
+                body = f"_as_bool({body}, 'exists_one')"
+            return f"(sum(1 for {v} in {r} if {body}) == 1)"
+        if n.macro == "filter":
+            if not exact(n.body.type):
+                body = f"_as_bool({body}, 'filter')"
+            return f"[{v} for {v} in {r} if {body}]"
+        # map
+        if n.filter is not None:
+            flt = self.gen(n.filter)
+            if not exact(n.filter.type):
+                flt = f"_as_bool({flt}, 'map')"
+            return f"[{body} for {v} in {r} if {flt}]"
+        return f"[{body} for {v} in {r}]"
+
+    def g_Call(self, n: Call) -> str:
+        fn = n.function
+        if fn in ("_&&_", "_||_"):
+            return self.g_logic(n)
+        args = ([n.target] if n.target is not None else []) + n.args
+        if fn.startswith("_") or fn in ("!_", "-_", "@in"):
+            return self.g_operator(n, args)
+        return self.g_function(n, args)
+
+    def g_logic(self, n: Call) -> str:
+        a, b = n.args
+        pa, pb = self.gen(a), self.gen(b)
+        py = "and" if n.function == "_&&_" else "or"
+        a_ok = not a.can_error and exact(a.type)
+        b_ok = exact(b.type)
+        if a_ok and b_ok:
+            return f"({pa} {py} {pb})"
+        if a_ok:
+            return f"({pa} {py} _as_bool({pb}, {n.function!r}))"
+        helper = "_and_" if py == "and" else "_or_"
+        return f"{helper}(lambda: {pa}, lambda: {pb})"
+
+    def g_operator(self, n: Call, args: list[Node]) -> str:
+        fn = n.function
+        p = [self.gen(a) for a in args]
+        t = [a.type for a in args]
+        allx = all(exact(x) for x in t)
+        if fn == "!_":
+            return f"(not {p[0]})" if allx else f"_not_({p[0]})"
+        if fn == "-_":
+            if not allx:
+                return f"_neg({p[0]})"
+            k = t[0].kind
+            if k == "int":
+                return f"_ck(-{p[0]})"
+            if k == "google.protobuf.Duration":
+                return f"_dur_sub(_k_zero_dur, {p[0]})" if self._zero_dur() else ""
+            return f"(-{p[0]})"
+        if fn in ("_==_", "_!=_"):
+            a, b = args
+            neg = fn == "_!=_"
+            if t[0].kind == "null_type" or t[1].kind == "null_type":
+                other = p[1] if t[0].kind == "null_type" else p[0]
+                return f"({other} is {'not ' if neg else ''}None)"
+            if _pyeq_safe(t[0], t[1]):
+                return f"({p[0]} {'!=' if neg else '=='} {p[1]})"
+            return f"_{'ne' if neg else 'eq'}({p[0]}, {p[1]})"
+        if fn in self._CMP:
+            if allx:
+                return f"({p[0]} {self._CMP[fn]} {p[1]})"
+            return f"_{ {'_<_': 'lt', '_<=_': 'le', '_>_': 'gt', '_>=_': 'ge'}[fn] }({p[0]}, {p[1]})"
+        if fn == "@in":
+            tx, tc = t
+            if exact(tc) and tc.kind == "map" and exact(tx) and tx.kind == "string":
+                return f"({p[0]} in {p[1]})"
+            if exact(tc) and tc.kind == "list" and exact(tx) and _pyeq_safe(tx, tc.elem) and tx.kind != "double":  # type: ignore[attr-defined]
+                return f"({p[0]} in {p[1]})"
+            if exact(tc) and tc.kind == "list":
+                return f"_in_list({p[0]}, {p[1]})"
+            return f"_in_({p[0]}, {p[1]})"
+        if fn == "_[_]":
+            tc, ti = t
+            if exact(tc) and tc.kind == "map" and exact(ti) and ti.kind == "string":
+                return f"{p[0]}[{p[1]}]"
+            if exact(tc) and tc.kind == "list":
+                return f"_list_index({p[0]}, {p[1]})"
+            return f"_index({p[0]}, {p[1]})"
+        # arithmetic
+        if not allx:
+            return f"_{ {'_+_': 'add', '_-_': 'sub', '_*_': 'mul', '_/_': 'div', '_%_': 'mod'}[fn] }({p[0]}, {p[1]})"
+        ka, kb = t[0].kind, t[1].kind
+        sym = self._ARITH[fn]
+        if ka == "int":
+            if fn == "_/_":
+                return f"_idiv({p[0]}, {p[1]})"
+            if fn == "_%_":
+                return f"_imod({p[0]}, {p[1]})"
+            return f"_ck({p[0]} {sym} {p[1]})"
+        if ka == "uint":
+            if fn == "_/_":
+                return f"_udiv({p[0]}, {p[1]})"
+            if fn == "_%_":
+                return f"_umod({p[0]}, {p[1]})"
+            return f"_cku({p[0]} {sym} {p[1]})"
+        if ka == "double":
+            if fn == "_/_":
+                return f"_fdiv({p[0]}, {p[1]})"
+            return f"({p[0]} {sym} {p[1]})"
+        if ka in ("string", "bytes"):
+            return f"({p[0]} + {p[1]})"
+        if ka == "list":
+            return f"[*{p[0]}, *{p[1]}]"
+        if ka == "google.protobuf.Timestamp":
+            if kb == "google.protobuf.Duration":
+                return f"_ts_{'add' if fn == '_+_' else 'sub'}({p[0]}, {p[1]})"
+            return f"_ts_diff({p[0]}, {p[1]})"
+        if ka == "google.protobuf.Duration":
+            if kb == "google.protobuf.Timestamp":
+                return f"_ts_add({p[1]}, {p[0]})"
+            return f"_dur_{'add' if fn == '_+_' else 'sub'}({p[0]}, {p[1]})"
+        return f"_{ {'_+_': 'add', '_-_': 'sub', '_*_': 'mul', '_/_': 'div', '_%_': 'mod'}[fn] }({p[0]}, {p[1]})"  # pragma: no cover
+
+    def _zero_dur(self) -> bool:
+        import datetime
+
+        self.consts["_k_zero_dur"] = datetime.timedelta(0)
+        return True
+
+    def g_function(self, n: Call, args: list[Node]) -> str:
+        fn = n.function
+        t = [a.type for a in args]
+        allx = all(exact(x) for x in t)
+        if hasattr(n, "folded"):
+            return self.const(n.folded)  # type: ignore[attr-defined]
+        p = [self.gen(a) for a in args]
+        if fn == "size":
+            return f"len({p[0]})" if allx else f"_size({p[0]})"
+        if fn in STRING_METHODS:
+            if fn == "matches":
+                pat = args[1]
+                if isinstance(pat, Lit) and exact(t[0]):
+                    rx = self.const_regex(pat.value)
+                    return f"({rx}.search({p[0]}) is not None)"
+                return f"_matches({p[0]}, {p[1]})"
+            if allx:
+                if fn == "contains":
+                    return f"({p[1]} in {p[0]})"
+                return f"{p[0]}.{'startswith' if fn == 'startsWith' else 'endswith'}({p[1]})"
+            return f"_{ {'contains': 'contains', 'startsWith': 'starts_with', 'endsWith': 'ends_with'}[fn] }({p[0]}, {p[1]})"
+        if fn in TIME_FUNCS:
+            if len(args) == 2 and isinstance(args[1], Lit) and t[0].kind == "google.protobuf.Timestamp" and exact(t[0]):
+                try:
+                    tz = rt.tzinfo(args[1].value)
+                except CelEvaluationError:  # pragma: no cover - reported by the checker
+                    tz = None
+                if tz is not None:
+                    attr = {"getFullYear": "year", "getHours": "hour", "getMinutes": "minute", "getSeconds": "second", "getDate": "day"}.get(fn)
+                    if attr is not None:
+                        return f"{p[0]}.astimezone({self.const(tz)}).{attr}"
+            if len(args) == 1 and t[0].kind == "google.protobuf.Timestamp" and exact(t[0]):
+                attr = {"getFullYear": "year", "getHours": "hour", "getMinutes": "minute", "getSeconds": "second", "getDate": "day"}.get(fn)
+                if attr is not None:
+                    return f"{p[0]}.astimezone(_UTC).{attr}"
+            return f"_t_{fn}({', '.join(p)})"
+        if fn in ("dyn",):
+            return p[0]
+        if fn == "type":
+            return f"_type_of({p[0]})"
+        k = t[0].kind
+        if fn == "double" and k in ("int", "uint") and allx:
+            return f"float({p[0]})"
+        if fn == k and allx and fn in ("int", "uint", "double", "string", "bool", "bytes"):
+            return p[0]
+        if fn == "duration" and k == "google.protobuf.Duration" and allx:
+            return p[0]
+        if fn == "timestamp" and k == "google.protobuf.Timestamp" and allx:
+            return p[0]
+        return f"_to_{fn}({p[0]})"
+
+    def const_regex(self, pattern: str) -> str:
+        name = self.fresh("_rx")
+        self.consts[name] = rt.compile_regex(pattern)
+        return name
+
+
+def _pyeq_safe(a: CelType, b: CelType) -> bool:
+    """Does Python ``==`` agree with CEL equality for values of these static types?"""
+    if a.kind == "dyn" or b.kind == "dyn":
+        return False
+    if a.kind in NUMERIC and b.kind in NUMERIC:
+        return True
+    if a.kind != b.kind:
+        return False
+    return a.kind in ("int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp",
+                      "google.protobuf.Duration", "type")
+
+
+def _size(s: int | None, default: int) -> int:
+    return default if s is None else s
+
+
+def _maxsize(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def _addsize(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _str_cost(*nodes: Node) -> int:
+    """Cost of traversing the smaller of two strings (bounded by declared sizes)."""
+    sizes = [_size(getattr(x, "msize", None), DEFAULT_STRING_SIZE) for x in nodes]
+    return math.ceil(min(sizes) * STRING_COST_FACTOR)
+
+
+__all__ = ["Compiler", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "STRING_COST_FACTOR", "Field", "Nullable", "non_null"]
