@@ -31,9 +31,9 @@ def _merge(base: Any, over: Any, path: tuple[Any, ...] = ()) -> Any:
     if not (isinstance(base, dict) and isinstance(over, dict)):
         return over
     # path: () / providers / <provider> / models / <model> / <block> / ...
-    if len(path) == 5 and path[3] == "models" and path[4] in _ATOMIC_MODEL_BLOCKS:
+    if len(path) == 5 and path[2] == "models" and path[4] in _ATOMIC_MODEL_BLOCKS:
         return over
-    if len(path) == 6 and path[3] == "models" and path[4:6] == ("fast", "pricing"):
+    if len(path) == 6 and path[2] == "models" and path[4:6] == ("fast", "pricing"):
         return over
     merged = dict(base)
     for key, value in over.items():
