@@ -101,6 +101,13 @@ MACROS = {"all": (2,), "exists": (2,), "exists_one": (2,), "map": (2, 3), "filte
 _PARSER: Lark | None = None
 
 
+def _ambiguous_literals(t: Token) -> Token:
+    """true/false lex as IDENT; retype them as BOOL_LIT keeping the token position."""
+    if t.value in ("true", "false"):
+        return Token.new_borrow_pos("BOOL_LIT", t.value, t)
+    return t
+
+
 def _parser() -> Lark:
     global _PARSER
     if _PARSER is None:
@@ -112,7 +119,7 @@ def _parser() -> Lark:
             parser="lalr",
             start="expr",
             g_regex_flags=re.M,
-            lexer_callbacks={"IDENT": cp.CELParser.ambiguous_literals},
+            lexer_callbacks={"IDENT": _ambiguous_literals},
             propagate_positions=True,
             maybe_placeholders=False,
             priority="invert",

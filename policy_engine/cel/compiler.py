@@ -142,7 +142,8 @@ class Compiler:
             if local is not None:
                 n.py = local[1]
                 return local[0]
-        if self.dynamic or (self.decls is not None and n.name in self.decls):
+        is_type_name = n.name in TYPE_NAMES or n.name in ("timestamp", "duration")
+        if (self.dynamic and not is_type_name) or (self.decls is not None and n.name in self.decls):
             t = DYN if self.dynamic else self.decls[n.name]  # type: ignore[index]
             n.py = self.globals.setdefault(n.name, "v_" + n.name.replace(".", "__"))
             self.paths[id(n)] = n.name
@@ -150,7 +151,7 @@ class Compiler:
             if t.nullable:
                 n.can_error = False
             return t
-        if n.name in TYPE_NAMES or n.name in ("timestamp", "duration"):
+        if is_type_name:
             tn = {"timestamp": "google.protobuf.Timestamp", "duration": "google.protobuf.Duration"}.get(n.name, n.name)
             if tn == "dyn":
                 tn = "dyn"

@@ -949,7 +949,10 @@ def regex_problem(pattern: str) -> str | None:
         try:
             _re2.compile(pattern)
         except Exception as e:  # noqa: BLE001
-            return f"invalid regular expression: {e}"
+            msg = e.args[0] if e.args else e
+            if isinstance(msg, bytes):
+                msg = msg.decode("utf-8", "replace")
+            return f"invalid regular expression: {msg}"
         return None
     if _UNSUPPORTED_RE.search(pattern):
         return "regular expression uses a construct RE2 does not support (backreference, lookaround, atomic/possessive)"
