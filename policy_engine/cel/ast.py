@@ -25,6 +25,7 @@ class Node:
     # filled by the checker
     type: Any = field(default=None, init=False, repr=False)
     can_error: bool = field(default=True, init=False, repr=False)
+    start: int = field(default=-1, init=False, repr=False)  # first character of the sub-expression
 
 
 @dataclass(eq=False)
@@ -159,7 +160,10 @@ class _Builder:
     def build(self, t: Tree | Token) -> Node:
         if isinstance(t, Token):  # pragma: no cover - grammar never hands bare tokens here
             raise AssertionError(t)
-        return getattr(self, "t_" + t.data)(t)
+        node = getattr(self, "t_" + t.data)(t)
+        if node.start < 0:
+            node.start = t.meta.start_pos
+        return node
 
     @staticmethod
     def sp(t: Tree) -> tuple[int, int]:
@@ -251,7 +255,7 @@ class _Builder:
             return Lit(off, end, None, "null")
         var = args[0]
         if not isinstance(var, Ident) or var.root:
-            self.issue(var.offset, f"the first argument of '{fn}' must be a simple identifier", "macro-var", end=var.end)
+            self.issue(var.start, f"the first argument of '{fn}' must be a simple identifier", "macro-var", end=var.end)
             return Lit(off, end, None, "null")
         if fn == "map" and len(args) == 3:
             return Comprehension(off, end, fn, target, var.name, var.offset, args[2], args[1])

@@ -283,7 +283,7 @@ class Compiler:
             vt = DYN
         else:
             vt = DYN
-            self.error(n.range.offset, f"'{n.macro}' cannot iterate over {_tname(rtype)}", "no-overload", end=n.range.end)
+            self.error(n.range.start, f"'{n.macro}' cannot iterate over {_tname(rtype)}", "no-overload", end=n.range.end)
         n.py_var = self.fresh("_c")
         self.scopes.append({n.var: (vt, n.py_var)})
         try:
@@ -293,9 +293,9 @@ class Compiler:
             self.scopes.pop()
         self.uses_iter = True
         if n.macro != "map" and bt.kind not in ("bool", "dyn"):
-            self.error(n.body.offset, f"the predicate of '{n.macro}' must be bool, got {_tname(bt)}", "no-overload", end=n.body.end)
+            self.error(n.body.start, f"the predicate of '{n.macro}' must be bool, got {_tname(bt)}", "no-overload", end=n.body.end)
         if ft is not None and ft.kind not in ("bool", "dyn"):
-            self.error(n.filter.offset, f"the filter of 'map' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
+            self.error(n.filter.start, f"the filter of 'map' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
         size = n.range.msize
         iters = size if size is not None else DEFAULT_LIST_SIZE
         body_cost = n.body.cost + (n.filter.cost if n.filter is not None else 0) + 1
@@ -493,6 +493,8 @@ class Compiler:
                 else:
                     n.can_error = True
                     n.cost += math.ceil(_size(args[0].msize, DEFAULT_STRING_SIZE) * _size(args[1].msize, DEFAULT_STRING_SIZE) * STRING_COST_FACTOR)
+            elif fn == "contains":
+                n.cost += math.ceil(_size(args[0].msize, DEFAULT_STRING_SIZE) * STRING_COST_FACTOR)
             else:
                 n.cost += _str_cost(*args)
             return BOOL
