@@ -87,10 +87,11 @@ def estimate(
     return -(-(input_tokens * rate + max_tokens * card.output) // PICO_PER_MICRO)
 
 
-def _get(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
+def _getter(obj: Any) -> Any:
+    """`name -> value or None` for a mapping or an object with attributes."""
+    if type(obj) is dict or isinstance(obj, Mapping):
+        return obj.get
+    return lambda name: getattr(obj, name, None)
 
 
 def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
@@ -107,27 +108,29 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
     """
     if usage is None:
         raise UsageError("usage is missing")
-    input_tokens = _count("usage.input_tokens", _get(usage, "input_tokens"))
-    output_tokens = _count("usage.output_tokens", _get(usage, "output_tokens"))
-    raw = _get(usage, "cache_creation_input_tokens")
+    get = _getter(usage)
+    input_tokens = _count("usage.input_tokens", get("input_tokens"))
+    output_tokens = _count("usage.output_tokens", get("output_tokens"))
+    raw = get("cache_creation_input_tokens")
     creation = 0 if raw is None else _count("usage.cache_creation_input_tokens", raw)
-    raw = _get(usage, "cache_read_input_tokens")
+    raw = get("cache_read_input_tokens")
     read = 0 if raw is None else _count("usage.cache_read_input_tokens", raw)
-    split = _get(usage, "cache_creation")
+    split = get("cache_creation")
     if split is None:
         write_5m, write_1h = creation, 0
     else:
-        raw = _get(split, "ephemeral_5m_input_tokens")
+        sget = _getter(split)
+        raw = sget("ephemeral_5m_input_tokens")
         write_5m = 0 if raw is None else _count("usage.cache_creation.ephemeral_5m_input_tokens", raw)
-        raw = _get(split, "ephemeral_1h_input_tokens")
+        raw = sget("ephemeral_1h_input_tokens")
         write_1h = 0 if raw is None else _count("usage.cache_creation.ephemeral_1h_input_tokens", raw)
         write_5m += max(0, creation - write_5m - write_1h)
-    speed = _get(usage, "speed")
+    speed = get("speed")
     if speed is None:
         speed = "standard"
     elif speed not in SPEEDS:
         raise UsageError(f"usage.speed must be 'standard' or 'fast', got {speed!r}")
-    geo = _get(usage, "inference_geo")
+    geo = get("inference_geo")
     if geo is not None and not isinstance(geo, str):
         raise UsageError(f"usage.inference_geo must be a string, got {type(geo).__name__} {geo!r}")
     return UsageCounts(input_tokens, output_tokens, write_5m, write_1h, read, speed, geo)

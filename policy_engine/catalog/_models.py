@@ -245,7 +245,8 @@ class ModelEntry(_Strict):
         Raises PricingError when fast mode is unsupported, a needed price is unknown, or the
         geo has no multiplier. Cards are precomputed: this is one dict lookup and a short scan.
         """
-        table = self._cards.get((speed, inference_geo))
+        # __pydantic_private__ directly: pydantic's private-attribute __getattr__ costs ~2.5 us.
+        table = self.__pydantic_private__["_cards"].get((speed, inference_geo))
         if table is None:
             raise self._why_not(speed, inference_geo)
         for above, card in table:
@@ -310,7 +311,7 @@ class Catalog(_Strict):
     def find(self, name: str, provider: str = "anthropic") -> ModelEntry | None:
         """The model called `name` (id or alias) at `provider`, or None."""
         p = self.providers.get(provider)
-        return None if p is None else p._index.get(name)
+        return None if p is None else p.__pydantic_private__["_index"].get(name)
 
     def model(self, name: str, provider: str = "anthropic") -> ModelEntry:
         """The model called `name` (id or alias) at `provider`; PricingError with a hint if unknown."""
@@ -321,7 +322,7 @@ class Catalog(_Strict):
                 f"unknown provider {provider!r} in the catalog" + (f"; {hint}" if hint else "")
                 + f" (known: {', '.join(sorted(self.providers)) or 'none'})"
             )
-        entry = p._index.get(name)
+        entry = p.__pydantic_private__["_index"].get(name)
         if entry is None:
             hint = did_you_mean(name, list(p._index))
             raise PricingError(
