@@ -101,3 +101,11 @@ def did_you_mean(word: str, candidates: list[str] | tuple[str, ...] | set[str] |
 
     close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
+
+
+class InvalidRequest(PolicyEngineError, ValueError):
+    """The Messages API parameters or the caller's context given to `decide()` are malformed."""
+
+
+class InvalidContext(InvalidRequest):
+    """The context passed to `decide()` has an unknown key or a value of the wrong type."""

@@ -113,3 +113,89 @@ def declarations(budget_names: Iterable[str] = (), variables: Mapping[str, CelTy
     decls["budgets"] = ObjectType("policy_engine.Budgets", {name: Field(BUDGET) for name in budget_names})
     decls["vars"] = ObjectType("policy_engine.Vars", {name: Field(t) for name, t in (variables or {}).items()})
     return decls
+
+
+_CONTEXT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "latency_slo_ms": int, "tenant": str, "user": str, "conversation_id": str,
+    "interactive": bool, "priority": str, "labels": dict,
+}
+
+
+def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
+    """Validate the caller's context and fill its defaults. Unknown keys are errors, with did-you-mean."""
+    from .errors import InvalidContext, did_you_mean
+
+    result: dict[str, object] = {"interactive": False, "priority": "normal", "labels": {}}
+    if not context:
+        return result
+    if not isinstance(context, Mapping):
+        raise InvalidContext(f"context must be a mapping, got {type(context).__name__}")
+    for key, value in context.items():
+        expected = _CONTEXT_TYPES.get(key)  # type: ignore[arg-type]
+        if expected is None:
+            hint = did_you_mean(str(key), CONTEXT_KEYS)
+            raise InvalidContext(f"unknown context key {key!r}" + (f"; {hint}" if hint else f"; known keys: {', '.join(CONTEXT_KEYS)}"))
+        if value is None:
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise InvalidContext(f"context[{key!r}] must be {expected.__name__}, got {type(value).__name__} {value!r}")  # type: ignore[union-attr]
+        if key == "labels" and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):  # type: ignore[union-attr]
+            raise InvalidContext("context['labels'] must map strings to strings")
+        result[key] = value
+    return result
+
+
+def request_features(params: Mapping[str, object], input_tokens: int, exact: bool, *, batch: bool = False,
+                     extra_betas: Iterable[str] = ()) -> dict[str, object]:
+    """The `request` features of one Messages API call (validated enough to decide on)."""
+    from .errors import InvalidRequest
+
+    if not isinstance(params, Mapping):
+        raise InvalidRequest(f"params must be a mapping of Messages API parameters, got {type(params).__name__}")
+    model = params.get("model")
+    max_tokens = params.get("max_tokens")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("params['model'] must be a non-empty string")
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise InvalidRequest(f"params['max_tokens'] must be a positive int, got {max_tokens!r}")
+    messages = params.get("messages") or ()
+    if not isinstance(messages, (list, tuple)):
+        raise InvalidRequest("params['messages'] must be a list")
+    has_images = has_documents = False
+    cache_control = "cache_control" in params
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, (list, tuple)):
+            for block in content:
+                if isinstance(block, Mapping):
+                    kind = block.get("type")
+                    has_images = has_images or kind == "image"
+                    has_documents = has_documents or kind == "document"
+                    cache_control = cache_control or "cache_control" in block
+    system = params.get("system")
+    if not cache_control and isinstance(system, (list, tuple)):
+        cache_control = any(isinstance(b, Mapping) and "cache_control" in b for b in system)
+    tools = params.get("tools") or ()
+    if not cache_control and tools:
+        cache_control = any(isinstance(t, Mapping) and "cache_control" in t for t in tools)  # type: ignore[union-attr]
+    thinking = params.get("thinking")
+    thinking_on = isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
+    budget_tokens = thinking.get("budget_tokens", 0) if thinking_on and isinstance(thinking, Mapping) else 0
+    betas = params.get("betas") or ()
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "input_tokens": input_tokens,
+        "input_tokens_exact": exact,
+        "stream": params.get("stream") is True,
+        "has_tools": bool(tools),
+        "has_images": has_images,
+        "has_documents": has_documents,
+        "thinking": {"enabled": thinking_on, "budget_tokens": budget_tokens if type(budget_tokens) is int else 0},
+        "service_tier": params.get("service_tier") or "auto",
+        "inference_geo": params.get("inference_geo") or "global",
+        "batch": batch,
+        "cache_control": cache_control,
+        "message_count": len(messages),
+        "betas": [*betas, *extra_betas] if extra_betas else list(betas),  # type: ignore[misc]
+    }

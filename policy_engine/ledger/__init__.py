@@ -130,7 +130,7 @@ class MemoryLedger(Ledger):
                 raise ValueError(f"reservation id {reservation_id!r} was already used")
             balances = [Balance(self._spent.get(s.id, 0), self._reserved.get(s.id, 0), s.limit) for s, _ in charges]
             for index, ((_, amount), balance) in enumerate(zip(charges, balances)):
-                if amount > balance.remaining:
+                if amount > 0 and amount > balance.remaining:  # a zero charge always fits
                     return ReserveResult(False, tuple(balances), index)
             for scope, amount in charges:
                 self._reserved[scope.id] = self._reserved.get(scope.id, 0) + amount
