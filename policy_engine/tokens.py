@@ -17,7 +17,8 @@ Tokens are a linear function of those counts, with coefficients fitted on the
 reference corpus (weighted to minimise relative error). Strings longer than
 `SAMPLE_CHARS` are measured on three evenly spaced windows and scaled by length, so
 the cost is O(1) in Python and a single O(n) C pass (``isascii``) over the whole
-string. Prose, code, JSON, CJK and mixed text therefore get different ratios
+string. ASCII strings of at most `SHORT_CHARS` (the hot path of chats) use a
+three-feature model (alphanumerics, punctuation, spaces). Prose, code, JSON, CJK and mixed text therefore get different ratios
 without any regex or Python-level loop over characters.
 
 Everything else is documented arithmetic: images ``ceil(w*h/750)`` after the
