@@ -1,5 +1,48 @@
-"""policy_engine: decide, per Messages API request, whether to run it in fast mode."""
+"""policy_engine: decide, per Messages API request, whether to run it in fast mode.
+
+    import policy_engine
+    engine = policy_engine.load("policies/default.yaml")
+    decision = engine.decide(params, context={"interactive": True, "latency_slo_ms": 20_000})
+    response = client.beta.messages.create(**decision.apply(params))
+    engine.settle(decision, response.usage)
+
+Everything not named here is private to its module.
+"""
 
 from __future__ import annotations
 
+from .catalog import Catalog, load_catalog
+from .decide import FAST_BETA, Decision, Engine, Settlement, load
+from .errors import (
+    CeilingExceeded,
+    Diagnostic,
+    InvalidContext,
+    InvalidRequest,
+    PolicyEngineError,
+    PolicyError,
+    PricingError,
+)
+from .load import load_policy
+from .policy import Policy
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "FAST_BETA",
+    "Catalog",
+    "CeilingExceeded",
+    "Decision",
+    "Diagnostic",
+    "Engine",
+    "InvalidContext",
+    "InvalidRequest",
+    "Policy",
+    "PolicyEngineError",
+    "PolicyError",
+    "PricingError",
+    "Settlement",
+    "__version__",
+    "load",
+    "load_catalog",
+    "load_policy",
+]

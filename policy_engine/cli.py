@@ -37,7 +37,7 @@ def _check(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in _policy_files(args.paths):
         try:
-            policy, _ = load_policy(path)
+            policy = load_policy(path)
         except PolicyError as exc:
             print(exc.format(), file=sys.stderr)
             status = EXIT_FINDINGS

@@ -15,7 +15,7 @@ from typing import Any
 from . import cel
 from .errors import Diagnostic, PolicyError
 from .features import declarations
-from .load import Document, load_policy
+from .load import Document, parse_policy
 from .policy import Budget, ExprText, Policy
 
 __all__ = ["CompiledPolicy", "CompiledRule", "CompiledBudget", "compile_policy", "compile_file", "MAX_EXPRESSION_COST", "LazyVars"]
@@ -100,7 +100,7 @@ class LazyVars(dict):  # type: ignore[type-arg]
 
 def compile_file(path: str, *, text: str | bytes | None = None, max_cost: int = MAX_EXPRESSION_COST) -> CompiledPolicy:
     """load -> validate -> compile one policy file."""
-    policy, document = load_policy(path, text=text)
+    policy, document = parse_policy(path, text=text)
     return compile_policy(policy, document, max_cost=max_cost)
 
 

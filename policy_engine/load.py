@@ -23,7 +23,7 @@ from .errors import Diagnostic, PolicyError, did_you_mean
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["Document", "read_yaml", "validate", "load_policy", "MAX_FILE_BYTES", "MAX_NODES"]
+__all__ = ["Document", "read_yaml", "validate", "load_policy", "parse_policy", "MAX_FILE_BYTES", "MAX_NODES"]
 
 MAX_FILE_BYTES = 1_048_576
 """A policy is config, not data: anything larger is a mistake or an attack."""
@@ -401,8 +401,13 @@ def _short(value: Any) -> str:
 
 
 
-def load_policy(path: str | os.PathLike[str], *, text: str | bytes | None = None) -> tuple[Policy, Document]:
+def load_policy(path: str | os.PathLike[str], *, text: str | bytes | None = None) -> Policy:
     """Read and validate one policy file, reporting every problem found in one `PolicyError`."""
+    return parse_policy(path, text=text)[0]
+
+
+def parse_policy(path: str | os.PathLike[str], *, text: str | bytes | None = None) -> tuple[Policy, Document]:
+    """`load_policy`, also returning the `Document` that maps every value to its file position."""
     from .policy import Policy
 
     document = read_yaml(path, text=text)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from policy_engine.errors import PolicyError
-from policy_engine.load import MAX_FILE_BYTES, load_policy, read_yaml
+from policy_engine.load import MAX_FILE_BYTES, load_policy, parse_policy, read_yaml
 
 GOOD = """\
 version: 1
@@ -32,7 +32,7 @@ def problems(tmp_path: Path, text: str | bytes) -> list[tuple[int, int, str, str
 
 def test_good_policy_loads(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(GOOD)
-    policy, document = load_policy(tmp_path / "p.yaml")
+    policy, document = parse_policy(tmp_path / "p.yaml")
     assert policy.name == "demo" and policy.rules[0].speed == "fast"
     assert policy.default == "standard" and policy.on_error == "skip"
     assert document.locate(("rules", 0, "when")) == (5, 11)
@@ -132,7 +132,7 @@ def test_unknown_timezone_and_bad_duration(tmp_path: Path) -> None:
 
 def test_money_is_decimal_not_float(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(GOOD + "budgets:\n  - name: d\n    window: day\n    limit_usd: 0.1\n")
-    policy, _ = load_policy(tmp_path / "p.yaml")
+    policy = load_policy(tmp_path / "p.yaml")
     assert str(policy.budgets[0].limit_usd) == "0.1"
 
 
