@@ -144,17 +144,17 @@ class TestBudgetState(_Model):
 
 
 class TestRateLimitState(_Model):
-    input_tokens_remaining: int | None = Field(default=None, ge=0)
-    output_tokens_remaining: int | None = Field(default=None, ge=0)
-    input_tokens_limit: int | None = Field(default=None, ge=0)
-    output_tokens_limit: int | None = Field(default=None, ge=0)
-    reset_in_s: float | None = Field(default=None, ge=0)
-    seconds_since_429: float | None = Field(default=None, ge=0)
+    input_tokens_remaining: int | None = Field(default=None, ge=0, description="Fast input tokens left (unknown when absent).")
+    output_tokens_remaining: int | None = Field(default=None, ge=0, description="Fast output tokens left.")
+    input_tokens_limit: int | None = Field(default=None, ge=0, description="Fast input tokens per minute.")
+    output_tokens_limit: int | None = Field(default=None, ge=0, description="Fast output tokens per minute.")
+    reset_in_s: float | None = Field(default=None, ge=0, description="Seconds until the limits are replenished.")
+    seconds_since_429: float | None = Field(default=None, ge=0, description="Seconds since the last fast 429.")
 
 
 class TestConversationState(_Model):
-    last_speed: Speed | None = None
-    cached_prefix_tokens: int = Field(default=0, ge=0)
+    last_speed: Speed | None = Field(default=None, description="Speed of the conversation's previous request.")
+    cached_prefix_tokens: int = Field(default=0, ge=0, description="Input tokens of the previous request.")
     age_s: float = Field(default=0, ge=0, description="Seconds since the conversation's last decision.")
 
 
