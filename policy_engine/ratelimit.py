@@ -1,19 +1,57 @@
 """Fast-mode rate-limit state, per account, as the decision sees it (`ratelimit.*`).
 
 The runtime integrations feed it from the `anthropic-fast-*` response headers and
-from 429s; `snapshot()` turns it into features. State is keyed by an account id
-(a hash of the API key, or a workspace name), never by the raw key.
+from 429s (`RateLimitStore.record`); `snapshot()` turns it into features. State is
+keyed by an account id (a hash of the API key, or a workspace name), never by the
+raw key.
+
+Fast mode replenishes its limits continuously rather than all at once at the reset
+time, so between two responses the store models each limit as a token bucket: the
+remaining count observed in the last response grows linearly until it reaches the
+limit at the advertised reset time (or at `limit` per minute when no reset time was
+given). A `ratelimit.input_tokens_remaining` read ten seconds after a response is
+therefore what the API would have said then, not a stale number.
+
+Headers that do not parse are ignored, each with a `policy_engine.ratelimit.bad_header`
+event (see `telemetry.record_event`); recording never raises.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["FastRateLimit", "RateLimitStore", "account_id"]
+from . import telemetry
+
+__all__ = ["FastRateLimit", "RateLimitStore", "account_id", "parse_headers", "parse_retry_after", "HEADERS"]
+
+HEADERS = (
+    "anthropic-fast-input-tokens-limit",
+    "anthropic-fast-input-tokens-remaining",
+    "anthropic-fast-input-tokens-reset",
+    "anthropic-fast-output-tokens-limit",
+    "anthropic-fast-output-tokens-remaining",
+    "anthropic-fast-output-tokens-reset",
+)
+_COUNT_FIELDS = {
+    "anthropic-fast-input-tokens-limit": "input_tokens_limit",
+    "anthropic-fast-input-tokens-remaining": "input_tokens_remaining",
+    "anthropic-fast-output-tokens-limit": "output_tokens_limit",
+    "anthropic-fast-output-tokens-remaining": "output_tokens_remaining",
+}
+_RESET_FIELDS = {
+    "anthropic-fast-input-tokens-reset": "input_reset_at",
+    "anthropic-fast-output-tokens-reset": "output_reset_at",
+}
+_BAD_HEADER_EVENT = "policy_engine.ratelimit.bad_header"
+# The documented limits are per minute: without a reset time, that is the refill rate.
+_WINDOW_S = 60.0
 
 
 def account_id(api_key: str | None = None, workspace: str | None = None) -> str:
@@ -34,18 +72,113 @@ class FastRateLimit:
     output_tokens_limit: int | None = None
     output_tokens_remaining: int | None = None
     reset_at: float | None = None
-    """Epoch seconds when the limits are fully replenished."""
+    """Epoch seconds when the limits are fully replenished (the later of the two resets)."""
     last_429_at: float | None = None
     retry_after_until: float | None = None
     observed_at: float = 0.0
+    input_reset_at: float | None = None
+    output_reset_at: float | None = None
+
+    def input_remaining_at(self, now: float) -> int | None:
+        """Input tokens left at `now`, replenished since the observation."""
+        return _replenished(self.input_tokens_remaining, self.input_tokens_limit,
+                            self.input_reset_at if self.input_reset_at is not None else self.reset_at,
+                            self.observed_at, now)
+
+    def output_remaining_at(self, now: float) -> int | None:
+        """Output tokens left at `now`, replenished since the observation."""
+        return _replenished(self.output_tokens_remaining, self.output_tokens_limit,
+                            self.output_reset_at if self.output_reset_at is not None else self.reset_at,
+                            self.observed_at, now)
+
+
+def _replenished(remaining: int | None, limit: int | None, reset_at: float | None, observed_at: float,
+                 now: float) -> int | None:
+    if remaining is None or limit is None or now <= observed_at or remaining >= limit:
+        return remaining
+    if reset_at is not None and reset_at > observed_at:
+        if now >= reset_at:
+            return limit
+        rate = (limit - remaining) / (reset_at - observed_at)
+    else:
+        rate = limit / _WINDOW_S
+    return min(limit, remaining + int(rate * (now - observed_at)))
+
+
+def _header_getter(headers: Mapping[str, str] | Any) -> Any:
+    # httpx/httpx2 Headers are case-insensitive already; a plain dict may not be lower-case.
+    if type(headers) is dict:
+        return {str(k).lower(): v for k, v in headers.items()}.get
+    return headers.get
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """`retry-after` in seconds (a number, or an HTTP date); None when absent or malformed."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parsed = email.utils.parsedate_tz(text)
+        if parsed is None:
+            return None
+        seconds = email.utils.mktime_tz(parsed) - now
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return max(0.0, seconds)
+
+
+def _parse_rfc3339(text: str) -> float:
+    value = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
+    if value.tzinfo is None:  # RFC 3339 requires an offset; a bare time is taken as UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def parse_headers(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
+    """The `FastRateLimit` fields a response's headers give, and the names of malformed headers."""
+    get = _header_getter(headers)
+    values: dict[str, Any] = {}
+    bad: list[str] = []
+    for name, field_name in _COUNT_FIELDS.items():
+        raw = get(name)
+        if raw is None:
+            continue
+        try:
+            count = int(str(raw).strip())
+        except ValueError:
+            bad.append(name)
+            continue
+        if count < 0:
+            bad.append(name)
+            continue
+        values[field_name] = count
+    for name, field_name in _RESET_FIELDS.items():
+        raw = get(name)
+        if raw is None:
+            continue
+        try:
+            values[field_name] = _parse_rfc3339(str(raw))
+        except (ValueError, OverflowError, OSError):
+            bad.append(name)
+    raw = get("retry-after")
+    if raw is not None:
+        retry_after = parse_retry_after(str(raw), now)
+        if retry_after is None:
+            bad.append("retry-after")
+        else:
+            values["retry_after_until"] = now + retry_after
+    return values, bad
 
 
 class RateLimitStore:
     """In-process rate-limit state for every account seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.time) -> None:
         self._lock = threading.Lock()
         self._state: dict[str, FastRateLimit] = {}
+        self._clock = clock
 
     def update(self, account: str, now: float | None = None, **values: Any) -> None:
         """Set some fields of an account's state (the others keep their values)."""
@@ -57,7 +190,42 @@ class RateLimitStore:
             state = self._state.setdefault(account, FastRateLimit())
             for name, value in values.items():
                 setattr(state, name, value)
-            state.observed_at = time.time() if now is None else now
+            state.observed_at = self._clock() if now is None else now
+
+    def record(self, account: str, headers: Mapping[str, str] | Any, *, rate_limited: bool = False,
+               now: float | None = None) -> bool:
+        """Take in one response's fast-mode headers (and, for a fast-mode 429, `retry-after`).
+
+        Returns whether anything was recorded. Malformed headers are skipped with a warning
+        event; this never raises on header content.
+        """
+        now = self._clock() if now is None else now
+        values, bad = parse_headers(headers, now)
+        for name in bad:
+            telemetry.record_event(_BAD_HEADER_EVENT, {"policy_engine.header": name})
+        if not rate_limited:
+            # A retry-after on anything but a fast 429 is about some other limit.
+            values.pop("retry_after_until", None)
+        else:
+            values["last_429_at"] = now
+        if not values:
+            return False
+        resets = [values[k] for k in ("input_reset_at", "output_reset_at") if k in values]
+        with self._lock:
+            state = self._state.get(account)
+            if state is None:
+                state = self._state[account] = FastRateLimit()
+            else:
+                # Bring the buckets to `now` before moving `observed_at`, so fields this response
+                # does not mention keep the replenishment they earned; fresh counts then replace them.
+                state.input_tokens_remaining = state.input_remaining_at(now)
+                state.output_tokens_remaining = state.output_remaining_at(now)
+            for name, value in values.items():
+                setattr(state, name, value)
+            if resets:
+                state.reset_at = max(resets)
+            state.observed_at = now
+        return True
 
     def get(self, account: str) -> FastRateLimit | None:
         return self._state.get(account)
@@ -68,10 +236,16 @@ class RateLimitStore:
         if state is None:
             return {}
         features: dict[str, Any] = {}
-        for name in ("input_tokens_limit", "input_tokens_remaining", "output_tokens_limit", "output_tokens_remaining"):
-            value = getattr(state, name)
-            if value is not None:
-                features[name] = value
+        if state.input_tokens_limit is not None:
+            features["input_tokens_limit"] = state.input_tokens_limit
+        if state.output_tokens_limit is not None:
+            features["output_tokens_limit"] = state.output_tokens_limit
+        remaining = state.input_remaining_at(now)
+        if remaining is not None:
+            features["input_tokens_remaining"] = remaining
+        remaining = state.output_remaining_at(now)
+        if remaining is not None:
+            features["output_tokens_remaining"] = remaining
         if state.reset_at is not None:
             features["reset_in_s"] = max(0.0, state.reset_at - now)
         if state.last_429_at is not None:
@@ -85,6 +259,8 @@ class RateLimitStore:
             return False
         if state.retry_after_until is not None and now < state.retry_after_until:
             return True
-        if state.input_tokens_remaining is not None and state.input_tokens_remaining < input_tokens:
+        remaining = state.input_remaining_at(now)
+        if remaining is not None and remaining < input_tokens:
             return True
-        return state.output_tokens_remaining is not None and state.output_tokens_remaining <= 0
+        remaining = state.output_remaining_at(now)
+        return remaining is not None and remaining <= 0
