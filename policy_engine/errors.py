@@ -109,3 +109,13 @@ class InvalidRequest(PolicyEngineError, ValueError):
 
 class InvalidContext(InvalidRequest):
     """The context passed to `decide()` has an unknown key or a value of the wrong type."""
+
+
+class StateUnavailable(PolicyEngineError):
+    """Shared state (a Redis ledger or rate-limit store) did not answer in time.
+
+    The engine turns it into the policy's `on_state_unavailable`: decide standard,
+    or raise this error to the caller (`reject`). `decision` is set when raised by `decide()`.
+    """
+
+    decision: object | None = None
