@@ -381,6 +381,8 @@ class RedisLedger(Ledger):
     def expire(self, now: float | None = None) -> int:
         at = repr(self._clock() if now is None else now)
         total = 0
+        with self._cache_lock:
+            self._cache.clear()  # the scripts below do not report which scopes they touched
         while True:
             dropped = int(self._run("expire", [self.prefix, at, 500]))
             total += dropped
