@@ -1,0 +1,250 @@
+"""The SQLite ledger: MemoryLedger's semantics, persistence, cross-process budgets, and SIGKILL safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from policy_engine.ledger import Ledger, MemoryLedger, Scope
+from policy_engine.ledger.sqlite import SqliteLedger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scope(budget: str = "b", key: str = "k", limit: int = 1_000) -> Scope:
+    return Scope(budget, key, "day:2026-03-02@UTC", limit, 2e9)
+
+
+LedgerFactory = Callable[..., Ledger]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerFactory]:
+    """Both backends, so every semantic test shows the SQLite ledger behaves like the memory one."""
+    made: list[Ledger] = []
+
+    def factory(**options: object) -> Ledger:
+        if request.param == "memory":
+            ledger: Ledger = MemoryLedger(**options)  # type: ignore[arg-type]
+        else:
+            ledger = SqliteLedger(tmp_path / "ledger.db", **options)  # type: ignore[arg-type]
+        made.append(ledger)
+        return ledger
+
+    yield factory
+    for ledger in made:
+        ledger.close()
+
+
+def test_reserve_is_all_or_nothing(make: LedgerFactory) -> None:
+    ledger = make()
+    small, large = scope("small", limit=100), scope("large", limit=10_000)
+    assert ledger.reserve("r1", [(large, 80), (small, 80)], ttl_s=60).ok
+    result = ledger.reserve("r2", [(large, 30), (small, 30)], ttl_s=60)
+    assert not result.ok and result.failed == 1
+    assert [(b.spent, b.reserved) for b in result.balances] == [(0, 80), (0, 80)]
+    assert [b.reserved for b in ledger.balances([large, small])] == [80, 80]
+
+
+def test_a_zero_charge_always_fits(make: LedgerFactory) -> None:
+    ledger = make()
+    s = scope(limit=100)
+    assert ledger.reserve("full", [(s, 100)], ttl_s=60).ok
+    assert not ledger.reserve("over", [(s, 1)], ttl_s=60).ok
+    result = ledger.reserve("zero", [(s, 0)], ttl_s=60)
+    assert result.ok and result.balances[0].remaining == 0
+
+
+def test_settle_replaces_the_reservation_and_is_idempotent(make: LedgerFactory) -> None:
+    ledger = make()
+    s = scope()
+    ledger.reserve("r1", [(s, 500)], ttl_s=60)
+    assert ledger.settle("r1", [(s, 123)])
+    assert not ledger.settle("r1", [(s, 999)])
+    [balance] = ledger.balances([s])
+    assert (balance.spent, balance.reserved, balance.remaining) == (123, 0, 877)
+
+
+def test_reservation_ids_cannot_be_reused(make: LedgerFactory) -> None:
+    ledger = make()
+    s = scope()
+    ledger.reserve("r1", [(s, 5)], ttl_s=60)
+    with pytest.raises(ValueError, match="already used"):
+        ledger.reserve("r1", [(s, 5)], ttl_s=60)
+    ledger.settle("r1", [(s, 5)])
+    with pytest.raises(ValueError, match="already used"):
+        ledger.reserve("r1", [(s, 5)], ttl_s=60)
+
+
+def test_release_frees_and_reports(make: LedgerFactory) -> None:
+    ledger = make()
+    s = scope()
+    ledger.reserve("r1", [(s, 500)], ttl_s=60)
+    assert ledger.release("r1") and not ledger.release("r1")
+    assert not ledger.release("never")
+    assert ledger.balances([s])[0].remaining == 1_000
+
+
+def test_unsettled_reservations_expire_but_late_settlements_still_count(make: LedgerFactory) -> None:
+    clock = Clock()
+    ledger = make(clock=clock)
+    s = scope()
+    ledger.reserve("r1", [(s, 900)], ttl_s=30)
+    assert not ledger.reserve("r2", [(s, 200)], ttl_s=30).ok
+    clock.now += 31
+    assert ledger.expire() == 1
+    assert ledger.reserve("r2", [(s, 200)], ttl_s=30).ok
+    assert ledger.settle("r1", [(s, 850)])  # the money was spent, whatever the bookkeeping says
+    assert ledger.balances([s])[0].spent == 850
+    assert ledger.settle("never-reserved", [(s, 1)])
+    assert ledger.balances([s])[0].spent == 851
+
+
+def test_expired_reservations_stop_counting_without_a_sweep(tmp_path: Path) -> None:
+    clock = Clock()
+    ledger = SqliteLedger(tmp_path / "l.db", clock=clock)
+    s = scope()
+    ledger.reserve("r1", [(s, 900)], ttl_s=30)
+    clock.now += 30.5
+    # No expire() call: a reservation of a killed process must not hold the budget past its TTL.
+    assert ledger.balances([s])[0].reserved == 0
+    assert not ledger.release("r1")
+
+
+def test_spend_survives_reopening_and_settled_ids_are_remembered(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "ledger.db"
+    s = scope(limit=10_000)
+    first = SqliteLedger(path)
+    first.reserve("r1", [(s, 500)], ttl_s=60)
+    first.settle("r1", [(s, 321)])
+    first.reserve("r2", [(s, 700)], ttl_s=60)
+    first.close()
+    second = SqliteLedger(path)
+    [balance] = second.balances([s])
+    assert (balance.spent, balance.reserved) == (321, 700)
+    assert not second.settle("r1", [(s, 321)])
+    assert second.totals() == {s.id: 321}
+    assert second._connect().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    second.close()
+
+
+def test_settled_ids_are_forgotten_after_their_memory(tmp_path: Path) -> None:
+    clock = Clock()
+    ledger = SqliteLedger(tmp_path / "l.db", clock=clock, settled_memory_s=100)
+    s = scope()
+    ledger.settle("r1", [(s, 1)])
+    clock.now += 101
+    ledger.expire()
+    assert ledger.settle("r1", [(s, 1)])
+    assert ledger.balances([s])[0].spent == 2
+
+
+def test_spend_of_long_finished_windows_is_pruned(tmp_path: Path) -> None:
+    clock = Clock()
+    ledger = SqliteLedger(tmp_path / "l.db", clock=clock, spend_retention_s=10)
+    old = Scope("b", "k", "day:2026-01-01@UTC", 1_000, clock.now - 11)
+    current = scope()
+    ledger.settle("r1", [(old, 5), (current, 5)])
+    ledger.expire()
+    assert ledger.totals() == {current.id: 5}
+
+
+def test_big_amounts_stay_exact(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.db")
+    s = scope(limit=2**62)
+    for i in range(3):
+        ledger.settle(f"r{i}", [(s, 2**60 + 1)])
+    assert ledger.balances([s])[0].spent == 3 * (2**60 + 1)
+
+
+def test_bad_synchronous_setting_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteLedger(tmp_path / "l.db", synchronous="sometimes")
+
+
+def run_child(script: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+RACE = """
+    import sys
+    from policy_engine.ledger import Scope
+    from policy_engine.ledger.sqlite import SqliteLedger
+    ledger = SqliteLedger(sys.argv[1])
+    scope = Scope("b", "k", "day:x", 500, 2e9)
+    won = sum(ledger.reserve(f"{sys.argv[2]}-{i}", [(scope, 7)], ttl_s=600).ok for i in range(40))
+    print(won)
+"""
+
+
+def test_processes_share_one_budget_without_overspending(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    SqliteLedger(path).close()
+    children = [run_child(RACE, path, f"p{n}") for n in range(3)]
+    won = [int(child.communicate(timeout=60)[0]) for child in children]
+    # 3 x 40 attempts of 7 against 500: exactly 71 fit, whoever wins them.
+    assert sum(won) == 500 // 7
+    ledger = SqliteLedger(path)
+    assert ledger.balances([Scope("b", "k", "day:x", 500, 2e9)])[0].reserved == 71 * 7
+
+
+SETTLER = """
+    import itertools, sys
+    from policy_engine.ledger import Scope
+    from policy_engine.ledger.sqlite import SqliteLedger
+    ledger = SqliteLedger(sys.argv[1])
+    scope = Scope("b", "k", "day:x", 10**15, 2e9)
+    for i in itertools.count():
+        rid = f"{sys.argv[2]}-{i}"
+        ledger.reserve(rid, [(scope, 1_000)], ttl_s=1.0)
+        ledger.settle(rid, [(scope, 3)])
+        print(rid, flush=True)
+"""
+
+
+def test_sigkill_mid_run_loses_no_settled_entry_and_strands_no_reservation(tmp_path: Path) -> None:
+    path = str(tmp_path / "killed.db")
+    SqliteLedger(path).close()
+    reported: list[str] = []
+    for run, after in enumerate((50, 137, 301)):
+        child = run_child(SETTLER, path, f"run{run}")
+        assert child.stdout is not None
+        lines = [child.stdout.readline().strip() for _ in range(after)]
+        child.send_signal(signal.SIGKILL)  # wherever it is: between, inside or after a transaction
+        rest, _ = child.communicate(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        reported += lines + rest.split()
+    s = Scope("b", "k", "day:x", 10**15, 2e9)
+    ledger = SqliteLedger(path)
+    conn = sqlite3.connect(path)
+    settled = {row[0] for row in conn.execute("SELECT id FROM settled")}
+    assert set(reported) <= settled
+    # At most one settlement per run committed after the child's last print.
+    assert len(reported) <= len(settled) <= len(reported) + 3
+    assert ledger.balances([s])[0].spent == 3 * len(settled)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    time.sleep(1.1)
+    assert ledger.balances([s])[0].reserved == 0
+    ledger.expire()
+    assert conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0
+    conn.close()
+    ledger.close()
