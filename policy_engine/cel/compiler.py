@@ -759,7 +759,7 @@ class Compiler:
                 pat = args[1]
                 if isinstance(pat, Lit) and exact(t[0]):
                     rx = self.const_regex(pat.value)
-                    return f"({rx}.search({p[0]}) is not None)"
+                    return f"{rx}({p[0]})"
                 return f"_matches({p[0]}, {p[1]})"
             if allx:
                 if fn == "contains":
@@ -767,19 +767,18 @@ class Compiler:
                 return f"{p[0]}.{'startswith' if fn == 'startsWith' else 'endswith'}({p[1]})"
             return f"_{ {'contains': 'contains', 'startsWith': 'starts_with', 'endsWith': 'ends_with'}[fn] }({p[0]}, {p[1]})"
         if fn in TIME_FUNCS:
-            if len(args) == 2 and isinstance(args[1], Lit) and t[0].kind == "google.protobuf.Timestamp" and exact(t[0]):
-                try:
-                    tz = rt.tzinfo(args[1].value)
-                except CelEvaluationError:  # pragma: no cover - reported by the checker
-                    tz = None
-                if tz is not None:
-                    attr = {"getFullYear": "year", "getHours": "hour", "getMinutes": "minute", "getSeconds": "second", "getDate": "day"}.get(fn)
-                    if attr is not None:
-                        return f"{p[0]}.astimezone({self.const(tz)}).{attr}"
-            if len(args) == 1 and t[0].kind == "google.protobuf.Timestamp" and exact(t[0]):
-                attr = {"getFullYear": "year", "getHours": "hour", "getMinutes": "minute", "getSeconds": "second", "getDate": "day"}.get(fn)
-                if attr is not None:
-                    return f"{p[0]}.astimezone(_UTC).{attr}"
+            if t[0].kind == "google.protobuf.Timestamp" and exact(t[0]):
+                tzname = None
+                if len(args) == 1:
+                    tzname = "_UTC"
+                elif isinstance(args[1], Lit):
+                    try:
+                        tzname = self.const(rt.tzinfo(args[1].value))
+                    except CelEvaluationError:  # pragma: no cover - reported by the checker
+                        tzname = None
+                tmpl = _INLINE_TIME.get(fn)
+                if tzname is not None and tmpl is not None:
+                    return tmpl.format(f"{p[0]}.astimezone({tzname})")
             return f"_t_{fn}({', '.join(p)})"
         if fn in ("dyn",):
             return p[0]
@@ -798,8 +797,16 @@ class Compiler:
 
     def const_regex(self, pattern: str) -> str:
         name = self.fresh("_rx")
-        self.consts[name] = rt.compile_regex(pattern)
+        self.consts[name] = rt.make_matcher(pattern)
         return name
+
+
+_INLINE_TIME = {
+    "getFullYear": "{}.year", "getMonth": "({}.month - 1)", "getDayOfMonth": "({}.day - 1)", "getDate": "{}.day",
+    "getDayOfWeek": "(({}.weekday() + 1) % 7)", "getHours": "{}.hour", "getMinutes": "{}.minute",
+    "getSeconds": "{}.second", "getMilliseconds": "({}.microsecond // 1000)",
+    "getDayOfYear": "({}.timetuple().tm_yday - 1)",
+}
 
 
 def _pyeq_safe(a: CelType, b: CelType) -> bool:

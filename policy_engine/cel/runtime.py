@@ -973,9 +973,34 @@ def compile_regex(pattern: str) -> Any:
     return re.compile(pattern)  # fallback: Python re can backtrack on adversarial input
 
 
+@lru_cache(maxsize=512)
+def make_matcher(pattern: str) -> Callable[[str], bool]:
+    """A ``str -> bool`` partial-match (search) function for ``pattern``, compiled once.
+
+    With google-re2 this calls RE2's low-level ``Match`` directly (the public
+    ``search`` builds match objects and costs several microseconds more).
+    """
+    rx = compile_regex(pattern)
+    if _re2 is not None:
+        try:
+            low = rx._regexp
+            anchor = _re2._Anchor.UNANCHORED
+            low.Match(anchor, b"", 0, 0)
+
+            def match_re2(s: str) -> bool:
+                b = s.encode("utf-8")
+                return bool(low.Match(anchor, b, 0, len(b))[0][0] >= 0)
+
+            return match_re2
+        except Exception:  # noqa: BLE001 - private API changed: use the public one
+            pass
+    search = rx.search
+    return lambda s: search(s) is not None
+
+
 def matches(s: Any, pattern: Any) -> bool:
     _str_args("matches", s, pattern)
-    return compile_regex(pattern).search(s) is not None
+    return make_matcher(pattern)(s)
 
 
 HAS_RE2 = _re2 is not None
