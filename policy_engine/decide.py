@@ -28,6 +28,7 @@ from .catalog import Catalog, ModelEntry, actual, estimate, load_catalog, parse_
 from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
 from .errors import CeilingExceeded, InvalidRequest, PolicyError, PricingError
+from .errors import StateUnavailable
 from .features import context_features, request_features
 from .ledger import Balance, Charge, Ledger, MemoryLedger, Scope, window_bounds
 from .ratelimit import RateLimitStore
@@ -249,7 +250,13 @@ class Engine:
         # Budget scopes and balances come first: rules may read them.
         errors: list[str] = []
         scopes = self._scopes(compiled, activation, when, errors)
-        balances = self.ledger.balances([s for _, s in scopes]) if scopes else []
+        unavailable: StateUnavailable | None = None
+        try:
+            balances = self.ledger.balances([s for _, s in scopes]) if scopes else []
+        except StateUnavailable as exc:
+            # Rules still run (on empty balances); the outage then forces the speed below.
+            unavailable = exc
+            balances = [Balance(0, 0, s.limit) for _, s in scopes]
         budget_features = {b.spec.name: _budget_features(bal) for (b, _), bal in zip(scopes, balances)}
         activation["budgets"] = budget_features
         activation["budget"] = min(budget_features.values(), key=lambda f: f["fraction_left"]) if budget_features else _NO_BUDGET
@@ -298,7 +305,9 @@ class Engine:
         if speed == "fast":
             self._guardrails(decision, model, request, account, tokens.upper, epoch)
         self._per_request_ceiling(decision, compiled)
-        if decision.outcome != "rejected":
+        if decision.outcome != "rejected" and unavailable is not None:
+            self._state_unavailable(decision, scopes, _ID_PREFIX + str(next(_ids)), unavailable)
+        elif decision.outcome != "rejected":
             self._reserve(decision, scopes, balances)
         if sticky_key is not None and decision.outcome != "rejected":
             if sticky is not None and sticky[0] != decision.speed:
@@ -425,7 +434,10 @@ class Engine:
         if not scopes:
             return
         rid = _ID_PREFIX + str(next(_ids))
-        result = self.ledger.reserve(rid, self._charges(decision, scopes, decision.speed), ttl_s=self.reservation_ttl_s)
+        try:
+            result = self.ledger.reserve(rid, self._charges(decision, scopes, decision.speed), ttl_s=self.reservation_ttl_s)
+        except StateUnavailable as exc:
+            return self._state_unavailable(decision, scopes, rid, exc)
         if not result.ok and decision.speed == "fast":
             budget, _ = scopes[result.failed]  # type: ignore[index]
             balance = result.balances[result.failed]  # type: ignore[index]
@@ -435,12 +447,36 @@ class Engine:
             decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", budget.spec.name
             decision.reasons.append(
                 f"budget {budget.spec.name}: fast worst case does not fit ({_usd(balance.remaining)} left of {_usd(balance.limit)}); downgraded")
-            result = self.ledger.reserve(rid, self._charges(decision, scopes, "standard"), ttl_s=self.reservation_ttl_s)
+            try:
+                result = self.ledger.reserve(rid, self._charges(decision, scopes, "standard"), ttl_s=self.reservation_ttl_s)
+            except StateUnavailable as exc:
+                return self._state_unavailable(decision, scopes, rid, exc)
         if not result.ok:
             budget, _ = scopes[result.failed]  # type: ignore[index]
             if budget.spec.name not in decision.ceilings:
                 decision.ceilings.append(budget.spec.name)
             return self._reject(decision, budget, result.balances[result.failed], decision.estimate_standard_micro)  # type: ignore[index]
+        decision.reservation_id = rid
+        decision._budget_charges = tuple(scopes)
+
+    def _state_unavailable(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], rid: str,
+                           exc: StateUnavailable) -> None:
+        """The shared budget state did not answer: `on_state_unavailable` decides, and never fast."""
+        policy = self._policies[decision.policy_name].policy
+        telemetry.record_event("policy_engine.state_unavailable", {
+            "policy_engine.policy.name": decision.policy_name, "policy_engine.on_state_unavailable": policy.on_state_unavailable,
+            "policy_engine.error": str(exc)})
+        decision.errors.append(f"shared state unavailable: {exc}")
+        decision.guardrails.append("state_unavailable")
+        if policy.on_state_unavailable == "reject":
+            decision.outcome, decision.forced_by = "rejected", "state_unavailable"
+            decision.reasons.append("guardrail state_unavailable: budget state could not be reached; on_state_unavailable is reject")
+            return
+        if decision.speed == "fast":
+            decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", "state_unavailable"
+        decision.reasons.append("guardrail state_unavailable: budget state could not be reached; on_state_unavailable decides standard")
+        # No reservation holds, but the spend must still be counted: settle() gives it to the
+        # ledger, which records it (or journals it until the state answers again).
         decision.reservation_id = rid
         decision._budget_charges = tuple(scopes)
 
@@ -571,9 +607,13 @@ def _usd(micro: int) -> str:
     return format_usd(micro)
 
 
-def _rejection(decision: Decision) -> CeilingExceeded:
+def _rejection(decision: Decision) -> CeilingExceeded | StateUnavailable:
     from .catalog import to_usd
 
+    if decision.forced_by == "state_unavailable":
+        unavailable = StateUnavailable(f"policy {decision.policy_name}: {decision.errors[-1]}; on_state_unavailable is reject")
+        unavailable.decision = decision
+        return unavailable
     name, limit, used, worst = decision._rejection or ("unknown", 0, 0, 0)
     exc = CeilingExceeded(name, str(to_usd(limit)), str(to_usd(used)), str(to_usd(worst)))
     exc.decision = decision  # type: ignore[attr-defined]
