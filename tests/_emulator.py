@@ -1,4 +1,4 @@
-"""Shared pieces of the runtime tests: the local emulator, engines over real ledgers, and OTel readers.
+"""Shared pieces of the runtime tests: the local emulator, policies and engines, telemetry counts.
 
 Imported by the test modules (not a conftest, so other suites are not affected).
 """
@@ -11,48 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry import metrics
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from policy_engine.decide import Engine, load
 from policy_engine.testing.emulator import Emulator
 
-_reader: InMemoryMetricReader | None = None
 
-
-def metric_reader() -> InMemoryMetricReader:
-    """The process's in-memory metric reader, installing the SDK provider once if nobody has."""
-    global _reader
-    if _reader is None:
-        provider = metrics.get_meter_provider()
-        if isinstance(provider, MeterProvider):
-            # Another suite installed the SDK first: reuse its in-memory reader.
-            found = [r for r in provider._sdk_config.metric_readers if isinstance(r, InMemoryMetricReader)]
-            if not found:
-                raise RuntimeError("an SDK MeterProvider without an InMemoryMetricReader is installed")
-            _reader = found[0]
-        else:
-            _reader = InMemoryMetricReader()
-            metrics.set_meter_provider(MeterProvider(metric_readers=[_reader]))
-    return _reader
-
-
-def counter_total(name: str, **attributes: Any) -> float:
-    """Sum of a counter's points whose attributes include `attributes` (cumulative since start)."""
-    data = metric_reader().get_metrics_data()
-    total = 0.0
-    if data is None:
-        return total
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name != name:
-                    continue
-                for point in metric.data.data_points:
-                    if all(point.attributes.get(k) == v for k, v in attributes.items()):
-                        total += point.value
-    return total
+def event_count(telemetry: Any, event: str) -> float:
+    """How many `policy_engine.events` of this name the test caused (conftest's `telemetry` fixture)."""
+    points = telemetry.metrics().get("policy_engine.events", [])
+    return sum(p.value for p in points if p.attributes.get("policy_engine.event") == event)
 
 
 POLICY_ALWAYS_FAST = """
