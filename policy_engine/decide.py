@@ -31,6 +31,7 @@ from .errors import CeilingExceeded, InvalidRequest, PolicyError, PricingError
 from .errors import StateUnavailable
 from .features import context_features, request_features
 from .ledger import Balance, Charge, Ledger, MemoryLedger, Scope, window_bounds
+from .observe import ThroughputObserver
 from .ratelimit import RateLimitStore
 from .tokens import TokenEstimate, estimate_input_tokens
 
@@ -145,6 +146,8 @@ class Engine:
         reservation_ttl_s: float = 600.0,
         priority_tier: bool = False,
         clock: Any = time.time,
+        throughput: ThroughputObserver | None = None,
+        ledger_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if not policies:
             raise ValueError("an Engine needs at least one policy")
@@ -153,7 +156,13 @@ class Engine:
             raise ValueError("two policy files have the same name")
         self._default = policies[0]
         self.catalog = catalog or load_catalog()
+        if ledger is None and ledger_path is not None:
+            from .ledger.sqlite import SqliteLedger  # the embedded persistent default
+
+            ledger = SqliteLedger(ledger_path)
         self.ledger = ledger or MemoryLedger()
+        self.throughput = throughput
+        """Observed output speeds (`policy_engine.observe`); None: the catalog's figures."""
         self.ratelimits = ratelimits or RateLimitStore()
         self.conversations = conversations or ConversationStore()
         self.reservation_ttl_s = reservation_ttl_s
@@ -242,7 +251,8 @@ class Engine:
             "context": ctx,
             "ratelimit": self.ratelimits.snapshot(account, epoch),
             "cost": cost,
-            "throughput": _throughput(model, max_tokens),
+            "throughput": _throughput(model, max_tokens) if self.throughput is None
+            else self.throughput.features(model, max_tokens, request["model"]),  # type: ignore[arg-type]
             "now": when,
         }
         activation["vars"] = LazyVars(dict(compiled.variables), activation)
