@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,20 +27,22 @@ from .apply import apply_headers, apply_params
 from .catalog import Catalog, ModelEntry, actual, estimate, load_catalog, parse_usage
 from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
-from .errors import CeilingExceeded, InvalidRequest, PolicyError, PricingError
+from .errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
 from .features import context_features, request_features
 from .ledger import Balance, Charge, Ledger, MemoryLedger, Scope, window_bounds
 from .observe import ThroughputObserver
 from .ratelimit import RateLimitStore
-from .tokens import TokenEstimate, estimate_input_tokens
+from .tokens import InvalidRequestParams, TokenEstimate, estimate_input_tokens
 
-__all__ = ["Engine", "Decision", "Settlement", "ConversationStore", "load", "FAST_BETA"]
+__all__ = ["Engine", "Decision", "Settlement", "ConversationStore", "RuleEvaluationError", "load", "FAST_BETA"]
 
 FAST_BETA = "fast-mode-2026-02-01"
 _INF = float("inf")
 _NO_BUDGET = {"remaining_usd": _INF, "spent_usd": 0.0, "limit_usd": _INF, "fraction_left": 1.0}
 _UNKNOWN_KEY = "<key-error>"
+CONVERSATION_MEMORY_S = 3600.0
+"""How long `conversation.*` remembers a conversation when the policy sets no stickiness (the longest prompt-cache TTL)."""
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{os.urandom(4).hex()}-"
 
@@ -92,11 +94,30 @@ class Decision:
         return apply_headers(headers, self.speed, self.fast_beta)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        """The public fields, as JSON-ready values (lists copied, so the dict is the caller's)."""
+        data: dict[str, Any] = {}
+        for name in _PUBLIC_FIELDS:
+            value = getattr(self, name)
+            data[name] = list(value) if type(value) is list else dict(value) if type(value) is dict else value
         return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+class RuleEvaluationError(PolicyEngineError):
+    """A rule failed to evaluate under a policy whose `on_error` is `raise`.
+
+    `decision` is the (rejected, unreserved) decision, with the error in its `errors`;
+    the CEL error is the `__cause__`.
+    """
+
+    def __init__(self, policy: str, rule: str, decision: Decision, cause: Exception) -> None:
+        self.policy, self.rule, self.decision = policy, rule, decision
+        super().__init__(f"policy {policy}: rule {rule} failed to evaluate: {cause}")
+
+
+_PUBLIC_FIELDS = tuple(f.name for f in fields(Decision) if not f.name.startswith("_"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +224,19 @@ class Engine:
         """
         started = time.perf_counter_ns()
         if input_tokens is None:
-            tokens = estimate_input_tokens(params)
+            try:
+                tokens = estimate_input_tokens(params)
+            except InvalidRequestParams as exc:
+                raise InvalidRequest(str(exc)) from None
         else:
             if type(input_tokens) is not int or input_tokens < 0:
                 raise InvalidRequest(f"input_tokens must be a non-negative int, got {input_tokens!r}")
             tokens = TokenEstimate(input_tokens, input_tokens, True)
-        decision = self._decide(params, context, now, account, batch, tokens, self.policy(policy))
+        try:
+            decision = self._decide(params, context, now, account, batch, tokens, self.policy(policy))
+        except RuleEvaluationError as exc:
+            telemetry.record_decision(exc.decision, started, time.perf_counter_ns())
+            raise
         telemetry.record_decision(decision, started, time.perf_counter_ns())
         if decision.outcome == "rejected":
             raise _rejection(decision)
@@ -274,13 +302,14 @@ class Engine:
         # Stickiness: a conversation keeps its speed while its entry is fresh.
         sticky_key = self._sticky_key(compiled, activation)
         sticky = None
-        if sticky_key is not None and policy.stickiness is not None:
-            sticky = self.conversations.get(sticky_key, epoch, policy.stickiness.ttl_s)
+        if sticky_key is not None:
+            ttl = policy.stickiness.ttl_s if policy.stickiness is not None else CONVERSATION_MEMORY_S
+            sticky = self.conversations.get(sticky_key, epoch, ttl)
         activation["conversation"] = {"last_speed": sticky[0], "cached_prefix_tokens": sticky[1]} if sticky else {"cached_prefix_tokens": 0}
 
         reasons: list[str] = []
         speed, rule = policy.default, "default"
-        if sticky is not None:
+        if sticky is not None and policy.stickiness is not None:
             speed, rule = sticky[0], "sticky"
             reasons.append(f"conversation keeps its {speed} speed (stickiness)")
         else:
@@ -290,7 +319,13 @@ class Engine:
                 except CelError as exc:
                     errors.append(f"rule {compiled_rule.name}: {exc}")
                     if policy.on_error == "raise":
-                        raise
+                        failed = Decision(
+                            speed="standard", rule=compiled_rule.name, outcome="rejected", reasons=[f"rule {compiled_rule.name} failed to evaluate; on_error is raise"],
+                            guardrails=[], ceilings=[], model=request["model"], max_tokens=max_tokens,  # type: ignore[arg-type]
+                            input_tokens=tokens.upper, input_tokens_exact=tokens.exact, estimate_standard_micro=std_micro,
+                            estimate_fast_micro=fast_micro, policy_name=policy.name, policy_version=compiled.version,
+                            errors=errors, forced_by="on_error", at=epoch)
+                        raise RuleEvaluationError(policy.name, compiled_rule.name, failed, exc) from exc
                     if policy.on_error == "standard":
                         speed, rule = "standard", compiled_rule.name
                         reasons.append(f"rule {compiled_rule.name} failed to evaluate; on_error forces standard")
@@ -320,7 +355,7 @@ class Engine:
         elif decision.outcome != "rejected":
             self._reserve(decision, scopes, balances)
         if sticky_key is not None and decision.outcome != "rejected":
-            if sticky is not None and sticky[0] != decision.speed:
+            if sticky is not None and policy.stickiness is not None and sticky[0] != decision.speed:
                 decision.sticky_switch = self._switch_cost(model, sticky, decision.speed, geo_key)
             self.conversations.put(sticky_key, decision.speed, tokens.upper, epoch)
         return decision
@@ -365,7 +400,9 @@ class Engine:
 
     def _sticky_key(self, compiled: CompiledPolicy, activation: Mapping[str, Any]) -> str | None:
         if compiled.stickiness_key is None:
-            return None
+            # No stickiness: conversations are still remembered, so rules can read `conversation.*`.
+            key = activation["context"].get("conversation_id")
+            return f"{compiled.name}\x1f{key}" if key else None
         try:
             key = compiled.stickiness_key.evaluate(activation)
         except CelError:
@@ -389,10 +426,10 @@ class Engine:
             applied.append(("unsupported_model", f"{decision.model} does not support fast mode"))
         elif decision.estimate_fast_micro is None:
             applied.append(("unpriced", f"the catalog has no fast price for {decision.model}, so its cost cannot be bounded"))
-        if request["batch"]:
+        if request["batch"] and not (model is not None and model.fast.fast_with_batch):
             applied.append(("batch", "fast mode is not available with the Batch API"))
         tier = request["service_tier"]
-        if tier == "priority" or (self.priority_tier and tier == "auto"):
+        if (tier == "priority" or (self.priority_tier and tier == "auto")) and not (model is not None and model.fast.fast_with_priority_tier):
             applied.append(("priority_tier", "fast mode is not available with Priority Tier"))
         if self.ratelimits.exhausted(account, input_tokens, now):
             applied.append(("rate_limited", "the fast-mode rate limit is exhausted"))
@@ -418,7 +455,8 @@ class Engine:
             decision.ceilings.append("per_request:unpriced")
             decision.reasons.append(f"ceiling per_request not enforced: no standard price for {decision.model}")
             return
-        worst = fast if decision.speed == "fast" else std
+        # Past here standard does not fit either (or fast is all we could price): report the cheapest worst case.
+        worst = std if std is not None else fast if decision.speed == "fast" else None
         if worst is not None and worst > limit:
             decision.ceilings.append("per_request")
             if compiled.policy.ceilings.on_exceed == "reject":
@@ -426,6 +464,9 @@ class Engine:
                 decision._rejection = ("per_request", limit, 0, worst)
                 decision.reasons.append(f"ceiling per_request: worst case {_usd(worst)} is over {_usd(limit)}")
             else:
+                if decision.speed == "fast" and std is not None:
+                    # Over the ceiling either way: run it at the cheaper speed.
+                    decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", "per_request"
                 decision.reasons.append(f"ceiling per_request: worst case {_usd(worst)} is over {_usd(limit)}; allowed by policy")
 
     def _charges(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], speed: str) -> list[Charge]:
@@ -551,10 +592,12 @@ class Engine:
         return charges
 
     def release(self, decision: Decision) -> bool:
-        """Free the reservation of a request that was never sent."""
+        """Free the reservation of a request that was never sent. False when there was none left to free.
+
+        A request released and then sent after all can still be settled: its spend is recorded.
+        """
         if decision.reservation_id is None or decision._settled:
             return False
-        decision._settled = True
         return self.ledger.release(decision.reservation_id)
 
 
