@@ -107,7 +107,22 @@ def compile(  # noqa: A001 - public API name
     """Parse, type-check and compile ``source`` into a :class:`Program`.
 
     Raises :class:`CelSyntaxError` or :class:`CelTypeError` listing every issue found.
+    ``max_iterations`` bounds the comprehension iterations of one evaluation.
     """
+    try:
+        return _compile(source, declarations, expect, max_cost, max_iterations)
+    except RecursionError:
+        line, col = line_col(source, 0)
+        raise CelSyntaxError([CelIssue(0, line, col, "expression is nested too deeply", "syntax")], source) from None
+
+
+def _compile(
+    source: str,
+    declarations: Mapping[str, CelType] | None,
+    expect: CelType | None,
+    max_cost: int | None,
+    max_iterations: int,
+) -> Program:
     node, semantic = parse_with_issues(source)
     comp = Compiler(source, declarations, max_iterations)
     comp.issues.extend(semantic)

@@ -45,7 +45,7 @@ KNOWN_FUNCTIONS = sorted(TIME_FUNCS | CONVERSIONS | STRING_METHODS | {"size", "h
 _HELPER_NAMES = {
     "ck": rt.ck, "cku": rt.cku, "idiv": rt.idiv, "imod": rt.imod, "udiv": rt.udiv, "umod": rt.umod,
     "fdiv": rt.fdiv, "ts_add": rt.ts_add, "ts_sub": rt.ts_sub, "ts_diff": rt.ts_diff,
-    "dur_add": rt.dur_add, "dur_sub": rt.dur_sub, "add": rt.add, "sub": rt.sub, "mul": rt.mul,
+    "dur_add": rt.dur_add, "dur_check": rt.dur_check, "dur_sub": rt.dur_sub, "add": rt.add, "sub": rt.sub, "mul": rt.mul,
     "div": rt.div, "mod": rt.mod, "neg": rt.neg, "not_": rt.not_, "as_bool": rt.as_bool,
     "and_": rt.and_, "or_": rt.or_, "eq": rt.eq, "ne": rt.ne, "lt": rt.lt, "le": rt.le, "gt": rt.gt,
     "ge": rt.ge, "index": rt.index, "list_index": rt.list_index, "select": rt.select, "has": rt.has,
@@ -673,7 +673,7 @@ class Compiler:
             if k == "int":
                 return f"_ck(-{p[0]})"
             if k == "google.protobuf.Duration":
-                return f"_dur_sub(_k_zero_dur, {p[0]})" if self._zero_dur() else ""
+                return f"_dur_check(-{p[0]})"
             return f"(-{p[0]})"
         if fn in ("_==_", "_!=_"):
             a, b = args
@@ -738,12 +738,6 @@ class Compiler:
                 return f"_ts_add({p[1]}, {p[0]})"
             return f"_dur_{'add' if fn == '_+_' else 'sub'}({p[0]}, {p[1]})"
         return f"_{ {'_+_': 'add', '_-_': 'sub', '_*_': 'mul', '_/_': 'div', '_%_': 'mod'}[fn] }({p[0]}, {p[1]})"  # pragma: no cover
-
-    def _zero_dur(self) -> bool:
-        import datetime
-
-        self.consts["_k_zero_dur"] = datetime.timedelta(0)
-        return True
 
     def g_function(self, n: Call, args: list[Node]) -> str:
         fn = n.function

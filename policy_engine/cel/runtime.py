@@ -42,7 +42,7 @@ UINT64_MAX = 2**64 - 1
 UTC = _dt.timezone.utc
 # cel-spec timestamp range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
 # duration range: +/- 315,576,000,000 seconds (~10000 years).
-MAX_DURATION = _dt.timedelta(seconds=315_576_000_000 - 1, microseconds=999_999)
+MAX_DURATION = _dt.timedelta(seconds=315_576_000_000)
 
 
 class CelUint(int):

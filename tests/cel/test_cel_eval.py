@@ -382,3 +382,35 @@ def test_map_literal_errors():
     with pytest.raises(CelTypeError) as ei:
         compile("{'a': 1, 'a': 2}")
     assert ei.value.issues[0].code == "duplicate-key"
+
+
+def test_regex_fallback_without_re2(monkeypatch):
+    from policy_engine.cel import runtime as rt
+
+    monkeypatch.setattr(rt, "_re2", None)
+    rt.compile_regex.cache_clear()
+    rt.make_matcher.cache_clear()
+    try:
+        for pattern in [r"(a)\1", r"(?=a)", r"(?!a)", r"(?<=a)b", r"(?<!a)b", r"(?P<x>a)(?P=x)", r"(?>a)", r"a*+"]:
+            assert "RE2 does not support" in rt.regex_problem(pattern), pattern
+            with pytest.raises(CelTypeError):
+                compile(f"'a'.matches({pattern!r})")
+        assert ev("'claude-opus'.matches('^claude-(opus|sonnet)$')") is True
+        assert ev("s.matches(p)", {"s": "abc", "p": "b+"}) is True
+        assert "RE2 does not support" in ev_err("s.matches(p)", {"s": "aa", "p": "(a)\\1"})
+    finally:
+        rt.compile_regex.cache_clear()
+        rt.make_matcher.cache_clear()
+
+
+def test_duration_negation_and_range():
+    assert ev("-duration('90m')") == dt.timedelta(minutes=-90)
+    assert "out of range" in ev_err("duration(x)", {"x": "87660001h"})
+    assert "out of range" in ev_err("duration('87660000h') + duration('1h')")
+    assert ev("duration(x) > duration('0s')", {"x": "87659999h"}) is True
+
+
+def test_deep_nesting_is_a_clean_error():
+    src = "(" * 3000 + "1" + ")" * 3000
+    with pytest.raises((CelTypeError, compile.__globals__["CelSyntaxError"])):
+        compile(src)
