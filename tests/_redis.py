@@ -41,6 +41,7 @@ class RedisServer:
         if not os.path.exists(REDIS_SERVER):
             pytest.fail("redis-server is not installed; `make test` installs it (apt-get install redis-server)")
         self.directory = Path(directory or tempfile.mkdtemp(prefix="pe-redis-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None

@@ -416,6 +416,8 @@ class RedisLedger(Ledger):
         Raises `StateUnavailable` (after keeping the rest) when Redis is still unreachable.
         """
         delivered = 0
+        with self._state_lock:
+            self._retry_at = 0.0  # asked to try now: skip what is left of the backoff
         while True:
             with self._journal_lock:
                 if not self._journal:
@@ -523,7 +525,8 @@ class RedisLedger(Ledger):
         return int(reply[0]) == 1
 
     def _scope_pexpireat(self, scope: Scope) -> int:
-        return int((scope.expires_at + self._margin_s) * 1000)
+        # A window decided in the past (replays, tests, late settlements) still lives `margin` from now.
+        return int((max(scope.expires_at, self._clock()) + self._margin_s) * 1000)
 
     def _remember(self, sids: Sequence[str], reply: Sequence[Any], start: int, now: float) -> list[tuple[int, int]]:
         views = []
