@@ -1,0 +1,766 @@
+"""`policy-engine lint`: every problem a reviewer should see before a policy ships.
+
+Loading (PE0xx) and compiling (PE1xx) find what makes a policy invalid. The
+semantic analyses here (PE2xx) find policies that are valid but do not do what
+their author thinks, and the test analyses (PE3xx) find what the embedded tests
+leave unchecked. Every finding is a positioned `Diagnostic`.
+
+The rule analyses reason over conditions in disjunctive normal form whose atoms
+are comparisons of one field with literals (`<`, `<=`, `>`, `>=`, `==`, `!=`,
+`in [...]`, `startsWith`), collected per field into intervals, allowed sets,
+excluded values and prefixes. Anything else is an opaque atom, equal only to the
+same text. Claims are made only when they hold for every request: a rule is
+reported unreachable only when an earlier rule provably matches whenever it does
+(and reads at least the fields it reads, so neither can fail to evaluate alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import cel
+from .catalog import Catalog, load_catalog
+from .cel.ast import Call, Cond, Ident, ListLit, Lit, Node, Select, parse_with_issues
+from .compile import MAX_EXPRESSION_COST, CompiledPolicy, compile_policy
+from .errors import Diagnostic, PolicyError, did_you_mean
+from .load import Document, parse_policy
+
+__all__ = ["LintResult", "lint_file", "lint_paths", "policy_files", "render", "CODES", "GUARDRAILS", "exit_status"]
+
+GUARDRAILS = ("unsupported_model", "unpriced", "batch", "priority_tier", "rate_limited")
+
+CODES: dict[str, tuple[str, str]] = {
+    "PE001": ("error", "YAML syntax error, or the file cannot be read"),
+    "PE002": ("error", "duplicate mapping key"),
+    "PE003": ("error", "file too large, alias bomb or nesting too deep"),
+    "PE004": ("error", "file is not valid UTF-8"),
+    "PE005": ("error", "file is empty"),
+    "PE010": ("error", "unknown key"),
+    "PE011": ("error", "invalid value"),
+    "PE012": ("error", "missing required key"),
+    "PE020": ("error", "duplicate rule, budget or test name"),
+    "PE100": ("error", "CEL syntax error"),
+    "PE101": ("error", "unknown identifier, field or function in CEL"),
+    "PE102": ("error", "CEL type error"),
+    "PE103": ("error", "CEL expression has the wrong result type"),
+    "PE104": ("error", "CEL expression cost over the limit"),
+    "PE201": ("error", "unreachable rule: an earlier rule always matches"),
+    "PE202": ("error", "unreachable rule: an earlier rule matches every request this one matches"),
+    "PE203": ("error", "rule can never match: its condition is contradictory"),
+    "PE210": ("warning", "rule chooses fast but a guardrail always forces standard"),
+    "PE220": ("error", "model not in the catalog"),
+    "PE221": ("warning", "model has no price in the catalog"),
+    "PE230": ("warning", "budget key can be empty or fail to evaluate"),
+    "PE240": ("warning", "variable is never used"),
+    "PE301": ("warning", "policy has no tests"),
+    "PE302": ("warning", "no test reaches this rule"),
+    "PE303": ("error", "test expects a rule, guardrail or budget the policy does not have"),
+    "PE304": ("error", "test case input is invalid"),
+}
+"""Every code `lint` can report: default severity and a one-line summary (SARIF rules, README table)."""
+
+
+@dataclass
+class LintResult:
+    file: str
+    source: str | None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    compiled: CompiledPolicy | None = None
+
+    @property
+    def errors(self) -> int:
+        return sum(d.severity == "error" for d in self.diagnostics)
+
+    @property
+    def warnings(self) -> int:
+        return sum(d.severity == "warning" for d in self.diagnostics)
+
+
+def is_test_file(path: Path) -> bool:
+    return path.name.endswith(("_test.yaml", "_test.yml"))
+
+
+def policy_files(paths: Sequence[str], *, tests: bool = False) -> list[Path]:
+    """Files named on the command line, and the YAML files under named directories.
+
+    Directories yield policy files, or `*_test.yaml` files with `tests=True`; a file
+    named explicitly is always kept. Raises FileNotFoundError for a missing path.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+            files.extend(p for p in found if is_test_file(p) == tests)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(raw)
+    return files
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def lint_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, max_cost: int = MAX_EXPRESSION_COST,
+              run_tests: bool = True) -> LintResult:
+    """Every finding for one policy file."""
+    name = str(path)
+    try:
+        policy, document = parse_policy(name)
+    except PolicyError as exc:
+        return LintResult(name, exc.sources.get(name), list(exc.diagnostics))
+    result = LintResult(name, document.source)
+    try:
+        compiled = compile_policy(policy, document, max_cost=max_cost)
+    except PolicyError as exc:
+        result.diagnostics.extend(exc.diagnostics)
+        return result
+    result.compiled = compiled
+    catalog = catalog or load_catalog()
+    analysis = _Analysis(compiled, document, catalog)
+    result.diagnostics.extend(analysis.rules())
+    result.diagnostics.extend(analysis.models())
+    result.diagnostics.extend(analysis.budget_keys())
+    result.diagnostics.extend(analysis.unused_variables())
+    result.diagnostics.extend(analysis.tests(run_tests))
+    result.diagnostics.sort(key=lambda d: (d.line, d.col, d.code))
+    return result
+
+
+def lint_paths(paths: Sequence[str], catalog: Catalog | None = None, **options: Any) -> list[LintResult]:
+    catalog = catalog or load_catalog()
+    return [lint_file(p, catalog, **options) for p in policy_files(paths)]
+
+
+def exit_status(results: Iterable[LintResult], strict: bool = False) -> int:
+    results = list(results)
+    if any(r.errors for r in results) or (strict and any(r.warnings for r in results)):
+        return 1
+    return 0
+
+
+# -- conditions as sets of constraints ------------------------------------------------------
+
+_OPS = {"_<_": "<", "_<=_": "<=", "_>_": ">", "_>=_": ">=", "_==_": "==", "_!=_": "!="}
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+_MAX_CONJUNCTS = 64
+
+
+def _path(node: Node) -> str | None:
+    if isinstance(node, Ident) and not node.root:
+        return node.name
+    if isinstance(node, Select) and not node.test_only:
+        left = _path(node.operand)
+        return None if left is None else f"{left}.{node.field}"
+    return None
+
+
+def _literal(node: Node) -> tuple[bool, Any]:
+    if isinstance(node, Lit) and node.kind in ("int", "uint", "double", "string", "bool"):
+        return True, node.value
+    return False, None
+
+
+def _kind(value: Any) -> str:
+    return "bool" if isinstance(value, bool) else "num" if isinstance(value, (int, float)) else "str"
+
+
+@dataclass
+class _Con:
+    """What one conjunct says about one field."""
+
+    kind: str | None = None
+    lo: Any = None
+    lo_open: bool = False
+    hi: Any = None
+    hi_open: bool = False
+    eq: frozenset[Any] | None = None
+    ne: frozenset[Any] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    mixed: bool = False
+
+    def add(self, op: str, value: Any) -> None:
+        kind = _kind(value)
+        if self.kind is None:
+            self.kind = kind
+        elif self.kind != kind:
+            self.mixed = True
+            return
+        if op == "==":
+            self.eq = frozenset([value]) if self.eq is None else self.eq & {value}
+        elif op == "in":
+            self.eq = frozenset(value) if self.eq is None else self.eq & frozenset(value)
+        elif op == "!=":
+            self.ne = self.ne | {value}
+        elif op == "prefix":
+            self.prefixes = (*self.prefixes, value)
+        elif op in (">", ">="):
+            if self.lo is None or value > self.lo or (value == self.lo and op == ">"):
+                self.lo, self.lo_open = value, op == ">"
+        elif op in ("<", "<="):
+            if self.hi is None or value < self.hi or (value == self.hi and op == "<"):
+                self.hi, self.hi_open = value, op == "<"
+
+    def admits(self, value: Any) -> bool:
+        """Whether a value satisfies every constraint here (the eq set aside)."""
+        try:
+            if self.lo is not None and (value < self.lo or (value == self.lo and self.lo_open)):
+                return False
+            if self.hi is not None and (value > self.hi or (value == self.hi and self.hi_open)):
+                return False
+        except TypeError:
+            return True
+        if value in self.ne:
+            return False
+        return all(isinstance(value, str) and value.startswith(p) for p in self.prefixes)
+
+    def values(self) -> frozenset[Any] | None:
+        """The allowed values when finitely many, else None."""
+        if self.kind == "bool" and self.eq is None:
+            return frozenset(v for v in (True, False) if self.admits(v))
+        return None if self.eq is None else frozenset(v for v in self.eq if self.admits(v))
+
+    def empty(self) -> bool:
+        if self.mixed:
+            return False
+        values = self.values()
+        if values is not None:
+            return not values
+        if self.lo is not None and self.hi is not None:
+            if self.lo > self.hi or (self.lo == self.hi and (self.lo_open or self.hi_open or self.lo in self.ne)):
+                return True
+        for a in self.prefixes:
+            if any(not (a.startswith(b) or b.startswith(a)) for b in self.prefixes):
+                return True
+        return False
+
+    def implies(self, other: _Con) -> bool:
+        """Every value allowed here is allowed by `other`."""
+        if self.mixed or other.mixed:
+            return False
+        if self.empty():
+            return True
+        values = self.values()
+        if values is not None:
+            return all(other.admits(v) and (other.eq is None or v in other.eq) for v in values)
+        if other.eq is not None:
+            return False
+        if other.lo is not None:
+            if self.lo is None or self.lo < other.lo or (self.lo == other.lo and other.lo_open and not self.lo_open):
+                return False
+        if other.hi is not None:
+            if self.hi is None or self.hi > other.hi or (self.hi == other.hi and other.hi_open and not self.hi_open):
+                return False
+        for v in other.ne:
+            if not (v in self.ne or not self.admits(v)) and not self._excludes_by_range(v):
+                return False
+        return all(any(p.startswith(q) for p in self.prefixes) for q in other.prefixes)
+
+    def _excludes_by_range(self, v: Any) -> bool:
+        try:
+            return (self.lo is not None and (v < self.lo or (v == self.lo and self.lo_open))) or (
+                self.hi is not None and (v > self.hi or (v == self.hi and self.hi_open)))
+        except TypeError:
+            return False
+
+
+@dataclass
+class _Conj:
+    fields: dict[str, _Con] = field(default_factory=dict)
+    opaque: frozenset[str] = frozenset()
+
+    def constrain(self, path: str, op: str, value: Any) -> None:
+        self.fields.setdefault(path, _Con()).add(op, value)
+
+    def contradictory(self) -> bool:
+        return any(c.empty() for c in self.fields.values())
+
+    def implies(self, other: _Conj) -> bool:
+        """Every request satisfying self satisfies other, and self reads every field other reads."""
+        if not other.opaque <= self.opaque:
+            return False
+        return all(path in self.fields and self.fields[path].implies(con) for path, con in other.fields.items())
+
+
+class _Unknown(Exception):
+    """A condition outside what the analysis models (too many conjuncts)."""
+
+
+def _dnf(node: Node, source: str) -> list[_Conj]:
+    """The condition as OR of ANDs of atoms."""
+    if isinstance(node, Call) and node.function == "_||_":
+        result = _dnf(node.args[0], source) + _dnf(node.args[1], source)
+    elif isinstance(node, Call) and node.function == "_&&_":
+        left, right = _dnf(node.args[0], source), _dnf(node.args[1], source)
+        if len(left) * len(right) > _MAX_CONJUNCTS:
+            raise _Unknown
+        result = [_merge(a, b) for a in left for b in right]
+    else:
+        result = [_atom(node, source)]
+    if len(result) > _MAX_CONJUNCTS:
+        raise _Unknown
+    return result
+
+
+def _merge(a: _Conj, b: _Conj) -> _Conj:
+    merged = _Conj({}, a.opaque | b.opaque)
+    for conj in (a, b):
+        for path, con in conj.fields.items():
+            target = merged.fields.setdefault(path, _Con())
+            _absorb(target, con)
+    return merged
+
+
+def _absorb(target: _Con, con: _Con) -> None:
+    if con.mixed or (target.kind is not None and con.kind is not None and target.kind != con.kind):
+        target.mixed = True
+        return
+    target.kind = target.kind or con.kind
+    if con.eq is not None:
+        target.eq = con.eq if target.eq is None else target.eq & con.eq
+    target.ne |= con.ne
+    target.prefixes += con.prefixes
+    if con.lo is not None:
+        target.add(">" if con.lo_open else ">=", con.lo)
+    if con.hi is not None:
+        target.add("<" if con.hi_open else "<=", con.hi)
+
+
+def _atom(node: Node, source: str) -> _Conj:
+    conj = _Conj()
+    if isinstance(node, Lit) and node.kind == "bool":
+        if node.value is False:
+            conj.constrain("<false>", "in", ())
+        return conj
+    path = _path(node)
+    if path is not None:
+        conj.constrain(path, "==", True)
+        return conj
+    if isinstance(node, Call):
+        if node.function == "!_":
+            inner = _path(node.args[0])
+            if inner is not None:
+                conj.constrain(inner, "==", False)
+                return conj
+        op = _OPS.get(node.function)
+        if op is not None and len(node.args) == 2:
+            left, right = node.args
+            lp, rp = _path(left), _path(right)
+            (lok, lv), (rok, rv) = _literal(left), _literal(right)
+            if lp is not None and rok:
+                conj.constrain(lp, op, rv)
+                return conj
+            if rp is not None and lok:
+                conj.constrain(rp, _FLIP[op], lv)
+                return conj
+        if node.function == "@in" and len(node.args) == 2 and isinstance(node.args[1], ListLit):
+            lp = _path(node.args[0])
+            items = [_literal(i) for i in node.args[1].items]
+            if lp is not None and all(ok for ok, _ in items) and len({_kind(v) for _, v in items}) <= 1:
+                conj.constrain(lp, "in", tuple(v for _, v in items))
+                return conj
+        if node.function == "startsWith" and node.target is not None and len(node.args) == 1:
+            tp = _path(node.target)
+            ok, value = _literal(node.args[0])
+            if tp is not None and ok and isinstance(value, str):
+                conj.constrain(tp, "prefix", value)
+                return conj
+    conj.opaque = frozenset([re.sub(r"\s+", "", source[max(node.start, 0):node.end])])
+    return conj
+
+
+# -- the analyses ---------------------------------------------------------------------------
+
+
+class _Analysis:
+    def __init__(self, compiled: CompiledPolicy, document: Document, catalog: Catalog) -> None:
+        self.compiled = compiled
+        self.policy = compiled.policy
+        self.document = document
+        self.catalog = catalog
+        self.file = document.file
+
+    def at(self, path: tuple[Any, ...], offset: int | None, code: str, message: str, hint: str | None = None,
+           *, end: int | None = None, key: bool = False) -> Diagnostic:
+        severity = CODES[code][0]
+        if offset is None:
+            line, col = self.document.locate(path, key=key)
+            return Diagnostic(self.file, line, col, code, message, hint, severity)  # type: ignore[arg-type]
+        line, col = self.document.locate_in_scalar(path, offset)
+        end_col = None
+        if end is not None and end > offset + 1:
+            end_line, last = self.document.locate_in_scalar(path, end - 1)
+            end_col = last + 1 if end_line == line else None
+        return Diagnostic(self.file, line, col, code, message, hint, severity,  # type: ignore[arg-type]
+                          end_line=line if end_col else None, end_col=end_col)
+
+    # rules ------------------------------------------------------------------------------
+
+    def _conditions(self) -> list[tuple[int, str, list[_Conj] | None]]:
+        result = []
+        for index, rule in enumerate(self.policy.rules):
+            try:
+                node, _ = parse_with_issues(rule.when)
+                result.append((index, rule.name, _dnf(node, rule.when)))
+            except (_Unknown, cel.CelError, RecursionError):
+                result.append((index, rule.name, None))
+        return result
+
+    def rules(self) -> Iterator[Diagnostic]:
+        conditions = self._conditions()
+        live: list[tuple[int, str, list[_Conj]]] = []
+        for index, name, dnf in conditions:
+            path = ("rules", index, "when")
+            if dnf is None:
+                continue
+            alive = [c for c in dnf if not c.contradictory()]
+            if not alive:
+                yield self.at(path, None, "PE203", f"rule '{name}' can never match: its condition is contradictory",
+                              "check the comparison operators and bounds")
+                continue
+            always = next((n for _, n, d in live if any(not c.fields and not c.opaque for c in d)), None)
+            if always is not None:
+                yield self.at(("rules", index, "name"), None, "PE201",
+                              f"rule '{name}' is unreachable: rule '{always}' before it always matches",
+                              "move this rule above it, or narrow the earlier rule's condition")
+            else:
+                cover = next((n for _, n, d in live if all(any(c.implies(e) for e in d) for c in alive)), None)
+                if cover is not None:
+                    yield self.at(("rules", index, "name"), None, "PE202",
+                                  f"rule '{name}' is unreachable: every request it matches is matched first by rule '{cover}'",
+                                  "reorder the rules so the narrower one comes first, or remove this one")
+            live.append((index, name, alive))
+            rule = self.policy.rules[index]
+            if rule.speed == "fast":
+                blocked = [self._guardrail(c) for c in alive]
+                if all(blocked):
+                    why = blocked[0]
+                    yield self.at(("rules", index, "speed"), None, "PE210",
+                                  f"rule '{name}' chooses fast, but guardrail {why} always forces standard for the requests it matches",
+                                  "fast mode needs a model that supports it, no Batch API and no Priority Tier")
+
+    def _guardrail(self, conj: _Conj) -> str | None:
+        batch = conj.fields.get("request.batch")
+        if batch is not None and batch.values() == frozenset([True]):
+            return "'batch'"
+        tier = conj.fields.get("request.service_tier")
+        if tier is not None and tier.values() == frozenset(["priority"]):
+            return "'priority_tier'"
+        model = conj.fields.get("request.model")
+        if model is None or model.mixed:
+            return None
+        names = model.values()
+        if names is None and model.prefixes:
+            names = frozenset(n for n in self._model_names() if model.admits(n))
+            if not names:
+                return None
+        if names and all(not self._fast_supported(n) for n in names):
+            return "'unsupported_model'"
+        return None
+
+    def _model_names(self) -> list[str]:
+        return [n for p in self.catalog.providers.values() for n in p.names()]
+
+    def _fast_supported(self, name: str) -> bool:
+        entry = self.catalog.find(name)
+        return entry is not None and entry.fast.supported
+
+    # models -----------------------------------------------------------------------------
+
+    def _expressions(self) -> Iterator[tuple[tuple[Any, ...], str]]:
+        for index, rule in enumerate(self.policy.rules):
+            yield ("rules", index, "when"), rule.when
+        for name, source in self.policy.variables.items():
+            yield ("variables", name), source
+        for index, budget in enumerate(self.policy.budgets):
+            yield ("budgets", index, "key"), budget.key
+
+    def models(self) -> Iterator[Diagnostic]:
+        known = self._model_names()
+        seen: set[tuple[tuple[Any, ...], int]] = set()
+        for path, source in self._expressions():
+            try:
+                root, _ = parse_with_issues(source)
+            except cel.CelError:
+                continue
+            for lit, prefix in _model_literals(root):
+                if (path, lit.offset) in seen:
+                    continue
+                seen.add((path, lit.offset))
+                name = lit.value
+                if prefix:
+                    if not any(n.startswith(name) for n in known):
+                        yield self.at(path, lit.offset, "PE220", f"no model in the catalog starts with '{name}'",
+                                      did_you_mean(name, known), end=lit.end)
+                    continue
+                entry = self.catalog.find(name)
+                if entry is None:
+                    hint = did_you_mean(name, known) or "add the model to your catalog file (policy-engine lint --catalog FILE)"
+                    yield self.at(path, lit.offset, "PE220", f"model '{name}' is not in the catalog", hint, end=lit.end)
+                    continue
+                missing = []
+                if entry.standard is None:
+                    missing.append("standard")
+                if entry.fast.supported and entry.fast.pricing is None:
+                    missing.append("fast")
+                if missing:
+                    yield self.at(path, lit.offset, "PE221",
+                                  f"model '{name}' has no {' or '.join(missing)} price in the catalog: its cost cannot be "
+                                  "estimated, so ceilings and budgets cannot bound it",
+                                  "give it a price in your catalog file", end=lit.end)
+
+    # budgets ----------------------------------------------------------------------------
+
+    def budget_keys(self) -> Iterator[Diagnostic]:
+        for index, budget in enumerate(self.policy.budgets):
+            try:
+                root, _ = parse_with_issues(budget.key)
+            except cel.CelError:
+                continue
+            problems: list[tuple[Node, str]] = []
+            _key_risks(root, frozenset(), problems)
+            for node, why in problems[:1]:
+                yield self.at(("budgets", index, "key"), max(node.start, 0), "PE230",
+                              f"budget '{budget.name}' key {why}",
+                              "give every request a non-empty key, e.g. has(context.tenant) ? context.tenant : 'untagged'",
+                              end=node.end)
+
+    # variables --------------------------------------------------------------------------
+
+    def unused_variables(self) -> Iterator[Diagnostic]:
+        used: set[str] = set()
+        programs: list[cel.Program] = [p for _, p in self.compiled.variables]
+        for rule in self.compiled.rules:
+            programs.append(rule.when)
+            if rule.reason_expr is not None:
+                programs.append(rule.reason_expr)
+        programs.extend(b.key for b in self.compiled.budgets)
+        if self.compiled.stickiness_key is not None:
+            programs.append(self.compiled.stickiness_key)
+        for program in programs:
+            for ref in program.references:
+                parts = ref.split(".")
+                if parts[0] == "vars" and len(parts) > 1:
+                    used.add(parts[1])
+        for name in self.policy.variables:
+            if name not in used:
+                yield self.at(("variables", name), None, "PE240", f"variable '{name}' is never used",
+                              "remove it, or use it as vars." + name, key=True)
+
+    # tests ------------------------------------------------------------------------------
+
+    def tests(self, run: bool) -> Iterator[Diagnostic]:
+        policy = self.policy
+        if not policy.tests:
+            yield self.at(("name",), None, "PE301", f"policy '{policy.name}' has no tests",
+                          "add a `tests:` section; `policy-engine test` runs it", key=True)
+            return
+        rules = [r.name for r in policy.rules]
+        budgets = [b.name for b in policy.budgets]
+        for index, case in enumerate(policy.tests):
+            wanted = case.expect.rule
+            if wanted is not None and wanted not in (*rules, "default", "sticky"):
+                yield self.at(("tests", index, "expect", "rule"), None, "PE303",
+                              f"test '{case.name}' expects rule '{wanted}', which the policy does not have",
+                              did_you_mean(wanted, [*rules, "default", "sticky"]))
+            for g_index, name in enumerate(case.expect.guardrails or ()):
+                if name not in GUARDRAILS:
+                    yield self.at(("tests", index, "expect", "guardrails", g_index), None, "PE303",
+                                  f"test '{case.name}' expects guardrail '{name}', which does not exist",
+                                  did_you_mean(name, GUARDRAILS) or "guardrails: " + ", ".join(GUARDRAILS))
+            for name in case.state.budgets:
+                if name not in budgets:
+                    yield self.at(("tests", index, "state", "budgets", name), None, "PE303",
+                                  f"test '{case.name}' sets the state of budget '{name}', which the policy does not have",
+                                  did_you_mean(name, budgets), key=True)
+        if not run:
+            return
+        from .testing.runner import run_policy_tests
+
+        results = run_policy_tests(self.compiled, self.catalog)
+        reached = {r.decision.rule for r in results if r.decision is not None}
+        for result in results:
+            if result.decision is None and result.failures:
+                yield self.at(("tests", result.index, "request"), None, "PE304",
+                              f"test '{result.name}': {result.failures[0]}")
+        for index, rule in enumerate(policy.rules):
+            if rule.name not in reached:
+                yield self.at(("rules", index, "name"), None, "PE302", f"no test reaches rule '{rule.name}'",
+                              "add a test case this rule decides")
+
+
+def _model_literals(node: Node) -> Iterator[tuple[Lit, bool]]:
+    """String literals compared with request.model, and startsWith prefixes (True) on it."""
+    for sub in _walk(node):
+        if not isinstance(sub, Call):
+            continue
+        if sub.function in ("_==_", "_!=_") and len(sub.args) == 2:
+            a, b = sub.args
+            if _path(a) == "request.model" and isinstance(b, Lit) and b.kind == "string":
+                yield b, False
+            elif _path(b) == "request.model" and isinstance(a, Lit) and a.kind == "string":
+                yield a, False
+        elif sub.function == "@in" and len(sub.args) == 2 and _path(sub.args[0]) == "request.model" \
+                and isinstance(sub.args[1], ListLit):
+            for item in sub.args[1].items:
+                if isinstance(item, Lit) and item.kind == "string":
+                    yield item, False
+        elif sub.function == "startsWith" and sub.target is not None and _path(sub.target) == "request.model" \
+                and sub.args and isinstance(sub.args[0], Lit) and sub.args[0].kind == "string":
+            yield sub.args[0], True
+
+
+def _walk(node: Node) -> Iterator[Node]:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        for value in vars(current).values():
+            if isinstance(value, Node):
+                stack.append(value)
+            elif isinstance(value, list):
+                for item in value:
+                    if isinstance(item, Node):
+                        stack.append(item)
+                    elif isinstance(item, tuple):
+                        stack.extend(x for x in item if isinstance(x, Node))
+
+
+_OPTIONAL_CONTEXT = ("context.tenant", "context.user", "context.conversation_id", "context.latency_slo_ms")
+
+
+def _key_risks(node: Node, guarded: frozenset[str], out: list[tuple[Node, str]]) -> None:
+    """Where a key expression can produce '' or fail (an absent optional field, a missing label)."""
+    if isinstance(node, Lit):
+        if node.kind == "string" and node.value == "":
+            out.append((node, "can be the empty string ''"))
+        return
+    if isinstance(node, Cond):
+        test = None
+        if isinstance(node.cond, Select) and node.cond.test_only:
+            inner = _path(node.cond.operand)
+            test = f"{inner}.{node.cond.field}" if inner else None
+        _key_risks(node.then, guarded | ({test} if test else set()), out)
+        _key_risks(node.other, guarded, out)
+        return
+    path = _path(node)
+    if path is not None:
+        if path in _OPTIONAL_CONTEXT and path not in guarded:
+            out.append((node, f"fails when {path} is absent, so every such request shares one '<key-error>' bucket"))
+        elif path.startswith("context.labels.") and path not in guarded:
+            out.append((node, f"fails when the label is absent ({path}), so every such request shares one '<key-error>' bucket"))
+        return
+    if isinstance(node, Call):
+        if node.function == "_[_]" and _path(node.args[0]) == "context.labels":
+            out.append((node, "fails when the label is absent, so every such request shares one '<key-error>' bucket"))
+            return
+        if node.function == "_+_":
+            parts: list[tuple[Node, str]] = []
+            for arg in node.args:
+                _key_risks(arg, guarded, parts)
+            failing = [p for p in parts if "fails" in p[1]]
+            if failing:
+                out.append(failing[0])
+            elif len(parts) == len(node.args):
+                out.append((node, "can be the empty string ''"))
+            return
+        for arg in node.args:
+            sub: list[tuple[Node, str]] = []
+            _key_risks(arg, guarded, sub)
+            out.extend(p for p in sub if "fails" in p[1])
+
+
+# -- output formats -------------------------------------------------------------------------
+
+
+def render(results: Sequence[LintResult], fmt: str) -> str:
+    return {"text": _text, "json": _json, "sarif": _sarif, "github": _github}[fmt](results)
+
+
+def _all(results: Sequence[LintResult]) -> Iterator[tuple[LintResult, Diagnostic]]:
+    for result in results:
+        for diagnostic in result.diagnostics:
+            yield result, diagnostic
+
+
+def _summary(results: Sequence[LintResult]) -> dict[str, int]:
+    return {"files": len(results), "errors": sum(r.errors for r in results), "warnings": sum(r.warnings for r in results)}
+
+
+def _text(results: Sequence[LintResult]) -> str:
+    out = [d.format(r.source) for r, d in _all(results)]
+    s = _summary(results)
+    out.append(f"{s['files']} file{'s' if s['files'] != 1 else ''} checked: {s['errors']} error{'s' if s['errors'] != 1 else ''}, "
+               f"{s['warnings']} warning{'s' if s['warnings'] != 1 else ''}")
+    return "\n".join(out) + "\n"
+
+
+def _json(results: Sequence[LintResult]) -> str:
+    data = {"diagnostics": [d.to_dict() for _, d in _all(results)], "summary": _summary(results),
+            "files": [{"file": r.file, "errors": r.errors, "warnings": r.warnings} for r in results]}
+    return json.dumps(data, indent=2) + "\n"
+
+
+_SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+
+
+def _uri(path: str) -> str:
+    return Path(path).as_posix().removeprefix("./")
+
+
+def _sarif(results: Sequence[LintResult]) -> str:
+    from . import __version__
+
+    used = sorted({d.code for _, d in _all(results)} | set(CODES))
+    rules = [{"id": code, "name": code, "shortDescription": {"text": CODES.get(code, ("error", code))[1]},
+              "defaultConfiguration": {"level": _SARIF_LEVEL[CODES.get(code, ("error", ""))[0]]}} for code in used]
+    index = {code: i for i, code in enumerate(used)}
+    sarif_results = []
+    for _, d in _all(results):
+        region: dict[str, int] = {"startLine": d.line, "startColumn": d.col}
+        if d.end_col is not None:
+            region["endLine"] = d.end_line or d.line
+            region["endColumn"] = d.end_col
+        message = d.message + (f" ({d.hint})" if d.hint else "")
+        sarif_results.append({
+            "ruleId": d.code, "ruleIndex": index[d.code], "level": _SARIF_LEVEL[d.severity],
+            "message": {"text": message},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(d.file)}, "region": region}}],
+        })
+    log = {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{"tool": {"driver": {"name": "policy-engine", "version": __version__, "rules": rules}},
+                  "results": sarif_results}],
+    }
+    return json.dumps(log, indent=2) + "\n"
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _github(results: Sequence[LintResult]) -> str:
+    out = []
+    for _, d in _all(results):
+        level = {"error": "error", "warning": "warning"}.get(d.severity, "notice")
+        props = f"file={_escape_property(_uri(d.file))},line={d.line},col={d.col}"
+        if d.end_col is not None:
+            props += f",endLine={d.end_line or d.line},endColumn={d.end_col}"
+        props += f",title={_escape_property(d.code)}"
+        message = d.message + (f" (hint: {d.hint})" if d.hint else "")
+        out.append(f"::{level} {props}::{_escape_data(message)}")
+    s = _summary(results)
+    out.append(f"policy-engine lint: {s['files']} files, {s['errors']} errors, {s['warnings']} warnings")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,508 @@
+"""Replay a request log through a policy: what it would decide, cost and save.
+
+A log is JSON Lines (optionally gzip-compressed); each line is one request:
+
+    {"ts": "2026-03-02T09:15:02Z", "request": {...Messages API params...},
+     "context": {...}, "input_tokens": 5120, "batch": false,
+     "usage": {"input_tokens": 120, "cache_read_input_tokens": 5000, "output_tokens": 811}}
+
+Only `request` is required. `ts` (RFC 3339 or epoch seconds) is the decision time:
+budgets and their calendar windows, and stickiness, evolve with it; a line without
+one takes the previous line's time. `input_tokens` is an exact prompt size (else the
+engine estimates it). `usage` is what the response reported; the request is billed
+for it at the speed the policy chose. Without usage a request is billed as its
+estimate expects: the expected input tokens and `max_tokens` of output.
+
+Every decision is made by the engine's own `_decide` with the policy's compiled
+programs, so the replay cannot disagree with production; what the replay adds is
+bookkeeping (no telemetry, a ledger on the replay's clock, memoised price estimates
+and request parsing) and the accounting of the report.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import IO, Any
+
+from .catalog import Catalog, ModelEntry, actual, load_catalog, to_usd
+from .compile import CompiledPolicy
+from .decide import Decision, Engine, _throughput
+from .errors import PolicyEngineError, PricingError
+from .ledger import MemoryLedger
+from .testing.runner import DEFAULT_TEST_TIME
+from .tokens import TokenEstimate, estimate_input_tokens
+
+__all__ = ["LogError", "Outcome", "Report", "Replayer", "iter_log", "open_log", "simulate", "START_TIME"]
+
+START_TIME = DEFAULT_TEST_TIME
+"""Decision time of the lines before the first one that carries a `ts`."""
+
+_REQUEST_KEY = ',"request":'
+_CACHE_MAX = 50_000
+
+
+class LogError(PolicyEngineError):
+    """A log line is not a valid record; `line` is its 1-based number."""
+
+    def __init__(self, line: int, message: str) -> None:
+        self.line = line
+        super().__init__(f"line {line}: {message}")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the policy did with one log line, and what that cost."""
+
+    line: int
+    speed: str
+    """`fast`, `standard`, or `rejected`."""
+    rule: str
+    outcome: str
+    forced_by: str | None
+    cost_micro: int
+    standard_micro: int
+    fast_micro: int | None
+    """The line's usage priced at fast; None when the API would not run it fast."""
+    latency_s: float
+    standard_latency_s: float
+    fast_latency_s: float | None
+    priced: bool
+
+
+# -- reading the log ------------------------------------------------------------------------
+
+
+def open_log(path: str, stdin: IO[bytes] | None = None) -> IO[bytes]:
+    """A binary stream of the log's lines; `-` is stdin; gzip is detected by its magic bytes."""
+    raw: IO[bytes]
+    if path == "-":
+        raw = stdin if stdin is not None else sys.stdin.buffer
+    else:
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned stream
+        except OSError as exc:
+            raise PolicyEngineError(f"cannot read {path}: {exc.strerror or exc}") from None
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+    if buffered.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    return buffered
+
+
+def iter_log(stream: IO[bytes]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; undecodable bytes become LogError lines later."""
+    for number, raw in enumerate(stream, 1):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = "\x00"  # not JSON: parse() reports it with the line number
+        if text:
+            yield number, text
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Scenario:
+    cost: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass
+class Report:
+    """Everything `simulate` prints, as exact integers where money is concerned."""
+
+    policy: str
+    version: str
+    lines: int = 0
+    invalid: int = 0
+    errors: list[str] = field(default_factory=list)
+    speeds: Counter[str] = field(default_factory=Counter)
+    rules: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    downgrades: Counter[str] = field(default_factory=Counter)
+    rejects: Counter[str] = field(default_factory=Counter)
+    unpriced: int = 0
+    with_usage: int = 0
+    cost: int = 0
+    premium: int = 0
+    latency_s: float = 0.0
+    policy_standard_latency_s: float = 0.0
+    all_standard: _Scenario = field(default_factory=_Scenario)
+    all_fast: _Scenario = field(default_factory=_Scenario)
+    elapsed_s: float = 0.0
+
+    MAX_ERRORS = 20
+
+    def add(self, o: Outcome) -> None:
+        self.speeds[o.speed] += 1
+        self.rules[o.rule][o.speed] += 1
+        if o.outcome == "downgraded":
+            self.downgrades[o.forced_by or "unknown"] += 1
+        elif o.outcome == "rejected":
+            self.rejects[o.forced_by or "unknown"] += 1
+        if not o.priced:
+            self.unpriced += 1
+        self.all_standard.cost += o.standard_micro
+        self.all_standard.latency_s += o.standard_latency_s
+        fast_cost = o.fast_micro if o.fast_micro is not None else o.standard_micro
+        self.all_fast.cost += fast_cost
+        self.all_fast.latency_s += o.fast_latency_s if o.fast_latency_s is not None else o.standard_latency_s
+        if o.speed == "rejected":
+            return
+        self.cost += o.cost_micro
+        self.latency_s += o.latency_s
+        self.policy_standard_latency_s += o.standard_latency_s
+        if o.speed == "fast":
+            self.premium += o.cost_micro - o.standard_micro
+
+    def error(self, exc: LogError) -> None:
+        self.invalid += 1
+        if len(self.errors) < self.MAX_ERRORS:
+            self.errors.append(str(exc))
+
+    @property
+    def decided(self) -> int:
+        return sum(self.speeds.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: money as exact decimal strings of dollars, latency in seconds."""
+        decided = self.decided
+        return {
+            "policy": {"name": self.policy, "version": self.version},
+            "requests": {"lines": self.lines, "decided": decided, "invalid": self.invalid,
+                         "with_usage": self.with_usage, "unpriced": self.unpriced},
+            "speed_mix": {s: self.speeds.get(s, 0) for s in ("fast", "standard", "rejected")},
+            "cost": {"total_usd": _usd(self.cost), "fast_premium_usd": _usd(self.premium)},
+            "latency": {"saved_s": round(self.policy_standard_latency_s - self.latency_s, 3),
+                        "total_s": round(self.latency_s, 3)},
+            "downgrades": dict(self.downgrades.most_common()),
+            "rejects": dict(self.rejects.most_common()),
+            "rules": {rule: dict(counts) for rule, counts in sorted(self.rules.items())},
+            "baselines": {
+                "all_standard": {"cost_usd": _usd(self.all_standard.cost), "latency_s": round(self.all_standard.latency_s, 3)},
+                "all_fast": {"cost_usd": _usd(self.all_fast.cost), "latency_s": round(self.all_fast.latency_s, 3),
+                             "latency_saved_s": round(self.all_standard.latency_s - self.all_fast.latency_s, 3)},
+            },
+            "errors": list(self.errors),
+        }
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        """(scenario, cost, premium over all-standard, latency saved) for the three scenarios."""
+        std = self.all_standard
+        return [
+            ("this policy", _money(self.cost), _money(self.premium),
+             _seconds(self.policy_standard_latency_s - self.latency_s)),
+            ("all standard", _money(std.cost), _money(0), _seconds(0.0)),
+            ("all fast", _money(self.all_fast.cost), _money(self.all_fast.cost - std.cost),
+             _seconds(std.latency_s - self.all_fast.latency_s)),
+        ]
+
+    def render_text(self) -> str:
+        d = self.decided
+        lines = [f"policy {self.policy} @{self.version}: {d} requests decided"
+                 + (f", {self.invalid} invalid lines skipped" if self.invalid else "")]
+        lines.append("speed mix:   " + "   ".join(f"{s} {self.speeds.get(s, 0)} ({_pct(self.speeds.get(s, 0), d)})"
+                                                 for s in ("fast", "standard", "rejected")))
+        lines.append(f"{'':14}{'cost':>14}{'fast premium':>16}{'latency saved':>16}")
+        for name, cost, premium, saved in self._rows():
+            lines.append(f"  {name:12}{cost:>14}{premium:>16}{saved:>16}")
+        if self.unpriced:
+            lines.append(f"note: {self.unpriced} requests use a model the catalog cannot price; they count as $0")
+        for title, counter in (("downgrades", self.downgrades), ("rejects", self.rejects)):
+            if counter:
+                lines.append(f"{title} by reason: " + ", ".join(f"{k} {v}" for k, v in counter.most_common()))
+        lines.append("by rule:")
+        for rule, counts in sorted(self.rules.items(), key=lambda kv: -sum(kv[1].values())):
+            lines.append(f"  {rule:32} " + "  ".join(f"{s} {counts[s]}" for s in ("fast", "standard", "rejected") if counts.get(s)))
+        lines.extend(f"invalid: {e}" for e in self.errors)
+        return "\n".join(lines) + "\n"
+
+    def render_markdown(self) -> str:
+        d = self.decided
+        out = [f"### Simulation of `{self.policy}` (@{self.version}) over {d} requests", ""]
+        out.append("| | fast | standard | rejected |")
+        out.append("|---|---:|---:|---:|")
+        out.append("| requests | " + " | ".join(f"{self.speeds.get(s, 0)} ({_pct(self.speeds.get(s, 0), d)})"
+                                                for s in ("fast", "standard", "rejected")) + " |")
+        out += ["", "| scenario | cost | fast premium | latency saved |", "|---|---:|---:|---:|"]
+        out += [f"| {name} | {cost} | {premium} | {saved} |" for name, cost, premium, saved in self._rows()]
+        if self.downgrades or self.rejects:
+            out += ["", "| | reason | requests |", "|---|---|---:|"]
+            out += [f"| downgrade | `{k}` | {v} |" for k, v in self.downgrades.most_common()]
+            out += [f"| reject | `{k}` | {v} |" for k, v in self.rejects.most_common()]
+        notes = []
+        if self.unpriced:
+            notes.append(f"{self.unpriced} requests use a model the catalog cannot price; they count as $0.")
+        if self.invalid:
+            notes.append(f"{self.invalid} invalid log lines were skipped.")
+        if notes:
+            out += [""] + [f"> {n}" for n in notes]
+        return "\n".join(out) + "\n"
+
+    def render_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def render(self, fmt: str) -> str:
+        return {"text": self.render_text, "markdown": self.render_markdown, "json": self.render_json}[fmt]()
+
+
+def _usd(micro: int) -> str:
+    return str(to_usd(micro).quantize(Decimal("0.000001")))
+
+
+def _money(micro: int) -> str:
+    sign = "-" if micro < 0 else ""
+    return f"{sign}${abs(to_usd(micro)).quantize(Decimal('0.01')):,}"
+
+
+def _seconds(s: float) -> str:
+    return f"{s / 3600:,.1f} h" if abs(s) >= 36_000 else f"{s:,.0f} s"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "0.0%"
+
+
+# -- the replay -----------------------------------------------------------------------------
+
+
+class _ReplayEngine(Engine):
+    """The engine, with its pure price estimates memoised: a replay asks for the same ones often."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._estimate_cache: dict[tuple[Any, ...], Any] = {}
+
+    def _estimates(self, model: ModelEntry | None, input_tokens: int, max_tokens: int, cache_control: bool,
+                   geo: str | None) -> Any:
+        key = (id(model), input_tokens, max_tokens, cache_control, geo)
+        hit = self._estimate_cache.get(key)
+        if hit is None:
+            if len(self._estimate_cache) >= _CACHE_MAX:
+                self._estimate_cache.clear()
+            hit = self._estimate_cache[key] = super()._estimates(model, input_tokens, max_tokens, cache_control, geo)
+        cost, std, fast = hit
+        return dict(cost), std, fast  # a fresh mapping per decision: activations must not share one
+
+
+class Replayer:
+    """Replays log lines in order through one compiled policy with its own fresh state."""
+
+    def __init__(self, compiled: CompiledPolicy, catalog: Catalog | None = None) -> None:
+        self.compiled = compiled
+        self.catalog = catalog or load_catalog()
+        self._now = START_TIME
+        self._epoch = START_TIME.timestamp()
+        # Reservations are settled at once, so nothing needs remembering past the replay's clock.
+        self.ledger = MemoryLedger(clock=lambda: self._epoch, settled_memory_s=0.0)
+        self.engine = _ReplayEngine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
+        self._requests: dict[str, Any] = {}
+        self._usage_cache: dict[tuple[Any, ...], tuple[int, int | None, float, float | None]] = {}
+        self.report = Report(compiled.name, compiled.version)
+
+    # parse -----------------------------------------------------------------------------
+
+    def parse(self, number: int, text: str) -> dict[str, Any]:
+        """A log line as a dict. The request part is parsed once per distinct text and shared."""
+        record: Any = None
+        cut = text.rfind(_REQUEST_KEY)
+        if cut > 0 and text.endswith("}"):
+            # `{...,"request":<value>}`: when the head closes into valid JSON the cut is at the top
+            # level, so <value> is exactly the request and its text can key a cache.
+            try:
+                record = json.loads(text[:cut] + "}")
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                raw = text[cut + len(_REQUEST_KEY):-1]
+                request = self._requests.get(raw)
+                if request is None:
+                    try:
+                        request = json.loads(raw)
+                    except ValueError:
+                        request = None  # the cut was inside another value: parse the whole line below
+                    else:
+                        if len(self._requests) >= _CACHE_MAX:
+                            self._requests.clear()
+                        self._requests[raw] = request
+                if request is None:
+                    record = None
+                else:
+                    record["request"] = request
+            else:
+                record = None
+        if record is None:
+            try:
+                record = json.loads(text)
+            except ValueError as exc:
+                raise LogError(number, f"invalid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise LogError(number, f"a line must be a JSON object, got {type(record).__name__}")
+        return record
+
+    # step ------------------------------------------------------------------------------
+
+    def step(self, number: int, record: dict[str, Any]) -> Outcome:
+        request = record.get("request")
+        if not isinstance(request, dict):
+            raise LogError(number, "missing 'request' (the Messages API parameters)")
+        self._advance(number, record.get("ts"))
+        context = record.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise LogError(number, "'context' must be an object")
+        batch = record.get("batch", False)
+        if not isinstance(batch, bool):
+            raise LogError(number, "'batch' must be true or false")
+        tokens = self._tokens(number, request, record.get("input_tokens"))
+        compiled = self.compiled
+        try:
+            decision = self.engine._decide(request, context, self._now, "default", batch, tokens, compiled)
+        except PolicyEngineError as exc:
+            failed = getattr(exc, "decision", None)  # on_error: raise hands back its rejected decision
+            if not isinstance(failed, Decision):
+                raise LogError(number, str(exc)) from None
+            decision = failed
+        usage = record.get("usage")
+        if usage is not None and not isinstance(usage, dict):
+            raise LogError(number, "'usage' must be an object")
+        return self._settle(number, decision, request, tokens, usage)
+
+    def _advance(self, number: int, ts: Any) -> None:
+        if ts is None:
+            return
+        try:
+            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                now = datetime.fromtimestamp(ts, timezone.utc)
+            elif isinstance(ts, str):
+                now = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts)
+                if now.tzinfo is None:
+                    now = now.replace(tzinfo=timezone.utc)
+            else:
+                raise ValueError(f"expected an RFC 3339 string or epoch seconds, got {type(ts).__name__}")
+        except (ValueError, OverflowError, OSError) as exc:
+            raise LogError(number, f"invalid 'ts' {ts!r}: {exc}") from None
+        self._now, self._epoch = now, now.timestamp()
+
+    def _tokens(self, number: int, request: dict[str, Any], given: Any) -> TokenEstimate:
+        if given is None:
+            try:
+                return estimate_input_tokens(request)
+            except (PolicyEngineError, TypeError, ValueError) as exc:
+                raise LogError(number, f"invalid request: {exc}") from None
+        if type(given) is not int or given < 0:
+            raise LogError(number, f"'input_tokens' must be a non-negative integer, got {given!r}")
+        return TokenEstimate(given, given, True)
+
+    def _settle(self, number: int, decision: Decision, request: dict[str, Any], tokens: TokenEstimate,
+                usage: dict[str, Any] | None) -> Outcome:
+        model = decision._model
+        if usage is None:
+            # Billed as the estimate expects: the expected prompt (as cache writes when the
+            # request caches, as the estimate prices it) and max_tokens of output.
+            usage = ({"input_tokens": 0, "cache_creation_input_tokens": tokens.expected} if decision_cache(request)
+                     else {"input_tokens": tokens.expected})
+            usage["output_tokens"] = decision.max_tokens
+        else:
+            self.report.with_usage += 1
+        standard, fast, std_s, fast_s, priced = self._prices(number, model, usage, decision._inference_geo, request)
+        speed = decision.speed if decision.outcome != "rejected" else "rejected"
+        if speed == "fast" and fast is None:
+            fast = standard  # the decision says fast though the catalog cannot price it: bill what is known
+        cost = fast if speed == "fast" else standard if speed == "standard" else 0
+        latency = (fast_s if speed == "fast" and fast_s is not None else std_s) if speed != "rejected" else 0.0
+        if decision.reservation_id is not None:
+            billed = dict(usage, speed=decision.speed)
+            charges = self.engine._actual_charges(decision, model, billed, decision.speed, cost or 0)
+            self.ledger.settle(decision.reservation_id, charges)
+            decision._settled = True
+        return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, cost or 0, standard,
+                       fast, latency, std_s, fast_s, priced)
+
+    def _prices(self, number: int, model: ModelEntry | None, usage: dict[str, Any], geo: str | None,
+                request: dict[str, Any]) -> tuple[int, int | None, float, float | None, bool]:
+        """(standard cost, fast cost or None, standard latency, fast latency or None, priced)."""
+        fast_ok = (model is not None and model.fast.supported and request.get("service_tier") != "priority")
+        try:
+            key = (id(model), geo, fast_ok, *sorted((k, v) for k, v in usage.items() if k != "speed" and not isinstance(v, dict)),
+                   json.dumps(usage.get("cache_creation"), sort_keys=True) if "cache_creation" in usage else None)
+        except TypeError:
+            key = None
+        cached = self._usage_cache.get(key) if key is not None else None
+        if cached is not None:
+            std, fast, std_s, fast_s = cached
+            return std, fast, std_s, fast_s, model is not None and std is not None
+        output = usage.get("output_tokens")
+        if type(output) is not int or output < 0:
+            raise LogError(number, f"usage.output_tokens must be a non-negative integer, got {output!r}")
+        std_cost: int | None = None
+        fast_cost: int | None = None
+        if model is not None:
+            try:
+                std_cost = actual(model, dict(usage, speed="standard"), inference_geo=geo)
+            except PricingError:
+                std_cost = None
+            except ValueError as exc:
+                raise LogError(number, f"invalid usage: {exc}") from None
+            if fast_ok:
+                try:
+                    fast_cost = actual(model, dict(usage, speed="fast"), inference_geo=geo)
+                except PricingError:
+                    fast_cost = None
+        figures = _throughput(model, output)
+        std_s = figures["est_standard_s"]
+        fast_s = figures.get("est_fast_s") if fast_cost is not None else None
+        priced = std_cost is not None
+        result = (std_cost or 0, fast_cost, std_s, fast_s)
+        if key is not None and priced:
+            if len(self._usage_cache) >= _CACHE_MAX:
+                self._usage_cache.clear()
+            self._usage_cache[key] = result
+        return (*result, priced)
+
+    # run -------------------------------------------------------------------------------
+
+    def run(self, lines: Iterable[tuple[int, str]], on_outcome: Callable[[Outcome], None] | None = None,
+            progress: Callable[[int], None] | None = None) -> Report:
+        report = self.report
+        started = time.perf_counter()
+        for number, text in lines:
+            report.lines += 1
+            try:
+                outcome = self.step(number, self.parse(number, text))
+            except LogError as exc:
+                report.error(exc)
+                continue
+            report.add(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            if progress is not None and not report.lines & 1023:
+                progress(report.lines)
+        report.elapsed_s = time.perf_counter() - started
+        return report
+
+
+def decision_cache(request: dict[str, Any]) -> bool:
+    """Whether the request sets cache_control anywhere (the estimate then prices input as cache writes)."""
+    from .features import request_features
+
+    try:
+        return bool(request_features(request, 0, False)["cache_control"])
+    except PolicyEngineError:
+        return False
+
+
+def simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog: Catalog | None = None,
+             **kwargs: Any) -> Report:
+    """Replay `lines` ((number, text) pairs, as `iter_log` yields) through `compiled`."""
+    return Replayer(compiled, catalog).run(lines, **kwargs)
