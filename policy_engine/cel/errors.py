@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import PolicyEngineError
+
 
 @dataclass(frozen=True)
 class CelIssue:
@@ -58,8 +60,8 @@ def caret_excerpt(source: str, offset: int, end_offset: int | None = None) -> st
     return f"{gutter}{text}\n{' ' * (len(gutter) - 2)}| {' ' * (col - 1)}^{'~' * (width - 1)}"
 
 
-class CelError(Exception):
-    """Base class of every error raised by :mod:`policy_engine.cel`."""
+class CelError(PolicyEngineError):
+    """Base class of every error raised by :mod:`policy_engine.cel` (a `PolicyEngineError`, so one `except` catches all of ours)."""
 
 
 class _IssuesError(CelError):
