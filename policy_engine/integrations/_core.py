@@ -1,0 +1,403 @@
+"""What the SDK middleware and the httpx transports share: one logical request's life.
+
+A *flight* is one logical Messages API request: decided once (one reservation), sent
+one or more times (SDK retries, a fallback to standard after a fast 429, `retry`
+waits), and settled once (from the body, or from the stream's `message_start` plus its
+final `message_delta`), or released when it ends without a response the API bills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .. import telemetry
+from ..apply import merge_beta
+from ..catalog import UsageError
+from ..decide import Decision, Engine
+from ..errors import InvalidRequest, PolicyEngineError
+from ..observe import ThroughputObserver
+from ..ratelimit import account_id, parse_retry_after
+from ..tokens import estimate_text_tokens
+
+__all__ = ["Runtime", "Flight", "StreamTracker", "FastModeRateLimited", "policy_context", "ContextSource"]
+
+ContextSource = Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None
+Action = Literal["done", "fallback", "retry", "fail"]
+
+_MESSAGES = "/v1/messages"
+_BATCHES = "/v1/messages/batches"
+_context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("policy_engine_context", default=None)
+
+
+class FastModeRateLimited(PolicyEngineError):
+    """A fast request got a 429 and the policy's `on_fast_rate_limited` is `fail`."""
+
+    def __init__(self, retry_after_s: float | None, decision: Decision) -> None:
+        self.retry_after_s = retry_after_s
+        self.decision = decision
+        wait = f"; retry after {retry_after_s:g}s" if retry_after_s is not None else ""
+        super().__init__(f"fast mode is rate limited (HTTP 429){wait}; the policy says fail (on_fast_rate_limited)")
+
+
+@contextlib.contextmanager
+def policy_context(**context: Any) -> Iterator[None]:
+    """Decision context for the requests made inside the block (merged over the integration's own).
+
+        with policy_context(tenant="acme", interactive=True, latency_slo_ms=8_000):
+            client.messages.create(...)
+
+    Works across threads' and tasks' boundaries the way `contextvars` do.
+    """
+    outer = _context.get()
+    token = _context.set({**outer, **context} if outer else context)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def endpoint(url: str) -> str | None:
+    """`messages`, `batches`, or None (any other endpoint, count_tokens included)."""
+    path = url.split("?", 1)[0]
+    if path.endswith(_MESSAGES):
+        return "messages"
+    if path.endswith(_BATCHES):
+        return "batches"
+    return None
+
+
+def strip_batch_speed(body: Any) -> Any:
+    """A batch body whose requests never ask for fast mode (the Batch API refuses it)."""
+    requests = body.get("requests") if isinstance(body, Mapping) else None
+    if not isinstance(requests, list):
+        return body
+    if not any(isinstance(r, Mapping) and isinstance(r.get("params"), Mapping) and "speed" in r["params"] for r in requests):
+        return body
+    telemetry.record_event("policy_engine.batch_speed_removed", {})
+    stripped = []
+    for item in requests:
+        if isinstance(item, Mapping) and isinstance(item.get("params"), Mapping) and "speed" in item["params"]:
+            item = {**item, "params": {k: v for k, v in item["params"].items() if k != "speed"}}
+        stripped.append(item)
+    return {**body, "requests": stripped}
+
+
+def sdk_will_retry(status: int, headers: Mapping[str, str], retries_taken: int, max_retries: int) -> bool:
+    """Whether the anthropic SDK's retry loop will send this request again (its own rules)."""
+    if retries_taken >= max_retries:
+        return False
+    should = headers.get("x-should-retry")
+    if should == "true":
+        return True
+    if should == "false":
+        return False
+    return status in (408, 409, 429) or status >= 500
+
+
+@dataclass(eq=False)
+class Flight:
+    """One logical request between its decision and its settlement."""
+
+    decision: Decision
+    speed: str
+    """The speed on the wire now: the decision's, or standard after a fallback."""
+    key: str | None
+    created: float
+    sent_at: float = 0.0
+    fast_retries: int = 0
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Runtime:
+    """Decides, rewrites, records and settles for one integration instance."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        context: ContextSource = None,
+        policy: str | None = None,
+        account: str | None = None,
+        observe: bool = True,
+        fast_retries: int = 2,
+        max_retry_wait_s: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.engine = engine
+        self.context = context
+        self.policy = policy
+        self.fixed_account = account
+        self.account = account or "default"
+        if observe and engine.throughput is None:
+            engine.throughput = ThroughputObserver()
+        self.observer = engine.throughput if observe else None
+        self.fast_retries = fast_retries
+        self.max_retry_wait_s = max_retry_wait_s
+        self.sleep = sleep
+        self._flights: dict[str, Flight] = {}
+        self._lock = threading.Lock()
+        self._accounts: dict[str, str] = {}
+        self._model_keys: dict[str, str] = {}
+        self._next_sweep = 0.0
+
+    # -- deciding ----------------------------------------------------------------------
+
+    def _context_for(self, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        source = self.context
+        base = source(body) if callable(source) else source
+        extra = _context.get()
+        if extra is None:
+            return base
+        return {**base, **extra} if base else extra
+
+    def flight(self, body: Mapping[str, Any], betas: str | None, key: str | None) -> Flight | None:
+        """The flight of this attempt: the one already decided for `key`, else a new decision.
+
+        Raises `CeilingExceeded` (nothing is sent). Returns None for a body the engine
+        cannot read; such a request goes out at standard speed, unmetered, and the API
+        will most likely refuse it anyway.
+        """
+        if key is not None:
+            existing = self._flights.get(key)
+            if existing is not None:
+                return existing
+        params: Mapping[str, Any] = body
+        if betas:
+            params = {**body, "betas": [b.strip() for b in betas.split(",") if b.strip()]}
+        try:
+            decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy)
+        except InvalidRequest as exc:
+            telemetry.record_event("policy_engine.undecidable_request", {"policy_engine.error": str(exc)[:200]})
+            return None
+        now = time.monotonic()
+        flight = Flight(decision, decision.speed, key, now)
+        if key is not None:
+            with self._lock:
+                self._flights[key] = flight
+                if now >= self._next_sweep:
+                    self._sweep(now)
+        return flight
+
+    def _sweep(self, now: float) -> None:
+        # A flight whose caller vanished (no final response, no exception) is dropped; its
+        # reservation expires in the ledger on its own.
+        self._next_sweep = now + 60.0
+        ttl = self.engine.reservation_ttl_s
+        for key in [k for k, f in self._flights.items() if now - f.created > ttl]:
+            del self._flights[key]
+
+    def wire_body(self, flight: Flight | None, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The body to send: `speed: "fast"` for fast, no `speed` at all otherwise."""
+        if flight is not None and flight.speed == "fast":
+            return {**body, "speed": "fast"}
+        if "speed" in body:
+            return {k: v for k, v in body.items() if k != "speed"}
+        return body if isinstance(body, dict) else dict(body)
+
+    def wire_beta(self, flight: Flight | None, current: str | None) -> str | None:
+        """The `anthropic-beta` value to send (the caller's, plus the fast beta when fast)."""
+        if flight is not None and flight.speed == "fast":
+            return merge_beta(current, flight.decision.fast_beta)
+        return current
+
+    # -- responses ---------------------------------------------------------------------
+
+    def account_from(self, headers: Mapping[str, str]) -> str:
+        """The rate-limit account of the request that was sent (its API key, hashed once)."""
+        if self.fixed_account is not None:
+            return self.fixed_account
+        key = headers.get("x-api-key") or headers.get("authorization") or ""
+        account = self._accounts.get(key)
+        if account is None:
+            account = self._accounts[key] = account_id(api_key=key or None)
+        # Decisions are made before the request has auth headers: they use the last account seen.
+        self.account = account
+        return account
+
+    def after_response(self, flight: Flight | None, status: int, headers: Mapping[str, str],
+                       request_headers: Mapping[str, str]) -> tuple[Action, float]:
+        """Record the fast rate-limit headers; say what to do next and how long to wait first."""
+        fast_429 = flight is not None and flight.speed == "fast" and status == 429
+        account = self.account_from(request_headers)
+        if fast_429 or "anthropic-fast-input-tokens-remaining" in headers or "anthropic-fast-output-tokens-remaining" in headers:
+            self.engine.ratelimits.record(account, headers, rate_limited=fast_429)
+        if not fast_429:
+            return "done", 0.0
+        assert flight is not None
+        mode = self.engine.policy(self.policy).policy.on_fast_rate_limited
+        wait = parse_retry_after(headers.get("retry-after"), time.time())
+        attributes = {"policy_engine.policy.name": flight.decision.policy_name, "policy_engine.action": mode}
+        telemetry.record_event("policy_engine.fast_rate_limited", attributes)
+        if mode == "fallback":
+            flight.speed = "standard"
+            return "fallback", 0.0
+        if mode == "retry" and flight.fast_retries < self.fast_retries:
+            flight.fast_retries += 1
+            return "retry", min(wait if wait is not None else 1.0, self.max_retry_wait_s)
+        if mode == "retry":
+            return "done", 0.0  # out of retries: the 429 goes to the caller (and the SDK's own retries)
+        return "fail", wait if wait is not None else 0.0
+
+    def fail(self, flight: Flight, wait: float) -> FastModeRateLimited:
+        self.release(flight)
+        return FastModeRateLimited(wait or None, flight.decision)
+
+    # -- settling ----------------------------------------------------------------------
+
+    def _finish(self, flight: Flight) -> bool:
+        with flight.lock:
+            if flight.done:
+                return False
+            flight.done = True
+        if flight.key is not None:
+            with self._lock:
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
+        return True
+
+    def release(self, flight: Flight | None) -> None:
+        """The request ended without a billed response: free its reservation."""
+        if flight is not None and self._finish(flight):
+            self.engine.release(flight.decision)
+
+    def model_key(self, name: str) -> str:
+        key = self._model_keys.get(name)
+        if key is None:
+            entry = self.engine.catalog.find(name)
+            key = self._model_keys[name] = entry.id if entry is not None else name
+        return key
+
+    def settle(self, flight: Flight | None, usage: Any, *, timed: bool = True) -> None:
+        """Settle from a response's usage (a dict or the SDK's Usage); a missing speed is the one sent.
+
+        `timed`: feed the throughput observer with this non-streaming response's total time.
+        """
+        if flight is None or not self._finish(flight):
+            return
+        decision = flight.decision
+        if isinstance(usage, Mapping):
+            if usage.get("speed") is None:
+                usage = {**usage, "speed": flight.speed}
+        elif usage is not None and getattr(usage, "speed", None) is None:
+            usage = {**usage.model_dump(), "speed": flight.speed} if hasattr(usage, "model_dump") else None
+        try:
+            settlement = self.engine.settle(decision, usage)
+        except UsageError as exc:
+            # Billed, but we cannot tell for how much: count the worst case rather than nothing.
+            telemetry.record_event("policy_engine.usage_unreadable", {"policy_engine.error": str(exc)[:200]})
+            settlement = self.engine.settle(decision, {"input_tokens": decision.input_tokens,
+                                                       "output_tokens": decision.max_tokens, "speed": flight.speed})
+        if timed and self.observer is not None and flight.sent_at:
+            self.observer.observe_response(self.model_key(decision.model), settlement.speed, settlement.output_tokens,
+                                           time.perf_counter() - flight.sent_at)
+
+    def settle_body(self, flight: Flight | None, content: bytes) -> None:
+        try:
+            data = json.loads(content)
+        except ValueError:
+            data = None
+        self.settle(flight, data.get("usage") if isinstance(data, dict) else None)
+
+    def tracker(self, flight: Flight) -> StreamTracker:
+        return StreamTracker(self, flight)
+
+
+class StreamTracker:
+    """Reads a Messages SSE stream as it passes and settles the flight when it ends or is dropped.
+
+    Only `message_start` and `message_delta` are parsed as they arrive; content deltas are
+    kept as raw lines and read only if the stream is abandoned, to estimate the output
+    tokens seen before the caller closed it (the final `message_delta` never came).
+    """
+
+    def __init__(self, runtime: Runtime, flight: Flight) -> None:
+        self.runtime = runtime
+        self.flight = flight
+        self._buffer = b""
+        self._start: dict[str, Any] = {}
+        self._final: dict[str, Any] = {}
+        self._deltas: list[bytes] = []
+        self._first_delta_at = 0.0
+        self._final_at = 0.0
+        self._finished = False
+
+    def feed(self, chunk: bytes) -> None:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        lines = buffer.split(b"\n")
+        self._buffer = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            if b'"content_block_delta"' in line[:60]:
+                if not self._first_delta_at:
+                    self._first_delta_at = time.perf_counter()
+                self._deltas.append(line)
+            elif b'"message_start"' in line[:40]:
+                event = _event(line)
+                message = event.get("message") if event else None
+                if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                    self._start = message["usage"]
+            elif b'"message_delta"' in line[:40]:
+                event = _event(line)
+                usage = event.get("usage") if event else None
+                if isinstance(usage, dict):
+                    self._final = usage
+                    self._final_at = time.perf_counter()
+
+    def finish(self, complete: bool) -> None:
+        """Settle with what was seen (idempotent). `complete`: the stream reached its end."""
+        if self._finished:
+            return
+        self._finished = True
+        if not self._start:
+            # No message_start: nothing was generated that the API bills.
+            self.runtime.release(self.flight)
+            return
+        usage = dict(self._start)
+        usage.update((k, v) for k, v in self._final.items() if v is not None)
+        if not self._final:
+            seen = _seen_output_tokens(self._deltas)
+            usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), seen)
+            telemetry.record_event("policy_engine.stream_abandoned", {"policy_engine.output_tokens": usage["output_tokens"]})
+        observer, flight = self.runtime.observer, self.flight
+        self.runtime.settle(flight, usage, timed=False)
+        if observer is not None and complete and self._first_delta_at and flight.sent_at:
+            output = usage.get("output_tokens")
+            observer.observe_stream(self.runtime.model_key(flight.decision.model), str(usage.get("speed") or flight.speed),
+                                    output if type(output) is int else 0, self._first_delta_at - flight.sent_at,
+                                    (self._final_at or time.perf_counter()) - self._first_delta_at)
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(line[5:])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _seen_output_tokens(lines: list[bytes]) -> int:
+    parts = []
+    for line in lines:
+        event = _event(line)
+        delta = event.get("delta") if event else None
+        if isinstance(delta, dict):
+            for name in ("text", "thinking", "partial_json"):
+                value = delta.get(name)
+                if isinstance(value, str):
+                    parts.append(value)
+    return int(estimate_text_tokens("".join(parts)) + 0.999) if parts else 0
+
+
+def guard_abandonment(owner: object, tracker: StreamTracker) -> None:
+    """Settle `tracker` when `owner` (the wrapped stream) is garbage-collected unfinished."""
+    weakref.finalize(owner, tracker.finish, False)

@@ -1,0 +1,337 @@
+"""Fast-mode policies for the anthropic SDK, as one line of client configuration.
+
+    import anthropic, policy_engine
+    from policy_engine.integrations.anthropic import FastModePolicy, policy_context
+
+    engine = policy_engine.load("policies/default.yaml", ledger_path="ledger.db")
+    client = anthropic.Anthropic(middleware=[FastModePolicy(engine, context={"interactive": True})])
+
+    with policy_context(tenant="acme", latency_slo_ms=8_000):
+        message = client.messages.create(model="claude-opus-4-6", max_tokens=1024, messages=[...])
+
+Every POST to /v1/messages (`client.messages` and `client.beta.messages`, sync or async,
+streaming or not) is decided by the engine, sent with `speed: "fast"` and the fast-mode
+beta merged into `anthropic-beta` (or with no `speed` at all for standard), and settled
+against the budgets from the response's usage. The SDK's client-level middleware runs
+once per HTTP attempt inside its retry loop, so the decision is keyed on the SDK's
+idempotency key: retries reuse it, and one logical request makes one reservation and
+one settlement. A fast-mode 429 follows the policy's `on_fast_rate_limited`. A rejected
+request raises `CeilingExceeded` before anything is sent. Batches never go fast
+(`speed` is removed from their requests); count_tokens and other endpoints pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx2
+from anthropic._compat import model_copy
+from anthropic._constants import DEFAULT_MAX_RETRIES
+from anthropic._exceptions import APIConnectionError, APIStatusError
+from anthropic._middleware import AsyncCallNext, CallNext, Middleware
+from anthropic._models import BaseModel as SDKModel
+from anthropic._request import APIRequest
+from anthropic._response import APIResponse, AsyncAPIResponse
+
+from ..decide import Engine
+from ..ledger import MemoryLedger
+from ._core import (
+    ContextSource,
+    FastModeRateLimited,
+    Flight,
+    Runtime,
+    StreamTracker,
+    endpoint,
+    guard_abandonment,
+    policy_context,
+    sdk_will_retry,
+    strip_batch_speed,
+)
+
+__all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context"]
+
+try:  # newer SDKs let any error opt into the retry loop
+    from anthropic._exceptions import RetryableError as _RetryableError
+except ImportError:  # pragma: no cover - depends on the SDK version
+    _RetryableError = ()  # type: ignore[assignment,misc]
+
+_HOP_HEADERS = ("content-encoding", "content-length")
+
+
+class FastModePolicy(Middleware):
+    """anthropic SDK middleware applying an `Engine`'s decisions to every Messages request.
+
+    `context`: the decision context (a mapping, or a function of the request body that
+    returns one), merged under `policy_context(...)` blocks. `policy`: which of the
+    engine's policies decides (default: its first). `account`: the rate-limit account
+    (default: a hash of the client's API key). `observe`: time responses into the engine's
+    throughput observer (created if the engine has none). `fast_retries` and
+    `max_retry_wait_s` bound the waits of `on_fast_rate_limited: retry`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        context: ContextSource = None,
+        policy: str | None = None,
+        account: str | None = None,
+        observe: bool = True,
+        fast_retries: int = 2,
+        max_retry_wait_s: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.runtime = Runtime(engine, context=context, policy=policy, account=account, observe=observe,
+                               fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
+        self._default_max_retries = DEFAULT_MAX_RETRIES
+        # Async callers keep the event loop free of ledger I/O unless the ledger is in memory.
+        self._offload = not isinstance(engine.ledger, MemoryLedger)
+
+    # -- sync --------------------------------------------------------------------------
+
+    def handle(self, request: APIRequest, call_next: CallNext) -> APIResponse[Any]:
+        kind = endpoint(request.url) if request.method.lower() == "post" else None
+        if kind is None:
+            return call_next(request)
+        body = request.json
+        if kind == "batches":
+            return call_next(_derive(request, strip_batch_speed(body), request.headers))
+        if not isinstance(body, Mapping):
+            return call_next(request)
+        runtime = self.runtime
+        headers = request.headers
+        beta_name, beta = _beta(headers)
+        flight = runtime.flight(body, beta, request.options.idempotency_key)
+        try:
+            while True:
+                wire = _derive(request, runtime.wire_body(flight, body),
+                               _with_beta(headers, beta_name, beta, runtime.wire_beta(flight, beta)))
+                response = self._send(wire, flight, call_next)
+                action, wait = runtime.after_response(flight, response.status_code, response.http_response.headers,
+                                                      response.http_response.request.headers)
+                if action == "done":
+                    break
+                response.http_response.close()
+                if action == "fail":
+                    raise runtime.fail(flight, wait)  # type: ignore[arg-type]
+                if action == "retry":
+                    runtime.sleep(wait)
+        except BaseException as exc:
+            self._attempt_failed(request, flight, exc)
+            raise
+        if flight is None:
+            return response
+        if not response.http_response.is_success:
+            self._error_response(request, flight, response)
+            return response
+        if request.stream:
+            return _rewrap(response, _Tracked(response.http_response, runtime.tracker(flight)))
+        runtime.settle(flight, _usage(request, response))
+        return response
+
+    @staticmethod
+    def _send(wire: APIRequest, flight: Flight | None, call_next: CallNext) -> APIResponse[Any]:
+        if flight is not None:
+            flight.sent_at = time.perf_counter()
+        return call_next(wire)
+
+    # -- async -------------------------------------------------------------------------
+
+    async def handle_async(self, request: APIRequest, call_next: AsyncCallNext) -> AsyncAPIResponse[Any]:
+        kind = endpoint(request.url) if request.method.lower() == "post" else None
+        if kind is None:
+            return await call_next(request)
+        body = request.json
+        if kind == "batches":
+            return await call_next(_derive(request, strip_batch_speed(body), request.headers))
+        if not isinstance(body, Mapping):
+            return await call_next(request)
+        runtime = self.runtime
+        headers = request.headers
+        beta_name, beta = _beta(headers)
+        key = request.options.idempotency_key
+        if self._offload:
+            flight = await asyncio.to_thread(runtime.flight, body, beta, key)
+        else:
+            flight = runtime.flight(body, beta, key)
+        try:
+            while True:
+                wire = _derive(request, runtime.wire_body(flight, body),
+                               _with_beta(headers, beta_name, beta, runtime.wire_beta(flight, beta)))
+                if flight is not None:
+                    flight.sent_at = time.perf_counter()
+                response = await call_next(wire)
+                action, wait = runtime.after_response(flight, response.status_code, response.http_response.headers,
+                                                      response.http_response.request.headers)
+                if action == "done":
+                    break
+                await response.http_response.aclose()
+                if action == "fail":
+                    raise runtime.fail(flight, wait)  # type: ignore[arg-type]
+                if action == "retry":
+                    await asyncio.sleep(wait)
+        except BaseException as exc:
+            self._attempt_failed(request, flight, exc)
+            raise
+        if flight is None:
+            return response
+        if not response.http_response.is_success:
+            self._error_response(request, flight, response)
+            return response
+        if request.stream:
+            return _rewrap(response, _AsyncTracked(response.http_response, runtime.tracker(flight)))
+        await response.http_response.aread()
+        usage = await _ausage(request, response)
+        if self._offload:
+            await asyncio.to_thread(runtime.settle, flight, usage)
+        else:
+            runtime.settle(flight, usage)
+        return response
+
+    # -- the SDK's retry loop ------------------------------------------------------------
+
+    def _max_retries(self, request: APIRequest) -> int:
+        return request.options.get_max_retries(self._default_max_retries)
+
+    def _error_response(self, request: APIRequest, flight: Flight, response: APIResponse[Any] | AsyncAPIResponse[Any]) -> None:
+        """An error response: the flight lives on if the SDK will retry it, else its reservation goes."""
+        self._default_max_retries = response._client.max_retries
+        http = response.http_response
+        if not sdk_will_retry(http.status_code, http.headers, request.retries_taken, self._max_retries(request)):
+            self.runtime.release(flight)
+
+    def _attempt_failed(self, request: APIRequest, flight: Flight | None, exc: BaseException) -> None:
+        if flight is None:
+            return
+        retry = False
+        if request.retries_taken < self._max_retries(request):
+            cause: BaseException | None = exc
+            seen: set[int] = set()
+            while cause is not None and id(cause) not in seen:
+                seen.add(id(cause))
+                if isinstance(cause, APIStatusError):
+                    retry = sdk_will_retry(cause.status_code, cause.response.headers, request.retries_taken,
+                                           self._max_retries(request))
+                    break
+                if isinstance(cause, (APIConnectionError, _RetryableError)):
+                    retry = True
+                    break
+                cause = cause.__cause__
+        if not retry:
+            self.runtime.release(flight)
+
+
+def _beta(headers: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The caller's `anthropic-beta` header: its key as spelt, and its value (if a string)."""
+    for name, value in headers.items():
+        if name.lower() == "anthropic-beta":
+            return name, value if isinstance(value, str) else None
+    return "anthropic-beta", None
+
+
+def _with_beta(headers: Mapping[str, Any], name: str, old: str | None, new: str | None) -> Mapping[str, Any]:
+    if new == old or new is None:
+        return headers
+    return {**headers, name: new}
+
+
+def _derive(request: APIRequest, body: Any, headers: Mapping[str, Any]) -> APIRequest:
+    """`request` with another body and headers, sharing everything else.
+
+    `APIRequest.copy` deep-copies the body; the body here is already a new dict, and
+    copying a long conversation on every request would cost more than deciding it.
+    """
+    if body is request.json and headers is request.headers:
+        return request
+    options = model_copy(request.options)
+    options.json_data = body
+    options.headers = dict(headers)
+    return APIRequest(options=options, cast_to=request.cast_to, stream=request.stream, stream_cls=request.stream_cls,
+                      retries_taken=request.retries_taken)
+
+
+def _parses_to_model(request: APIRequest) -> bool:
+    cast_to = request.cast_to
+    return isinstance(cast_to, type) and issubclass(cast_to, SDKModel)
+
+
+def _usage(request: APIRequest, response: APIResponse[Any]) -> Any:
+    # Parsing through the response caches the model the SDK hands the caller: parsed once.
+    if _parses_to_model(request):
+        return getattr(response.parse(), "usage", None)
+    data = json.loads(response.http_response.read() or b"null")
+    return data.get("usage") if isinstance(data, dict) else None
+
+
+async def _ausage(request: APIRequest, response: AsyncAPIResponse[Any]) -> Any:
+    if _parses_to_model(request):
+        return getattr(await response.parse(), "usage", None)
+    data = json.loads(await response.http_response.aread() or b"null")
+    return data.get("usage") if isinstance(data, dict) else None
+
+
+class _Tracked(httpx2.SyncByteStream):
+    """The response body, passed through a `StreamTracker` that settles when it ends or is closed."""
+
+    def __init__(self, response: httpx2.Response, tracker: StreamTracker) -> None:
+        self._response = response
+        self._tracker = tracker
+        guard_abandonment(self, tracker)
+
+    def __iter__(self) -> Iterator[bytes]:
+        tracker = self._tracker
+        complete = False
+        try:
+            for chunk in self._response.iter_bytes():
+                tracker.feed(chunk)
+                yield chunk
+            complete = True
+        finally:
+            tracker.finish(complete)
+
+    def close(self) -> None:
+        try:
+            self._response.close()
+        finally:
+            self._tracker.finish(False)
+
+
+class _AsyncTracked(httpx2.AsyncByteStream):
+    def __init__(self, response: httpx2.Response, tracker: StreamTracker) -> None:
+        self._response = response
+        self._tracker = tracker
+        guard_abandonment(self, tracker)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        tracker = self._tracker
+        complete = False
+        try:
+            async for chunk in self._response.aiter_bytes():
+                tracker.feed(chunk)
+                yield chunk
+            complete = True
+        finally:
+            tracker.finish(complete)
+
+    async def aclose(self) -> None:
+        try:
+            await self._response.aclose()
+        finally:
+            self._tracker.finish(False)
+
+
+def _rewrap(response: Any, stream: httpx2.SyncByteStream | httpx2.AsyncByteStream) -> Any:
+    """The same SDK response, reading its body through `stream` (already decoded, so no encoding headers)."""
+    raw = response.http_response
+    headers = raw.headers.copy()
+    for name in _HOP_HEADERS:
+        if name in headers:
+            del headers[name]
+    wrapped = httpx2.Response(status_code=raw.status_code, headers=headers, stream=stream, request=raw.request,
+                              extensions=raw.extensions)
+    return type(response)(raw=wrapped, cast_to=response._cast_to, client=response._client, stream=True,
+                          stream_cls=response._stream_cls, options=response._options, retries_taken=response.retries_taken)
