@@ -79,6 +79,8 @@ class Decision:
     _settled: bool = False
     _rejection: tuple[str, int, int, int] | None = None
     """(ceiling, limit, spent plus reserved, estimate) in micro-dollars, when rejected."""
+    _span_context: Any = None
+    """The decide span's context when a tracer recorded it: the settle span links to it."""
 
     @property
     def estimate_micro(self) -> int | None:
@@ -128,6 +130,8 @@ class Settlement:
     output_tokens: int
     first: bool
     """False when this decision had been settled already (nothing was recorded twice)."""
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
 
 
 class ConversationStore:
@@ -235,7 +239,7 @@ class Engine:
         try:
             decision = self._decide(params, context, now, account, batch, tokens, self.policy(policy))
         except RuleEvaluationError as exc:
-            telemetry.record_decision(exc.decision, started, time.perf_counter_ns())
+            telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
         telemetry.record_decision(decision, started, time.perf_counter_ns())
         if decision.outcome == "rejected":
@@ -572,8 +576,9 @@ class Engine:
             charges = self._actual_charges(decision, model, usage, counts.speed, cost)
             first = self.ledger.settle(decision.reservation_id, charges)
         decision._settled = True
-        settlement = Settlement(cost, counts.speed, counts.input_tokens, counts.output_tokens, first)
-        telemetry.record_settlement(decision, settlement, usage)
+        settlement = Settlement(cost, counts.speed, counts.input_tokens, counts.output_tokens, first,
+                                counts.cache_write_5m_tokens + counts.cache_write_1h_tokens, counts.cache_read_tokens)
+        telemetry.record_settlement(decision, settlement)
         return settlement
 
     def _actual_charges(self, decision: Decision, model: ModelEntry | None, usage: Any, speed: str, cost: int) -> list[Charge]:

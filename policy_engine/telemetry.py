@@ -1,21 +1,35 @@
 """OpenTelemetry spans and metrics, through opentelemetry-api only.
 
-Without an SDK configured every call here is a no-op costing well under a
-microsecond. Attributes use the GenAI semantic-convention names where they exist
-(`gen_ai.*`) and `policy_engine.*` for the rest. Prompt content, user text and
-API keys are never recorded.
+Spans: `policy_engine.decide` (one per decision) and `policy_engine.settle` (one per
+settlement, linked to its decision's span). Metrics: `policy_engine.decisions`
+(by speed, rule and outcome), `policy_engine.downgrades` and `policy_engine.rejects`
+(by reason), `policy_engine.cost` (settled USD, by speed), `policy_engine.decide.duration`
+(seconds) and `policy_engine.events`.
+
+Attributes use the GenAI semantic-convention names where they exist (`gen_ai.*`) and
+`policy_engine.*` for the rest. Prompt content, user text, tenant and user ids and API
+keys are never recorded: only model names, counts, costs, and names from the policy.
+
+Until some TracerProvider or MeterProvider is installed, every call here returns after
+one global read: the API's providers are module globals that stay None until an SDK
+sets them. That is checked on every call, so an SDK configured after this module was
+imported is picked up at once; once seen, the check is skipped for good (a global
+provider cannot be unset).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
+from opentelemetry import trace as _trace_api
+from opentelemetry.metrics import _internal as _metrics_api
 
 if TYPE_CHECKING:
     from .decide import Decision, Settlement
 
-__all__ = ["record_decision", "record_settlement", "record_event", "TRACER_NAME"]
+__all__ = ["record_decision", "record_settlement", "record_event", "TRACER_NAME", "enabled"]
 
 TRACER_NAME = "policy_engine"
 
@@ -28,6 +42,23 @@ _rejects = _meter.create_counter("policy_engine.rejects", unit="{request}", desc
 _cost = _meter.create_counter("policy_engine.cost", unit="USD", description="Settled cost by speed.")
 _decide_latency = _meter.create_histogram("policy_engine.decide.duration", unit="s", description="Time spent in decide().")
 _events = _meter.create_counter("policy_engine.events", unit="{event}", description="Operational events (reloads, bad headers, state outages).")
+
+_active = False
+
+if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ or "OTEL_PYTHON_METER_PROVIDER" in os.environ:
+    # Providers named by environment variable load on the first get_*_provider() call only.
+    trace.get_tracer_provider()
+    metrics.get_meter_provider()
+
+
+def enabled() -> bool:
+    """True once a tracer or meter provider has been installed (then for the life of the process)."""
+    global _active
+    if not _active:
+        # A missing private global (a future API) counts as installed: record, never drop.
+        _active = (getattr(_trace_api, "_TRACER_PROVIDER", True) is not None
+                   or getattr(_metrics_api, "_METER_PROVIDER", True) is not None)
+    return _active
 
 
 def _decision_attributes(decision: Decision) -> dict[str, Any]:
@@ -48,6 +79,8 @@ def _decision_attributes(decision: Decision) -> dict[str, Any]:
         attributes["policy_engine.guardrails"] = list(decision.guardrails)
     if decision.ceilings:
         attributes["policy_engine.ceilings"] = list(decision.ceilings)
+    if decision.forced_by:
+        attributes["policy_engine.forced_by"] = decision.forced_by
     if decision.estimate_standard_micro is not None:
         attributes["policy_engine.cost.estimate_standard_usd"] = decision.estimate_standard_micro / 1e6
     if decision.estimate_fast_micro is not None:
@@ -56,44 +89,65 @@ def _decision_attributes(decision: Decision) -> dict[str, Any]:
         attributes["policy_engine.errors"] = list(decision.errors)
     if decision.reservation_id:
         attributes["policy_engine.reservation_id"] = decision.reservation_id
+    if decision.sticky_switch:
+        attributes["policy_engine.sticky_switch.from"] = decision.sticky_switch["from"]
+        attributes["policy_engine.sticky_switch.cached_prefix_tokens"] = decision.sticky_switch["cached_prefix_tokens"]
+        if "cache_miss_cost_micro" in decision.sticky_switch:
+            attributes["policy_engine.sticky_switch.cache_miss_usd"] = decision.sticky_switch["cache_miss_cost_micro"] / 1e6
     return attributes
 
 
-def record_decision(decision: Decision, started_ns: int, ended_ns: int) -> None:
-    """One span per decision, and the decision metrics."""
-    attributes = _decision_attributes(decision)
-    span = _tracer.start_span("policy_engine.decide", attributes=attributes, start_time=started_ns)
-    for error in decision.errors:
-        span.add_event("policy_engine.rule_error", {"policy_engine.error": error})
+def record_decision(decision: Decision, started_ns: int, ended_ns: int, error: BaseException | None = None) -> None:
+    """One span per decision, and the decision metrics. `error`: the evaluation error raised to the caller."""
+    if not _active and not enabled():
+        return
+    span = _tracer.start_span("policy_engine.decide", start_time=started_ns)
+    if span.is_recording():
+        span.set_attributes(_decision_attributes(decision))
+        for message in decision.errors:
+            span.add_event("policy_engine.rule_error", {"policy_engine.error": message})
+        if error is not None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+        decision._span_context = span.get_span_context()
     span.end(end_time=ended_ns)
-    labels = {"policy_engine.speed": decision.speed, "policy_engine.rule": decision.rule, "policy_engine.outcome": decision.outcome}
+    labels = {"policy_engine.policy.name": decision.policy_name, "policy_engine.speed": decision.speed,
+              "policy_engine.rule": decision.rule, "policy_engine.outcome": decision.outcome}
     _decisions.add(1, labels)
     if decision.outcome == "downgraded":
-        _downgrades.add(1, {"policy_engine.reason": decision.forced_by or "unknown"})
+        _downgrades.add(1, {"policy_engine.policy.name": decision.policy_name, "policy_engine.reason": decision.forced_by or "unknown"})
     elif decision.outcome == "rejected":
-        _rejects.add(1, {"policy_engine.reason": decision.forced_by or "unknown"})
+        _rejects.add(1, {"policy_engine.policy.name": decision.policy_name, "policy_engine.reason": decision.forced_by or "unknown"})
     _decide_latency.record((ended_ns - started_ns) / 1e9, {"policy_engine.policy.name": decision.policy_name})
 
 
-def record_settlement(decision: Decision, settlement: Settlement, usage: Any) -> None:
-    """One span per settlement, and the cost metric."""
-    attributes = _decision_attributes(decision)
-    attributes.update({
-        "gen_ai.response.model": decision.model,
-        "gen_ai.usage.input_tokens": settlement.input_tokens,
-        "gen_ai.usage.output_tokens": settlement.output_tokens,
-        "policy_engine.speed.actual": settlement.speed,
-        "policy_engine.cost.actual_usd": settlement.cost_micro / 1e6,
-        "policy_engine.settled.first": settlement.first,
-    })
-    with _tracer.start_as_current_span("policy_engine.settle", attributes=attributes):
-        pass
+def record_settlement(decision: Decision, settlement: Settlement) -> None:
+    """One span per settlement (linked to the decision's span), and the cost metric."""
+    if not _active and not enabled():
+        return
+    context = decision._span_context
+    links = [trace.Link(context)] if context is not None else None
+    span = _tracer.start_span("policy_engine.settle", links=links)
+    if span.is_recording():
+        attributes = _decision_attributes(decision)
+        attributes.update({
+            "gen_ai.usage.input_tokens": settlement.input_tokens + settlement.cache_write_tokens + settlement.cache_read_tokens,
+            "gen_ai.usage.output_tokens": settlement.output_tokens,
+            "gen_ai.usage.cache_creation.input_tokens": settlement.cache_write_tokens,
+            "gen_ai.usage.cache_read.input_tokens": settlement.cache_read_tokens,
+            "policy_engine.speed.actual": settlement.speed,
+            "policy_engine.cost.actual_usd": settlement.cost_micro / 1e6,
+            "policy_engine.settled.first": settlement.first,
+        })
+        span.set_attributes(attributes)
+    span.end()
     if settlement.first:
         _cost.add(settlement.cost_micro / 1e6, {"policy_engine.speed": settlement.speed, "gen_ai.request.model": decision.model})
 
 
 def record_event(name: str, attributes: dict[str, Any] | None = None) -> None:
     """An operational event: a span event on the current span and a counter."""
+    if not _active and not enabled():
+        return
     attrs = dict(attributes or {})
     trace.get_current_span().add_event(name, attrs)
     _events.add(1, {"policy_engine.event": name})
