@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -398,6 +398,69 @@ def _seen_output_tokens(lines: list[bytes]) -> int:
     return int(estimate_text_tokens("".join(parts)) + 0.999) if parts else 0
 
 
-def guard_abandonment(owner: object, tracker: StreamTracker) -> None:
-    """Settle `tracker` when `owner` (the wrapped stream) is garbage-collected unfinished."""
-    weakref.finalize(owner, tracker.finish, False)
+_HOP_HEADERS = ("content-encoding", "content-length")
+
+
+def decoded_headers(headers: Any) -> Any:
+    """Response headers for a body re-served already decoded: no encoding, no stale length."""
+    headers = headers.copy()
+    for name in _HOP_HEADERS:
+        if name in headers:
+            del headers[name]
+    return headers
+
+
+def tracked_streams(module: Any) -> tuple[type, type]:
+    """Sync and async byte streams (of `httpx` or `httpx2`) that feed a `StreamTracker` on the way.
+
+    The tracker settles when the body ends, when it is closed, and, should the caller just
+    drop the stream, when the stream is garbage-collected.
+    """
+
+    class Tracked(module.SyncByteStream):  # type: ignore[misc,name-defined]
+        def __init__(self, response: Any, tracker: StreamTracker) -> None:
+            self._response = response
+            self._tracker = tracker
+            weakref.finalize(self, tracker.finish, False)
+
+        def __iter__(self) -> Iterator[bytes]:
+            tracker = self._tracker
+            complete = False
+            try:
+                for chunk in self._response.iter_bytes():
+                    tracker.feed(chunk)
+                    yield chunk
+                complete = True
+            finally:
+                tracker.finish(complete)
+
+        def close(self) -> None:
+            try:
+                self._response.close()
+            finally:
+                self._tracker.finish(False)
+
+    class AsyncTracked(module.AsyncByteStream):  # type: ignore[misc,name-defined]
+        def __init__(self, response: Any, tracker: StreamTracker) -> None:
+            self._response = response
+            self._tracker = tracker
+            weakref.finalize(self, tracker.finish, False)
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            tracker = self._tracker
+            complete = False
+            try:
+                async for chunk in self._response.aiter_bytes():
+                    tracker.feed(chunk)
+                    yield chunk
+                complete = True
+            finally:
+                tracker.finish(complete)
+
+        async def aclose(self) -> None:
+            try:
+                await self._response.aclose()
+            finally:
+                self._tracker.finish(False)
+
+    return Tracked, AsyncTracked

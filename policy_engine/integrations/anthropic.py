@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import httpx2
@@ -44,12 +44,12 @@ from ._core import (
     FastModeRateLimited,
     Flight,
     Runtime,
-    StreamTracker,
+    decoded_headers,
     endpoint,
-    guard_abandonment,
     policy_context,
     sdk_will_retry,
     strip_batch_speed,
+    tracked_streams,
 )
 
 __all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context"]
@@ -58,8 +58,6 @@ try:  # newer SDKs let any error opt into the retry loop
     from anthropic._exceptions import RetryableError as _RetryableError
 except ImportError:  # pragma: no cover - depends on the SDK version
     _RetryableError = ()  # type: ignore[assignment,misc]
-
-_HOP_HEADERS = ("content-encoding", "content-length")
 
 
 class FastModePolicy(Middleware):
@@ -274,64 +272,13 @@ async def _ausage(request: APIRequest, response: AsyncAPIResponse[Any]) -> Any:
     return data.get("usage") if isinstance(data, dict) else None
 
 
-class _Tracked(httpx2.SyncByteStream):
-    """The response body, passed through a `StreamTracker` that settles when it ends or is closed."""
-
-    def __init__(self, response: httpx2.Response, tracker: StreamTracker) -> None:
-        self._response = response
-        self._tracker = tracker
-        guard_abandonment(self, tracker)
-
-    def __iter__(self) -> Iterator[bytes]:
-        tracker = self._tracker
-        complete = False
-        try:
-            for chunk in self._response.iter_bytes():
-                tracker.feed(chunk)
-                yield chunk
-            complete = True
-        finally:
-            tracker.finish(complete)
-
-    def close(self) -> None:
-        try:
-            self._response.close()
-        finally:
-            self._tracker.finish(False)
-
-
-class _AsyncTracked(httpx2.AsyncByteStream):
-    def __init__(self, response: httpx2.Response, tracker: StreamTracker) -> None:
-        self._response = response
-        self._tracker = tracker
-        guard_abandonment(self, tracker)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        tracker = self._tracker
-        complete = False
-        try:
-            async for chunk in self._response.aiter_bytes():
-                tracker.feed(chunk)
-                yield chunk
-            complete = True
-        finally:
-            tracker.finish(complete)
-
-    async def aclose(self) -> None:
-        try:
-            await self._response.aclose()
-        finally:
-            self._tracker.finish(False)
+_Tracked, _AsyncTracked = tracked_streams(httpx2)
 
 
 def _rewrap(response: Any, stream: httpx2.SyncByteStream | httpx2.AsyncByteStream) -> Any:
     """The same SDK response, reading its body through `stream` (already decoded, so no encoding headers)."""
     raw = response.http_response
-    headers = raw.headers.copy()
-    for name in _HOP_HEADERS:
-        if name in headers:
-            del headers[name]
-    wrapped = httpx2.Response(status_code=raw.status_code, headers=headers, stream=stream, request=raw.request,
+    wrapped = httpx2.Response(status_code=raw.status_code, headers=decoded_headers(raw.headers), stream=stream, request=raw.request,
                               extensions=raw.extensions)
     return type(response)(raw=wrapped, cast_to=response._cast_to, client=response._client, stream=True,
                           stream_cls=response._stream_cls, options=response._options, retries_taken=response.retries_taken)
