@@ -41,7 +41,7 @@ from .ledger import MemoryLedger
 from .testing.runner import DEFAULT_TEST_TIME
 from .tokens import TokenEstimate, estimate_input_tokens
 
-__all__ = ["LogError", "Outcome", "Report", "Replayer", "iter_log", "open_log", "simulate", "START_TIME"]
+__all__ = ["DiffReport", "LogError", "Outcome", "Report", "Replayer", "diff", "iter_log", "open_log", "simulate", "START_TIME"]
 
 START_TIME = DEFAULT_TEST_TIME
 """Decision time of the lines before the first one that carries a `ts`."""
@@ -506,3 +506,136 @@ def simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog
              **kwargs: Any) -> Report:
     """Replay `lines` ((number, text) pairs, as `iter_log` yields) through `compiled`."""
     return Replayer(compiled, catalog).run(lines, **kwargs)
+
+
+# -- diff: two policies over the same log ---------------------------------------------------
+
+
+@dataclass
+class _Change:
+    count: int = 0
+    cost_delta: int = 0
+    latency_delta_s: float = 0.0
+    lines: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DiffReport:
+    """The decisions that change between two policies over one log, grouped by what changed."""
+
+    old: Report
+    new: Report
+    changes: dict[tuple[str, str, str, str], _Change] = field(default_factory=dict)
+    unchanged: int = 0
+
+    EXAMPLES = 5
+
+    def add(self, a: Outcome, b: Outcome) -> None:
+        if a.speed == b.speed and a.rule == b.rule:
+            self.unchanged += 1
+            return
+        key = (a.speed, b.speed, a.rule, b.rule)
+        change = self.changes.setdefault(key, _Change())
+        change.count += 1
+        change.cost_delta += b.cost_micro - a.cost_micro
+        change.latency_delta_s += b.latency_s - a.latency_s
+        if len(change.lines) < self.EXAMPLES:
+            change.lines.append(b.line)
+
+    def _sorted(self) -> list[tuple[tuple[str, str, str, str], _Change]]:
+        return sorted(self.changes.items(), key=lambda kv: (-kv[1].count, kv[0]))
+
+    @property
+    def changed(self) -> int:
+        return sum(c.count for c in self.changes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "old": self.old.to_dict(), "new": self.new.to_dict(),
+            "changed": self.changed, "unchanged": self.unchanged,
+            "cost_delta_usd": _usd(self.new.cost - self.old.cost),
+            "latency_delta_s": round(self.new.latency_s - self.old.latency_s, 3),
+            "changes": [{"from": f, "to": t, "old_rule": orule, "new_rule": nrule, "requests": c.count,
+                         "cost_delta_usd": _usd(c.cost_delta), "latency_delta_s": round(c.latency_delta_s, 3),
+                         "example_lines": c.lines} for (f, t, orule, nrule), c in self._sorted()],
+        }
+
+    def render_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def _head(self) -> list[tuple[str, str, str]]:
+        o, n = self.old, self.new
+        rows = [("fast", str(o.speeds.get("fast", 0)), str(n.speeds.get("fast", 0))),
+                ("standard", str(o.speeds.get("standard", 0)), str(n.speeds.get("standard", 0))),
+                ("rejected", str(o.speeds.get("rejected", 0)), str(n.speeds.get("rejected", 0))),
+                ("cost", _money(o.cost), _money(n.cost)),
+                ("fast premium", _money(o.premium), _money(n.premium)),
+                ("latency saved", _seconds(o.policy_standard_latency_s - o.latency_s),
+                 _seconds(n.policy_standard_latency_s - n.latency_s))]
+        return rows
+
+    def render_text(self) -> str:
+        o, n = self.old, self.new
+        out = [f"old: {o.policy} @{o.version}   new: {n.policy} @{n.version}   over {o.decided} requests",
+               f"{'':16}{'old':>14}{'new':>14}"]
+        out += [f"  {k:14}{a:>14}{b:>14}" for k, a, b in self._head()]
+        out.append(f"{self.changed} decisions change (cost {_signed(n.cost - o.cost)}, "
+                   f"latency {_signed_s(n.latency_s - o.latency_s)})")
+        for (f, t, orule, nrule), c in self._sorted():
+            rules = nrule if orule == nrule else f"{orule} -> {nrule}"
+            out.append(f"  {c.count:>7}  {f} -> {t}  [{rules}]  cost {_signed(c.cost_delta)}  "
+                       f"latency {_signed_s(c.latency_delta_s)}  e.g. lines {', '.join(map(str, c.lines))}")
+        return "\n".join(out) + "\n"
+
+    def render_markdown(self) -> str:
+        o, n = self.old, self.new
+        out = [f"### Policy change: `{o.policy}` @{o.version} → `{n.policy}` @{n.version}", "",
+               f"Replayed over {o.decided} requests: **{self.changed} decisions change**, cost "
+               f"**{_signed(n.cost - o.cost)}**, latency **{_signed_s(n.latency_s - o.latency_s)}**.", "",
+               "| | old | new |", "|---|---:|---:|"]
+        out += [f"| {k} | {a} | {b} |" for k, a, b in self._head()]
+        if self.changes:
+            out += ["", "| requests | change | rule | cost Δ | latency Δ | e.g. lines |", "|---:|---|---|---:|---:|---|"]
+            for (f, t, orule, nrule), c in self._sorted():
+                rules = f"`{nrule}`" if orule == nrule else f"`{orule}` → `{nrule}`"
+                out.append(f"| {c.count} | {f} → {t} | {rules} | {_signed(c.cost_delta)} | "
+                           f"{_signed_s(c.latency_delta_s)} | {', '.join(map(str, c.lines))} |")
+        return "\n".join(out) + "\n"
+
+    def render(self, fmt: str) -> str:
+        return {"text": self.render_text, "markdown": self.render_markdown, "json": self.render_json}[fmt]()
+
+
+def _signed(micro: int) -> str:
+    return ("+" if micro > 0 else "") + _money(micro)
+
+
+def _signed_s(seconds: float) -> str:
+    return ("+" if seconds > 0 else "") + _seconds(seconds)
+
+
+def diff(old: CompiledPolicy, new: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog: Catalog | None = None,
+         progress: Callable[[int], None] | None = None) -> DiffReport:
+    """Replay `lines` through both policies, each with its own state, and pair their decisions."""
+    catalog = catalog or load_catalog()
+    a, b = Replayer(old, catalog), Replayer(new, catalog)
+    result = DiffReport(a.report, b.report)
+    started = time.perf_counter()
+    for number, text in lines:
+        a.report.lines += 1
+        b.report.lines += 1
+        try:
+            record = a.parse(number, text)
+            first = a.step(number, record)
+            second = b.step(number, record)
+        except LogError as exc:
+            a.report.error(exc)
+            b.report.error(exc)
+            continue
+        a.report.add(first)
+        b.report.add(second)
+        result.add(first, second)
+        if progress is not None and not a.report.lines & 1023:
+            progress(a.report.lines)
+    a.report.elapsed_s = b.report.elapsed_s = time.perf_counter() - started
+    return result

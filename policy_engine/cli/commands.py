@@ -1,0 +1,449 @@
+"""The verbs of `policy-engine`: each has a setup function (its options, whose docstring is
+its --help) and a run function returning the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import PolicyEngineError, PolicyError
+from . import EXIT_FINDINGS, EXIT_OK, UsageError
+
+FORMATS_LINT = ("text", "json", "sarif", "github")
+FORMATS_REPORT = ("text", "json", "markdown")
+
+
+def _catalog(args: argparse.Namespace) -> Any:
+    from ..catalog import load_catalog
+
+    return load_catalog(args.catalog) if getattr(args, "catalog", None) else load_catalog()
+
+
+def _add_catalog(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--catalog", metavar="FILE", help="catalog file extending the packaged models and prices")
+
+
+def _files(paths: list[str], *, tests: bool = False) -> list[Path]:
+    from ..check import policy_files
+
+    try:
+        return policy_files(paths, tests=tests)
+    except FileNotFoundError as exc:
+        raise UsageError(f"no such file or directory: {exc.args[0]}") from None
+
+
+def _write(text: str, out: IO[str] | None = None) -> None:
+    (out or sys.stdout).write(text)
+
+
+# -- lint -----------------------------------------------------------------------------------
+
+
+def setup_lint(p: argparse.ArgumentParser) -> None:
+    """Check policy files: YAML, schema, CEL, and the semantic and test analyses.
+
+    Finds unreachable rules, rules a guardrail always blocks, models the catalog cannot
+    price, budget keys that can be empty, expressions over the cost limit, and rules no
+    test reaches. Exit 0 when clean, 1 on errors (or warnings with --strict), 2 on usage
+    errors. Directories are searched for *.yaml / *.yml (files ending _test.yaml are test
+    files, not policies)."""
+    p.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
+    p.add_argument("--format", choices=FORMATS_LINT, default="text", help="output format (default text)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
+    p.add_argument("--no-tests", action="store_true", help="skip running the embedded tests (no PE302/PE304)")
+    p.add_argument("--max-cost", type=int, metavar="N", help="expression cost limit (default: the engine's)")
+    _add_catalog(p)
+    p.set_defaults(run=run_lint)
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    from ..check import exit_status, lint_file, render
+    from ..compile import MAX_EXPRESSION_COST
+
+    catalog = _catalog(args)
+    files = _files(args.paths)
+    if not files:
+        raise UsageError("no policy files found in " + ", ".join(args.paths))
+    max_cost = args.max_cost if args.max_cost is not None else MAX_EXPRESSION_COST
+    results = [lint_file(f, catalog, max_cost=max_cost, run_tests=not args.no_tests) for f in files]
+    _write(render(results, args.format))
+    return exit_status(results, args.strict)
+
+
+# -- check (kept for scripts written against the skeleton) -----------------------------------
+
+
+def setup_check(p: argparse.ArgumentParser) -> None:
+    """Load and validate policy files (schema and CEL only; `lint` does more)."""
+    p.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
+    p.set_defaults(run=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from ..compile import compile_file
+
+    status = EXIT_OK
+    for path in _files(args.paths):
+        try:
+            compiled = compile_file(str(path))
+        except PolicyError as exc:
+            print(exc.format(), file=sys.stderr)
+            status = EXIT_FINDINGS
+            continue
+        policy = compiled.policy
+        print(f"{path}: ok ({policy.name}: {len(policy.rules)} rules, {len(policy.budgets)} budgets, {len(policy.tests)} tests)")
+    return status
+
+
+# -- test -----------------------------------------------------------------------------------
+
+
+def setup_test(p: argparse.ArgumentParser) -> None:
+    """Run the policies' embedded tests and *_test.yaml files.
+
+    A *_test.yaml file holds `tests:` (cases as in a policy) and optionally `policy:` (the
+    file under test, relative to it; default: its name without _test). A failure prints
+    the expectation against the decision, `-` expected and `+` got. --coverage lists rule
+    outcomes (matched / not matched) and && / || operand outcomes (true / false) no test
+    exercises; --threshold fails below a coverage percentage."""
+    p.add_argument("paths", nargs="+", metavar="PATH", help="policy files, test files or directories")
+    p.add_argument("--coverage", action="store_true", help="report rule and branch coverage")
+    p.add_argument("--threshold", type=float, metavar="PERCENT", help="fail when coverage is below PERCENT (implies --coverage)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+    _add_catalog(p)
+    p.set_defaults(run=run_test)
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from ..check import is_test_file
+    from ..compile import compile_file
+    from ..testing.runner import Coverage, expectation_diff, load_test_file, run_traced
+
+    if args.threshold is not None and not 0 <= args.threshold <= 100:
+        raise UsageError("--threshold is a percentage between 0 and 100")
+    coverage_on = args.coverage or args.threshold is not None
+    catalog = _catalog(args)
+    explicit = [Path(p) for p in args.paths if Path(p).is_file()]
+    policies = [f for f in _files(args.paths) if not is_test_file(f)]
+    test_files = [f for f in _files(args.paths, tests=True) if is_test_file(f)] + [f for f in explicit if is_test_file(f)]
+    test_files = list(dict.fromkeys(test_files))
+    suites: dict[str, list[tuple[Any, str, tuple[Any, ...]]]] = {}
+    problems: list[str] = []
+    for path in policies:
+        suites.setdefault(os.path.normpath(path), [])
+    for path in test_files:
+        try:
+            tests, document, target = load_test_file(str(path))
+        except PolicyError as exc:
+            problems.append(exc.format())
+            continue
+        for index, case in enumerate(tests.tests):
+            suites.setdefault(os.path.normpath(target), []).append((case, f"{path}:{document.locate(('tests', index))[0]}", ()))
+    if not suites and not problems:
+        raise UsageError("no policy or test files found in " + ", ".join(args.paths))
+    passed = failed = 0
+    report: dict[str, Any] = {"policies": [], "passed": 0, "failed": 0}
+    lines: list[str] = []
+    total_items = total_covered = 0
+    for policy_path, extra in suites.items():
+        try:
+            compiled = compile_file(policy_path)
+        except PolicyError as exc:
+            problems.append(exc.format())
+            continue
+        document = compiled.document
+        cases = [(case, f"{policy_path}:{document.locate(('tests', i))[0]}") for i, case in enumerate(compiled.policy.tests)]
+        cases += [(case, where) for case, where, _ in extra]
+        coverage = Coverage(compiled) if coverage_on else None
+        entry: dict[str, Any] = {"file": policy_path, "policy": compiled.name, "cases": []}
+        for index, (case, where) in enumerate(cases):
+            result, trace = run_traced(compiled, case, catalog, index)
+            if coverage is not None:
+                coverage.record(trace)
+            entry["cases"].append({"name": case.name, "where": where, "passed": result.passed,
+                                   "failures": result.failures})
+            if result.passed:
+                passed += 1
+                if args.verbose:
+                    lines.append(f"PASS {where}: {case.name}")
+            else:
+                failed += 1
+                lines.append(f"FAIL {where}: {case.name}")
+                lines += [f"    {line}" for line in expectation_diff(result, case)]
+        if coverage is not None:
+            total_items += len(coverage.items)
+            total_covered += coverage.covered
+            entry["coverage"] = {"percent": round(coverage.percent, 1), "covered": coverage.covered,
+                                 "total": len(coverage.items),
+                                 "missing": [{"rule": m.rule, "outcome": m.what, "line": m.line, "col": m.col}
+                                             for m in coverage.missing()]}
+            lines.append(f"coverage {policy_path}: {coverage.percent:.1f}% ({coverage.covered}/{len(coverage.items)})")
+            lines += [f"    {policy_path}:{m.line}:{m.col}: rule {m.rule}: never {m.what}" for m in coverage.missing()]
+        report["policies"].append(entry)
+    percent = 100.0 * total_covered / total_items if total_items else 100.0
+    report.update(passed=passed, failed=failed, errors=problems)
+    if coverage_on:
+        report["coverage"] = round(percent, 1)
+    below = args.threshold is not None and percent + 1e-9 < args.threshold
+    if args.format == "json":
+        _write(json.dumps(report, indent=2) + "\n")
+    else:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        lines.append("-" * 40)
+        lines.append(f"PASS: {passed}/{passed + failed}" + (f"   coverage: {percent:.1f}%" if coverage_on else ""))
+        if below:
+            lines.append(f"FAIL: coverage {percent:.1f}% is below the threshold of {args.threshold:g}%")
+        _write("\n".join(lines) + "\n")
+    return EXIT_FINDINGS if failed or problems or below else EXIT_OK
+
+
+# -- explain --------------------------------------------------------------------------------
+
+
+def setup_explain(p: argparse.ArgumentParser) -> None:
+    """Explain one decision: every rule's outcome with the values it read, the guardrails,
+    the ceilings, the budgets and the estimates.
+
+    --request is a JSON or YAML file of Messages API parameters (`batch: true` marks a
+    Message Batches request); --context the caller's context; --state the budget,
+    rate-limit and conversation state, as a test case's `state:`."""
+    p.add_argument("policy", metavar="POLICY", help="policy file")
+    p.add_argument("--request", required=True, metavar="FILE", help="Messages API parameters (JSON or YAML; - for stdin)")
+    p.add_argument("--context", metavar="FILE", help="the caller's context (JSON or YAML)")
+    p.add_argument("--state", metavar="FILE", help="budget / rate-limit / conversation state (JSON or YAML)")
+    p.add_argument("--now", metavar="TIME", help="decision time, RFC 3339 (default 2026-01-01T12:00:00Z)")
+    p.add_argument("--input-tokens", type=int, metavar="N", help="exact input token count (default: estimated)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    _add_catalog(p)
+    p.set_defaults(run=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    return explain(args)
+
+
+# -- simulate and diff ----------------------------------------------------------------------
+
+
+class _Progress:
+    """A progress line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, stream: IO[bytes] | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = 0
+        self.raw = None
+        self.last = 0.0
+        if enabled and stream is not None:
+            raw = getattr(stream, "fileobj", None) or stream
+            raw = getattr(raw, "raw", raw)
+            try:
+                self.total = os.fstat(raw.fileno()).st_size
+                self.raw = raw
+            except (OSError, AttributeError, ValueError):
+                self.total = 0
+
+    def __call__(self, lines: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        text = f"\r{lines:>10,} requests"
+        if self.total and self.raw is not None:
+            try:
+                done = min(1.0, self.raw.tell() / self.total)
+                bar = "#" * int(done * 30)
+                text = f"\r[{bar:<30}] {done:4.0%} {lines:>10,} requests"
+            except (OSError, ValueError):
+                pass
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.last:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def _open_requests(path: str) -> IO[bytes]:
+    from ..simulate import open_log
+
+    try:
+        return open_log(path)
+    except PolicyEngineError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _compiled(spec: str) -> Any:
+    """A policy file, or `rev:path` read from git (so CI can compare against the base branch)."""
+    from ..compile import compile_file
+
+    if os.path.exists(spec) or ":" not in spec:
+        if not os.path.exists(spec):
+            raise UsageError(f"no such file: {spec}")
+        return compile_file(spec)
+    rev, _, path = spec.partition(":")
+    try:
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, check=False, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UsageError(f"cannot run git to read {spec}: {exc}") from None
+    if shown.returncode != 0:
+        message = shown.stderr.decode("utf-8", "replace").strip() or "git show failed"
+        raise UsageError(f"cannot read {spec} from git: {message}")
+    return compile_file(spec, text=shown.stdout)
+
+
+def setup_simulate(p: argparse.ArgumentParser) -> None:
+    """Replay a request log through a policy and report what it would decide and cost.
+
+    Each line of the log (JSON Lines, gzip allowed, - for stdin) holds `request`, and
+    optionally `context`, `ts` (the decision time: budgets and windows evolve with it),
+    `input_tokens`, `batch` and `usage` (else billed as the estimate expects). Reports
+    the speed mix, cost and fast premium, latency saved, downgrades and rejects by
+    reason, and the all-standard and all-fast baselines."""
+    p.add_argument("policy", metavar="POLICY", help="policy file (or git rev:path)")
+    p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
+    p.add_argument("--format", choices=FORMATS_REPORT, default="text", help="output format (default text)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when some log lines are invalid")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_catalog(p)
+    p.set_defaults(run=run_simulate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from ..simulate import Replayer, iter_log
+
+    compiled = _compiled(args.policy)
+    catalog = _catalog(args)
+    with _open_requests(args.requests) as stream:
+        progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
+        report = Replayer(compiled, catalog).run(iter_log(stream), progress=progress)
+        progress.done()
+    _write(report.render(args.format))
+    if report.invalid:
+        print(f"policy-engine simulate: {report.invalid} invalid log lines skipped (first: {report.errors[0]})",
+              file=sys.stderr)
+    return EXIT_FINDINGS if args.strict and report.invalid else EXIT_OK
+
+
+def setup_diff(p: argparse.ArgumentParser) -> None:
+    """Compare two policy versions over the same request log.
+
+    Shows the decisions that change, grouped by (old -> new speed, rule), with cost and
+    latency deltas. OLD and NEW are files or git revisions (`main:policies/default.yaml`);
+    --format markdown gives a pull-request comment."""
+    p.add_argument("old", metavar="OLD", help="old policy: a file or git rev:path")
+    p.add_argument("new", metavar="NEW", help="new policy: a file or git rev:path")
+    p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
+    p.add_argument("--format", choices=FORMATS_REPORT, default="text", help="output format (default text)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_catalog(p)
+    p.set_defaults(run=run_diff)
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from ..simulate import diff, iter_log
+
+    old, new = _compiled(args.old), _compiled(args.new)
+    catalog = _catalog(args)
+    with _open_requests(args.requests) as stream:
+        progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
+        result = diff(old, new, iter_log(stream), catalog, progress=progress)
+        progress.done()
+    _write(result.render(args.format))
+    return EXIT_OK
+
+
+# -- fmt ------------------------------------------------------------------------------------
+
+
+def setup_fmt(p: argparse.ArgumentParser) -> None:
+    """Normalize key order and indentation of policy files, keeping every comment.
+
+    Rewrites files in place; --check only reports the files that would change (exit 1),
+    --diff prints the changes. A file is never rewritten unless the result parses to the
+    same data with the same comments."""
+    p.add_argument("paths", nargs="+", metavar="PATH", help="policy or test files, or directories")
+    p.add_argument("--check", action="store_true", help="exit 1 when a file would change; write nothing")
+    p.add_argument("--diff", action="store_true", help="print a unified diff of the changes; write nothing")
+    p.set_defaults(run=run_fmt)
+
+
+def run_fmt(args: argparse.Namespace) -> int:
+    import difflib
+
+    from ..fmt import format_text
+
+    status = EXIT_OK
+    files = _files(args.paths) + _files(args.paths, tests=True)
+    for path in dict.fromkeys(files):
+        try:
+            original = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"{path}: cannot read: {exc}", file=sys.stderr)
+            status = EXIT_FINDINGS
+            continue
+        try:
+            formatted = format_text(original, str(path))
+        except PolicyError as exc:
+            print(exc.format(), file=sys.stderr)
+            status = EXIT_FINDINGS
+            continue
+        if formatted == original:
+            continue
+        if args.check or args.diff:
+            status = EXIT_FINDINGS
+            if args.diff:
+                _write("".join(difflib.unified_diff(original.splitlines(True), formatted.splitlines(True),
+                                                    f"{path}", f"{path} (formatted)")))
+            else:
+                print(f"would reformat {path}")
+            continue
+        tmp = path.with_name(path.name + ".fmt-tmp")
+        tmp.write_text(formatted, encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a crash leaves the old file, never half a new one
+        print(f"formatted {path}")
+    return status
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def setup_schema(p: argparse.ArgumentParser) -> None:
+    """Print the JSON Schema of policy (default) or catalog files, or write both."""
+    p.add_argument("kind", nargs="?", choices=("policy", "catalog"), default="policy", help="which schema to print")
+    p.add_argument("--write", metavar="DIR", help="write every schema into DIR instead of printing one")
+    p.set_defaults(run=run_schema)
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    from ..schemas import SCHEMA_FILES, render, write_schemas
+
+    if args.write:
+        for path in write_schemas(args.write):
+            print(f"wrote {path}")
+        return EXIT_OK
+    _write(render(SCHEMA_FILES[f"{args.kind}.schema.json"]()))
+    return EXIT_OK
+
+
+VERBS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "lint": setup_lint,
+    "test": setup_test,
+    "explain": setup_explain,
+    "simulate": setup_simulate,
+    "diff": setup_diff,
+    "fmt": setup_fmt,
+    "schema": setup_schema,
+    "check": setup_check,
+}
