@@ -1,0 +1,135 @@
+"""lint: each check against a broken policy, with the exact code, line and column."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from policy_engine.check import CODES, lint_file, lint_paths, render
+from policy_engine.cli import main
+
+LINT = Path(__file__).parent / "data" / "lint"
+POLICIES = Path(__file__).parent.parent / "policies"
+
+# file -> every (code, line, col) lint must report, and nothing else.
+EXPECTED: dict[str, set[tuple[str, int, int]]] = {
+    "01_yaml_error.yaml": {("PE001", 7, 1)},
+    "02_duplicate_key.yaml": {("PE002", 4, 1)},
+    "03_schema_error.yaml": {("PE012", 4, 5), ("PE010", 6, 5)},
+    "04_cel_error.yaml": {("PE101", 5, 19)},
+    "05_unreachable_always.yaml": {("PE301", 2, 1), ("PE201", 7, 11)},
+    "06_unreachable_subsumed.yaml": {("PE301", 2, 1), ("PE202", 7, 11), ("PE203", 11, 11)},
+    "07_guardrail_blocked.yaml": {("PE301", 2, 1), ("PE221", 5, 28), ("PE210", 6, 12), ("PE210", 9, 12)},
+    "08_models.yaml": {("PE240", 4, 3), ("PE302", 6, 11), ("PE220", 7, 28), ("PE210", 8, 12), ("PE221", 10, 48),
+                       ("PE303", 15, 20), ("PE304", 17, 14)},
+    "09_budget_key.yaml": {("PE301", 2, 1), ("PE230", 5, 10), ("PE230", 9, 50)},
+    "10_cost_limit.yaml": {("PE104", 5, 11)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_broken_policy_reports_exactly_its_findings(name: str) -> None:
+    result = lint_file(LINT / name)
+    assert {(d.code, d.line, d.col) for d in result.diagnostics} == EXPECTED[name]
+    for d in result.diagnostics:
+        assert d.severity == CODES[d.code][0], d
+        assert d.format(result.source).startswith(f"{LINT / name}:{d.line}:{d.col}: {d.severity}[{d.code}]")
+
+
+def test_the_directory_yields_every_finding_in_one_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert len(list(LINT.glob("*.yaml"))) == 10
+    status = main(["lint", str(LINT), "--format", "json"])
+    data = json.loads(capsys.readouterr().out)
+    found = {(Path(d["file"]).name, d["code"], d["line"], d["col"]) for d in data["diagnostics"]}
+    assert found == {(f, *c) for f, codes in EXPECTED.items() for c in codes}
+    assert status == 1
+    assert data["summary"] == {"files": 10, "errors": 12, "warnings": 13}
+
+
+def test_caret_excerpt_points_at_the_misspelt_field() -> None:
+    [d] = lint_file(LINT / "04_cel_error.yaml").diagnostics
+    assert d.hint == "did you mean 'model'?"
+    assert d.format((LINT / "04_cel_error.yaml").read_text()).splitlines()[1:3] == [
+        '    5 |     when: request.modle == "claude-opus-4-6"',
+        "      |                   ^~~~~",
+    ]
+
+
+def test_shipped_policies_are_clean_even_strict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lint", str(POLICIES), "--strict"]) == 0
+    assert "3 files checked: 0 errors, 0 warnings" in capsys.readouterr().out
+
+
+def test_warnings_fail_only_with_strict(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text((LINT / "09_budget_key.yaml").read_text())
+    assert main(["lint", str(policy)]) == 0
+    assert main(["lint", str(policy), "--strict"]) == 1
+
+
+def _policy(tmp_path: Path, rules: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"version: 1\nname: p\nrules:\n{rules}")
+    return path
+
+
+def _codes(path: Path) -> list[str]:
+    return [d.code for d in lint_file(path, run_tests=False).diagnostics if d.code.startswith("PE2")]
+
+
+@pytest.mark.parametrize(("first", "second", "unreachable"), [
+    ("request.max_tokens >= 1000", "request.max_tokens > 2000 && context.interactive", True),
+    ("request.max_tokens > 1000", "request.max_tokens >= 1000", False),  # 1000 itself reaches the second
+    ("request.model in ['claude-opus-4-6', 'claude-opus-4-8']", "request.model == 'claude-opus-4-6'", True),
+    ("request.model.startsWith('claude-opus')", "request.model == 'claude-opus-4-6' && request.stream", True),
+    ("request.model.startsWith('claude-opus-4')", "request.model.startsWith('claude-opus')", False),
+    ("context.interactive || request.stream", "request.stream && request.has_tools", True),
+    ("context.interactive", "context.interactive || request.stream", False),
+    ("request.service_tier != 'priority'", "request.service_tier == 'auto'", True),
+    ("request.max_tokens < 100 || request.max_tokens > 200", "request.max_tokens == 150", False),
+    # an earlier rule reading a field the later one does not can fail alone (absent field): no claim
+    ("context.latency_slo_ms > 0 && request.stream", "request.stream", False),
+    ("size(request.betas) > 2", "size(request.betas) > 2 && request.stream", True),
+])
+def test_subsumption(tmp_path: Path, first: str, second: str, unreachable: bool) -> None:
+    rules = f'  - name: a\n    when: "{first}"\n    speed: standard\n  - name: b\n    when: "{second}"\n    speed: standard\n'
+    assert ("PE202" in _codes(_policy(tmp_path, rules))) is unreachable
+
+
+def test_priority_tier_rule_is_blocked(tmp_path: Path) -> None:
+    rules = "  - name: a\n    when: request.service_tier == 'priority'\n    speed: fast\n"
+    assert _codes(_policy(tmp_path, rules)) == ["PE210"]
+
+
+def test_missing_label_key_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nname: p\nbudgets:\n  - name: team\n    key: context.labels['team']\n"
+                    "    window: day\n    limit_usd: 1\n")
+    [d] = [d for d in lint_file(path, run_tests=False).diagnostics if d.code == "PE230"]
+    assert (d.line, d.col) == (5, 10)
+    assert "label is absent" in d.message
+
+
+def test_sarif_is_2_1_0_with_rules_and_regions() -> None:
+    results = lint_paths([str(LINT / "04_cel_error.yaml")])
+    sarif = json.loads(render(results, "sarif"))
+    assert sarif["version"] == "2.1.0"
+    run = sarif["runs"][0]
+    ids = [r["id"] for r in run["tool"]["driver"]["rules"]]
+    assert set(CODES) <= set(ids)
+    [result] = run["results"]
+    assert ids[result["ruleIndex"]] == result["ruleId"] == "PE101"
+    assert result["level"] == "error"
+    location = result["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"].endswith("tests/data/lint/04_cel_error.yaml")
+    assert location["region"] == {"startLine": 5, "startColumn": 19, "endLine": 5, "endColumn": 24}
+
+
+def test_github_annotations_escape_their_properties() -> None:
+    text = render(lint_paths([str(LINT / "02_duplicate_key.yaml")]), "github")
+    first = text.splitlines()[0]
+    assert first.startswith("::error file=")
+    assert ",line=4,col=1,title=PE002::duplicate key 'default' (first defined on line 3)" in first
+    assert "%0A" not in first or "\n" not in first
