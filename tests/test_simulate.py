@@ -1,0 +1,184 @@
+"""simulate and diff: figures on a hand-built log match hand computation to the micro-dollar."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from policy_engine.cli import main
+from policy_engine.compile import compile_file
+from policy_engine.decide import load
+from policy_engine.errors import CeilingExceeded
+from policy_engine.ledger import MemoryLedger
+from policy_engine.simulate import Replayer, diff, iter_log, open_log
+
+ROOT = Path(__file__).parent.parent
+SAMPLE = ROOT / "data" / "requests.jsonl.gz"
+
+POLICY = """\
+version: 1
+name: hand
+rules:
+  - name: interactive
+    when: context.interactive
+    speed: fast
+budgets:
+  - name: fast_day
+    window: day
+    limit_usd: 0.2
+    counts: fast
+    on_exceed: downgrade
+"""
+
+OPUS = {"model": "claude-opus-4-6", "max_tokens": 1000, "messages": [{"role": "user", "content": "."}]}
+LOG = [
+    # Opus 4.6: standard $5 / $25 per MTok, fast $30 / $150.
+    # 1. fast: worst case 1000 x $30 + 1000 x $150 = $0.18 fits $0.20; bills 1000 x 30 + 500 x 150 = $0.105.
+    {"ts": "2026-03-02T10:00:00Z", "context": {"interactive": True}, "input_tokens": 1000,
+     "usage": {"input_tokens": 1000, "output_tokens": 500}, "request": OPUS},
+    # 2. $0.095 left < $0.18: downgraded; standard bills 1000 x 5 + 500 x 25 = $0.0175.
+    {"ts": "2026-03-02T10:05:00Z", "context": {"interactive": True}, "input_tokens": 1000,
+     "usage": {"input_tokens": 1000, "output_tokens": 500}, "request": OPUS},
+    # 3. no usage: billed as estimated, 2000 in + max_tokens 2000 out at standard = $0.06.
+    {"ts": "2026-03-02T10:10:00Z", "context": {"interactive": False}, "input_tokens": 2000,
+     "request": dict(OPUS, max_tokens=2000)},
+    # 4. a new UTC day, a new window: fast again, $0.105.
+    {"ts": "2026-03-03T09:00:00Z", "context": {"interactive": True}, "input_tokens": 1000,
+     "usage": {"input_tokens": 1000, "output_tokens": 500}, "request": OPUS},
+    # 5. no ts (keeps the previous one); a model without fast mode: downgraded by the guardrail, unpriced.
+    {"context": {"interactive": True}, "input_tokens": 10, "usage": {"input_tokens": 10, "output_tokens": 10},
+     "request": dict(OPUS, model="claude-sonnet-4-6")},
+]
+
+
+def _log(tmp_path: Path, extra: list[str] = ()) -> Path:  # type: ignore[assignment]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in LOG] + list(extra)) + "\n")
+    return path
+
+
+def _policy(tmp_path: Path, text: str = POLICY, name: str = "hand.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_hand_built_log_matches_hand_computation(tmp_path: Path) -> None:
+    compiled = compile_file(str(_policy(tmp_path)))
+    with open_log(str(_log(tmp_path, ["not json", '{"ts": "2026-03-03T10:00:00Z"}']))) as stream:
+        report = Replayer(compiled).run(iter_log(stream))
+    data = report.to_dict()
+    assert data["requests"] == {"lines": 7, "decided": 5, "invalid": 2, "with_usage": 4, "unpriced": 1}
+    assert data["speed_mix"] == {"fast": 2, "standard": 3, "rejected": 0}
+    assert data["cost"] == {"total_usd": "0.287500", "fast_premium_usd": "0.175000"}
+    assert data["downgrades"] == {"fast_day": 1, "unsupported_model": 1}
+    assert data["rejects"] == {}
+    assert data["baselines"]["all_standard"]["cost_usd"] == "0.112500"
+    # all fast: 3 x $0.105, line 3 at fast 2000 x 30 + 2000 x 150 = $0.36, the Sonnet line $0.
+    assert data["baselines"]["all_fast"]["cost_usd"] == "0.675000"
+    # 500 output tokens: 1.5 + 500/60 s standard, 1.5 + 500/150 s fast: 5 s saved, twice.
+    assert data["latency"]["saved_s"] == pytest.approx(10.0)
+    assert data["baselines"]["all_fast"]["latency_saved_s"] == pytest.approx(35.0)  # 3 x 5 + (2000/60 - 2000/150)
+    assert data["rules"] == {"interactive": {"fast": 2, "standard": 2}, "default": {"standard": 1}}
+    assert data["errors"][0].startswith("line 6: invalid JSON")
+    assert data["errors"][1] == "line 7: missing 'request' (the Messages API parameters)"
+
+
+def test_budget_spend_is_settled_with_actual_usage(tmp_path: Path) -> None:
+    # Had line 1 been settled at its $0.18 reservation, line 2 would see $0.02 left, not $0.095.
+    compiled = compile_file(str(_policy(tmp_path)))
+    replayer = Replayer(compiled)
+    with open_log(str(_log(tmp_path))) as stream:
+        replayer.run(iter_log(stream))
+    assert replayer.ledger.totals() == {"fast_day\x1fglobal\x1fday:2026-03-02@UTC": 105_000,
+                                        "fast_day\x1fglobal\x1fday:2026-03-03@UTC": 105_000}
+
+
+def test_rejects_are_counted_and_cost_nothing(tmp_path: Path) -> None:
+    text = POLICY + "ceilings:\n  per_request_usd: 0.01\n  on_exceed: reject\n"
+    compiled = compile_file(str(_policy(tmp_path, text)))
+    with open_log(str(_log(tmp_path))) as stream:
+        report = Replayer(compiled).run(iter_log(stream))
+    data = report.to_dict()
+    assert data["speed_mix"] == {"fast": 0, "standard": 1, "rejected": 4}
+    assert data["rejects"] == {"per_request": 4}
+    assert data["cost"]["total_usd"] == "0.000000"  # the only request sent is the unpriced Sonnet one
+
+
+def test_replay_agrees_with_the_public_engine(tmp_path: Path) -> None:
+    """The replay's decisions and spend equal Engine.decide + settle, line by line, on the sample."""
+    policy = str(ROOT / "policies" / "default.yaml")
+    with open_log(str(SAMPLE)) as stream:
+        lines = [line for _, line in zip(range(1500), iter_log(stream))]
+    replayer = Replayer(compile_file(policy))
+    outcomes = []
+    replayer.run(lines, on_outcome=outcomes.append)
+    from datetime import datetime
+
+    clock = [0.0]
+    engine = load(policy, ledger=MemoryLedger(clock=lambda: clock[0]))
+    for (number, text), outcome in zip(lines, outcomes):
+        record = json.loads(text)
+        now = datetime.fromisoformat(record["ts"].replace("Z", "+00:00"))
+        clock[0] = now.timestamp()
+        try:
+            decision = engine.decide(record["request"], record.get("context"), now=now, batch=record.get("batch", False),
+                                     input_tokens=record.get("input_tokens"))
+        except CeilingExceeded as exc:
+            decision = exc.decision  # type: ignore[attr-defined]
+        speed = "rejected" if decision.outcome == "rejected" else decision.speed
+        assert (speed, decision.rule, decision.outcome) == (outcome.speed, outcome.rule, outcome.outcome), number
+        if decision.outcome != "rejected":
+            settled = engine.settle(decision, dict(record["usage"], speed=decision.speed))
+            assert settled.cost_micro == outcome.cost_micro or outcome.priced is False, number
+    assert engine.ledger.totals() == replayer.ledger.totals()
+
+
+def test_cli_reads_gzip_from_stdin_and_renders_every_format(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = str(_policy(tmp_path))
+    blob = gzip.compress(_log(tmp_path).read_bytes())
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(blob)))
+    assert main(["simulate", policy, "--requests", "-", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cost"]["total_usd"] == "0.287500"
+    assert main(["simulate", policy, "--requests", str(_log(tmp_path)), "--format", "markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert "| this policy | $0.29 | $0.18 | 10 s |" in markdown
+    assert "| downgrade | `fast_day` | 1 |" in markdown
+    assert main(["simulate", policy, "--requests", str(_log(tmp_path))]) == 0
+    text = capsys.readouterr()
+    assert "speed mix:   fast 2 (40.0%)   standard 3 (60.0%)" in text.out
+    assert text.err == ""  # no progress bar when stderr is not a terminal
+
+
+def test_invalid_lines_are_reported_and_fail_only_with_strict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy, log = str(_policy(tmp_path)), str(_log(tmp_path, ['{"request": {"model": 3}}']))
+    assert main(["simulate", policy, "--requests", log]) == 0
+    assert "1 invalid log lines skipped (first: line 6: params['model'] must be a non-empty string)" in capsys.readouterr().err
+    assert main(["simulate", policy, "--requests", log, "--strict"]) == 1
+    assert main(["simulate", policy, "--requests", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_diff_groups_changed_decisions_with_deltas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = _policy(tmp_path)
+    new = _policy(tmp_path, POLICY.replace("when: context.interactive", "when: 'false'"), "new.yaml")
+    with open_log(str(_log(tmp_path))) as stream:
+        result = diff(compile_file(str(old)), compile_file(str(new)), iter_log(stream))
+    data = result.to_dict()
+    assert data["changed"] == 4 and data["unchanged"] == 1
+    # Lines 1 and 4 go fast -> standard: each saves $0.105 - $0.0175 and costs 5 s.
+    groups = {(c["from"], c["to"], c["old_rule"], c["new_rule"]): c for c in data["changes"]}
+    fast_to_std = groups[("fast", "standard", "interactive", "default")]
+    assert (fast_to_std["requests"], fast_to_std["cost_delta_usd"]) == (2, "-0.175000")
+    assert fast_to_std["latency_delta_s"] == pytest.approx(10.0)
+    assert fast_to_std["example_lines"] == [1, 4]
+    assert data["cost_delta_usd"] == "-0.175000"
+    assert main(["diff", str(old), str(new), "--requests", str(_log(tmp_path)), "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "**4 decisions change**, cost **-$0.18**" in out
+    assert "| 2 | fast → standard | `interactive` → `default` | -$0.18 | +10 s | 1, 4 |" in out
