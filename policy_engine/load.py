@@ -137,7 +137,16 @@ def read_yaml(path: str | os.PathLike[str], *, text: str | bytes | None = None, 
         raise PolicyError([_too_large(name, len(text.encode("utf-8", "surrogatepass")))])
     if text.startswith("\ufeff"):
         text = text[1:]
-    return _Builder(name, text).build()
+    try:
+        builder = _Builder(name, text)
+    except yaml.reader.ReaderError as exc:
+        # The reader refuses control characters when the loader is created, before any parsing.
+        before = text[: max(exc.position, 0)]
+        line, col = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        what = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        raise PolicyError([Diagnostic(name, line, col, "PE001", f"YAML error: control character {what} is not allowed",
+                                      "remove the control character")], {name: text}) from None
+    return builder.build()
 
 
 def _too_large(name: str, size: int) -> Diagnostic:
