@@ -109,12 +109,12 @@ def test_keys_live_under_the_prefix_and_expire_after_the_window(redis_server: Re
     ledger.reserve("r2", [(s, 10)], ttl_s=60)
     ledger.settle("r2", [(s, 4)])
     keys = {k.decode() for k in client.keys(redis_prefix + "*")}
-    assert keys == {f"{redis_prefix}s:{s.id}", f"{redis_prefix}z:{s.id}", f"{redis_prefix}r:r1",
-                    f"{redis_prefix}d:r2", f"{redis_prefix}exp"}
+    assert keys == {f"{redis_prefix}s:{s.id}", f"{redis_prefix}z:{s.id}", f"{redis_prefix}r:r1", f"{redis_prefix}r:r2"}
+    assert client.get(f"{redis_prefix}s:{s.id}") == b"4 10 3"  # spent, reserved, changes
     window_end_ms = (s.expires_at + 3_600) * 1000
     assert abs(client.pexpiretime(f"{redis_prefix}s:{s.id}") - window_end_ms) <= 1
     assert abs(client.pexpiretime(f"{redis_prefix}z:{s.id}") - window_end_ms) <= 1
-    assert 0 < client.pttl(f"{redis_prefix}d:r2") <= 600_000
+    assert 0 < client.pttl(f"{redis_prefix}r:r2") <= 600_000  # settled: remembered for settled_memory_s
     assert 0 < client.pttl(f"{redis_prefix}r:r1") <= (60 + 3_600) * 1000
     other = RedisLedger(url=redis_server.url, prefix=redis_prefix + "other:")
     assert other.balances([s])[0].reserved == 0  # another prefix is another ledger

@@ -2,11 +2,10 @@
 
 Layout (all keys under `prefix`; ids are binary-safe, scope ids contain \\x1f):
 
-    s:<scope>   hash   spent, reserved, v (a change counter)
-    z:<scope>   zset   "<rid>|<amount>" -> expiry (epoch s): lazily expired inside the scripts
-    r:<rid>     hash   exp, tok, and scope -> amount for each scope the reservation holds money in
-    d:<rid>     string the settle token: settling is idempotent for `settled_memory_s`
-    exp         zset   reservation -> expiry, for `expire()` and an opportunistic trim
+    s:<scope>   string "<spent> <reserved> <v>" (v counts changes); expires `window_margin_s` after the window
+    z:<scope>   zset   "<rid>|<amount>" -> expiry (epoch s): dropped lazily inside the scripts
+    r:<rid>     string msgpack ['R', exp, token, scope, amount, ...] while reserved, then ['S', token]
+                       for `settled_memory_s` once settled (so settling is idempotent)
 
 Why it is exact: a reservation's amount counts in a scope's `reserved` exactly while
 its id is a member of that scope's zset. Every path that removes the member
@@ -27,6 +26,7 @@ replays once Redis answers again (settling is idempotent, so replays are safe).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -48,6 +48,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TimeoutError as RedisTimeoutError,
     TryAgainError,
 )
@@ -74,118 +75,134 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _LUA_COMMON = r"""
 local P = ARGV[1]
 
--- Drop the scope's reservations whose expiry is at or before now (members are rid|amount).
-local function expire_scope(sid, now)
-  local z = P .. 'z:' .. sid
-  local stale = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  if #stale == 0 then return end
-  local s = P .. 's:' .. sid
-  local total = 0
-  for _, m in ipairs(stale) do total = total + tonumber(string.match(m, '|(%d+)$')) end
-  redis.call('HINCRBY', s, 'reserved', -total)
-  redis.call('HINCRBY', s, 'v', 1)
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+-- A scope is one string "spent reserved v": one GET and one SET per scope per script.
+local function load_scope(sid)
+  local raw = redis.call('GET', P .. 's:' .. sid)
+  if not raw then return {0, 0, 0, false} end
+  local spent, reserved, v = string.match(raw, '^(%-?%d+) (%-?%d+) (%d+)$')
+  return {tonumber(spent), tonumber(reserved), tonumber(v), true}
 end
 
--- Drop a reservation from every scope that still holds it; returns the scope ids it was held in.
-local function drop(r)
-  local rec = P .. 'r:' .. r
-  local fields = redis.call('HGETALL', rec)
+-- Write a scope back, its change counter bumped; a new scope lives until its window ends (pxat).
+local function store_scope(sid, c, pxat)
+  c[3] = c[3] + 1
+  local value = string.format('%d %d %d', c[1], c[2], c[3])
+  if c[4] then
+    redis.call('SET', P .. 's:' .. sid, value, 'KEEPTTL')
+  elseif pxat then
+    redis.call('SET', P .. 's:' .. sid, value, 'PXAT', pxat)
+    c[4] = true
+  end
+end
+
+-- Take the scope's reservations that expired by now out of its reserved amount; returns their members.
+local function expire_into(sid, c, now)
+  local z = P .. 'z:' .. sid
+  local stale = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  if #stale == 0 then return stale end
+  for _, m in ipairs(stale) do c[2] = c[2] - tonumber(string.match(m, '|(%d+)$')) end
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+  return stale
+end
+
+-- A live reservation is {'R', exp, token, scope, amount, ...}; a settled one {'S', token}.
+local function read_record(rid)
+  local raw = redis.call('GET', P .. 'r:' .. rid)
+  if not raw then return nil end
+  return cmsgpack.unpack(raw)
+end
+
+-- Take a reservation's members out of its scopes' zsets; returns scope -> amount they still held.
+-- A member still present is an amount still counted: removing it is what uncounts it, exactly once.
+local function unhold(rid, rec)
   local held = {}
-  for i = 1, #fields, 2 do
-    local sid = fields[i]
-    if sid ~= 'exp' and sid ~= 'tok' then
-      local a = fields[i + 1]
-      -- Still a member = still counted: the amount leaves `reserved` exactly once.
-      if redis.call('ZREM', P .. 'z:' .. sid, r .. '|' .. a) == 1 then
-        redis.call('HINCRBY', P .. 's:' .. sid, 'reserved', '-' .. a)
-        held[#held + 1] = sid
-      end
+  for i = 4, #rec, 2 do
+    local sid, a = rec[i], rec[i + 1]
+    if redis.call('ZREM', P .. 'z:' .. sid, rid .. '|' .. a) == 1 then held[sid] = (held[sid] or 0) + tonumber(a) end
+  end
+  return held
+end
+
+-- Give back what was held in scopes the caller does not write itself.
+local function give_back(held)
+  local touched = {}
+  for sid, a in pairs(held) do
+    local c = load_scope(sid)
+    if c[4] then
+      c[2] = c[2] - a
+      store_scope(sid, c, nil)
+      touched[#touched + 1] = {sid, c}
     end
   end
-  if #fields > 0 then redis.call('DEL', rec) end
-  redis.call('ZREM', P .. 'exp', r)
-  return held
+  return touched
 end
 """
 
 # ARGV: prefix, rid, now, exp, token, record expiry (ms), n, then n x (scope, amount, limit, scope expiry ms)
-# -> {status, failed index (1-based, 0 = none), n x (spent, reserved, v)}; status 1 ok, 0 does not fit, -1 id reused
+# -> {status, failed index (1-based, 0 = none), n x (spent, reserved, v)}; status 1 ok, 0 does not fit, -1 id used
 _RESERVE = _LUA_COMMON + r"""
-local rid, now, exp, tok = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local record_pexpireat, n = ARGV[6], tonumber(ARGV[7])
-local rec = P .. 'r:' .. rid
-local held = redis.call('HMGET', rec, 'exp', 'tok')
-if held[1] then
-  if held[2] == tok then
+local rid, now, exp, tok, record_pxat, n = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local function arg(i, k) return ARGV[8 + 4 * (i - 1) + k] end  -- k: 0 scope, 1 amount, 2 limit, 3 expiry
+local rec = read_record(rid)
+if rec then
+  if rec[1] == 'S' then return {-1, 0} end
+  if rec[3] == tok then
     -- This very call, retried after its reply was lost: it already succeeded.
     local out = {1, 0}
     for i = 1, n do
-      local v = redis.call('HMGET', P .. 's:' .. ARGV[8 + 4 * (i - 1)], 'spent', 'reserved', 'v')
-      out[#out + 1] = v[1] or '0'; out[#out + 1] = v[2] or '0'; out[#out + 1] = v[3] or '0'
+      local c = load_scope(arg(i, 0))
+      out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
     end
     return out
   end
-  if tonumber(held[1]) > now then return {-1, 0} end
-  drop(rid)
+  if tonumber(rec[2]) > now then return {-1, 0} end
+  give_back(unhold(rid, rec))  -- expired: the id is free again
 end
-if redis.call('EXISTS', P .. 'd:' .. rid) == 1 then return {-1, 0} end
--- Abandoned reservations of idle scopes go too, a few per call, so no cron job is needed.
-for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, 4)) do drop(r) end
-local failed = 0
-local views = {}
+local scopes, views, failed = {}, {}, 0
 for i = 1, n do
-  local base = 8 + 4 * (i - 1)
-  local sid, amount, limit = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  expire_scope(sid, now)
-  local v = redis.call('HMGET', P .. 's:' .. sid, 'spent', 'reserved', 'v')
-  local spent, reserved = tonumber(v[1] or '0'), tonumber(v[2] or '0')
-  views[i] = {v[1] or '0', v[2] or '0', v[3] or '0'}
-  -- A zero charge always fits, even over the limit.
-  if failed == 0 and amount > 0 and spent + reserved + amount > limit then failed = i end
+  local sid = arg(i, 0)
+  local c = scopes[sid]
+  if not c then
+    c = load_scope(sid)
+    if #expire_into(sid, c, now) > 0 then store_scope(sid, c, nil) end
+    scopes[sid] = c
+  end
+  views[i] = {c[1], c[2]}
+  local amount = tonumber(arg(i, 1))
+  -- A zero charge always fits, even a scope already over its limit.
+  if failed == 0 and amount > 0 and c[1] + c[2] + amount > tonumber(arg(i, 2)) then failed = i end
 end
 if failed > 0 then
   local out = {0, failed}
   for i = 1, n do
-    out[#out + 1] = views[i][1]; out[#out + 1] = views[i][2]; out[#out + 1] = views[i][3]
+    out[#out + 1] = views[i][1]; out[#out + 1] = views[i][2]; out[#out + 1] = scopes[arg(i, 0)][3]
   end
   return out
 end
-local record = {'exp', exp, 'tok', tok}
-local amounts = {}
+-- The same scope twice in one reservation holds the sum, under one member.
+local sums, order = {}, {}
+for i = 1, n do
+  local sid = arg(i, 0)
+  if not sums[sid] then sums[sid] = 0; order[#order + 1] = i end
+  sums[sid] = sums[sid] + tonumber(arg(i, 1))
+end
+local record = {'R', exp, tok}
+for _, i in ipairs(order) do
+  local sid, pxat = arg(i, 0), arg(i, 3)
+  local c = scopes[sid]
+  local a = string.format('%d', sums[sid])
+  c[2] = c[2] + sums[sid]
+  store_scope(sid, c, pxat)
+  local z = P .. 'z:' .. sid
+  redis.call('ZADD', z, exp, rid .. '|' .. a)
+  redis.call('PEXPIREAT', z, pxat)
+  record[#record + 1] = sid; record[#record + 1] = a
+end
+redis.call('SET', P .. 'r:' .. rid, cmsgpack.pack(record), 'PXAT', record_pxat)
 local out = {1, 0}
 for i = 1, n do
-  local base = 8 + 4 * (i - 1)
-  local sid, amount = ARGV[base], ARGV[base + 1]
-  local s = P .. 's:' .. sid
-  if amount ~= '0' then
-    amounts[sid] = (amounts[sid] or 0) + tonumber(amount)
-    redis.call('HINCRBY', s, 'reserved', amount)
-  end
-  local version = redis.call('HINCRBY', s, 'v', 1)
-  if version == 1 then redis.call('PEXPIREAT', s, ARGV[base + 3]) end
-  -- As the interface says: each charge's balance as it stood, plus its own amount.
-  out[#out + 1] = views[i][1]
-  out[#out + 1] = string.format('%d', tonumber(views[i][2]) + tonumber(amount))
-  out[#out + 1] = version
+  out[#out + 1] = views[i][1]; out[#out + 1] = views[i][2] + tonumber(arg(i, 1)); out[#out + 1] = scopes[arg(i, 0)][3]
 end
-for i = 1, n do
-  local base = 8 + 4 * (i - 1)
-  local sid = ARGV[base]
-  local total = amounts[sid]
-  if total then
-    -- The same scope twice in one reservation holds the sum, under one member.
-    amounts[sid] = nil
-    local z = P .. 'z:' .. sid
-    local a = string.format('%d', total)
-    redis.call('ZADD', z, exp, rid .. '|' .. a)
-    redis.call('PEXPIREAT', z, ARGV[base + 3])
-    record[#record + 1] = sid; record[#record + 1] = a
-  end
-end
-redis.call('HSET', rec, unpack(record))
-redis.call('PEXPIREAT', rec, record_pexpireat)
-redis.call('ZADD', P .. 'exp', exp, rid)
 return out
 """
 
@@ -193,70 +210,84 @@ return out
 # -> {1 first settle | 0 already settled, n x (spent, reserved, v)}
 _SETTLE = _LUA_COMMON + r"""
 local rid, now, tok, keep, n = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-local d = P .. 'd:' .. rid
-local done = redis.call('GET', d)
-local out = {1}
-if done then
-  -- A retry of this very call (its reply was lost) still reports the first settle.
-  if done ~= tok then out[1] = 0 end
+local function arg(i, k) return ARGV[7 + 3 * (i - 1) + k] end  -- k: 0 scope, 1 amount, 2 expiry
+local rec = read_record(rid)
+if rec and rec[1] == 'S' then
+  local out = {0}
+  if rec[2] == tok then out[1] = 1 end  -- this very call, retried after its reply was lost
   for i = 1, n do
-    local v = redis.call('HMGET', P .. 's:' .. ARGV[7 + 3 * (i - 1)], 'spent', 'reserved', 'v')
-    out[#out + 1] = v[1] or '0'; out[#out + 1] = v[2] or '0'; out[#out + 1] = v[3] or '0'
+    local c = load_scope(arg(i, 0))
+    out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
   end
   return out
 end
-drop(rid)
+local held = {}
+if rec then held = unhold(rid, rec) end
+local scopes, order = {}, {}
 for i = 1, n do
-  local base = 7 + 3 * (i - 1)
-  local sid = ARGV[base]
-  local s = P .. 's:' .. sid
-  expire_scope(sid, now)
-  local spent = redis.call('HINCRBY', s, 'spent', ARGV[base + 1])
-  local version = redis.call('HINCRBY', s, 'v', 1)
-  if version == 1 then redis.call('PEXPIREAT', s, ARGV[base + 2]) end
-  out[#out + 1] = spent; out[#out + 1] = redis.call('HGET', s, 'reserved') or '0'; out[#out + 1] = version
+  local sid = arg(i, 0)
+  local c = scopes[sid]
+  if not c then
+    c = load_scope(sid)
+    expire_into(sid, c, now)
+    c[2] = c[2] - (held[sid] or 0)
+    held[sid] = nil
+    scopes[sid] = c
+    order[#order + 1] = i
+  end
+  c[1] = c[1] + tonumber(arg(i, 1))
 end
-redis.call('SET', d, tok, 'PX', keep)
+for _, i in ipairs(order) do store_scope(arg(i, 0), scopes[arg(i, 0)], arg(i, 2)) end
+give_back(held)
+redis.call('SET', P .. 'r:' .. rid, cmsgpack.pack({'S', tok}), 'PX', keep)
+local out = {1}
+for i = 1, n do
+  local c = scopes[arg(i, 0)]
+  out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
+end
 return out
 """
 
-# ARGV: prefix, rid, now -> {1 released | 0 none live, then (sid, spent, reserved, v) per scope it was held in}
+# ARGV: prefix, rid, now -> {1 released | 0 nothing live, then (scope, spent, reserved, v) per scope given back}
 _RELEASE = _LUA_COMMON + r"""
 local rid, now = ARGV[2], tonumber(ARGV[3])
-local exp = redis.call('HGET', P .. 'r:' .. rid, 'exp')
-if not exp then return {0} end
-local held = drop(rid)
+local rec = read_record(rid)
+if not rec or rec[1] ~= 'R' then return {0} end
+local held = unhold(rid, rec)
+redis.call('DEL', P .. 'r:' .. rid)
 local out = {0}
-if #held > 0 and tonumber(exp) > now then out[1] = 1 end
-for _, sid in ipairs(held) do
-  local s = P .. 's:' .. sid
-  local version = redis.call('HINCRBY', s, 'v', 1)
-  local v = redis.call('HMGET', s, 'spent', 'reserved')
-  out[#out + 1] = sid; out[#out + 1] = v[1] or '0'; out[#out + 1] = v[2] or '0'; out[#out + 1] = version
+if next(held) ~= nil and tonumber(rec[2]) > now then out[1] = 1 end
+for _, t in ipairs(give_back(held)) do
+  out[#out + 1] = t[1]; out[#out + 1] = t[2][1]; out[#out + 1] = t[2][2]; out[#out + 1] = t[2][3]
 end
 return out
 """
 
-# ARGV: prefix, now, sids... -> n x (spent, reserved, v)
+# ARGV: prefix, now, scopes... -> n x (spent, reserved, v)
 _BALANCES = _LUA_COMMON + r"""
 local now = tonumber(ARGV[2])
 local out = {}
 for i = 3, #ARGV do
-  expire_scope(ARGV[i], now)
-  local v = redis.call('HMGET', P .. 's:' .. ARGV[i], 'spent', 'reserved', 'v')
-  out[#out + 1] = v[1] or '0'; out[#out + 1] = v[2] or '0'; out[#out + 1] = v[3] or '0'
+  local c = load_scope(ARGV[i])
+  if #expire_into(ARGV[i], c, now) > 0 then store_scope(ARGV[i], c, nil) end
+  out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
 end
 return out
 """
 
-# ARGV: prefix, now, batch -> number of reservations dropped
+# ARGV: prefix, now, scopes... -> ids of the reservations that expired there
 _EXPIRE = _LUA_COMMON + r"""
-local now, batch = tonumber(ARGV[2]), tonumber(ARGV[3])
-local stale = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, batch)
-for _, r in ipairs(stale) do
-  for _, sid in ipairs(drop(r)) do redis.call('HINCRBY', P .. 's:' .. sid, 'v', 1) end
+local now = tonumber(ARGV[2])
+local gone = {}
+for i = 3, #ARGV do
+  local c = load_scope(ARGV[i])
+  local stale = expire_into(ARGV[i], c, now)
+  if #stale > 0 then
+    store_scope(ARGV[i], c, nil)
+    for _, m in ipairs(stale) do gone[#gone + 1] = string.match(m, '^(.*)|%d+$') end
+  end
 end
-return #stale
+return gone
 """
 
 _SCRIPTS = {"reserve": _RESERVE, "settle": _SETTLE, "release": _RELEASE, "balances": _BALANCES, "expire": _EXPIRE}
@@ -303,6 +334,13 @@ class RedisLedger(Ledger):
         self._margin_s = window_margin_s
         self._max_age = balances_max_age_s
         self._shas: dict[str, str] = {}
+        self._timeout_s = timeout_s
+        self._token_prefix = os.urandom(6).hex() + "-"
+        self._tokens = itertools.count()
+        self._batch_lock = threading.Lock()
+        self._queue: list[_Call] = []
+        self._leading = False
+        self._connection: Any = None
         self._cache: dict[str, tuple[int, int, int, float]] = {}  # sid -> (v, spent, reserved, seen at)
         self._cache_lock = threading.Lock()
         # Outage state: fail fast until _retry_at, doubling the wait up to backoff_max_s.
@@ -342,7 +380,7 @@ class RedisLedger(Ledger):
     def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
         now = self._clock()
         exp = now + ttl_s
-        args: list[Any] = [self.prefix, reservation_id, repr(now), repr(exp), os.urandom(8).hex(),
+        args: list[Any] = [self.prefix, reservation_id, repr(now), repr(exp), self._token(),
                            int((exp + self._margin_s) * 1000), len(charges)]
         for scope, amount in charges:
             args += [scope.id, _amount(amount), scope.limit, self._scope_pexpireat(scope)]
@@ -362,7 +400,7 @@ class RedisLedger(Ledger):
         charges = tuple(charges)
         for _, amount in charges:
             _amount(amount)  # refuse bad input now, not at replay time
-        token = os.urandom(8).hex()
+        token = self._token()
         try:
             return self._settle_now(reservation_id, charges, token)
         except StateUnavailable as exc:
@@ -379,15 +417,28 @@ class RedisLedger(Ledger):
             return False
 
     def expire(self, now: float | None = None) -> int:
+        """Drop every scope's expired reservations now (they also go lazily as scopes are used).
+
+        Walks the prefix's zsets with SCAN: maintenance, not a request-path call."""
         at = repr(self._clock() if now is None else now)
-        total = 0
+        marker = _glob_escape(self.prefix) + "z:*"
+        skip = len(self.prefix.encode("utf-8")) + 2
+        dropped: set[bytes] = set()
+        try:
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=marker, count=500):
+                batch.append(key[skip:])
+                if len(batch) == 200:
+                    dropped.update(self._run("expire", [self.prefix, at, *batch]))
+                    batch = []
+            if batch:
+                dropped.update(self._run("expire", [self.prefix, at, *batch]))
+        except _UNAVAILABLE as exc:
+            self._failed(exc)
+            raise StateUnavailable(f"Redis ledger unavailable: {exc}") from exc
         with self._cache_lock:
-            self._cache.clear()  # the scripts below do not report which scopes they touched
-        while True:
-            dropped = int(self._run("expire", [self.prefix, at, 500]))
-            total += dropped
-            if dropped < 500:
-                return total
+            self._cache.clear()  # the script reports ids, not the balances it changed
+        return len(dropped)
 
     def close(self) -> None:
         """Try once more to deliver the journal, stop the replay thread, close the connections."""
@@ -401,6 +452,8 @@ class RedisLedger(Ledger):
         self._wake.set()
         if self._flusher is not None:
             self._flusher.join(timeout=2)
+        if self._connection is not None:
+            self._connection.disconnect()
         self.client.close()
 
     # -- journal ----------------------------------------------------------------------------
@@ -542,21 +595,110 @@ class RedisLedger(Ledger):
         return views
 
     def _run(self, name: str, args: Sequence[Any]) -> Any:
+        """One script call. Concurrent callers share round trips: whoever finds no call in flight
+        sends its own at once; calls that arrive meanwhile queue up and go together as one
+        pipeline when it returns (group commit), so threads add throughput instead of GIL churn."""
         if self._retry_at and time.monotonic() < self._retry_at:
             raise StateUnavailable(f"Redis ledger unavailable; next attempt in {self._retry_at - time.monotonic():.2f}s")
+        call = _Call(name, args)
+        with self._batch_lock:
+            self._queue.append(call)
+            lead = not self._leading
+            if lead:
+                self._leading = True
+            else:
+                # A bare lock, taken now and released by the leader: cheaper than an Event.
+                call.event = threading.Lock()
+                call.event.acquire()
+        if not lead:
+            # Long enough for the batch in flight and then ours, each bounded by the socket timeout.
+            if not call.event.acquire(timeout=2 * self._timeout_s + 0.5):  # type: ignore[union-attr]
+                with self._batch_lock:
+                    if not call.lead:
+                        if call in self._queue:
+                            self._queue.remove(call)  # never sent
+                        raise StateUnavailable("Redis ledger unavailable: no reply in time")
+            lead = call.lead
+        if lead:
+            self._lead()
+        if call.error is not None:
+            if isinstance(call.error, _UNAVAILABLE):
+                raise StateUnavailable(f"Redis ledger unavailable: {call.error}") from call.error
+            raise call.error
+        return call.reply
+
+    def _lead(self) -> None:
+        with self._batch_lock:
+            batch, self._queue = self._queue, []
+        try:
+            self._send(batch)
+        except BaseException as exc:  # whatever happens, the waiters must wake and someone must lead
+            for call in batch:
+                if call.error is None and call.reply is None:
+                    call.error = exc
+        with self._batch_lock:
+            if self._queue:
+                # Hand over to the oldest waiter: it is awake next anyway, and we return at once.
+                successor = self._queue[0]
+                successor.lead = True
+                successor.event.release()  # type: ignore[union-attr]
+            else:
+                self._leading = False
+        for call in batch:
+            if call.event is not None and not call.lead:
+                call.event.release()
+
+    def _send(self, batch: list[_Call]) -> None:
         try:
             try:
-                sha = self._shas.get(name) or self._load(name)
-                reply = self.client.evalsha(sha, 0, *args)
-            except NoScriptError:
-                # A restarted (or flushed) Redis forgot the scripts: load once more.
-                reply = self.client.evalsha(self._load(name), 0, *args)
+                self._roundtrip(batch)
+            except RedisConnectionError:
+                # A connection that died since its last use (a restarted Redis): one fresh try.
+                # Safe even if the first attempt ran: every script is idempotent per call token.
+                self._roundtrip(batch)
+            stale = [c for c in batch if isinstance(c.error, NoScriptError)]
+            if stale:
+                # A restarted (or flushed) Redis forgot the scripts: load them once more.
+                for name in {c.name for c in stale}:
+                    self._load(name)
+                self._roundtrip(stale)
         except _UNAVAILABLE as exc:
-            self._failed(exc)
-            raise StateUnavailable(f"Redis ledger unavailable: {exc}") from exc
-        if self._failures:
+            for call in batch:
+                call.error = exc
+        failures = [c.error for c in batch if c.error is not None and isinstance(c.error, _UNAVAILABLE)]
+        if failures:
+            self._failed(failures[0])
+        elif self._failures:
             self._recovered()
-        return reply
+
+    def _roundtrip(self, calls: list[_Call]) -> None:
+        """All the calls in one write and one read, on one connection of the client's pool.
+
+        Below redis-py's command layer on purpose: its per-command machinery costs more
+        than the script itself, and the batch needs per-reply errors anyway."""
+        connection = self._connection
+        if connection is None:
+            # Only the leader sends, one batch at a time: one connection of our own is enough.
+            pool = self.client.connection_pool
+            connection = self._connection = pool.connection_class(**pool.connection_kwargs)
+        packed = connection.pack_commands([("EVALSHA", self._sha(c.name), 0, *c.args) for c in calls])
+        try:
+            connection.send_packed_command(packed, check_health=False)
+            for call in calls:
+                try:
+                    call.reply, call.error = connection.read_response(), None
+                except ResponseError as exc:  # the reply was an error; the connection is fine
+                    call.error = exc
+        except BaseException:
+            connection.disconnect()  # mid-reply: nothing more can be read from it; reconnects on next use
+            raise
+
+    def _token(self) -> str:
+        # Tells a retried call from another call with the same reservation id; unique per process run.
+        return f"{self._token_prefix}{next(self._tokens)}"
+
+    def _sha(self, name: str) -> str:
+        return self._shas.get(name) or self._load(name)
 
     def _load(self, name: str) -> str:
         sha = self.client.script_load(_SCRIPTS[name])
@@ -580,6 +722,21 @@ class RedisLedger(Ledger):
             log.warning("Redis ledger reachable again after %d failed attempts", was)
         if self._journal:
             self._start_flusher()
+
+
+class _Call:
+    __slots__ = ("name", "args", "reply", "error", "event", "lead")
+
+    def __init__(self, name: str, args: Sequence[Any]) -> None:
+        self.name, self.args = name, args
+        self.reply: Any = None
+        self.error: BaseException | None = None
+        self.event: Any = None  # a held threading.Lock while a follower waits
+        self.lead = False
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _amount(amount: int) -> int:
