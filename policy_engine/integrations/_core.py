@@ -218,7 +218,8 @@ class Runtime:
         key = headers.get("x-api-key") or headers.get("authorization") or ""
         account = self._accounts.get(key)
         if account is None:
-            account = self._accounts[key] = account_id(api_key=key or None)
+            secret = key[7:] if key[:7].lower() == "bearer " else key  # the same account either way it is sent
+            account = self._accounts[key] = account_id(api_key=secret or None)
         # Decisions are made before the request has auth headers: they use the last account seen.
         self.account = account
         return account
@@ -326,6 +327,7 @@ class StreamTracker:
         self._start: dict[str, Any] = {}
         self._final: dict[str, Any] = {}
         self._deltas: list[bytes] = []
+        self._start_at = 0.0
         self._first_delta_at = 0.0
         self._final_at = 0.0
         self._finished = False
@@ -342,6 +344,7 @@ class StreamTracker:
                     self._first_delta_at = time.perf_counter()
                 self._deltas.append(line)
             elif b'"message_start"' in line[:40]:
+                self._start_at = time.perf_counter()
                 event = _event(line)
                 message = event.get("message") if event else None
                 if isinstance(message, dict) and isinstance(message.get("usage"), dict):
@@ -353,8 +356,8 @@ class StreamTracker:
                     self._final = usage
                     self._final_at = time.perf_counter()
 
-    def finish(self, complete: bool) -> None:
-        """Settle with what was seen (idempotent). `complete`: the stream reached its end."""
+    def finish(self) -> None:
+        """Settle with what was seen so far (idempotent): the end of the stream, or where it was dropped."""
         if self._finished:
             return
         self._finished = True
@@ -370,11 +373,13 @@ class StreamTracker:
             telemetry.record_event("policy_engine.stream_abandoned", {"policy_engine.output_tokens": usage["output_tokens"]})
         observer, flight = self.runtime.observer, self.flight
         self.runtime.settle(flight, usage, timed=False)
-        if observer is not None and complete and self._first_delta_at and flight.sent_at:
+        if observer is not None and self._final and self._first_delta_at and flight.sent_at:
             output = usage.get("output_tokens")
+            # TTFT is what a reader waits for the first content; generation runs from message_start,
+            # since the first delta already carries tokens generated after it.
             observer.observe_stream(self.runtime.model_key(flight.decision.model), str(usage.get("speed") or flight.speed),
                                     output if type(output) is int else 0, self._first_delta_at - flight.sent_at,
-                                    (self._final_at or time.perf_counter()) - self._first_delta_at)
+                                    self._final_at - self._start_at)
 
 
 def _event(line: bytes) -> dict[str, Any] | None:
@@ -421,46 +426,42 @@ def tracked_streams(module: Any) -> tuple[type, type]:
         def __init__(self, response: Any, tracker: StreamTracker) -> None:
             self._response = response
             self._tracker = tracker
-            weakref.finalize(self, tracker.finish, False)
+            weakref.finalize(self, tracker.finish)
 
         def __iter__(self) -> Iterator[bytes]:
             tracker = self._tracker
-            complete = False
             try:
                 for chunk in self._response.iter_bytes():
                     tracker.feed(chunk)
                     yield chunk
-                complete = True
             finally:
-                tracker.finish(complete)
+                tracker.finish()
 
         def close(self) -> None:
             try:
                 self._response.close()
             finally:
-                self._tracker.finish(False)
+                self._tracker.finish()
 
     class AsyncTracked(module.AsyncByteStream):  # type: ignore[misc,name-defined]
         def __init__(self, response: Any, tracker: StreamTracker) -> None:
             self._response = response
             self._tracker = tracker
-            weakref.finalize(self, tracker.finish, False)
+            weakref.finalize(self, tracker.finish)
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
             tracker = self._tracker
-            complete = False
             try:
                 async for chunk in self._response.aiter_bytes():
                     tracker.feed(chunk)
                     yield chunk
-                complete = True
             finally:
-                tracker.finish(complete)
+                tracker.finish()
 
         async def aclose(self) -> None:
             try:
                 await self._response.aclose()
             finally:
-                self._tracker.finish(False)
+                self._tracker.finish()
 
     return Tracked, AsyncTracked

@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -443,6 +444,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "policy-engine-emulator"
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers, body and SSE events are separate small writes: without this, Nagle's
+        # algorithm and the client's delayed ACK add ~40 ms to responses and events.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         pass  # tests read GET /_emulator/requests instead of a console log
 
@@ -627,6 +634,9 @@ class _Handler(BaseHTTPRequestHandler):
                 done += chunk
                 sent = max(sent, done)
             self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            # Generation is over: the bill is final before the client can see the end of the stream.
+            entry["usage"] = plan.usage
+            self.owner._record(entry)
             final_usage = {k: plan.usage[k] for k in ("input_tokens", "cache_creation_input_tokens",
                                                       "cache_read_input_tokens", "output_tokens")}
             self._event("message_delta", {"type": "message_delta",
@@ -635,13 +645,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._event("message_stop", {"type": "message_stop"})
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-            entry["usage"] = plan.usage
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            # The client went away: bill what was generated before it did.
-            entry["usage"] = {**plan.usage, "output_tokens": sent}
-            entry["abandoned"] = True
             self.close_connection = True
-        self.owner._record(entry)
+            if entry["usage"] is None:
+                # The client went away mid-generation: bill what was generated before it did.
+                entry["usage"] = {**plan.usage, "output_tokens": sent}
+                entry["abandoned"] = True
+                self.owner._record(entry)
 
     def _event(self, name: str, payload: Mapping[str, Any]) -> None:
         data = f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
