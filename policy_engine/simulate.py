@@ -35,11 +35,11 @@ from typing import IO, Any
 
 from .catalog import Catalog, ModelEntry, actual, load_catalog, to_usd
 from .compile import CompiledPolicy
-from .decide import Decision, Engine, _throughput
+from .decide import Decision, Engine
 from .errors import PolicyEngineError, PricingError
 from .ledger import MemoryLedger
 from .testing.runner import DEFAULT_TEST_TIME
-from .tokens import TokenEstimate, estimate_input_tokens
+from .tokens import estimate_input_tokens
 
 __all__ = ["DiffReport", "LogError", "Outcome", "Report", "Replayer", "diff", "iter_log", "open_log", "simulate", "START_TIME"]
 
@@ -277,25 +277,6 @@ def _pct(part: int, whole: int) -> str:
 # -- the replay -----------------------------------------------------------------------------
 
 
-class _ReplayEngine(Engine):
-    """The engine, with its pure price estimates memoised: a replay asks for the same ones often."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._estimate_cache: dict[tuple[Any, ...], Any] = {}
-
-    def _estimates(self, model: ModelEntry | None, input_tokens: int, max_tokens: int, cache_control: bool,
-                   geo: str | None) -> Any:
-        key = (id(model), input_tokens, max_tokens, cache_control, geo)
-        hit = self._estimate_cache.get(key)
-        if hit is None:
-            if len(self._estimate_cache) >= _CACHE_MAX:
-                self._estimate_cache.clear()
-            hit = self._estimate_cache[key] = super()._estimates(model, input_tokens, max_tokens, cache_control, geo)
-        cost, std, fast = hit
-        return dict(cost), std, fast  # a fresh mapping per decision: activations must not share one
-
-
 class Replayer:
     """Replays log lines in order through one compiled policy with its own fresh state."""
 
@@ -306,9 +287,9 @@ class Replayer:
         self._epoch = START_TIME.timestamp()
         # Reservations are settled at once, so nothing needs remembering past the replay's clock.
         self.ledger = MemoryLedger(clock=lambda: self._epoch, settled_memory_s=0.0)
-        self.engine = _ReplayEngine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
+        self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
         self._requests: dict[str, Any] = {}
-        self._usage_cache: dict[tuple[Any, ...], tuple[int, int | None, float, float | None]] = {}
+        self._priced_cache: dict[tuple[int, str | None], bool] = {}
         self.report = Report(compiled.name, compiled.version)
 
     # parse -----------------------------------------------------------------------------
@@ -364,19 +345,22 @@ class Replayer:
         batch = record.get("batch", False)
         if not isinstance(batch, bool):
             raise LogError(number, "'batch' must be true or false")
-        tokens = self._tokens(number, request, record.get("input_tokens"))
-        compiled = self.compiled
+        given = record.get("input_tokens")
+        if given is not None and (type(given) is not int or given < 0):
+            raise LogError(number, f"'input_tokens' must be a non-negative integer, got {given!r}")
         try:
-            decision = self.engine._decide(request, context, self._now, "default", batch, tokens, compiled)
+            decision = self.engine.decide(request, context, now=self._now, batch=batch, input_tokens=given)
         except PolicyEngineError as exc:
-            failed = getattr(exc, "decision", None)  # on_error: raise hands back its rejected decision
+            # A ceiling's CeilingExceeded and on_error: raise's RuleEvaluationError carry the
+            # (rejected) decision; anything else means the line itself is bad.
+            failed = getattr(exc, "decision", None)
             if not isinstance(failed, Decision):
                 raise LogError(number, str(exc)) from None
             decision = failed
         usage = record.get("usage")
         if usage is not None and not isinstance(usage, dict):
             raise LogError(number, "'usage' must be an object")
-        return self._settle(number, decision, request, tokens, usage)
+        return self._settle(number, decision, request, given, usage, batch)
 
     def _advance(self, number: int, ts: Any) -> None:
         if ts is None:
@@ -394,81 +378,70 @@ class Replayer:
             raise LogError(number, f"invalid 'ts' {ts!r}: {exc}") from None
         self._now, self._epoch = now, now.timestamp()
 
-    def _tokens(self, number: int, request: dict[str, Any], given: Any) -> TokenEstimate:
-        if given is None:
-            try:
-                return estimate_input_tokens(request)
-            except (PolicyEngineError, TypeError, ValueError) as exc:
-                raise LogError(number, f"invalid request: {exc}") from None
-        if type(given) is not int or given < 0:
-            raise LogError(number, f"'input_tokens' must be a non-negative integer, got {given!r}")
-        return TokenEstimate(given, given, True)
-
-    def _settle(self, number: int, decision: Decision, request: dict[str, Any], tokens: TokenEstimate,
-                usage: dict[str, Any] | None) -> Outcome:
-        model = decision._model
+    def _settle(self, number: int, decision: Decision, request: dict[str, Any], given: int | None,
+                usage: dict[str, Any] | None, batch: bool) -> Outcome:
+        model = self.catalog.find(decision.model)
+        geo = request.get("inference_geo")
+        geo = None if geo in (None, "global") else geo
         if usage is None:
-            # Billed as the estimate expects: the expected prompt (as cache writes when the
-            # request caches, as the estimate prices it) and max_tokens of output.
-            usage = ({"input_tokens": 0, "cache_creation_input_tokens": tokens.expected} if decision_cache(request)
-                     else {"input_tokens": tokens.expected})
+            # Billed as the estimate expects: the expected prompt (as cache writes when the request
+            # caches, which is how the estimate prices it) and max_tokens of output.
+            expected = given if given is not None else self._expected_input(number, request)
+            usage = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if _caches(request)
+                     else {"input_tokens": expected})
             usage["output_tokens"] = decision.max_tokens
         else:
             self.report.with_usage += 1
-        standard, fast, std_s, fast_s, priced = self._prices(number, model, usage, decision._inference_geo, request)
-        speed = decision.speed if decision.outcome != "rejected" else "rejected"
-        if speed == "fast" and fast is None:
-            fast = standard  # the decision says fast though the catalog cannot price it: bill what is known
-        cost = fast if speed == "fast" else standard if speed == "standard" else 0
-        latency = (fast_s if speed == "fast" and fast_s is not None else std_s) if speed != "rejected" else 0.0
-        if decision.reservation_id is not None:
-            billed = dict(usage, speed=decision.speed)
-            charges = self.engine._actual_charges(decision, model, billed, decision.speed, cost or 0)
-            self.ledger.settle(decision.reservation_id, charges)
-            decision._settled = True
-        return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, cost or 0, standard,
-                       fast, latency, std_s, fast_s, priced)
-
-    def _prices(self, number: int, model: ModelEntry | None, usage: dict[str, Any], geo: str | None,
-                request: dict[str, Any]) -> tuple[int, int | None, float, float | None, bool]:
-        """(standard cost, fast cost or None, standard latency, fast latency or None, priced)."""
-        fast_ok = (model is not None and model.fast.supported and request.get("service_tier") != "priority")
-        try:
-            key = (id(model), geo, fast_ok, *sorted((k, v) for k, v in usage.items() if k != "speed" and not isinstance(v, dict)),
-                   json.dumps(usage.get("cache_creation"), sort_keys=True) if "cache_creation" in usage else None)
-        except TypeError:
-            key = None
-        cached = self._usage_cache.get(key) if key is not None else None
-        if cached is not None:
-            std, fast, std_s, fast_s = cached
-            return std, fast, std_s, fast_s, model is not None and std is not None
         output = usage.get("output_tokens")
         if type(output) is not int or output < 0:
             raise LogError(number, f"usage.output_tokens must be a non-negative integer, got {output!r}")
-        std_cost: int | None = None
-        fast_cost: int | None = None
-        if model is not None:
+        speed = decision.speed if decision.outcome != "rejected" else "rejected"
+        chosen = 0
+        if speed != "rejected":
             try:
-                std_cost = actual(model, dict(usage, speed="standard"), inference_geo=geo)
-            except PricingError:
-                std_cost = None
+                chosen = self.engine.settle(decision, dict(usage, speed=decision.speed)).cost_micro
             except ValueError as exc:
                 raise LogError(number, f"invalid usage: {exc}") from None
-            if fast_ok:
-                try:
-                    fast_cost = actual(model, dict(usage, speed="fast"), inference_geo=geo)
-                except PricingError:
-                    fast_cost = None
-        figures = _throughput(model, output)
-        std_s = figures["est_standard_s"]
-        fast_s = figures.get("est_fast_s") if fast_cost is not None else None
-        priced = std_cost is not None
-        result = (std_cost or 0, fast_cost, std_s, fast_s)
-        if key is not None and priced:
-            if len(self._usage_cache) >= _CACHE_MAX:
-                self._usage_cache.clear()
-            self._usage_cache[key] = result
-        return (*result, priced)
+        # The baselines need the line at both speeds; the settlement already priced one of them.
+        priced = self._priced(model, geo)
+        standard = chosen if speed == "standard" else self._actual(number, model, usage, "standard", geo)
+        fast_ok = (model is not None and model.fast.supported and not batch
+                   and request.get("service_tier") != "priority")
+        fast = (chosen if speed == "fast" else self._actual(number, model, usage, "fast", geo)) if fast_ok else None
+        std_s, fast_s = _latency(model, output)
+        if fast is None:
+            fast_s = None
+        latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
+        return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
+                       standard or 0, fast, latency, std_s, fast_s, priced)
+
+    def _priced(self, model: ModelEntry | None, geo: str | None) -> bool:
+        key = (id(model), geo)
+        known = self._priced_cache.get(key)
+        if known is None:
+            try:
+                known = model is not None and model.rates("standard", 0, geo) is not None
+            except PricingError:
+                known = False
+            self._priced_cache[key] = known
+        return known
+
+    def _actual(self, number: int, model: ModelEntry | None, usage: dict[str, Any], speed: str,
+                geo: str | None) -> int | None:
+        if model is None:
+            return None
+        try:
+            return actual(model, dict(usage, speed=speed), inference_geo=geo)
+        except PricingError:
+            return None
+        except ValueError as exc:
+            raise LogError(number, f"invalid usage: {exc}") from None
+
+    def _expected_input(self, number: int, request: dict[str, Any]) -> int:
+        try:
+            return estimate_input_tokens(request).expected
+        except (PolicyEngineError, TypeError, ValueError) as exc:
+            raise LogError(number, f"invalid request: {exc}") from None
 
     # run -------------------------------------------------------------------------------
 
@@ -492,7 +465,22 @@ class Replayer:
         return report
 
 
-def decision_cache(request: dict[str, Any]) -> bool:
+DEFAULT_STANDARD_OTPS = 60.0
+"""Output tokens per second when the catalog gives no figure (the engine assumes the same)."""
+
+
+def _latency(model: ModelEntry | None, output_tokens: int) -> tuple[float, float | None]:
+    """Seconds for a response of `output_tokens` at standard and at fast speed, from the
+    catalog's throughput model: time to first token (the same at both speeds) plus output
+    tokens over output tokens per second."""
+    figures = model.throughput if model is not None else None
+    std = (figures.standard_otps if figures else None) or DEFAULT_STANDARD_OTPS
+    ttft = (figures.ttft_s if figures else None) or 0.0
+    fast = figures.fast_otps if figures is not None and model is not None and model.fast.supported else None
+    return ttft + output_tokens / std, (ttft + output_tokens / fast) if fast else None
+
+
+def _caches(request: dict[str, Any]) -> bool:
     """Whether the request sets cache_control anywhere (the estimate then prices input as cache writes)."""
     from .features import request_features
 
