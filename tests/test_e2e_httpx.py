@@ -1,0 +1,193 @@
+"""End to end: raw httpx (sync and async) through `FastModeTransport`, against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from policy_engine.catalog import actual, load_catalog
+from policy_engine.decide import Engine
+from policy_engine.errors import CeilingExceeded
+from policy_engine.integrations.httpx import AsyncFastModeTransport, FastModeRateLimited, FastModeTransport
+from policy_engine.testing.emulator import Emulator
+from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
+
+OPUS = load_catalog().model("claude-opus-4-6")
+BUDGET = """
+budgets:
+  - name: daily
+    window: day
+    limit_usd: 100
+"""
+HEADERS = {"x-api-key": "sk-raw", "anthropic-version": "2023-06-01"}
+
+
+class Raw:
+    """Sync or async httpx with the transport; every call returns (status, json body or SSE lines)."""
+
+    def __init__(self, kind: str, url: str, engine: Engine, timeout: float = 10.0) -> None:
+        self.kind, self.url, self.engine, self.timeout = kind, url, engine, timeout
+        self.transport = FastModeTransport(engine) if kind == "sync" else AsyncFastModeTransport(engine)
+
+    def post(self, path: str, body: Any, headers: dict[str, str] | None = None, lines: int | None = None) -> tuple[int, Any]:
+        """POST; for a stream read `lines` lines (None: all) and close."""
+        all_headers = {**HEADERS, **(headers or {})}
+        stream = isinstance(body, dict) and body.get("stream") is True
+        if self.kind == "sync":
+            with httpx.Client(base_url=self.url, transport=self.transport, timeout=self.timeout) as client:
+                if not stream:
+                    response = client.post(path, json=body, headers=all_headers)
+                    return response.status_code, response.json()
+                with client.stream("POST", path, json=body, headers=all_headers) as response:
+                    read = []
+                    for line in response.iter_lines():
+                        read.append(line)
+                        if lines is not None and len(read) >= lines:
+                            break
+                    return response.status_code, read
+
+        async def run() -> tuple[int, Any]:
+            async with httpx.AsyncClient(base_url=self.url, transport=self.transport, timeout=self.timeout) as client:
+                if not stream:
+                    response = await client.post(path, json=body, headers=all_headers)
+                    return response.status_code, response.json()
+                async with client.stream("POST", path, json=body, headers=all_headers) as response:
+                    read = []
+                    async for line in response.aiter_lines():
+                        read.append(line)
+                        if lines is not None and len(read) >= lines:
+                            break
+                    return response.status_code, read
+
+        return asyncio.run(run())
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    return engine_for(tmp_path, BUDGET)
+
+
+@pytest.fixture
+def raw(kind: str, emulator: Emulator, engine: Engine) -> Raw:  # noqa: F811
+    return Raw(kind, emulator.url, engine)
+
+
+def spent(engine: Engine) -> int:
+    return sum(engine.ledger.totals().values())  # type: ignore[attr-defined]
+
+
+def reserved(engine: Engine) -> int:
+    return sum(engine.ledger._reserved.values())  # type: ignore[attr-defined]
+
+
+def test_fast_reaches_the_wire_and_settles_at_the_fast_price(raw: Raw, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+    status, body = raw.post("/v1/messages", messages_params("a b c"), {"anthropic-beta": "files-api-2025-04-14"})
+    assert status == 200 and body["usage"]["speed"] == "fast"
+    [sent] = emulator.requests()
+    assert sent["body"]["speed"] == "fast"
+    assert sent["headers"]["anthropic-beta"] == "files-api-2025-04-14,fast-mode-2026-02-01"
+    assert spent(engine) == actual(OPUS, body["usage"]) == 6 * 30 + 16 * 150 and reserved(engine) == 0
+
+
+def test_an_unsupported_model_never_gets_fast(raw: Raw, emulator: Emulator) -> None:  # noqa: F811
+    params = messages_params(model="claude-sonnet-4-6", speed="fast")
+    status, body = raw.post("/v1/messages", params, {"anthropic-beta": "fast-mode-2026-02-01"})
+    assert status == 200 and body["usage"]["speed"] == "standard"
+    assert "speed" not in emulator.requests()[0]["body"]
+
+
+def test_a_fast_429_falls_back_to_standard_with_one_reservation(raw: Raw, emulator: Emulator, engine: Engine,  # noqa: F811
+                                                                telemetry: Any) -> None:
+    emulator.inject(429, speed="fast", retry_after="30")
+    status, body = raw.post("/v1/messages", messages_params())
+    assert status == 200 and body["usage"]["speed"] == "standard"
+    assert [(r["status"], r["body"].get("speed")) for r in emulator.requests()] == [(429, "fast"), (200, None)]
+    assert len(telemetry.spans("policy_engine.decide")) == 1 and len(telemetry.spans("policy_engine.settle")) == 1
+    assert spent(engine) == actual(OPUS, body["usage"]) == 5 * 5 + 16 * 25 and reserved(engine) == 0
+
+
+def test_fail_mode_raises(kind: str, emulator: Emulator, tmp_path: Path) -> None:  # noqa: F811
+    engine = engine_for(tmp_path, BUDGET + "on_fast_rate_limited: fail\n")
+    emulator.inject(429, speed="fast", retry_after="2")
+    with pytest.raises(FastModeRateLimited):
+        Raw(kind, emulator.url, engine).post("/v1/messages", messages_params())
+    assert spent(engine) == 0 and reserved(engine) == 0
+
+
+def test_errors_release_the_reservation(raw: Raw, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+    emulator.inject(529)
+    status, body = raw.post("/v1/messages", messages_params())
+    assert status == 529 and body["error"]["type"] == "overloaded_error"
+    assert spent(engine) == 0 and reserved(engine) == 0
+
+
+def test_a_timeout_releases_the_reservation(kind: str, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+    emulator.inject(None, hang_s=1.0)
+    with pytest.raises(httpx.ReadTimeout):
+        Raw(kind, emulator.url, engine, timeout=0.2).post("/v1/messages", messages_params())
+    assert reserved(engine) == 0 and spent(engine) == 0
+
+
+def test_streams_settle_and_pass_through_byte_for_byte(raw: Raw, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+    status, lines = raw.post("/v1/messages", messages_params(stream=True))
+    assert status == 200
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [e["type"] for e in events][:3] == ["message_start", "content_block_start", "ping"]
+    assert events[-1]["type"] == "message_stop"
+    assert spent(engine) == actual(OPUS, emulator.billed()[0]) and reserved(engine) == 0
+
+
+def test_an_abandoned_stream_settles_with_what_was_seen(raw: Raw, emulator: Emulator, engine: Engine,  # noqa: F811
+                                                        telemetry: Any) -> None:
+    emulator.configure(standard_otps=40, output_tokens=60, delta_tokens=1)
+    status, lines = raw.post("/v1/messages", messages_params(stream=True, max_tokens=100), lines=14)
+    assert status == 200 and len(lines) == 14
+    [settle] = telemetry.spans("policy_engine.settle")
+    output = settle.attributes["gen_ai.usage.output_tokens"]
+    assert 1 <= output < 60
+    assert spent(engine) == actual(OPUS, {"input_tokens": 5, "output_tokens": output, "speed": "fast"})
+    assert reserved(engine) == 0
+
+
+def test_a_reject_sends_nothing(kind: str, emulator: Emulator, tmp_path: Path) -> None:  # noqa: F811
+    engine = engine_for(tmp_path, "ceilings:\n  per_request_usd: 0.0001\n")
+    with pytest.raises(CeilingExceeded):
+        Raw(kind, emulator.url, engine).post("/v1/messages", messages_params())
+    assert emulator.requests() == []
+
+
+def test_batches_lose_speed_and_count_tokens_passes_through(raw: Raw, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+    batch = {"requests": [{"custom_id": "a", "params": messages_params(speed="fast")}]}
+    status, body = raw.post("/v1/messages/batches", batch, {"anthropic-beta": "fast-mode-2026-02-01"})
+    assert status == 200 and body["type"] == "message_batch"
+    status, body = raw.post("/v1/messages/count_tokens", {"model": "claude-opus-4-6", "messages": [
+        {"role": "user", "content": "x"}], "speed": "fast"}, {"anthropic-beta": "fast-mode-2026-02-01"})
+    assert status == 200 and body == {"input_tokens": 4}
+    assert emulator.requests()[1]["body"]["speed"] == "fast"  # untouched
+    assert spent(engine) == 0 and reserved(engine) == 0
+
+
+def test_non_json_bodies_pass_through(raw: Raw, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+    def send() -> int:
+        if raw.kind == "sync":
+            with httpx.Client(transport=raw.transport) as client:
+                return client.post(f"{emulator.url}/v1/messages", content=b"not json", headers=HEADERS).status_code
+
+        async def run() -> int:
+            async with httpx.AsyncClient(transport=raw.transport) as client:
+                return (await client.post(f"{emulator.url}/v1/messages", content=b"not json", headers=HEADERS)).status_code
+
+        return asyncio.run(run())
+
+    assert send() == 400
+    assert reserved(engine) == 0
