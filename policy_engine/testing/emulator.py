@@ -450,6 +450,12 @@ class _Handler(BaseHTTPRequestHandler):
         # algorithm and the client's delayed ACK add ~40 ms to responses and events.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            pass  # the client closed its connection: nothing left to answer
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         pass  # tests read GET /_emulator/requests instead of a console log
 
