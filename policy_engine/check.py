@@ -31,7 +31,7 @@ from .compile import MAX_EXPRESSION_COST, CompiledPolicy, compile_policy
 from .errors import Diagnostic, PolicyError, did_you_mean
 from .load import Document, parse_policy
 
-__all__ = ["LintResult", "lint_file", "lint_paths", "policy_files", "render", "CODES", "GUARDRAILS", "exit_status"]
+__all__ = ["LintResult", "lint_any", "lint_file", "lint_test_file", "lint_paths", "policy_files", "render", "CODES", "GUARDRAILS", "exit_status"]
 
 GUARDRAILS = ("unsupported_model", "unpriced", "batch", "priority_tier", "rate_limited")
 
@@ -134,9 +134,31 @@ def lint_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, m
     return result
 
 
+def lint_test_file(path: str | os.PathLike[str]) -> LintResult:
+    """A `*_test.yaml` file: its schema, and that the policy it names exists."""
+    from .testing.runner import load_test_file
+
+    name = str(path)
+    try:
+        _, document, target = load_test_file(name)
+    except PolicyError as exc:
+        return LintResult(name, exc.sources.get(name), list(exc.diagnostics))
+    result = LintResult(name, document.source)
+    if not os.path.isfile(target):
+        where = ("policy",) if isinstance(document.data, dict) and "policy" in document.data else ()
+        line, col = document.locate(where)
+        result.diagnostics.append(Diagnostic(name, line, col, "PE001", f"the policy under test, {target}, does not exist",
+                                             "name it with `policy:` (relative to this file)"))
+    return result
+
+
+def lint_any(path: Path, catalog: Catalog | None = None, **options: Any) -> LintResult:
+    return lint_test_file(path) if is_test_file(path) else lint_file(path, catalog, **options)
+
+
 def lint_paths(paths: Sequence[str], catalog: Catalog | None = None, **options: Any) -> list[LintResult]:
     catalog = catalog or load_catalog()
-    return [lint_file(p, catalog, **options) for p in policy_files(paths)]
+    return [lint_any(p, catalog, **options) for p in policy_files(paths)]
 
 
 def exit_status(results: Iterable[LintResult], strict: bool = False) -> int:

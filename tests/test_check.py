@@ -12,6 +12,7 @@ from policy_engine.cli import main
 
 LINT = Path(__file__).parent / "data" / "lint"
 POLICIES = Path(__file__).parent.parent / "policies"
+ROOT_EXAMPLES = Path(__file__).parent.parent / "examples"
 
 # file -> every (code, line, col) lint must report, and nothing else.
 EXPECTED: dict[str, set[tuple[str, int, int]]] = {
@@ -133,3 +134,12 @@ def test_github_annotations_escape_their_properties() -> None:
     assert first.startswith("::error file=")
     assert ",line=4,col=1,title=PE002::duplicate key 'default' (first defined on line 3)" in first
     assert "%0A" not in first or "\n" not in first
+
+
+def test_test_files_are_linted_as_test_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = ROOT_EXAMPLES / "default_test.yaml"
+    assert main(["lint", str(good)]) == 0
+    bad = tmp_path / "orphan_test.yaml"
+    bad.write_text("tests:\n  - name: t\n    request: {}\n    expect: {}\n")
+    assert main(["lint", str(bad)]) == 1
+    assert "orphan.yaml, does not exist" in capsys.readouterr().out

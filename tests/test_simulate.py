@@ -182,3 +182,40 @@ def test_diff_groups_changed_decisions_with_deltas(tmp_path: Path, capsys: pytes
     out = capsys.readouterr().out
     assert "**4 decisions change**, cost **-$0.18**" in out
     assert "| 2 | fast → standard | `interactive` → `default` | -$0.18 | +10 s | 1, 4 |" in out
+
+
+def test_all_fast_baseline_keeps_batch_and_priority_tier_at_standard(tmp_path: Path) -> None:
+    lines = [
+        # Batch API: never fast, even in the all-fast baseline. 1000 x $5 + 100 x $25 = $0.0075.
+        {"ts": "2026-03-02T10:00:00Z", "batch": True, "input_tokens": 1000,
+         "usage": {"input_tokens": 1000, "output_tokens": 100}, "request": OPUS},
+        # Priority Tier: the same.
+        {"ts": "2026-03-02T10:00:01Z", "input_tokens": 1000, "usage": {"input_tokens": 1000, "output_tokens": 100},
+         "request": dict(OPUS, service_tier="priority")},
+        # US residency: every rate x 1.1 at fast: (1000 x $30 + 100 x $150) x 1.1 = $0.0495; standard $0.00825.
+        {"ts": "2026-03-02T10:00:02Z", "input_tokens": 1000, "usage": {"input_tokens": 1000, "output_tokens": 100},
+         "request": dict(OPUS, inference_geo="us")},
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with open_log(str(path)) as stream:
+        data = Replayer(compile_file(str(_policy(tmp_path)))).run(iter_log(stream)).to_dict()
+    assert data["baselines"]["all_standard"]["cost_usd"] == "0.023250"
+    assert data["baselines"]["all_fast"]["cost_usd"] == "0.064500"
+    assert Decimal(data["cost"]["total_usd"]) == Decimal("0.023250")  # nothing interactive: all standard
+
+
+def test_progress_bar_draws_on_a_terminal_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from policy_engine.cli.commands import _Progress
+
+    log = _log(tmp_path)
+    with open_log(str(log)) as stream:
+        bar = _Progress(stream, enabled=True)
+        stream.read()
+        bar(2048)
+        bar.done()
+        quiet = _Progress(stream, enabled=False)
+        quiet(4096)
+    err = capsys.readouterr().err
+    assert "[##############################] 100%      2,048 requests" in err
+    assert "4,096" not in err

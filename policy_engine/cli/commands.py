@@ -64,7 +64,7 @@ def setup_lint(p: argparse.ArgumentParser) -> None:
 
 
 def run_lint(args: argparse.Namespace) -> int:
-    from ..check import exit_status, lint_file, render
+    from ..check import exit_status, lint_any, render
     from ..compile import MAX_EXPRESSION_COST
 
     catalog = _catalog(args)
@@ -72,7 +72,7 @@ def run_lint(args: argparse.Namespace) -> int:
     if not files:
         raise UsageError("no policy files found in " + ", ".join(args.paths))
     max_cost = args.max_cost if args.max_cost is not None else MAX_EXPRESSION_COST
-    results = [lint_file(f, catalog, max_cost=max_cost, run_tests=not args.no_tests) for f in files]
+    results = [lint_any(f, catalog, max_cost=max_cost, run_tests=not args.no_tests) for f in files]
     _write(render(results, args.format))
     return exit_status(results, args.strict)
 
