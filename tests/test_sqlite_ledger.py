@@ -16,20 +16,9 @@ import pytest
 
 from policy_engine.ledger import Ledger, MemoryLedger, Scope
 from policy_engine.ledger.sqlite import SqliteLedger
+from tests.test_ledger import Clock, scope
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def scope(budget: str = "b", key: str = "k", limit: int = 1_000) -> Scope:
-    return Scope(budget, key, "day:2026-03-02@UTC", limit, 2e9)
 
 
 LedgerFactory = Callable[..., Ledger]
@@ -189,6 +178,7 @@ RACE = """
     import sys
     from policy_engine.ledger import Scope
     from policy_engine.ledger.sqlite import SqliteLedger
+from tests.test_ledger import Clock, scope
     ledger = SqliteLedger(sys.argv[1])
     scope = Scope("b", "k", "day:x", 500, 2e9)
     won = sum(ledger.reserve(f"{sys.argv[2]}-{i}", [(scope, 7)], ttl_s=600).ok for i in range(40))
@@ -211,6 +201,7 @@ SETTLER = """
     import itertools, sys
     from policy_engine.ledger import Scope
     from policy_engine.ledger.sqlite import SqliteLedger
+from tests.test_ledger import Clock, scope
     ledger = SqliteLedger(sys.argv[1])
     scope = Scope("b", "k", "day:x", 10**15, 2e9)
     for i in itertools.count():

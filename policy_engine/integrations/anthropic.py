@@ -89,28 +89,56 @@ class FastModePolicy(Middleware):
         # Async callers keep the event loop free of ledger I/O unless the ledger is in memory.
         self._offload = not isinstance(engine.ledger, MemoryLedger)
 
+    # -- shared by both clients ----------------------------------------------------------
+
+    @staticmethod
+    def _route(request: APIRequest) -> tuple[APIRequest | None, Mapping[str, Any] | None]:
+        """(a request to pass on as it is, None) or (None, the Messages body to decide)."""
+        kind = endpoint(request.url) if request.method.lower() == "post" else None
+        body = request.json
+        if kind == "batches":
+            return _derive(request, strip_batch_speed(body), request.headers), None
+        if kind is None or not isinstance(body, Mapping):
+            return request, None
+        return None, body
+
+    def _wire(self, request: APIRequest, flight: Flight | None, body: Mapping[str, Any]) -> APIRequest:
+        headers = request.headers
+        beta_name, beta = _beta(headers)
+        wire = _derive(request, self.runtime.wire_body(flight, body),
+                       _with_beta(headers, beta_name, beta, self.runtime.wire_beta(flight, beta)))
+        if flight is not None:
+            flight.sent_at = time.perf_counter()
+        return wire
+
+    def _next(self, flight: Flight | None, response: APIResponse[Any] | AsyncAPIResponse[Any]) -> tuple[str, float]:
+        http = response.http_response
+        return self.runtime.after_response(flight, http.status_code, http.headers, http.request.headers)
+
+    def _conclude(self, request: APIRequest, flight: Flight | None, response: Any, tracked: type) -> tuple[Any, bool]:
+        """The response to hand back, and whether its body still has to be settled."""
+        if flight is None:
+            return response, False
+        if not response.http_response.is_success:
+            self._error_response(request, flight, response)
+            return response, False
+        if request.stream:
+            return _rewrap(response, tracked(response.http_response, self.runtime.tracker(flight))), False
+        return response, True
+
     # -- sync --------------------------------------------------------------------------
 
     def handle(self, request: APIRequest, call_next: CallNext) -> APIResponse[Any]:
-        kind = endpoint(request.url) if request.method.lower() == "post" else None
-        if kind is None:
-            return call_next(request)
-        body = request.json
-        if kind == "batches":
-            return call_next(_derive(request, strip_batch_speed(body), request.headers))
-        if not isinstance(body, Mapping):
-            return call_next(request)
+        passed, body = self._route(request)
+        if body is None:
+            return call_next(passed)  # type: ignore[arg-type]
         runtime = self.runtime
-        headers = request.headers
-        beta_name, beta = _beta(headers)
+        _, beta = _beta(request.headers)
         flight = runtime.flight(body, beta, request.options.idempotency_key)
         try:
             while True:
-                wire = _derive(request, runtime.wire_body(flight, body),
-                               _with_beta(headers, beta_name, beta, runtime.wire_beta(flight, beta)))
-                response = self._send(wire, flight, call_next)
-                action, wait = runtime.after_response(flight, response.status_code, response.http_response.headers,
-                                                      response.http_response.request.headers)
+                response = call_next(self._wire(request, flight, body))
+                action, wait = self._next(flight, response)
                 if action == "done":
                     break
                 response.http_response.close()
@@ -121,50 +149,25 @@ class FastModePolicy(Middleware):
         except BaseException as exc:
             self._attempt_failed(request, flight, exc)
             raise
-        if flight is None:
-            return response
-        if not response.http_response.is_success:
-            self._error_response(request, flight, response)
-            return response
-        if request.stream:
-            return _rewrap(response, _Tracked(response.http_response, runtime.tracker(flight)))
-        runtime.settle(flight, _usage(request, response))
+        response, unsettled = self._conclude(request, flight, response, _Tracked)
+        if unsettled:
+            runtime.settle(flight, _usage(request, response))
         return response
-
-    @staticmethod
-    def _send(wire: APIRequest, flight: Flight | None, call_next: CallNext) -> APIResponse[Any]:
-        if flight is not None:
-            flight.sent_at = time.perf_counter()
-        return call_next(wire)
 
     # -- async -------------------------------------------------------------------------
 
     async def handle_async(self, request: APIRequest, call_next: AsyncCallNext) -> AsyncAPIResponse[Any]:
-        kind = endpoint(request.url) if request.method.lower() == "post" else None
-        if kind is None:
-            return await call_next(request)
-        body = request.json
-        if kind == "batches":
-            return await call_next(_derive(request, strip_batch_speed(body), request.headers))
-        if not isinstance(body, Mapping):
-            return await call_next(request)
+        passed, body = self._route(request)
+        if body is None:
+            return await call_next(passed)  # type: ignore[arg-type]
         runtime = self.runtime
-        headers = request.headers
-        beta_name, beta = _beta(headers)
+        _, beta = _beta(request.headers)
         key = request.options.idempotency_key
-        if self._offload:
-            flight = await asyncio.to_thread(runtime.flight, body, beta, key)
-        else:
-            flight = runtime.flight(body, beta, key)
+        flight = await asyncio.to_thread(runtime.flight, body, beta, key) if self._offload else runtime.flight(body, beta, key)
         try:
             while True:
-                wire = _derive(request, runtime.wire_body(flight, body),
-                               _with_beta(headers, beta_name, beta, runtime.wire_beta(flight, beta)))
-                if flight is not None:
-                    flight.sent_at = time.perf_counter()
-                response = await call_next(wire)
-                action, wait = runtime.after_response(flight, response.status_code, response.http_response.headers,
-                                                      response.http_response.request.headers)
+                response = await call_next(self._wire(request, flight, body))
+                action, wait = self._next(flight, response)
                 if action == "done":
                     break
                 await response.http_response.aclose()
@@ -175,19 +178,13 @@ class FastModePolicy(Middleware):
         except BaseException as exc:
             self._attempt_failed(request, flight, exc)
             raise
-        if flight is None:
-            return response
-        if not response.http_response.is_success:
-            self._error_response(request, flight, response)
-            return response
-        if request.stream:
-            return _rewrap(response, _AsyncTracked(response.http_response, runtime.tracker(flight)))
-        await response.http_response.aread()
-        usage = await _ausage(request, response)
-        if self._offload:
-            await asyncio.to_thread(runtime.settle, flight, usage)
-        else:
-            runtime.settle(flight, usage)
+        response, unsettled = self._conclude(request, flight, response, _AsyncTracked)
+        if unsettled:
+            usage = await _ausage(request, response)
+            if self._offload:
+                await asyncio.to_thread(runtime.settle, flight, usage)
+            else:
+                runtime.settle(flight, usage)
         return response
 
     # -- the SDK's retry loop ------------------------------------------------------------

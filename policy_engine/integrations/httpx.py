@@ -71,9 +71,35 @@ class _Base:
         self.runtime = Runtime(engine, context=context, policy=policy, account=account, observe=observe,
                                fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
 
-    def _prepare(self, request: httpx.Request) -> tuple[str | None, Any]:
+    @staticmethod
+    def _route(request: httpx.Request) -> tuple[httpx.Request | None, Mapping[str, Any] | None]:
+        """(a request to pass on as it is, None) or (None, the Messages body to decide)."""
         kind = endpoint(request.url.path) if request.method == "POST" else None
-        return kind, (_json_body(request) if kind is not None else None)
+        body = _json_body(request) if kind is not None else None
+        if kind == "batches" and isinstance(body, Mapping):
+            stripped = strip_batch_speed(body)
+            return (request if stripped is body else _rebuild(request, stripped, None)), None
+        if kind != "messages" or not isinstance(body, Mapping):
+            return request, None
+        return None, body
+
+    def _conclude(self, flight: Flight | None, response: httpx.Response, body: Mapping[str, Any],
+                  tracked: type) -> httpx.Response | None:
+        """The response to hand back, or None when its body must be read and settled first."""
+        if flight is None:
+            return response
+        if not 200 <= response.status_code < 300:
+            self.runtime.release(flight)
+            return response
+        if body.get("stream") is True:
+            return httpx.Response(response.status_code, headers=decoded_headers(response.headers),
+                                  stream=tracked(response, self.runtime.tracker(flight)), extensions=response.extensions)
+        return None
+
+    @staticmethod
+    def _read(response: httpx.Response, content: bytes) -> httpx.Response:
+        return httpx.Response(response.status_code, headers=decoded_headers(response.headers), content=content,
+                              extensions=response.extensions)
 
     def _wire(self, request: httpx.Request, flight: Flight | None, body: Mapping[str, Any], beta: str | None) -> httpx.Request:
         runtime = self.runtime
@@ -100,12 +126,9 @@ class FastModeTransport(_Base, httpx.BaseTransport):
         self._inner = transport or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        kind, body = self._prepare(request)
-        if kind == "batches" and isinstance(body, Mapping):
-            stripped = strip_batch_speed(body)
-            return self._inner.handle_request(request if stripped is body else _rebuild(request, stripped, None))
-        if kind != "messages" or not isinstance(body, Mapping):
-            return self._inner.handle_request(request)
+        passed, body = self._route(request)
+        if body is None:
+            return self._inner.handle_request(passed)  # type: ignore[arg-type]
         runtime = self.runtime
         beta = request.headers.get("anthropic-beta")
         flight = runtime.flight(body, beta, None)
@@ -124,22 +147,16 @@ class FastModeTransport(_Base, httpx.BaseTransport):
         except BaseException:
             runtime.release(flight)
             raise
-        if flight is None:
-            return response
-        if not 200 <= response.status_code < 300:
-            runtime.release(flight)
-            return response
-        headers = decoded_headers(response.headers)
-        if body.get("stream") is True:
-            tracked = _Tracked(response, runtime.tracker(flight))
-            return httpx.Response(response.status_code, headers=headers, stream=tracked, extensions=response.extensions)
+        concluded = self._conclude(flight, response, body, _Tracked)
+        if concluded is not None:
+            return concluded
         try:
             content = response.read()
         except BaseException:
             runtime.release(flight)
             raise
         runtime.settle_body(flight, content)
-        return httpx.Response(response.status_code, headers=headers, content=content, extensions=response.extensions)
+        return self._read(response, content)
 
     def close(self) -> None:
         self._inner.close()
@@ -162,12 +179,9 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
-        kind, body = self._prepare(request)
-        if kind == "batches" and isinstance(body, Mapping):
-            stripped = strip_batch_speed(body)
-            return await self._inner.handle_async_request(request if stripped is body else _rebuild(request, stripped, None))
-        if kind != "messages" or not isinstance(body, Mapping):
-            return await self._inner.handle_async_request(request)
+        passed, body = self._route(request)
+        if body is None:
+            return await self._inner.handle_async_request(passed)  # type: ignore[arg-type]
         runtime = self.runtime
         beta = request.headers.get("anthropic-beta")
         flight = await self._call(runtime.flight, body, beta, None)
@@ -186,22 +200,16 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
         except BaseException:
             runtime.release(flight)
             raise
-        if flight is None:
-            return response
-        if not 200 <= response.status_code < 300:
-            await self._call(runtime.release, flight)
-            return response
-        headers = decoded_headers(response.headers)
-        if body.get("stream") is True:
-            tracked = _AsyncTracked(response, runtime.tracker(flight))
-            return httpx.Response(response.status_code, headers=headers, stream=tracked, extensions=response.extensions)
+        concluded = self._conclude(flight, response, body, _AsyncTracked)
+        if concluded is not None:
+            return concluded
         try:
             content = await response.aread()
         except BaseException:
             runtime.release(flight)
             raise
         await self._call(runtime.settle_body, flight, content)
-        return httpx.Response(response.status_code, headers=headers, content=content, extensions=response.extensions)
+        return self._read(response, content)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
