@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import IO, Any
 
-from .catalog import Catalog, ModelEntry, actual, load_catalog, to_usd
+from .catalog import Catalog, ModelEntry, actual, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
 from .errors import PolicyEngineError, PricingError
@@ -303,7 +303,7 @@ class Replayer:
             # level, so <value> is exactly the request and its text can key a cache.
             try:
                 record = json.loads(text[:cut] + "}")
-            except ValueError:
+            except (ValueError, RecursionError):
                 record = None
             if isinstance(record, dict):
                 raw = text[cut + len(_REQUEST_KEY):-1]
@@ -311,7 +311,7 @@ class Replayer:
                 if request is None:
                     try:
                         request = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         request = None  # the cut was inside another value: parse the whole line below
                     else:
                         if len(self._requests) >= _CACHE_MAX:
@@ -328,6 +328,8 @@ class Replayer:
                 record = json.loads(text)
             except ValueError as exc:
                 raise LogError(number, f"invalid JSON: {exc}") from None
+            except RecursionError:
+                raise LogError(number, "invalid JSON: nested too deeply") from None
         if not isinstance(record, dict):
             raise LogError(number, f"a line must be a JSON object, got {type(record).__name__}")
         return record
@@ -357,6 +359,9 @@ class Replayer:
             if not isinstance(failed, Decision):
                 raise LogError(number, str(exc)) from None
             decision = failed
+        except (RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # The engine should have said InvalidRequest; one odd line must not stop a long replay.
+            raise LogError(number, f"the engine could not decide this line: {type(exc).__name__}: {exc}") from None
         usage = record.get("usage")
         if usage is not None and not isinstance(usage, dict):
             raise LogError(number, "'usage' must be an object")
@@ -392,23 +397,21 @@ class Replayer:
             usage["output_tokens"] = decision.max_tokens
         else:
             self.report.with_usage += 1
-        output = usage.get("output_tokens")
-        if type(output) is not int or output < 0:
-            raise LogError(number, f"usage.output_tokens must be a non-negative integer, got {output!r}")
         speed = decision.speed if decision.outcome != "rejected" else "rejected"
-        chosen = 0
-        if speed != "rejected":
-            try:
-                chosen = self.engine.settle(decision, dict(usage, speed=decision.speed)).cost_micro
-            except ValueError as exc:
-                raise LogError(number, f"invalid usage: {exc}") from None
+        billed = dict(usage, speed=decision.speed)
+        try:
+            parse_usage(billed)
+        except ValueError as exc:
+            self.engine.release(decision)  # a line we cannot bill must not hold budget either
+            raise LogError(number, f"invalid usage: {exc}") from None
+        chosen = self.engine.settle(decision, billed).cost_micro if speed != "rejected" else 0
         # The baselines need the line at both speeds; the settlement already priced one of them.
         priced = self._priced(model, geo)
         standard = chosen if speed == "standard" else self._actual(number, model, usage, "standard", geo)
         fast_ok = (model is not None and model.fast.supported and not batch
                    and request.get("service_tier") != "priority")
         fast = (chosen if speed == "fast" else self._actual(number, model, usage, "fast", geo)) if fast_ok else None
-        std_s, fast_s = _latency(model, output)
+        std_s, fast_s = _latency(model, usage["output_tokens"])
         if fast is None:
             fast_s = None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policy_engine.cli import main
 from policy_engine.compile import compile_file
@@ -219,3 +223,30 @@ def test_progress_bar_draws_on_a_terminal_only(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "[##############################] 100%      2,048 requests" in err
     assert "4,096" not in err
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**7) | st.text(max_size=8),
+                     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+                     max_leaves=12)
+
+
+@functools.lru_cache(maxsize=1)
+def _cost_guard() -> Any:
+    return compile_file(str(ROOT / "policies" / "cost-guard.yaml"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(
+    st.text(max_size=30),
+    st.fixed_dictionaries({"request": _JSON}, optional={"context": _JSON, "usage": _JSON, "ts": _JSON,
+                                                        "input_tokens": _JSON, "batch": _JSON}).map(json.dumps),
+    st.fixed_dictionaries({"request": st.just(OPUS)}, optional={
+        "usage": st.fixed_dictionaries({"input_tokens": st.integers(-1, 10**6), "output_tokens": _JSON}),
+        "context": st.dictionaries(st.sampled_from(["interactive", "tenant", "latency_slo_ms", "x"]), _JSON, max_size=3),
+        "ts": st.one_of(st.integers(-10**12, 10**12), st.text(max_size=12))}).map(json.dumps),
+), max_size=8))
+def test_any_log_line_is_decided_or_counted_invalid(lines: list[str]) -> None:
+    replayer = Replayer(_cost_guard())
+    report = replayer.run((i, line) for i, line in enumerate(lines, 1) if line.strip())
+    assert report.decided + report.invalid == report.lines
+    assert all(amount >= 0 for amount in replayer.ledger.totals().values())
