@@ -398,13 +398,16 @@ class Replayer:
         else:
             self.report.with_usage += 1
         speed = decision.speed if decision.outcome != "rejected" else "rejected"
-        billed = dict(usage, speed=decision.speed)
+        chosen = 0
         try:
-            parse_usage(billed)
+            if speed != "rejected":
+                chosen = self.engine.settle(decision, dict(usage, speed=decision.speed)).cost_micro
+            else:
+                parse_usage(usage)
         except ValueError as exc:
-            self.engine.release(decision)  # a line we cannot bill must not hold budget either
+            # settle records nothing for a malformed usage; the reservation must not hold budget either.
+            self.engine.release(decision)
             raise LogError(number, f"invalid usage: {exc}") from None
-        chosen = self.engine.settle(decision, billed).cost_micro if speed != "rejected" else 0
         # The baselines need the line at both speeds; the settlement already priced one of them.
         priced = self._priced(model, geo)
         standard = chosen if speed == "standard" else self._actual(number, model, usage, "standard", geo)
