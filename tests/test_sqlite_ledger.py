@@ -178,7 +178,6 @@ RACE = """
     import sys
     from policy_engine.ledger import Scope
     from policy_engine.ledger.sqlite import SqliteLedger
-from tests.test_ledger import Clock, scope
     ledger = SqliteLedger(sys.argv[1])
     scope = Scope("b", "k", "day:x", 500, 2e9)
     won = sum(ledger.reserve(f"{sys.argv[2]}-{i}", [(scope, 7)], ttl_s=600).ok for i in range(40))
@@ -201,7 +200,6 @@ SETTLER = """
     import itertools, sys
     from policy_engine.ledger import Scope
     from policy_engine.ledger.sqlite import SqliteLedger
-from tests.test_ledger import Clock, scope
     ledger = SqliteLedger(sys.argv[1])
     scope = Scope("b", "k", "day:x", 10**15, 2e9)
     for i in itertools.count():
