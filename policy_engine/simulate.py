@@ -267,7 +267,7 @@ def _money(micro: int) -> str:
 
 
 def _seconds(s: float) -> str:
-    return f"{s / 3600:,.1f} h" if abs(s) >= 36_000 else f"{s:,.0f} s"
+    return f"{s / 3600:,.1f} h" if abs(s) >= 3600 else f"{s:,.0f} s"
 
 
 def _pct(part: int, whole: int) -> str:
