@@ -105,11 +105,20 @@ def _replenished(remaining: int | None, limit: int | None, reset_at: float | Non
     return min(limit, remaining + int(rate * (now - observed_at)))
 
 
-def _header_getter(headers: Mapping[str, str] | Any) -> Any:
-    # httpx/httpx2 Headers are case-insensitive already; a plain dict may not be lower-case.
-    if type(headers) is dict:
-        return {str(k).lower(): v for k, v in headers.items()}.get
-    return headers.get
+def _relevant(headers: Mapping[str, str] | Any) -> dict[str, str]:
+    """The fast-mode headers and `retry-after`, by lower-case name, in one pass over the headers."""
+    raw = getattr(headers, "raw", None)
+    if isinstance(raw, list):
+        # httpx (and httpx2) Headers: scan the raw bytes and decode only what we keep; their
+        # `items()` and each case-insensitive `get()` decode or scan the whole list.
+        found = {}
+        for key, value in raw:
+            key = key.lower()
+            if key.startswith(b"anthropic-fast-") or key == b"retry-after":
+                found[key.decode("latin-1")] = value.decode("latin-1")
+        return found
+    return {k: v for k, v in ((str(k).lower(), v) for k, v in headers.items())
+            if k.startswith("anthropic-fast-") or k == "retry-after"}
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -129,16 +138,26 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, seconds)
 
 
+_reset_cache: dict[str, float] = {}
+
+
 def _parse_rfc3339(text: str) -> float:
+    # Every response of a second carries the same reset time: parse each string once.
+    cached = _reset_cache.get(text)
+    if cached is not None:
+        return cached
     value = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
     if value.tzinfo is None:  # RFC 3339 requires an offset; a bare time is taken as UTC
         value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
+    if len(_reset_cache) >= 256:
+        _reset_cache.clear()
+    epoch = _reset_cache[text] = value.timestamp()
+    return epoch
 
 
 def parse_headers(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
     """The `FastRateLimit` fields a response's headers give, and the names of malformed headers."""
-    get = _header_getter(headers)
+    get = _relevant(headers).get
     values: dict[str, Any] = {}
     bad: list[str] = []
     for name, field_name in _COUNT_FIELDS.items():
@@ -199,8 +218,11 @@ class RateLimitStore:
         Returns whether anything was recorded. Malformed headers are skipped with a warning
         event; this never raises on header content.
         """
+        relevant = _relevant(headers)
+        if not relevant and not rate_limited:
+            return False
         now = self._clock() if now is None else now
-        values, bad = parse_headers(headers, now)
+        values, bad = parse_headers(relevant, now)
         for name in bad:
             telemetry.record_event(_BAD_HEADER_EVENT, {"policy_engine.header": name})
         if not rate_limited:

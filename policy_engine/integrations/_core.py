@@ -229,8 +229,7 @@ class Runtime:
         """Record the fast rate-limit headers; say what to do next and how long to wait first."""
         fast_429 = flight is not None and flight.speed == "fast" and status == 429
         account = self.account_from(request_headers)
-        if fast_429 or "anthropic-fast-input-tokens-remaining" in headers or "anthropic-fast-output-tokens-remaining" in headers:
-            self.engine.ratelimits.record(account, headers, rate_limited=fast_429)
+        self.engine.ratelimits.record(account, headers, rate_limited=fast_429)
         if not fast_429:
             return "done", 0.0
         assert flight is not None
