@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -252,3 +254,30 @@ def test_diff_reads_the_old_policy_from_a_git_revision(tmp_path: Path, capsys: p
     assert "1 decisions change" in out and "standard -> fast  [nobody-waiting -> interactive-opus-misses-slo]" in out
     status, _, err = _run(["diff", "nosuchrev:policies/default.yaml", "policies/default.yaml", "--requests", str(log)], capsys)
     assert status == 2 and "cannot read nosuchrev:policies/default.yaml from git" in err
+
+
+def _shuffled(value: object, rng: random.Random) -> object:
+    if isinstance(value, dict):
+        items = list(value.items())
+        rng.shuffle(items)
+        return {k: _shuffled(v, rng) for k, v in items}
+    if isinstance(value, list):
+        return [_shuffled(v, rng) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fmt_canonicalizes_any_key_order_and_indentation(seed: int) -> None:
+    from policy_engine.fmt import KEY_ORDERS, format_text
+
+    rng = random.Random(seed)
+    for path in sorted(POLICIES.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        text = yaml.safe_dump(_shuffled(data, rng), sort_keys=False, indent=rng.choice([2, 3, 4]),
+                              default_flow_style=rng.choice([False, None]), width=rng.choice([40, 80, 1000]))
+        out = format_text(text, "p.yaml")
+        assert yaml.safe_load(out) == data
+        assert format_text(out, "p.yaml") == out  # idempotent
+        assert list(yaml.safe_load(out)) == [k for k in KEY_ORDERS["policy"] if k in data]
+        rule_keys = [list(r) for r in yaml.safe_load(out)["rules"]]
+        assert all(keys == [k for k in KEY_ORDERS["rule"] if k in keys] for keys in rule_keys)
