@@ -356,6 +356,8 @@ class RedisLedger(Ledger):
         self._journal_path = Path(journal_path) if journal_path is not None else None
         self.journal_overflow = 0
         """Entries the journal had no room for (each one logged at ERROR with its amounts)."""
+        self.journaled_total = 0
+        """Entries ever journaled by this instance (delivered or not)."""
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -506,6 +508,7 @@ class RedisLedger(Ledger):
                 telemetry.record_event("policy_engine.ledger.journal_overflow", {"policy_engine.reservation_id": entry[1]})
                 return
             self._journal.append(entry)
+            self.journaled_total += 1
             if self._journal_path is not None:
                 with self._journal_path.open("a", encoding="utf-8") as f:
                     f.write(_encode_entry(entry) + "\n")
