@@ -263,3 +263,61 @@ def test_redis_killed_and_restarted_mid_run(durable_redis_store: RedisServer, tm
     ledger = make_ledger("redis", durable_redis_store.url)
     check_totals(ledger, reports, processes, threads, requests, budgets)
     ledger.close()
+
+
+def test_a_policy_replaced_by_an_invalid_one_while_requests_flow(tmp_path: Path) -> None:
+    """The old version keeps deciding through a bad deploy; no request fails or sees the bad text."""
+    from test_reload import BROKEN, policy_text, version, write
+
+    from policy_engine.reload import ReloadingEngine
+
+    path = tmp_path / "live.yaml"
+    path.write_text(policy_text("fast"))
+    seen: list[tuple[float, str]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    engine = ReloadingEngine(path, poll_interval_s=0.02)
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                started = time.monotonic()
+                decision = engine.decide(REQUEST, {"interactive": True}, input_tokens=10)
+                engine.settle(decision, {"input_tokens": 10, "output_tokens": 5, "speed": decision.speed})
+                seen.append((started, decision.policy_version))
+            except Exception as exc:  # noqa: BLE001 - any failure is the test failing
+                errors.append(repr(exc))
+
+    def until(predicate: Any) -> float:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.01)
+        return time.monotonic()
+
+    pool = [threading.Thread(target=traffic) for _ in range(4)]
+    for thread in pool:
+        thread.start()
+    try:
+        time.sleep(0.2)
+        write(path, policy_text("standard"))
+        until(lambda: engine.versions["hot"] == version(policy_text("standard")))
+        broken_at = time.monotonic()
+        write(path, BROKEN)
+        until(lambda: engine.last_error is not None)
+        time.sleep(0.3)  # requests keep flowing on the old version
+        fixed_at = time.monotonic()
+        write(path, policy_text("fast", limit="50"))
+        swapped_at = until(lambda: engine.versions["hot"] == version(policy_text("fast", limit="50")))
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in pool:
+            thread.join()
+        engine.close()
+    assert errors == []
+    valid = {version(policy_text("fast")), version(policy_text("standard")), version(policy_text("fast", limit="50"))}
+    assert {v for _, v in seen} == valid  # every version that loaded decided; the broken one never did
+    during = [v for t, v in seen if broken_at < t < fixed_at]
+    assert during and set(during) == {version(policy_text("standard"))}
+    assert any(t > swapped_at for t, _ in seen)
