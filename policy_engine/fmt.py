@@ -40,6 +40,7 @@ KEY_ORDERS: dict[str, tuple[str, ...]] = {
     "state": ("budgets", "ratelimit", "conversation"),
 }
 INDENT = 2
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same results, 10x faster
 
 
 def _kind(path: tuple[Any, ...], test_file: bool) -> str | None:
@@ -204,7 +205,7 @@ def format_text(text: str, name: str = "<policy>") -> str:
     if "\t" in text or "\r" in text:
         return text  # tabs and CR line ends: not this formatter's business to guess at
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError:
         return text
     if root is None or not isinstance(root, yaml.MappingNode) or root.flow_style:
@@ -223,7 +224,7 @@ def format_text(text: str, name: str = "<policy>") -> str:
 
 def _same(before: str, after: str) -> bool:
     try:
-        if yaml.safe_load(before) != yaml.safe_load(after):
+        if yaml.load(before, Loader=_LOADER) != yaml.load(after, Loader=_LOADER):  # noqa: S506 - a safe loader
             return False
     except yaml.YAMLError:
         return False
