@@ -8,6 +8,7 @@ is reported as diagnostics, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _help(setup: Callable[..., None]) -> dict[str, str]:
-    doc = (setup.__doc__ or "").strip()
+    doc = inspect.cleandoc(setup.__doc__ or "")
     first = doc.split("\n\n")[0].replace("\n", " ")
     return {"help": first[0].lower() + first[1:].rstrip(".") if first else "", "description": doc,
             "formatter_class": argparse.RawDescriptionHelpFormatter}  # type: ignore[dict-item]
