@@ -13,10 +13,12 @@ engine estimates it). `usage` is what the response reported; the request is bill
 for it at the speed the policy chose. Without usage a request is billed as its
 estimate expects: the expected input tokens and `max_tokens` of output.
 
-Every decision is made by the engine's own `_decide` with the policy's compiled
-programs, so the replay cannot disagree with production; what the replay adds is
-bookkeeping (no telemetry, a ledger on the replay's clock, memoised price estimates
-and request parsing) and the accounting of the report.
+Every line is decided and settled by a real `Engine` through its public API
+(`decide`, `settle`, `release`) with the policy's compiled programs, so the replay
+cannot disagree with production. What the replay adds: a `MemoryLedger` on the
+replay's clock, request parsing shared by identical requests, both prices of every
+line for the baselines, and the report. It is as fast as the engine: see
+benchmarks/bench_simulate.py.
 """
 
 from __future__ import annotations
