@@ -11,7 +11,9 @@ budgets and their calendar windows, and stickiness, evolve with it; a line witho
 one takes the previous line's time. `input_tokens` is an exact prompt size (else the
 engine estimates it). `usage` is what the response reported; the request is billed
 for it at the speed the policy chose. Without usage a request is billed as its
-estimate expects: the expected input tokens and `max_tokens` of output.
+estimate expects: the expected input tokens and `max_tokens` of output. A log that
+puts `request` last (as scripts/gen_requests.py writes it) parses faster: identical
+requests are then parsed once.
 
 Every line is decided and settled by a real `Engine` through its public API
 (`decide`, `settle`, `release`) with the policy's compiled programs, so the replay
