@@ -14,6 +14,7 @@ from policy_engine.catalog import actual, load_catalog
 from policy_engine.decide import Engine
 from policy_engine.errors import CeilingExceeded
 from policy_engine.integrations.httpx import AsyncFastModeTransport, FastModeRateLimited, FastModeTransport
+from policy_engine.ratelimit import account_id
 from policy_engine.testing.emulator import Emulator
 from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
 
@@ -97,6 +98,8 @@ def test_fast_reaches_the_wire_and_settles_at_the_fast_price(raw: Raw, emulator:
     assert sent["body"]["speed"] == "fast"
     assert sent["headers"]["anthropic-beta"] == "files-api-2025-04-14,fast-mode-2026-02-01"
     assert spent(engine) == actual(OPUS, body["usage"]) == 6 * 30 + 16 * 150 and reserved(engine) == 0
+    state = engine.ratelimits.get(account_id(api_key="sk-raw"))  # keyed by the hashed x-api-key
+    assert state is not None and state.input_tokens_limit == emulator.fast_input_tokens_per_minute
 
 
 def test_an_unsupported_model_never_gets_fast(raw: Raw, emulator: Emulator) -> None:  # noqa: F811

@@ -211,11 +211,11 @@ class Runtime:
 
     # -- responses ---------------------------------------------------------------------
 
-    def account_from(self, headers: Mapping[str, str]) -> str:
-        """The rate-limit account of the request that was sent (its API key, hashed once)."""
+    def account_from(self, credential: str | None) -> str:
+        """The rate-limit account of a request: its API key (or `Authorization` value), hashed once."""
         if self.fixed_account is not None:
             return self.fixed_account
-        key = headers.get("x-api-key") or headers.get("authorization") or ""
+        key = credential or ""
         account = self._accounts.get(key)
         if account is None:
             secret = key[7:] if key[:7].lower() == "bearer " else key  # the same account either way it is sent
@@ -225,10 +225,13 @@ class Runtime:
         return account
 
     def after_response(self, flight: Flight | None, status: int, headers: Mapping[str, str],
-                       request_headers: Mapping[str, str]) -> tuple[Action, float]:
-        """Record the fast rate-limit headers; say what to do next and how long to wait first."""
+                       credential: str | None) -> tuple[Action, float]:
+        """Record the fast rate-limit headers; say what to do next and how long to wait first.
+
+        `credential`: the API key the request was sent with, which keys the rate-limit state.
+        """
         fast_429 = flight is not None and flight.speed == "fast" and status == 429
-        account = self.account_from(request_headers)
+        account = self.account_from(credential)
         self.engine.ratelimits.record(account, headers, rate_limited=fast_429)
         if not fast_429:
             return "done", 0.0

@@ -113,7 +113,10 @@ class FastModePolicy(Middleware):
 
     def _next(self, flight: Flight | None, response: APIResponse[Any] | AsyncAPIResponse[Any]) -> tuple[str, float]:
         http = response.http_response
-        return self.runtime.after_response(flight, http.status_code, http.headers, http.request.headers)
+        client = response._client
+        # The client's key, not the sent headers: a case-insensitive header scan costs more.
+        credential = getattr(client, "api_key", None) or getattr(client, "auth_token", None)
+        return self.runtime.after_response(flight, http.status_code, http.headers, credential)
 
     def _conclude(self, request: APIRequest, flight: Flight | None, response: Any, tracked: type) -> tuple[Any, bool]:
         """The response to hand back, and whether its body still has to be settled."""

@@ -54,6 +54,10 @@ def _json_body(request: httpx.Request) -> Any:
         return None
 
 
+def _credential(request: httpx.Request) -> str | None:
+    return request.headers.get("x-api-key") or request.headers.get("authorization")
+
+
 def _rebuild(request: httpx.Request, body: Any, beta: str | None) -> httpx.Request:
     headers = request.headers.copy()
     if beta is not None:
@@ -136,7 +140,7 @@ class FastModeTransport(_Base, httpx.BaseTransport):
             while True:
                 wire = self._wire(request, flight, body, beta)
                 response = self._inner.handle_request(wire)
-                action, wait = runtime.after_response(flight, response.status_code, response.headers, wire.headers)
+                action, wait = runtime.after_response(flight, response.status_code, response.headers, _credential(wire))
                 if action == "done":
                     break
                 response.close()
@@ -189,7 +193,7 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
             while True:
                 wire = self._wire(request, flight, body, beta)
                 response = await self._inner.handle_async_request(wire)
-                action, wait = runtime.after_response(flight, response.status_code, response.headers, wire.headers)
+                action, wait = runtime.after_response(flight, response.status_code, response.headers, _credential(wire))
                 if action == "done":
                     break
                 await response.aclose()
