@@ -34,7 +34,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,10 @@ from redis.retry import Retry
 
 from .. import telemetry
 from ..errors import StateUnavailable
+from ..ratelimit import FastRateLimit, RateLimitStore
 from . import Balance, Charge, Ledger, ReserveResult, Scope
 
-__all__ = ["RedisLedger"]
+__all__ = ["RedisLedger", "RedisRateLimitStore"]
 
 log = logging.getLogger("policy_engine.ledger.redis")
 
@@ -738,6 +740,19 @@ class _Call:
         self.lead = False
 
 
+def _decode_state(reply: Mapping[Any, Any] | Sequence[Any]) -> FastRateLimit:
+    pairs = reply.items() if isinstance(reply, Mapping) else zip(reply[::2], reply[1::2])
+    state = FastRateLimit()
+    for raw_name, raw_value in pairs:
+        name, value = _text(raw_name), _text(raw_value)
+        spec = _RATELIMIT_FIELDS.get(name)
+        if spec is None or value == "":
+            continue
+        # int fields (limits, remaining counts) stay ints; times are floats.
+        setattr(state, name, int(value) if "int" in str(spec.type) and "." not in value else float(value))
+    return state
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
@@ -768,3 +783,173 @@ def _decode_entry(line: str) -> tuple[str, str, str, tuple[Charge, ...]]:
         raise ValueError(f"unknown kind {data['kind']!r}")
     charges = tuple((Scope(str(b), str(k), str(w), int(lim), float(exp)), _amount(a)) for b, k, w, lim, exp, a in data["charges"])
     return data["kind"], str(data["rid"]), str(data["token"]), charges
+
+
+# -- fleet rate-limit state -------------------------------------------------------------------
+
+# ARGV: prefix, account, ttl ms, observed_at, then (field, value) pairs; '' is "unknown".
+# -> the merged state, HGETALL-style. The newest observation of the account wins; the 429
+# times only ever move forward (one worker's 429 is every worker's).
+_RATELIMIT_MERGE = r"""
+local key = ARGV[1] .. 'rl:' .. ARGV[2]
+local newer = tonumber(ARGV[4]) >= tonumber(redis.call('HGET', key, 'observed_at') or '-1')
+for i = 5, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  if name == 'last_429_at' or name == 'retry_after_until' then
+    local current, new = tonumber(redis.call('HGET', key, name) or ''), tonumber(value)
+    if new and (not current or new > current) then redis.call('HSET', key, name, value) end
+  elseif newer then
+    redis.call('HSET', key, name, value)
+  end
+end
+if newer then redis.call('HSET', key, 'observed_at', ARGV[4]) end
+redis.call('PEXPIRE', key, ARGV[3])
+return redis.call('HGETALL', key)
+"""
+_RATELIMIT_FIELDS = {f.name: f for f in fields(FastRateLimit)}
+
+
+class RedisRateLimitStore(RateLimitStore):
+    """Fast rate-limit state shared by a fleet: what any worker learns from a response, all see.
+
+    Decisions never wait for Redis: `snapshot`/`exhausted` read this process's copy.
+    A background thread pushes local observations (`record`, `update`) and pulls the
+    accounts this process uses every `refresh_s`, merging by observation time (the
+    newest response wins; a 429's `retry-after` is never shortened). When Redis cannot
+    be reached the store keeps working on what this process sees, reports a
+    `policy_engine.ratelimit.state_unavailable` event, and catches up once it answers.
+    """
+
+    def __init__(
+        self,
+        client: redis_lib.Redis | None = None,
+        *,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "pe:",
+        refresh_s: float = 0.5,
+        timeout_s: float = 0.25,
+        ttl_s: float = 3_600.0,
+        max_accounts: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        start: bool = True,
+    ) -> None:
+        super().__init__(clock=clock)
+        if refresh_s <= 0:
+            raise ValueError(f"refresh_s must be > 0, got {refresh_s!r}")
+        self.client = client or redis_lib.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        self.prefix = prefix
+        self._ttl_ms = int(ttl_s * 1000)
+        self._refresh_s = refresh_s
+        self._max_accounts = max_accounts
+        self._dirty: set[str] = set()
+        self._watched: dict[str, None] = {}  # insertion-ordered set of accounts to pull
+        self._sync_lock = threading.Lock()
+        self._sha: str | None = None
+        self._down = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._loop, name="policy-engine-ratelimit-sync", daemon=True)
+            self._thread.start()
+
+    def update(self, account: str, now: float | None = None, **values: Any) -> None:
+        super().update(account, now, **values)
+        self._touch(account, dirty=True)
+
+    def record(self, account: str, headers: Mapping[str, str] | Any, *, rate_limited: bool = False,
+               now: float | None = None) -> bool:
+        recorded = super().record(account, headers, rate_limited=rate_limited, now=now)
+        if recorded:
+            self._touch(account, dirty=True)
+        return recorded
+
+    def snapshot(self, account: str, now: float) -> dict[str, Any]:
+        self._touch(account)
+        return super().snapshot(account, now)
+
+    def exhausted(self, account: str, input_tokens: int, now: float) -> bool:
+        self._touch(account)
+        return super().exhausted(account, input_tokens, now)
+
+    def sync(self) -> bool:
+        """Push this process's news and pull the fleet's now; False when Redis did not answer."""
+        with self._sync_lock:
+            with self._lock:
+                dirty, self._dirty = self._dirty, set()
+                pushes = [(a, asdict(self._state[a])) for a in dirty if a in self._state]
+                pulls = [a for a in self._watched if a not in dirty]
+            for attempt in (1, 2):
+                try:
+                    pipe = self.client.pipeline(transaction=False)
+                    sha = self._sha or self._load()
+                    for account, state in pushes:
+                        pairs = [x for name, value in state.items() if name != "observed_at"
+                                 for x in (name, "" if value is None else repr(value))]
+                        pipe.evalsha(sha, 0, self.prefix, account, self._ttl_ms, repr(state["observed_at"]), *pairs)
+                    for account in pulls:
+                        pipe.hgetall(self.prefix + "rl:" + account)
+                    replies = pipe.execute()
+                    break
+                except NoScriptError:
+                    self._load()  # a restarted Redis forgot the script
+                    if attempt == 2:
+                        return self._retry(dirty)
+                except _UNAVAILABLE as exc:
+                    return self._retry(dirty, exc)
+            for account, reply in zip([a for a, _ in pushes] + pulls, replies):
+                if reply:
+                    self._merge(account, _decode_state(reply))
+            if self._down:
+                self._down = False
+                log.warning("fleet rate-limit state reachable again")
+            return True
+
+    def close(self) -> None:
+        """Stop the sync thread after one last push."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.sync()
+        self.client.close()
+
+    def _retry(self, dirty: set[str], exc: BaseException | None = None) -> bool:
+        with self._lock:
+            self._dirty |= dirty  # pushed next time: nothing learnt is lost
+        if exc is not None and not self._down:
+            self._down = True
+            log.warning("fleet rate-limit state unreachable (%s); deciding on this process's own view", exc)
+            telemetry.record_event("policy_engine.ratelimit.state_unavailable", {"policy_engine.error": str(exc)})
+        return False
+
+    def _load(self) -> str:
+        self._sha = self.client.script_load(_RATELIMIT_MERGE)
+        return self._sha
+
+    def _merge(self, account: str, remote: FastRateLimit) -> None:
+        with self._lock:
+            local = self._state.get(account)
+            merged = remote if local is None or remote.observed_at > local.observed_at else local
+            for name in ("last_429_at", "retry_after_until"):
+                values = [v for v in (getattr(remote, name), getattr(local, name) if local else None) if v is not None]
+                setattr(merged, name, max(values) if values else None)
+            self._state[account] = merged
+
+    def _touch(self, account: str, *, dirty: bool = False) -> None:
+        if account in self._watched and not dirty:
+            return
+        with self._lock:
+            if account not in self._watched:
+                if len(self._watched) >= self._max_accounts:
+                    self._watched.pop(next(iter(self._watched)))  # the oldest account stops being pulled
+                self._watched[account] = None
+            if dirty:
+                self._dirty.add(account)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - the thread must outlive any surprise
+                log.exception("fleet rate-limit sync failed")
