@@ -1,0 +1,129 @@
+"""Benchmark: reserve+settle operations per second, per ledger backend, from one process.
+
+Run:  .venv/bin/python benchmarks/bench_ledger.py  [--seconds S] [--threads N] [--url redis://...]
+
+One operation is what a request costs the ledger: a reservation across two budgets
+(say a tenant's fast premium and the organization's daily cap) and its settlement.
+Each backend runs N threads of one process for S seconds, side by side in this run:
+
+* memory: `MemoryLedger`, a lock around dicts: the ceiling, and the baseline ratios refer to;
+* sqlite: `SqliteLedger` on a file in a temp dir (WAL);
+* redis:  `RedisLedger` on a private redis-server on loopback (or --url), with 1 thread
+          (every call waits for its round trip) and with N threads (calls in flight share
+          round trips).
+
+The last line printed is:
+    ledger: memory A/s, sqlite B/s, redis C/s
+with C the N-thread Redis figure. Target: C >= 5,000/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's private redis-server helper
+
+from policy_engine.ledger import Ledger, MemoryLedger, Scope  # noqa: E402
+
+TARGET = 5_000
+
+
+def run(ledger: Ledger, threads: int, seconds: float, tag: str) -> float:
+    """Operations (reserve + settle) per second over `seconds`, summed over `threads`."""
+    expires = time.time() + 86_400
+    tenant = Scope("tenant_premium", f"acme-{tag}", "day:2026-03-02@UTC", 10**15, expires)
+    org = Scope("org_daily", f"global-{tag}", "day:2026-03-02@UTC", 10**15, expires)
+    done = [0] * threads
+    stop = threading.Event()
+    ready = threading.Barrier(threads + 1)
+
+    def work(t: int) -> None:
+        ready.wait()
+        i = 0
+        while not stop.is_set():
+            rid = f"{tag}-{t}-{i}"
+            if not ledger.reserve(rid, [(tenant, 150_300), (org, 150_300)], ttl_s=600).ok:
+                raise SystemExit("a reservation did not fit a limit it cannot reach")
+            ledger.settle(rid, [(tenant, 45_360), (org, 45_360)])
+            i += 1
+        done[t] = i
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    ready.wait()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in pool:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    total = sum(done)
+    [tenant_balance] = ledger.balances([tenant])
+    if tenant_balance.spent != 45_360 * total or tenant_balance.reserved != 0:
+        raise SystemExit(f"{tag}: totals are off: {tenant_balance} after {total} operations")
+    return total / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per backend and thread count (default 3)")
+    parser.add_argument("--threads", type=int, default=16, help="threads of the one process (default 16)")
+    parser.add_argument("--url", help="benchmark this Redis instead of a private loopback redis-server")
+    args = parser.parse_args(argv)
+
+    rates: dict[str, float] = {}
+    rates["memory"] = run(MemoryLedger(), args.threads, args.seconds, "memory")
+
+    if importlib.util.find_spec("policy_engine.ledger.sqlite") is not None:
+        from policy_engine.ledger.sqlite import SqliteLedger
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sqlite = SqliteLedger(Path(tmp) / "ledger.db")
+            rates["sqlite"] = run(sqlite, args.threads, args.seconds, "sqlite")
+            sqlite.close()
+
+    from policy_engine.ledger.redis import RedisLedger
+
+    server = None
+    url = args.url
+    if url is None:
+        from _redis import RedisServer
+
+        server = RedisServer().start()
+        url = server.url
+    try:
+        prefix = f"bench-{time.time_ns()}:"
+        single = RedisLedger(url=url, prefix=prefix, timeout_s=5.0)
+        rates["redis, 1 thread"] = run(single, 1, args.seconds, "redis1")
+        single.close()
+        shared = RedisLedger(url=url, prefix=prefix, timeout_s=5.0)
+        rates["redis"] = run(shared, args.threads, args.seconds, "redisN")
+        shared.close()
+    finally:
+        if server is not None:
+            server.cleanup()
+
+    baseline = rates["memory"]
+    print(f"reserve+settle over two budgets, {args.threads} threads of one process, {args.seconds:g}s each")
+    for name, rate in rates.items():
+        threads = 1 if name == "redis, 1 thread" else args.threads
+        print(f"  {name:<16} {rate:>10,.0f} ops/s   {rate / baseline:6.3f}x memory   ({threads} thread{'s' * (threads > 1)})")
+    verdict: Callable[[float], str] = lambda r: "meets" if r >= TARGET else "MISSES"  # noqa: E731
+    print(f"  redis target {TARGET:,}/s: {verdict(rates['redis'])} it "
+          f"({rates['redis'] / rates['redis, 1 thread']:.2f}x the 1-thread rate)")
+    sqlite_text = f"{rates['sqlite']:,.0f}/s" if "sqlite" in rates else "n/a"
+    print(f"ledger: memory {rates['memory']:,.0f}/s, sqlite {sqlite_text}, redis {rates['redis']:,.0f}/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
