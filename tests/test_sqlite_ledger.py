@@ -1,4 +1,5 @@
-"""The SQLite ledger: MemoryLedger's semantics, persistence, cross-process budgets, and SIGKILL safety."""
+"""The SQLite ledger beyond the shared semantics (tests/test_ledger_conformance.py holds it to MemoryLedger's):
+persistence, expiry without a sweeper, cross-process budgets, and SIGKILL safety."""
 
 from __future__ import annotations
 
@@ -9,101 +10,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from policy_engine.ledger import Ledger, MemoryLedger, Scope
+from policy_engine.ledger import Scope
 from policy_engine.ledger.sqlite import SqliteLedger
 from tests.test_ledger import Clock, scope
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-LedgerFactory = Callable[..., Ledger]
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerFactory]:
-    """Both backends, so every semantic test shows the SQLite ledger behaves like the memory one."""
-    made: list[Ledger] = []
-
-    def factory(**options: object) -> Ledger:
-        if request.param == "memory":
-            ledger: Ledger = MemoryLedger(**options)  # type: ignore[arg-type]
-        else:
-            ledger = SqliteLedger(tmp_path / "ledger.db", **options)  # type: ignore[arg-type]
-        made.append(ledger)
-        return ledger
-
-    yield factory
-    for ledger in made:
-        ledger.close()
-
-
-def test_reserve_is_all_or_nothing(make: LedgerFactory) -> None:
-    ledger = make()
-    small, large = scope("small", limit=100), scope("large", limit=10_000)
-    assert ledger.reserve("r1", [(large, 80), (small, 80)], ttl_s=60).ok
-    result = ledger.reserve("r2", [(large, 30), (small, 30)], ttl_s=60)
-    assert not result.ok and result.failed == 1
-    assert [(b.spent, b.reserved) for b in result.balances] == [(0, 80), (0, 80)]
-    assert [b.reserved for b in ledger.balances([large, small])] == [80, 80]
-
-
-def test_a_zero_charge_always_fits(make: LedgerFactory) -> None:
-    ledger = make()
-    s = scope(limit=100)
-    assert ledger.reserve("full", [(s, 100)], ttl_s=60).ok
-    assert not ledger.reserve("over", [(s, 1)], ttl_s=60).ok
-    result = ledger.reserve("zero", [(s, 0)], ttl_s=60)
-    assert result.ok and result.balances[0].remaining == 0
-
-
-def test_settle_replaces_the_reservation_and_is_idempotent(make: LedgerFactory) -> None:
-    ledger = make()
-    s = scope()
-    ledger.reserve("r1", [(s, 500)], ttl_s=60)
-    assert ledger.settle("r1", [(s, 123)])
-    assert not ledger.settle("r1", [(s, 999)])
-    [balance] = ledger.balances([s])
-    assert (balance.spent, balance.reserved, balance.remaining) == (123, 0, 877)
-
-
-def test_reservation_ids_cannot_be_reused(make: LedgerFactory) -> None:
-    ledger = make()
-    s = scope()
-    ledger.reserve("r1", [(s, 5)], ttl_s=60)
-    with pytest.raises(ValueError, match="already used"):
-        ledger.reserve("r1", [(s, 5)], ttl_s=60)
-    ledger.settle("r1", [(s, 5)])
-    with pytest.raises(ValueError, match="already used"):
-        ledger.reserve("r1", [(s, 5)], ttl_s=60)
-
-
-def test_release_frees_and_reports(make: LedgerFactory) -> None:
-    ledger = make()
-    s = scope()
-    ledger.reserve("r1", [(s, 500)], ttl_s=60)
-    assert ledger.release("r1") and not ledger.release("r1")
-    assert not ledger.release("never")
-    assert ledger.balances([s])[0].remaining == 1_000
-
-
-def test_unsettled_reservations_expire_but_late_settlements_still_count(make: LedgerFactory) -> None:
-    clock = Clock()
-    ledger = make(clock=clock)
-    s = scope()
-    ledger.reserve("r1", [(s, 900)], ttl_s=30)
-    assert not ledger.reserve("r2", [(s, 200)], ttl_s=30).ok
-    clock.now += 31
-    assert ledger.expire() == 1
-    assert ledger.reserve("r2", [(s, 200)], ttl_s=30).ok
-    assert ledger.settle("r1", [(s, 850)])  # the money was spent, whatever the bookkeeping says
-    assert ledger.balances([s])[0].spent == 850
-    assert ledger.settle("never-reserved", [(s, 1)])
-    assert ledger.balances([s])[0].spent == 851
 
 
 def test_expired_reservations_stop_counting_without_a_sweep(tmp_path: Path) -> None:
