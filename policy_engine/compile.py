@@ -71,30 +71,34 @@ class CompiledPolicy:
 
 
 class LazyVars(dict):  # type: ignore[type-arg]
-    """`vars` in an activation: each variable is evaluated on first use, at most once per decision."""
+    """`vars` in an activation: each variable is evaluated on first use, at most once per decision.
 
-    __slots__ = ("_programs", "_activation")
+    Values live in the dict itself, so every read after the first is a plain C-level dict
+    hit; only misses come here. A variable that failed is kept aside and its error raised
+    again on every later read, without evaluating it again.
+    """
+
+    __slots__ = ("_programs", "_activation", "_failed")
 
     def __init__(self, programs: Mapping[str, cel.Program], activation: Mapping[str, Any]) -> None:
         super().__init__()
         self._programs = programs
         self._activation = activation
+        self._failed: dict[str, cel.CelError] | None = None
 
     def __missing__(self, name: str) -> Any:
+        failed = self._failed
+        if failed is not None and name in failed:
+            raise failed[name]  # a failed variable fails every rule that reads it
         program = self._programs[name]  # KeyError for an unknown name: the type checker rules it out
         try:
             value = program.evaluate(self._activation)
         except cel.CelError as exc:
-            value = exc
+            if failed is None:
+                failed = self._failed = {}
+            failed[name] = exc
+            raise
         self[name] = value
-        if isinstance(value, cel.CelError):
-            raise value
-        return value
-
-    def __getitem__(self, name: str) -> Any:
-        value = super().__getitem__(name)
-        if isinstance(value, cel.CelError):
-            raise value  # a failed variable fails every rule that reads it, without re-evaluating
         return value
 
 

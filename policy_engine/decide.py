@@ -20,20 +20,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import telemetry
 from .apply import apply_headers, apply_params
-from .catalog import Catalog, ModelEntry, actual, estimate, load_catalog, parse_usage
+from .catalog import Catalog, ModelEntry, UsageCounts, cost_of_counts, estimate, load_catalog, parse_usage
+from . import cel
 from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
 from .errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
-from .features import context_features, request_features
+from .features import FEATURE_DOCS, context_features, request_features
 from .ledger import Balance, Charge, Ledger, MemoryLedger, Scope, window_bounds
-from .observe import ThroughputObserver
+from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
 from .ratelimit import RateLimitStore
-from .tokens import InvalidRequestParams, TokenEstimate, estimate_input_tokens
+from .tokens import InvalidRequestParams, TokenCounter, TokenEstimate, estimate_input_tokens
 
 __all__ = ["Engine", "Decision", "Settlement", "ConversationStore", "RuleEvaluationError", "load", "FAST_BETA"]
 
@@ -41,6 +42,7 @@ FAST_BETA = "fast-mode-2026-02-01"
 _INF = float("inf")
 _NO_BUDGET = {"remaining_usd": _INF, "spent_usd": 0.0, "limit_usd": _INF, "fraction_left": 1.0}
 _UNKNOWN_KEY = "<key-error>"
+_ALL_FEATURES = frozenset(FEATURE_DOCS)
 CONVERSATION_MEMORY_S = 3600.0
 """How long `conversation.*` remembers a conversation when the policy sets no stickiness (the longest prompt-cache TTL)."""
 _ids = itertools.count(1)
@@ -81,6 +83,8 @@ class Decision:
     """(ceiling, limit, spent plus reserved, estimate) in micro-dollars, when rejected."""
     _span_context: Any = None
     """The decide span's context when a tracer recorded it: the settle span links to it."""
+    _held: bool = False
+    """The ledger holds a reservation under `reservation_id` (False when every charge was zero)."""
 
     @property
     def estimate_micro(self) -> int | None:
@@ -122,8 +126,9 @@ class RuleEvaluationError(PolicyEngineError):
 _PUBLIC_FIELDS = tuple(f.name for f in fields(Decision) if not f.name.startswith("_"))
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(NamedTuple):
+    """What `settle()` recorded: the actual cost of a response, at the speed it ran."""
+
     cost_micro: int
     speed: str
     input_tokens: int
@@ -157,8 +162,80 @@ class ConversationStore:
             self._entries[key] = (speed, prefix_tokens, now)
 
 
+@dataclass(frozen=True, slots=True)
+class _ModelPlan:
+    """What a decision needs to know about one model name at one inference geo, looked up once."""
+
+    entry: ModelEntry | None
+    geo: str | None
+    std_priced: bool
+    fast_priced: bool
+    fast_beta: str
+    throughput: tuple[float, float, float | None]
+    """(standard otps, ttft s, fast otps or None): the catalog's figures, with defaults."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A compiled policy plus what the hot path can know about it in advance."""
+
+    compiled: CompiledPolicy
+    variables: dict[str, Any]
+    reads: frozenset[str]
+    """Top-level feature names some expression of the policy reads: the others are not computed."""
+    budget_keys: tuple[tuple[CompiledBudget, str | None], ...]
+    """Each budget with its key when the key expression is a constant."""
+    static_keys: bool
+    """Every budget key is a constant: the scopes change only when a calendar period does."""
+    counts_premium: bool
+    sticky_ttl_s: float | None
+    sticky_from_context: bool
+    """The stickiness key is `context.conversation_id` itself: read it without evaluating CEL."""
+
+
+def _plan(compiled: CompiledPolicy) -> _Plan:
+    programs = [p for _, p in compiled.variables]
+    for rule in compiled.rules:
+        programs.append(rule.when)
+        if rule.reason_expr is not None:
+            programs.append(rule.reason_expr)
+    programs.extend(b.key for b in compiled.budgets)
+    if compiled.stickiness_key is not None:
+        programs.append(compiled.stickiness_key)
+    # Stand-ins for programs (the test runner's probes, a benchmark's interpreter) see every
+    # feature and every key evaluation, as they would without these shortcuts.
+    instrumented = any(type(p) is not cel.Program for p in programs)
+    reads = _ALL_FEATURES if instrumented else frozenset(ref.split(".", 1)[0] for p in programs for ref in p.references)
+    budget_keys = []
+    for budget in compiled.budgets:
+        constant = None
+        if not instrumented and not budget.key.references:
+            try:
+                constant = budget.key.evaluate({})
+            except CelError:
+                constant = None
+        budget_keys.append((budget, constant))
+    sticky = compiled.stickiness_key
+    policy = compiled.policy
+    return _Plan(
+        compiled=compiled,
+        variables=dict(compiled.variables),
+        reads=reads,
+        budget_keys=tuple(budget_keys),
+        static_keys=all(key is not None for _, key in budget_keys),
+        counts_premium=any(b.spec.counts == "premium" for b in compiled.budgets),
+        sticky_ttl_s=policy.stickiness.ttl_s if policy.stickiness is not None else None,
+        sticky_from_context=sticky is None or (not instrumented and sticky.source.strip() == "context.conversation_id"),
+    )
+
+
 class Engine:
-    """Compiled policies plus the state they decide with. Immutable after load and thread-safe."""
+    """Compiled policies plus the state they decide with. Immutable after load and thread-safe.
+
+    `counter` (a `tokens.TokenCounter`) counts input tokens exactly through the
+    count_tokens endpoint (`decide` calls `count`, `adecide` awaits `acount`); without
+    one, or when counting fails, input tokens are estimated from the request content.
+    """
 
     def __init__(
         self,
@@ -173,6 +250,7 @@ class Engine:
         clock: Any = time.time,
         throughput: ThroughputObserver | None = None,
         ledger_path: str | os.PathLike[str] | None = None,
+        counter: TokenCounter | None = None,
     ) -> None:
         if not policies:
             raise ValueError("an Engine needs at least one policy")
@@ -180,6 +258,8 @@ class Engine:
         if len(self._policies) != len(policies):
             raise ValueError("two policy files have the same name")
         self._default = policies[0]
+        self._plans = {p.name: _plan(p) for p in policies}
+        self._default_plan = self._plans[self._default.name]
         self.catalog = catalog or load_catalog()
         if ledger is None and ledger_path is not None:
             from .ledger.sqlite import SqliteLedger  # the embedded persistent default
@@ -192,7 +272,14 @@ class Engine:
         self.conversations = conversations or ConversationStore()
         self.reservation_ttl_s = reservation_ttl_s
         self.priority_tier = priority_tier
+        self.counter = counter
         self._clock = clock
+        # Caches of derived, immutable facts (the catalog and policies never change under an
+        # Engine). Plain dicts: a race only computes the same value twice.
+        self._models: dict[tuple[str, str], _ModelPlan] = {}
+        self._windows: dict[tuple[str, str], tuple[float, float, str]] = {}
+        self._scopes: dict[tuple[str, str, str], Scope] = {}
+        self._static_scopes: dict[str, tuple[float, float, tuple[tuple[CompiledBudget, Scope], ...]]] = {}
 
     @property
     def policies(self) -> dict[str, CompiledPolicy]:
@@ -201,8 +288,13 @@ class Engine:
     def policy(self, name: str | None = None) -> CompiledPolicy:
         if name is None:
             return self._default
+        return self._plan_of(name).compiled
+
+    def _plan_of(self, name: str | None) -> _Plan:
+        if name is None:
+            return self._default_plan
         try:
-            return self._policies[name]
+            return self._plans[name]
         except KeyError:
             raise KeyError(f"no policy named {name!r}; loaded: {', '.join(self._policies)}") from None
 
@@ -221,23 +313,58 @@ class Engine:
     ) -> Decision:
         """Decide the speed of one Messages API request and reserve its worst-case cost.
 
-        `input_tokens` is an exact count when the caller has one (else it is estimated);
-        `batch` says the request goes through the Message Batches API; `account` keys the
-        fast rate-limit state. Raises `CeilingExceeded` when a ceiling rejects the request,
-        `InvalidRequest` for malformed params or context.
+        `input_tokens` is an exact count when the caller has one (else the Engine's counter
+        counts it, or it is estimated); `batch` says the request goes through the Message
+        Batches API; `account` keys the fast rate-limit state. Raises `CeilingExceeded` when
+        a ceiling rejects the request, `InvalidRequest` for malformed params or context,
+        `RuleEvaluationError` when a rule fails under `on_error: raise`.
         """
         started = time.perf_counter_ns()
-        if input_tokens is None:
+        if input_tokens is not None:
+            tokens = _counted(input_tokens)
+        elif self.counter is not None:
+            tokens = self.counter.count(params)
+        else:
             try:
                 tokens = estimate_input_tokens(params)
             except InvalidRequestParams as exc:
                 raise InvalidRequest(str(exc)) from None
+        return self._finish(params, context, now, account, batch, tokens, policy, started)
+
+    async def adecide(
+        self,
+        params: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+        *,
+        now: datetime | None = None,
+        account: str = "default",
+        batch: bool = False,
+        input_tokens: int | None = None,
+        policy: str | None = None,
+    ) -> Decision:
+        """`decide` for async callers: the counter (if any) is awaited, never blocking the loop.
+
+        With the in-memory ledger deciding does no I/O; with a shared ledger the decision
+        runs in a worker thread so the event loop keeps going.
+        """
+        started = time.perf_counter_ns()
+        if input_tokens is not None:
+            tokens = _counted(input_tokens)
+        elif self.counter is not None:
+            tokens = await self.counter.acount(params)
         else:
-            if type(input_tokens) is not int or input_tokens < 0:
-                raise InvalidRequest(f"input_tokens must be a non-negative int, got {input_tokens!r}")
-            tokens = TokenEstimate(input_tokens, input_tokens, True)
+            try:
+                tokens = estimate_input_tokens(params)
+            except InvalidRequestParams as exc:
+                raise InvalidRequest(str(exc)) from None
+        if isinstance(self.ledger, MemoryLedger):
+            return self._finish(params, context, now, account, batch, tokens, policy, started)
+        return await asyncio.to_thread(self._finish, params, context, now, account, batch, tokens, policy, started)
+
+    def _finish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None, account: str,
+                batch: bool, tokens: TokenEstimate, policy: str | None, started: int) -> Decision:
         try:
-            decision = self._decide(params, context, now, account, batch, tokens, self.policy(policy))
+            decision = self._decide(params, context, now, account, batch, tokens, self._plan_of(policy))
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
@@ -246,17 +373,30 @@ class Engine:
             raise _rejection(decision)
         return decision
 
-    async def adecide(
-        self,
-        params: Mapping[str, Any],
-        context: Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Decision:
-        """`decide` for async callers. Deciding never blocks on I/O with the in-memory state;
-        with a shared ledger it runs in a worker thread so the event loop keeps going."""
-        if isinstance(self.ledger, MemoryLedger):
-            return self.decide(params, context, **kwargs)
-        return await asyncio.to_thread(self.decide, params, context, **kwargs)
+    def _model_plan(self, name: str, geo: str) -> _ModelPlan:
+        key = (name, geo)
+        found = self._models.get(key)
+        if found is not None:
+            return found
+        entry = self.catalog.find(name)
+        geo_key = None if geo == "global" else geo
+        std_priced = fast_priced = False
+        beta = FAST_BETA
+        std_otps, ttft, fast_otps = DEFAULT_STANDARD_OTPS, 0.0, None
+        if entry is not None:
+            std_priced = _priced(entry, "standard", geo_key)
+            fast_priced = entry.fast.supported and _priced(entry, "fast", geo_key)
+            beta = entry.fast.beta_header or FAST_BETA
+            figures = entry.throughput
+            if figures is not None:
+                std_otps = figures.standard_otps or DEFAULT_STANDARD_OTPS
+                ttft = figures.ttft_s or 0.0
+                fast_otps = (figures.fast_otps or None) if entry.fast.supported else None
+        found = _ModelPlan(entry, geo_key, std_priced, fast_priced, beta, (std_otps, ttft, fast_otps))
+        if len(self._models) > 4096:
+            self._models.clear()  # model names come from callers: keep the cache bounded
+        self._models[key] = found
+        return found
 
     def _decide(
         self,
@@ -266,57 +406,73 @@ class Engine:
         account: str,
         batch: bool,
         tokens: TokenEstimate,
-        compiled: CompiledPolicy,
+        plan: _Plan,
     ) -> Decision:
+        compiled = plan.compiled
         policy = compiled.policy
+        reads = plan.reads
         epoch = self._clock() if now is None else now.timestamp()
-        when = now if now is not None else datetime.fromtimestamp(epoch, timezone.utc)
-        request = request_features(params, tokens.upper, tokens.exact, batch=batch)
+        input_tokens = tokens.upper
+        request = request_features(params, input_tokens, tokens.exact, batch=batch)
         ctx = context_features(context)
-        model = self.catalog.find(request["model"])  # type: ignore[arg-type]
-        geo = request["inference_geo"]
-        geo_key = None if geo == "global" else geo
+        model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]
-        cost, std_micro, fast_micro = self._estimates(model, tokens.upper, max_tokens, bool(request["cache_control"]), geo_key)
-        activation: dict[str, Any] = {
-            "request": request,
-            "context": ctx,
-            "ratelimit": self.ratelimits.snapshot(account, epoch),
-            "cost": cost,
-            "throughput": _throughput(model, max_tokens) if self.throughput is None
-            else self.throughput.features(model, max_tokens, request["model"]),  # type: ignore[arg-type]
-            "now": when,
-        }
-        activation["vars"] = LazyVars(dict(compiled.variables), activation)
+        mp = self._model_plan(model_name, request["inference_geo"])  # type: ignore[arg-type]
+        model = mp.entry
+        cache_control = bool(request["cache_control"])
+        std_micro = fast_micro = None
+        if mp.std_priced:
+            std_micro = estimate(model, speed="standard", input_tokens=input_tokens, max_tokens=max_tokens,  # type: ignore[arg-type]
+                                 cache_control=cache_control, inference_geo=mp.geo)
+        if mp.fast_priced:
+            fast_micro = estimate(model, speed="fast", input_tokens=input_tokens, max_tokens=max_tokens,  # type: ignore[arg-type]
+                                  cache_control=cache_control, inference_geo=mp.geo)
 
-        # Budget scopes and balances come first: rules may read them.
+        activation: dict[str, Any] = {"request": request, "context": ctx}
+        if "cost" in reads:
+            activation["cost"] = _cost_features(std_micro, fast_micro)
+        if "throughput" in reads:
+            activation["throughput"] = (_throughput(mp.throughput, max_tokens) if self.throughput is None
+                                        else self.throughput.features(model, max_tokens, model_name))
+        if "ratelimit" in reads:
+            activation["ratelimit"] = self.ratelimits.snapshot(account, epoch)
+        if "now" in reads:
+            activation["now"] = now if now is not None else datetime.fromtimestamp(epoch, timezone.utc)
+        activation["vars"] = LazyVars(plan.variables, activation)
+
         errors: list[str] = []
-        scopes = self._scopes(compiled, activation, when, errors)
+        scopes = self._budget_scopes(plan, activation, epoch, now, errors) if plan.budget_keys else ()
         unavailable: StateUnavailable | None = None
-        try:
-            balances = self.ledger.balances([s for _, s in scopes]) if scopes else []
-        except StateUnavailable as exc:
-            # Rules still run (on empty balances); the outage then forces the speed below.
-            unavailable = exc
-            balances = [Balance(0, 0, s.limit) for _, s in scopes]
-        budget_features = {b.spec.name: _budget_features(bal) for (b, _), bal in zip(scopes, balances)}
-        activation["budgets"] = budget_features
-        activation["budget"] = min(budget_features.values(), key=lambda f: f["fraction_left"]) if budget_features else _NO_BUDGET
+        if scopes and ("budget" in reads or "budgets" in reads):
+            # Balances only when an expression reads them: the reservation checks the limits anyway.
+            try:
+                balances = self.ledger.balances([s for _, s in scopes])
+            except StateUnavailable as exc:
+                # Rules still run (on empty balances); the outage then forces the speed below.
+                unavailable = exc
+                balances = [Balance(0, 0, s.limit) for _, s in scopes]
+            budget_features = {b.spec.name: _budget_features(bal) for (b, _), bal in zip(scopes, balances)}
+            activation["budgets"] = budget_features
+            activation["budget"] = min(budget_features.values(), key=lambda f: f["fraction_left"])
+        else:
+            activation["budgets"] = {}
+            activation["budget"] = _NO_BUDGET
 
         # Stickiness: a conversation keeps its speed while its entry is fresh.
-        sticky_key = self._sticky_key(compiled, activation)
+        sticky_key = self._sticky_key(plan, ctx, activation)
         sticky = None
         if sticky_key is not None:
-            ttl = policy.stickiness.ttl_s if policy.stickiness is not None else CONVERSATION_MEMORY_S
-            sticky = self.conversations.get(sticky_key, epoch, ttl)
-        activation["conversation"] = {"last_speed": sticky[0], "cached_prefix_tokens": sticky[1]} if sticky else {"cached_prefix_tokens": 0}
+            sticky = self.conversations.get(sticky_key, epoch, plan.sticky_ttl_s or CONVERSATION_MEMORY_S)
+        if "conversation" in reads:
+            activation["conversation"] = ({"last_speed": sticky[0], "cached_prefix_tokens": sticky[1]} if sticky
+                                          else {"cached_prefix_tokens": 0})
 
-        reasons: list[str] = []
         speed, rule = policy.default, "default"
-        if sticky is not None and policy.stickiness is not None:
+        if sticky is not None and plan.sticky_ttl_s is not None:
             speed, rule = sticky[0], "sticky"
-            reasons.append(f"conversation keeps its {speed} speed (stickiness)")
+            reasons = [f"conversation keeps its {speed} speed (stickiness)"]
         else:
+            reasons = []
             for compiled_rule in compiled.rules:
                 try:
                     matched = compiled_rule.when.evaluate(activation)
@@ -324,11 +480,9 @@ class Engine:
                     errors.append(f"rule {compiled_rule.name}: {exc}")
                     if policy.on_error == "raise":
                         failed = Decision(
-                            speed="standard", rule=compiled_rule.name, outcome="rejected", reasons=[f"rule {compiled_rule.name} failed to evaluate; on_error is raise"],
-                            guardrails=[], ceilings=[], model=request["model"], max_tokens=max_tokens,  # type: ignore[arg-type]
-                            input_tokens=tokens.upper, input_tokens_exact=tokens.exact, estimate_standard_micro=std_micro,
-                            estimate_fast_micro=fast_micro, policy_name=policy.name, policy_version=compiled.version,
-                            errors=errors, forced_by="on_error", at=epoch)
+                            "standard", compiled_rule.name, "rejected", [f"rule {compiled_rule.name} failed to evaluate; on_error is raise"],
+                            [], [], model_name, max_tokens, input_tokens, tokens.exact, std_micro, fast_micro,
+                            policy.name, compiled.version, None, errors, "on_error", None, mp.fast_beta, epoch)
                         raise RuleEvaluationError(policy.name, compiled_rule.name, failed, exc) from exc
                     if policy.on_error == "standard":
                         speed, rule = "standard", compiled_rule.name
@@ -342,76 +496,78 @@ class Engine:
             else:
                 reasons.append(f"no rule matched; policy default is {speed}")
 
-        decision = Decision(
-            speed=speed, rule=rule, outcome="allowed", reasons=reasons, guardrails=[], ceilings=[],
-            model=request["model"], max_tokens=max_tokens, input_tokens=tokens.upper,  # type: ignore[arg-type]
-            input_tokens_exact=tokens.exact, estimate_standard_micro=std_micro, estimate_fast_micro=fast_micro,
-            policy_name=policy.name, policy_version=compiled.version, errors=errors, at=epoch,
-            _model=model, _inference_geo=geo_key,
-        )
-        if model is not None and model.fast.beta_header:
-            decision.fast_beta = model.fast.beta_header
+        decision = Decision(speed, rule, "allowed", reasons, [], [], model_name, max_tokens, input_tokens, tokens.exact,
+                            std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch)
+        decision._model = model
+        decision._inference_geo = mp.geo
         if speed == "fast":
-            self._guardrails(decision, model, request, account, tokens.upper, epoch)
-        self._per_request_ceiling(decision, compiled)
-        if decision.outcome != "rejected" and unavailable is not None:
-            self._state_unavailable(decision, scopes, _ID_PREFIX + str(next(_ids)), unavailable)
-        elif decision.outcome != "rejected":
-            self._reserve(decision, scopes, balances)
+            self._guardrails(decision, mp, request, account, input_tokens, epoch)
+        if compiled.per_request_micro is not None:
+            self._per_request_ceiling(decision, compiled)
+        if decision.outcome != "rejected":
+            if unavailable is not None:
+                self._state_unavailable(decision, scopes, _ID_PREFIX + str(next(_ids)), unavailable)
+            elif scopes:
+                self._reserve(decision, scopes)
         if sticky_key is not None and decision.outcome != "rejected":
-            if sticky is not None and policy.stickiness is not None and sticky[0] != decision.speed:
-                decision.sticky_switch = self._switch_cost(model, sticky, decision.speed, geo_key)
-            self.conversations.put(sticky_key, decision.speed, tokens.upper, epoch)
+            if sticky is not None and plan.sticky_ttl_s is not None and sticky[0] != decision.speed:
+                decision.sticky_switch = self._switch_cost(model, sticky, decision.speed, mp.geo)
+            self.conversations.put(sticky_key, decision.speed, input_tokens, epoch)
         return decision
 
-    def _estimates(self, model: ModelEntry | None, input_tokens: int, max_tokens: int, cache_control: bool,
-                   geo: str | None) -> tuple[dict[str, float], int | None, int | None]:
-        std = fast = None
-        if model is not None:
-            try:
-                std = estimate(model, speed="standard", input_tokens=input_tokens, max_tokens=max_tokens,
-                               cache_control=cache_control, inference_geo=geo)
-            except PricingError:
-                pass
-            if model.fast.supported:
-                try:
-                    fast = estimate(model, speed="fast", input_tokens=input_tokens, max_tokens=max_tokens,
-                                    cache_control=cache_control, inference_geo=geo)
-                except PricingError:
-                    pass
-        cost: dict[str, float] = {}
-        if std is not None:
-            cost["standard_usd"] = std / 1e6
-        if fast is not None:
-            cost["fast_usd"] = fast / 1e6
-            if std is not None:
-                cost["premium_usd"] = (fast - std) / 1e6
-        return cost, std, fast
+    def _window(self, window: str, tz: str, epoch: float, now: datetime | None) -> tuple[float, float, str]:
+        """The calendar period containing `epoch`, computed once per period (not once per request)."""
+        key = (window, tz)
+        cached = self._windows.get(key)
+        if cached is not None and cached[0] <= epoch < cached[1]:
+            return cached
+        when = now if now is not None else datetime.fromtimestamp(epoch, timezone.utc)
+        label, start, end = window_bounds(window, tz, when)  # type: ignore[arg-type]
+        cached = (start.timestamp(), end.timestamp(), label)
+        self._windows[key] = cached
+        return cached
 
-    def _scopes(self, compiled: CompiledPolicy, activation: Mapping[str, Any], when: datetime,
-                errors: list[str]) -> list[tuple[CompiledBudget, Scope]]:
+    def _budget_scopes(self, plan: _Plan, activation: Mapping[str, Any], epoch: float, now: datetime | None,
+                       errors: list[str]) -> tuple[tuple[CompiledBudget, Scope], ...]:
+        static = self._static_scopes.get(plan.compiled.name) if plan.static_keys else None
+        if static is not None and static[0] <= epoch < static[1]:
+            return static[2]  # constant keys, same calendar periods: the very same scopes
         scopes = []
-        for budget in compiled.budgets:
-            try:
-                key = budget.key.evaluate(activation)
-            except CelError as exc:
-                # The budget still applies, to a shared bucket: an unkeyed request must not escape it.
-                errors.append(f"budget {budget.spec.name} key: {exc}")
-                key = _UNKNOWN_KEY
-            window, _, end = window_bounds(budget.spec.window, budget.spec.timezone, when)
-            scopes.append((budget, Scope(budget.spec.name, key, window, budget.limit_micro, end.timestamp())))
-        return scopes
+        valid_from, valid_until = -_INF, _INF
+        for budget, key in plan.budget_keys:
+            if key is None:
+                try:
+                    key = budget.key.evaluate(activation)
+                except CelError as exc:
+                    # The budget still applies, to a shared bucket: an unkeyed request must not escape it.
+                    errors.append(f"budget {budget.spec.name} key: {exc}")
+                    key = _UNKNOWN_KEY
+            spec = budget.spec
+            start, end, label = self._window(spec.window, spec.timezone, epoch, now)
+            valid_from, valid_until = max(valid_from, start), min(valid_until, end)
+            cache_key = (spec.name, key, label)
+            scope = self._scopes.get(cache_key)  # type: ignore[arg-type]
+            if scope is None:
+                scope = Scope(spec.name, key, label, budget.limit_micro, end)  # type: ignore[arg-type]
+                if len(self._scopes) > 65_536:
+                    self._scopes.clear()  # keys come from requests: keep the cache bounded
+                self._scopes[cache_key] = scope  # type: ignore[index]
+            scopes.append((budget, scope))
+        result = tuple(scopes)
+        if plan.static_keys:
+            self._static_scopes[plan.compiled.name] = (valid_from, valid_until, result)
+        return result
 
-    def _sticky_key(self, compiled: CompiledPolicy, activation: Mapping[str, Any]) -> str | None:
-        if compiled.stickiness_key is None:
-            # No stickiness: conversations are still remembered, so rules can read `conversation.*`.
-            key = activation["context"].get("conversation_id")
-            return f"{compiled.name}\x1f{key}" if key else None
-        try:
-            key = compiled.stickiness_key.evaluate(activation)
-        except CelError:
-            return None  # no conversation id: nothing to keep sticky
-        return f"{compiled.name}\x1f{key}" if key else None
+    def _sticky_key(self, plan: _Plan, ctx: Mapping[str, Any], activation: Mapping[str, Any]) -> str | None:
+        if plan.sticky_from_context:
+            # Without stickiness, conversations are still remembered, so rules can read `conversation.*`.
+            key = ctx.get("conversation_id")
+        else:
+            try:
+                key = plan.compiled.stickiness_key.evaluate(activation)  # type: ignore[union-attr]
+            except CelError:
+                return None  # no conversation id: nothing to keep sticky
+        return f"{plan.compiled.name}\x1f{key}" if key else None
 
     def _reason(self, rule: Any, activation: Mapping[str, Any], errors: list[str]) -> str:
         if rule.reason_expr is not None:
@@ -421,9 +577,10 @@ class Engine:
                 errors.append(f"rule {rule.name} reason: {exc}")
         return f"{rule.name}: {rule.reason_text}" if rule.reason_text else f"rule {rule.name} matched"
 
-    def _guardrails(self, decision: Decision, model: ModelEntry | None, request: Mapping[str, Any], account: str,
+    def _guardrails(self, decision: Decision, mp: _ModelPlan, request: Mapping[str, Any], account: str,
                     input_tokens: int, now: float) -> None:
         applied: list[tuple[str, str]] = []
+        model = mp.entry
         if model is None:
             applied.append(("unsupported_model", f"{decision.model} is not in the catalog, so fast mode cannot be assumed"))
         elif not model.fast.supported:
@@ -445,9 +602,7 @@ class Engine:
             decision.reasons.extend(f"guardrail {name}: {why}" for name, why in applied)
 
     def _per_request_ceiling(self, decision: Decision, compiled: CompiledPolicy) -> None:
-        limit = compiled.per_request_micro
-        if limit is None:
-            return
+        limit: int = compiled.per_request_micro  # type: ignore[assignment]
         std, fast = decision.estimate_standard_micro, decision.estimate_fast_micro
         if decision.speed == "fast" and fast is not None and fast > limit:
             if std is not None and std <= limit:
@@ -482,37 +637,49 @@ class Engine:
                 amount = fast - std if counts == "premium" else fast
             else:
                 amount = std if counts == "all" else 0
-            charges.append((scope, max(amount, 0)))
+            charges.append((scope, amount if amount > 0 else 0))
         return charges
 
-    def _reserve(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], balances: Sequence[Balance]) -> None:
-        if not scopes:
-            return
+    def _reserve(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]]) -> None:
         rid = _ID_PREFIX + str(next(_ids))
+        charges = self._charges(decision, scopes, decision.speed)
+        if not any(amount for _, amount in charges):
+            # Nothing to hold (a standard request against budgets of fast spend): no ledger call.
+            # settle() still records whatever the response turns out to cost these budgets.
+            decision.reservation_id = rid
+            decision._budget_charges = tuple(scopes)
+            return
         try:
-            result = self.ledger.reserve(rid, self._charges(decision, scopes, decision.speed), ttl_s=self.reservation_ttl_s)
+            result = self.ledger.reserve(rid, charges, ttl_s=self.reservation_ttl_s)
         except StateUnavailable as exc:
             return self._state_unavailable(decision, scopes, rid, exc)
         if not result.ok and decision.speed == "fast":
-            budget, _ = scopes[result.failed]  # type: ignore[index]
-            balance = result.balances[result.failed]  # type: ignore[index]
+            failed: int = result.failed  # type: ignore[assignment]
+            budget, balance = scopes[failed][0], result.balances[failed]
             decision.ceilings.append(budget.spec.name)
             if budget.spec.on_exceed == "reject":
-                return self._reject(decision, budget, balance, decision.estimate_fast_micro)
+                return self._reject(decision, budget, balance, charges[failed][1])
             decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", budget.spec.name
             decision.reasons.append(
                 f"budget {budget.spec.name}: fast worst case does not fit ({_usd(balance.remaining)} left of {_usd(balance.limit)}); downgraded")
+            charges = self._charges(decision, scopes, "standard")
+            if not any(amount for _, amount in charges):
+                decision.reservation_id = rid
+                decision._budget_charges = tuple(scopes)
+                return
             try:
-                result = self.ledger.reserve(rid, self._charges(decision, scopes, "standard"), ttl_s=self.reservation_ttl_s)
+                result = self.ledger.reserve(rid, charges, ttl_s=self.reservation_ttl_s)
             except StateUnavailable as exc:
                 return self._state_unavailable(decision, scopes, rid, exc)
         if not result.ok:
-            budget, _ = scopes[result.failed]  # type: ignore[index]
+            failed = result.failed  # type: ignore[assignment]
+            budget = scopes[failed][0]
             if budget.spec.name not in decision.ceilings:
                 decision.ceilings.append(budget.spec.name)
-            return self._reject(decision, budget, result.balances[result.failed], decision.estimate_standard_micro)  # type: ignore[index]
+            return self._reject(decision, budget, result.balances[failed], charges[failed][1])
         decision.reservation_id = rid
         decision._budget_charges = tuple(scopes)
+        decision._held = True
 
     def _state_unavailable(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], rid: str,
                            exc: StateUnavailable) -> None:
@@ -535,12 +702,13 @@ class Engine:
         decision.reservation_id = rid
         decision._budget_charges = tuple(scopes)
 
-    def _reject(self, decision: Decision, budget: CompiledBudget, balance: Balance, estimate_micro: int | None) -> None:
+    def _reject(self, decision: Decision, budget: CompiledBudget, balance: Balance, charge: int) -> None:
+        """A budget refused the request; `charge` is what the request would have cost that budget."""
         decision.outcome, decision.forced_by = "rejected", budget.spec.name
         decision.reasons.append(
-            f"budget {budget.spec.name}: worst case {_usd(estimate_micro or 0)} on top of {_usd(balance.spent + balance.reserved)} "
+            f"budget {budget.spec.name}: worst case {_usd(charge)} on top of {_usd(balance.spent + balance.reserved)} "
             f"spent or reserved exceeds {_usd(balance.limit)}")
-        decision._rejection = (budget.spec.name, balance.limit, balance.spent + balance.reserved, estimate_micro or 0)
+        decision._rejection = (budget.spec.name, balance.limit, balance.spent + balance.reserved, charge)
 
     def _switch_cost(self, model: ModelEntry | None, sticky: tuple[str, int, float], speed: str, geo: str | None) -> dict[str, Any]:
         """A forced speed switch re-writes the conversation's cached prefix at the new speed."""
@@ -559,7 +727,8 @@ class Engine:
         """Replace the decision's reservation with the actual cost of the response's usage.
 
         Billed at `usage.speed` (the speed that actually ran). Settling a decision twice
-        records nothing the second time.
+        records nothing the second time. Raises `UsageError` for a malformed usage, and
+        then records nothing: the reservation stands until a good usage settles it.
         """
         counts = parse_usage(usage)
         model = decision._model
@@ -568,25 +737,31 @@ class Engine:
         cost = 0
         if model is not None:
             try:
-                cost = actual(model, usage, inference_geo=decision._inference_geo)
+                cost = cost_of_counts(model, counts, inference_geo=decision._inference_geo)
             except PricingError:
                 cost = 0  # unpriced model: nothing to charge, and the decision already said so
         first = not decision._settled
         if first and decision.reservation_id is not None:
-            charges = self._actual_charges(decision, model, usage, counts.speed, cost)
-            first = self.ledger.settle(decision.reservation_id, charges)
+            charges = self._actual_charges(decision, model, counts, cost)
+            if decision._held or any(amount for _, amount in charges):
+                first = self.ledger.settle(decision.reservation_id, charges)
+            # else: nothing was held and nothing is owed; the decision's own flag stops a second settle
         decision._settled = True
         settlement = Settlement(cost, counts.speed, counts.input_tokens, counts.output_tokens, first,
                                 counts.cache_write_5m_tokens + counts.cache_write_1h_tokens, counts.cache_read_tokens)
         telemetry.record_settlement(decision, settlement)
         return settlement
 
-    def _actual_charges(self, decision: Decision, model: ModelEntry | None, usage: Any, speed: str, cost: int) -> list[Charge]:
+    def _actual_charges(self, decision: Decision, model: ModelEntry | None, counts: UsageCounts, cost: int) -> list[Charge]:
+        speed = counts.speed
         premium = 0
         if speed == "fast" and model is not None and any(b.spec.counts == "premium" for b, _ in decision._budget_charges):
             try:
-                standard_cost = actual(model, _with_speed(usage, "standard"), inference_geo=decision._inference_geo)
-                premium = max(cost - standard_cost, 0)
+                # What the same usage would have cost at standard speed.
+                as_standard = UsageCounts(counts.input_tokens, counts.output_tokens, counts.cache_write_5m_tokens,
+                                          counts.cache_write_1h_tokens, counts.cache_read_tokens, "standard", counts.inference_geo)
+                standard_cost = cost_of_counts(model, as_standard, inference_geo=decision._inference_geo)
+                premium = cost - standard_cost if cost > standard_cost else 0
             except PricingError:
                 premium = cost
         charges = []
@@ -601,8 +776,9 @@ class Engine:
 
         A request released and then sent after all can still be settled: its spend is recorded.
         """
-        if decision.reservation_id is None or decision._settled:
+        if decision.reservation_id is None or decision._settled or not decision._held:
             return False
+        decision._held = False
         return self.ledger.release(decision.reservation_id)
 
 
@@ -641,22 +817,38 @@ def _budget_features(balance: Balance) -> dict[str, float]:
     }
 
 
-def _throughput(model: ModelEntry | None, max_tokens: int) -> dict[str, float]:
-    figures = model.throughput if model is not None else None
-    std = (figures.standard_otps if figures else None) or 60.0
-    ttft = (figures.ttft_s if figures else None) or 0.0
+def _throughput(figures: tuple[float, float, float | None], max_tokens: int) -> dict[str, float]:
+    std, ttft, fast = figures
     result = {"standard_otps": std, "ttft_s": ttft, "est_standard_s": ttft + max_tokens / std}
-    fast = figures.fast_otps if figures and model is not None and model.fast.supported else None
     if fast:
         result["fast_otps"] = fast
         result["est_fast_s"] = ttft + max_tokens / fast
     return result
 
 
-def _with_speed(usage: Any, speed: str) -> dict[str, Any]:
-    data = dict(usage) if isinstance(usage, Mapping) else usage.model_dump() if hasattr(usage, "model_dump") else dict(vars(usage))
-    data["speed"] = speed
-    return data
+def _cost_features(std: int | None, fast: int | None) -> dict[str, float]:
+    cost: dict[str, float] = {}
+    if std is not None:
+        cost["standard_usd"] = std / 1e6
+    if fast is not None:
+        cost["fast_usd"] = fast / 1e6
+        if std is not None:
+            cost["premium_usd"] = (fast - std) / 1e6
+    return cost
+
+
+def _priced(model: ModelEntry, speed: str, geo: str | None) -> bool:
+    try:
+        model.rates(speed, 0, geo)  # type: ignore[arg-type]
+    except PricingError:
+        return False
+    return True
+
+
+def _counted(input_tokens: int) -> TokenEstimate:
+    if type(input_tokens) is not int or input_tokens < 0:
+        raise InvalidRequest(f"input_tokens must be a non-negative int, got {input_tokens!r}")
+    return TokenEstimate(input_tokens, input_tokens, True)
 
 
 def _usd(micro: int) -> str:

@@ -115,87 +115,139 @@ def declarations(budget_names: Iterable[str] = (), variables: Mapping[str, CelTy
     return decls
 
 
-_CONTEXT_TYPES: dict[str, type | tuple[type, ...]] = {
+_CONTEXT_TYPES: dict[str, type] = {
     "latency_slo_ms": int, "tenant": str, "user": str, "conversation_id": str,
     "interactive": bool, "priority": str, "labels": dict,
 }
 
 
 def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
-    """Validate the caller's context and fill its defaults. Unknown keys are errors, with did-you-mean."""
-    from .errors import InvalidContext, did_you_mean
+    """Validate the caller's context and fill its defaults. Unknown keys are errors, with did-you-mean.
 
-    result: dict[str, object] = {"interactive": False, "priority": "normal", "labels": {}}
+    Raises `InvalidContext` (an `InvalidRequest`) naming the key, the expected and the given type.
+    """
+    result: dict[str, object] = {"interactive": False, "priority": "normal", "labels": _NO_LABELS}
     if not context:
         return result
-    if not isinstance(context, Mapping):
-        raise InvalidContext(f"context must be a mapping, got {type(context).__name__}")
+    if type(context) is not dict and not isinstance(context, Mapping):
+        raise _invalid_context(f"context must be a mapping, got {type(context).__name__}")
+    types = _CONTEXT_TYPES
     for key, value in context.items():
-        expected = _CONTEXT_TYPES.get(key)  # type: ignore[arg-type]
-        if expected is None:
-            hint = did_you_mean(str(key), CONTEXT_KEYS)
-            raise InvalidContext(f"unknown context key {key!r}" + (f"; {hint}" if hint else f"; known keys: {', '.join(CONTEXT_KEYS)}"))
-        if value is None:
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise InvalidContext(f"context[{key!r}] must be {expected.__name__}, got {type(value).__name__} {value!r}")  # type: ignore[union-attr]
-        if key == "labels" and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):  # type: ignore[union-attr]
-            raise InvalidContext("context['labels'] must map strings to strings")
+        expected = types.get(key)  # type: ignore[arg-type]
+        if expected is None or value is None or type(value) is not expected:
+            # Slow path: unknown keys, None (absent), subclasses; and every error.
+            if not _context_value_ok(key, value, expected):
+                continue
+        elif expected is dict and value and not all(type(k) is str and type(v) is str for k, v in value.items()):  # type: ignore[union-attr]
+            if not _context_value_ok(key, value, expected):
+                continue
         result[key] = value
     return result
 
 
+_NO_LABELS: dict[str, str] = {}
+"""Shared by every context without labels; rules only read it."""
+
+
+def _invalid_context(message: str) -> Exception:
+    from .errors import InvalidContext
+
+    return InvalidContext(message)
+
+
+def _context_value_ok(key: object, value: object, expected: type | None) -> bool:
+    """Checks one context entry the fast path could not accept: False means "absent", errors raise."""
+    from .errors import did_you_mean
+
+    if expected is None:
+        hint = did_you_mean(str(key), CONTEXT_KEYS)
+        raise _invalid_context(f"unknown context key {key!r}" + (f"; {hint}" if hint else f"; known keys: {', '.join(CONTEXT_KEYS)}"))
+    if value is None:
+        return False
+    if expected is dict:
+        if not isinstance(value, Mapping):
+            raise _invalid_context(f"context[{key!r}] must be dict, got {type(value).__name__} {value!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise _invalid_context("context['labels'] must map strings to strings")
+        return True
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise _invalid_context(f"context[{key!r}] must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return True
+
+
 def request_features(params: Mapping[str, object], input_tokens: int, exact: bool, *, batch: bool = False,
                      extra_betas: Iterable[str] = ()) -> dict[str, object]:
-    """The `request` features of one Messages API call (validated enough to decide on)."""
-    from .errors import InvalidRequest
+    """The `request` features of one Messages API call (validated enough to decide on).
 
-    if not isinstance(params, Mapping):
-        raise InvalidRequest(f"params must be a mapping of Messages API parameters, got {type(params).__name__}")
-    model = params.get("model")
-    max_tokens = params.get("max_tokens")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("params['model'] must be a non-empty string")
+    Raises `InvalidRequest` for params that are not a mapping, a missing model, a
+    max_tokens that is not a positive int, or messages that are not a list.
+    """
+    if type(params) is not dict and not isinstance(params, Mapping):
+        raise _invalid_request(f"params must be a mapping of Messages API parameters, got {type(params).__name__}")
+    get = params.get
+    model = get("model")
+    max_tokens = get("max_tokens")
+    if type(model) is not str or not model:
+        if not isinstance(model, str) or not model:
+            raise _invalid_request("params['model'] must be a non-empty string")
     if type(max_tokens) is not int or max_tokens < 1:
-        raise InvalidRequest(f"params['max_tokens'] must be a positive int, got {max_tokens!r}")
-    messages = params.get("messages") or ()
-    if not isinstance(messages, (list, tuple)):
-        raise InvalidRequest("params['messages'] must be a list")
+        raise _invalid_request(f"params['max_tokens'] must be a positive int, got {max_tokens!r}")
+    messages = get("messages") or ()
+    if type(messages) is not list and not isinstance(messages, (list, tuple)):
+        raise _invalid_request("params['messages'] must be a list")
     has_images = has_documents = False
     cache_control = "cache_control" in params
     for message in messages:
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, (list, tuple)):
-            for block in content:
-                if isinstance(block, Mapping):
+        if type(message) is dict:
+            content = message.get("content")
+        else:
+            content = message.get("content") if isinstance(message, Mapping) else None
+        if type(content) is list or isinstance(content, tuple):
+            for block in content:  # type: ignore[union-attr]
+                if type(block) is dict or isinstance(block, Mapping):
                     kind = block.get("type")
-                    has_images = has_images or kind == "image"
-                    has_documents = has_documents or kind == "document"
-                    cache_control = cache_control or "cache_control" in block
-    system = params.get("system")
-    if not cache_control and isinstance(system, (list, tuple)):
+                    if kind == "image":
+                        has_images = True
+                    elif kind == "document":
+                        has_documents = True
+                    if not cache_control and "cache_control" in block:
+                        cache_control = True
+    system = get("system")
+    if not cache_control and system and type(system) is not str and isinstance(system, (list, tuple)):
         cache_control = any(isinstance(b, Mapping) and "cache_control" in b for b in system)
-    tools = params.get("tools") or ()
+    tools = get("tools") or ()
     if not cache_control and tools:
         cache_control = any(isinstance(t, Mapping) and "cache_control" in t for t in tools)  # type: ignore[union-attr]
-    thinking = params.get("thinking")
-    thinking_on = isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
-    budget_tokens = thinking.get("budget_tokens", 0) if thinking_on and isinstance(thinking, Mapping) else 0
-    betas = params.get("betas") or ()
+    thinking = get("thinking")
+    thinking_on = False
+    budget_tokens = 0
+    if thinking:
+        thinking_on = isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
+        if thinking_on:
+            budget_tokens = thinking.get("budget_tokens", 0)  # type: ignore[union-attr]
+            if type(budget_tokens) is not int:
+                budget_tokens = 0
+    betas = get("betas")
     return {
         "model": model,
         "max_tokens": max_tokens,
         "input_tokens": input_tokens,
         "input_tokens_exact": exact,
-        "stream": params.get("stream") is True,
+        "stream": get("stream") is True,
         "has_tools": bool(tools),
         "has_images": has_images,
         "has_documents": has_documents,
-        "thinking": {"enabled": thinking_on, "budget_tokens": budget_tokens if type(budget_tokens) is int else 0},
-        "service_tier": params.get("service_tier") or "auto",
-        "inference_geo": params.get("inference_geo") or "global",
+        "thinking": {"enabled": thinking_on, "budget_tokens": budget_tokens},
+        "service_tier": get("service_tier") or "auto",
+        "inference_geo": get("inference_geo") or "global",
         "batch": batch,
         "cache_control": cache_control,
         "message_count": len(messages),
-        "betas": [*betas, *extra_betas] if extra_betas else list(betas),  # type: ignore[misc]
+        "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else [],  # type: ignore[misc]
     }
+
+
+def _invalid_request(message: str) -> Exception:
+    from .errors import InvalidRequest
+
+    return InvalidRequest(message)

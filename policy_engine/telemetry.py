@@ -43,21 +43,20 @@ _cost = _meter.create_counter("policy_engine.cost", unit="USD", description="Set
 _decide_latency = _meter.create_histogram("policy_engine.decide.duration", unit="s", description="Time spent in decide().")
 _events = _meter.create_counter("policy_engine.events", unit="{event}", description="Operational events (reloads, bad headers, state outages).")
 
-_active = False
-
 if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ or "OTEL_PYTHON_METER_PROVIDER" in os.environ:
     # Providers named by environment variable load on the first get_*_provider() call only.
     trace.get_tracer_provider()
     metrics.get_meter_provider()
+
+# A future API without these private globals: always take the recording path (never drop data).
+_active = not (hasattr(_trace_api, "_TRACER_PROVIDER") and hasattr(_metrics_api, "_METER_PROVIDER"))
 
 
 def enabled() -> bool:
     """True once a tracer or meter provider has been installed (then for the life of the process)."""
     global _active
     if not _active:
-        # A missing private global (a future API) counts as installed: record, never drop.
-        _active = (getattr(_trace_api, "_TRACER_PROVIDER", True) is not None
-                   or getattr(_metrics_api, "_METER_PROVIDER", True) is not None)
+        _active = _trace_api._TRACER_PROVIDER is not None or _metrics_api._METER_PROVIDER is not None
     return _active
 
 
@@ -99,8 +98,9 @@ def _decision_attributes(decision: Decision) -> dict[str, Any]:
 
 def record_decision(decision: Decision, started_ns: int, ended_ns: int, error: BaseException | None = None) -> None:
     """One span per decision, and the decision metrics. `error`: the evaluation error raised to the caller."""
-    if not _active and not enabled():
-        return
+    if not _active and _trace_api._TRACER_PROVIDER is None and _metrics_api._METER_PROVIDER is None:
+        return  # no SDK: nothing could record this (checked each call, so a later SDK is seen)
+    enabled()
     span = _tracer.start_span("policy_engine.decide", start_time=started_ns)
     if span.is_recording():
         span.set_attributes(_decision_attributes(decision))
@@ -122,8 +122,9 @@ def record_decision(decision: Decision, started_ns: int, ended_ns: int, error: B
 
 def record_settlement(decision: Decision, settlement: Settlement) -> None:
     """One span per settlement (linked to the decision's span), and the cost metric."""
-    if not _active and not enabled():
-        return
+    if not _active and _trace_api._TRACER_PROVIDER is None and _metrics_api._METER_PROVIDER is None:
+        return  # no SDK: nothing could record this (checked each call, so a later SDK is seen)
+    enabled()
     context = decision._span_context
     links = [trace.Link(context)] if context is not None else None
     span = _tracer.start_span("policy_engine.settle", links=links)
@@ -146,8 +147,9 @@ def record_settlement(decision: Decision, settlement: Settlement) -> None:
 
 def record_event(name: str, attributes: dict[str, Any] | None = None) -> None:
     """An operational event: a span event on the current span and a counter."""
-    if not _active and not enabled():
-        return
+    if not _active and _trace_api._TRACER_PROVIDER is None and _metrics_api._METER_PROVIDER is None:
+        return  # no SDK: nothing could record this (checked each call, so a later SDK is seen)
+    enabled()
     attrs = dict(attributes or {})
     trace.get_current_span().add_event(name, attrs)
     _events.add(1, {"policy_engine.event": name})

@@ -212,10 +212,34 @@ SHORT_CHARS = 256
 _SHORT_COEF = (0.1105, 1.0125, 0.4185, 0.6662)
 
 
+#: Strings of SHORT_CHARS..CACHE_MAX_CHARS characters are memoised by content (hash and length):
+#: conversations re-send their history and agents their tool definitions on every request.
+#: Longer strings are not: hashing them would cost more than their sampled estimate.
+CACHE_MAX_CHARS = SAMPLE_CHARS
+CACHE_ENTRIES = 8192
+_text_cache: dict[tuple[int, int], float] = {}
+
+
 def estimate_text_tokens(text: str) -> float:
     """Estimated tokens of one string (a float; callers round once per request)."""
     if not text:
         return 0.0
+    n = len(text)
+    if n > SHORT_CHARS and n <= CACHE_MAX_CHARS:
+        # The key keeps no reference to the text; str caches its own hash, so a history
+        # re-sent as the same objects costs one dict lookup per message.
+        key = (hash(text), n)
+        cached = _text_cache.get(key)
+        if cached is None:
+            cached = _estimate_text(text)
+            if len(_text_cache) >= CACHE_ENTRIES:
+                _text_cache.clear()  # wholesale: cheaper than LRU bookkeeping on every hit
+            _text_cache[key] = cached
+        return cached
+    return _estimate_text(text)
+
+
+def _estimate_text(text: str) -> float:
     if len(text) <= SHORT_CHARS and text.isascii():
         ab = text.encode("ascii")
         nonalnum = ab.translate(None, _ALNUM)
@@ -346,15 +370,19 @@ class _Acc:
         self.fixed_upper += upper
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+"""Built once: json.dumps() with non-default options builds a new encoder on every call."""
+
+
 def _json_text(value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        return _JSON.encode(value)
     except (TypeError, ValueError, RecursionError):
         return repr(value)
 
 
 def _as_mapping(value: Any) -> Any:
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         return value
     dump = getattr(value, "model_dump", None)  # SDK / pydantic objects
     if callable(dump):
@@ -429,7 +457,7 @@ def _add_tool_result_content(acc: _Acc, content: Any, where: str) -> None:
         return
     if isinstance(content, str):
         acc.text += estimate_text_tokens(content)
-    elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+    elif type(content) is list or (isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray))):
         _add_blocks(acc, content, where)
     else:
         acc.text += estimate_text_tokens(_json_text(content))
@@ -440,7 +468,7 @@ def _add_blocks(acc: _Acc, blocks: Any, where: str) -> None:
         raise InvalidRequestParams(f"{where} must be a list of content blocks, got {type(blocks).__name__}")
     for i, raw in enumerate(blocks):
         b = raw if type(raw) is dict else _as_mapping(raw)
-        if not isinstance(b, Mapping):
+        if type(b) is not dict and not isinstance(b, Mapping):
             raise InvalidRequestParams(f"{where}[{i}] must be a content block object, got {type(raw).__name__}")
         acc.fixed += BLOCK_OVERHEAD_TOKENS
         acc.fixed_upper += BLOCK_OVERHEAD_TOKENS
@@ -471,27 +499,52 @@ def _add_blocks(acc: _Acc, blocks: Any, where: str) -> None:
             acc.text += estimate_text_tokens(_json_text(b))
 
 
+#: Tool definitions measured, by identity: (definition, name, description, input_schema, tokens).
+_tool_cache: dict[int, tuple[Any, Any, Any, Any, float]] = {}
+TOOL_CACHE_ENTRIES = 1024
+
+
+def _tool_definition_tokens(t: Mapping[str, Any]) -> float:
+    """Tokens of one custom tool's definition, as the JSON of its name, description and schema.
+
+    Callers pass the same tool list with every request of an agent loop, and encoding the
+    schema is most of the cost, so a definition is measured once per object: it is
+    re-measured when the dict, or its name, description or input_schema object, is a
+    different one (the cache holds them, so their ids are not reused meanwhile). A schema
+    changed in place, keeping its identity, keeps its first estimate.
+    """
+    name, description, schema = t.get("name"), t.get("description"), t.get("input_schema")
+    key = id(t)
+    hit = _tool_cache.get(key)
+    if hit is not None and hit[0] is t and hit[1] is name and hit[2] is description and hit[3] is schema:
+        return hit[4]
+    tokens = estimate_text_tokens(_json_text({"name": name, "description": description, "input_schema": schema}))
+    if type(t) is dict:  # converted objects (pydantic) are new dicts each time: nothing to reuse
+        if len(_tool_cache) >= TOOL_CACHE_ENTRIES:
+            _tool_cache.clear()
+        _tool_cache[key] = (t, name, description, schema, tokens)
+    return tokens
+
+
 def _add_tools(acc: _Acc, tools: Any, tool_choice: Any) -> None:
-    if isinstance(tools, str) or not isinstance(tools, Sequence):
+    if type(tools) is not list and (isinstance(tools, str) or not isinstance(tools, Sequence)):
         raise InvalidRequestParams(f"tools must be a list of tool definitions, got {type(tools).__name__}")
     if not tools:
         return
     choice = _as_mapping(tool_choice) if tool_choice is not None else {}
-    if not isinstance(choice, Mapping):
+    if type(choice) is not dict and not isinstance(choice, Mapping):
         raise InvalidRequestParams(f"tool_choice must be an object, got {type(tool_choice).__name__}")
     prompt = TOOL_SYSTEM_PROMPT_TOKENS.get(str(choice.get("type", "auto")), TOOL_SYSTEM_PROMPT_TOKENS["auto"])
     acc.add(prompt, max(TOOL_SYSTEM_PROMPT_TOKENS.values()))
     for i, raw in enumerate(tools):
-        t = _as_mapping(raw)
-        if not isinstance(t, Mapping):
+        t = raw if type(raw) is dict else _as_mapping(raw)
+        if type(t) is not dict and not isinstance(t, Mapping):
             raise InvalidRequestParams(f"tools[{i}] must be an object, got {type(raw).__name__}")
         kind = t.get("type")
         if "input_schema" in t or kind in (None, "custom"):
             acc.fixed += TOOL_OVERHEAD_TOKENS
             acc.fixed_upper += TOOL_OVERHEAD_TOKENS
-            acc.text += estimate_text_tokens(
-                _json_text({"name": t.get("name"), "description": t.get("description"), "input_schema": t.get("input_schema")})
-            )
+            acc.text += _tool_definition_tokens(t)
         else:
             kind_s = str(kind)
             cost = next((v for k, v in SERVER_TOOL_TOKENS.items() if kind_s.startswith(k)), SERVER_TOOL_DEFAULT_TOKENS)
@@ -517,10 +570,10 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
     if system is not None:
         if type(system) is str or isinstance(system, str):
             acc.text += estimate_text_tokens(system)
-        elif isinstance(system, Sequence):
+        elif type(system) is list or isinstance(system, Sequence):
             for i, raw in enumerate(system):
                 b = _as_mapping(raw)
-                if not isinstance(b, Mapping) or not isinstance(b.get("text"), str):
+                if (type(b) is not dict and not isinstance(b, Mapping)) or not isinstance(b.get("text"), str):
                     raise InvalidRequestParams(f"system[{i}] must be a text block with a string 'text'")
                 acc.text += estimate_text_tokens(b["text"])
         else:
@@ -536,14 +589,14 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
         acc.fixed_upper += MESSAGE_OVERHEAD_TOKENS * len(messages)
         for i, raw in enumerate(messages):
             m = raw if type(raw) is dict else _as_mapping(raw)
-            if not isinstance(m, Mapping):
+            if type(m) is not dict and not isinstance(m, Mapping):
                 raise InvalidRequestParams(f"messages[{i}] must be an object, got {type(raw).__name__}")
             content = m.get("content")
             if type(content) is str or isinstance(content, str):
                 acc.text += estimate_text_tokens(content)
             elif content is None:
                 continue
-            elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+            elif type(content) is list or (isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray))):
                 _add_blocks(acc, content, f"messages[{i}].content")
             else:
                 raise InvalidRequestParams(

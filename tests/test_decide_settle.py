@@ -106,6 +106,41 @@ def test_settle_accepts_the_sdk_usage_objects(engine: Engine) -> None:
     assert balance(engine) == (2 * (12 * 25 + 300 * 125), 0)
 
 
+def test_standard_decisions_reserve_nothing_on_the_premium_budget_and_settle_in_any_order(engine: Engine) -> None:
+    fast = engine.decide(HELLO, WAITING, now=NOON, input_tokens=10)
+    standard = engine.decide(HELLO, IDLE, now=NOON, input_tokens=10)
+    assert (fast.speed, standard.speed) == ("fast", "standard")
+    assert standard.reservation_id is not None and balance(engine) == (0, RESERVED_PREMIUM)
+    engine.settle(fast, {"input_tokens": 12, "output_tokens": 300, "speed": "fast"})
+    assert balance(engine) == (12 * 25 + 300 * 125, 0)
+    # The standard decision held nothing; settling it after the fast one owes nothing either.
+    assert engine.settle(standard, {"input_tokens": 12, "output_tokens": 300}).first
+    assert not engine.settle(standard, {"input_tokens": 12, "output_tokens": 300}).first
+    assert balance(engine) == (12 * 25 + 300 * 125, 0)
+    again = engine.decide(HELLO, IDLE, now=NOON, input_tokens=10)
+    assert engine.release(again) is False  # nothing was held
+    # A standard decision whose response ran fast after all is charged its premium.
+    late = engine.decide(HELLO, IDLE, now=NOON, input_tokens=10)
+    assert engine.settle(late, {"input_tokens": 12, "output_tokens": 300, "speed": "fast"}).first
+    assert balance(engine) == (2 * (12 * 25 + 300 * 125), 0)
+
+
+def test_zero_charge_reservations_balance_against_the_memory_ledger() -> None:
+    # The ledger itself: a zero charge dropped after the scope's last real charge went.
+    from policy_engine.ledger import MemoryLedger
+
+    ledger = MemoryLedger()
+    s = scope()
+    assert ledger.reserve("a", [(s, 100)], ttl_s=60).ok
+    assert ledger.reserve("b", [(s, 0)], ttl_s=60).ok
+    assert ledger.settle("a", [(s, 40)])
+    assert ledger.settle("b", [(s, 0)])
+    assert ledger.reserve("c", [(s, 0)], ttl_s=60).ok
+    assert ledger.release("c")
+    [b] = ledger.balances([s])
+    assert (b.spent, b.reserved) == (40, 0)
+
+
 def test_settling_twice_is_a_no_op(engine: Engine) -> None:
     d = engine.decide(HELLO, WAITING, now=NOON, input_tokens=10)
     usage = {"input_tokens": 12, "output_tokens": 300, "speed": "fast"}

@@ -14,7 +14,7 @@ once to the micro-dollar; sums of costs are exact integer sums.
 
 from __future__ import annotations
 
-from ._cost import MICRO_PER_USD, UsageCounts, UsageError, actual, estimate, format_usd, parse_usage, to_usd
+from ._cost import MICRO_PER_USD, UsageCounts, UsageError, actual, cost_of_counts, estimate, format_usd, parse_usage, to_usd
 from ._load import DEFAULT_CATALOG_PATH, load_catalog
 from ._models import (
     BatchPricing,
@@ -55,6 +55,7 @@ __all__ = [
     "UsageCounts",
     "UsageError",
     "actual",
+    "cost_of_counts",
     "estimate",
     "format_usd",
     "load_catalog",

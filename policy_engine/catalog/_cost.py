@@ -144,7 +144,11 @@ def actual(model: ModelEntry, usage: Mapping[str, Any] | object, *, inference_ge
     The price tier is picked by total input tokens (input + cache writes + cache reads).
     Server-tool fees and the Batch discount are not included.
     """
-    u = parse_usage(usage)
+    return cost_of_counts(model, parse_usage(usage), inference_geo=inference_geo)
+
+
+def cost_of_counts(model: ModelEntry, u: UsageCounts, *, inference_geo: str | None = None) -> int:
+    """`actual()` of a usage already parsed by `parse_usage` (no second validation)."""
     geo = u.inference_geo if u.inference_geo is not None else inference_geo
     card = model.rates(u.speed, u.total_input_tokens, geo)
     pico = (

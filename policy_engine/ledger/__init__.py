@@ -17,7 +17,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Literal
@@ -37,10 +37,11 @@ class Scope:
     window: str  # e.g. "day:2026-03-02@UTC"; unique per calendar period
     limit: int  # micro-dollars
     expires_at: float  # epoch seconds when the window ends; backends may drop the scope after it
+    id: str = field(init=False, repr=False, compare=False)
+    """`budget \\x1f key \\x1f window`: the ledger's key for the scope (computed once: ledgers read it often)."""
 
-    @property
-    def id(self) -> str:
-        return f"{self.budget}\x1f{self.key}\x1f{self.window}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", f"{self.budget}\x1f{self.key}\x1f{self.window}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,17 +126,20 @@ class MemoryLedger(Ledger):
     def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
         now = self._clock()
         with self._lock:
-            self._sweep_locked(now)
+            if now >= self._next_sweep:
+                self._sweep_locked(now)
             if reservation_id in self._reservations or reservation_id in self._settled:
                 raise ValueError(f"reservation id {reservation_id!r} was already used")
-            balances = [Balance(self._spent.get(s.id, 0), self._reserved.get(s.id, 0), s.limit) for s, _ in charges]
-            for index, ((_, amount), balance) in enumerate(zip(charges, balances)):
-                if amount > 0 and amount > balance.remaining:  # a zero charge always fits
-                    return ReserveResult(False, tuple(balances), index)
+            spent, reserved = self._spent, self._reserved
+            # Every charge is checked against the state before this reservation, then all are added.
+            before = [(spent.get(s.id, 0), reserved.get(s.id, 0)) for s, _ in charges]
+            for index, ((scope, amount), (s_spent, s_reserved)) in enumerate(zip(charges, before)):
+                if amount > 0 and amount > scope.limit - s_spent - s_reserved:  # a zero charge always fits
+                    return ReserveResult(False, tuple(Balance(a, b, s.limit) for (a, b), (s, _) in zip(before, charges)), index)
             for scope, amount in charges:
-                self._reserved[scope.id] = self._reserved.get(scope.id, 0) + amount
+                reserved[scope.id] = reserved.get(scope.id, 0) + amount
             self._reservations[reservation_id] = _Reservation(tuple(charges), now + ttl_s)
-            return ReserveResult(True, tuple(Balance(b.spent, b.reserved + a, b.limit) for b, (_, a) in zip(balances, charges)))
+            return ReserveResult(True, tuple(Balance(a, b + amount, s.limit) for (a, b), (s, amount) in zip(before, charges)))
 
     def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
         now = self._clock()
@@ -161,6 +165,8 @@ class MemoryLedger(Ledger):
         if reservation is None:
             return False
         for scope, amount in reservation.charges:
+            if not amount:
+                continue  # a zero charge added nothing (and its scope's entry may be gone already)
             left = self._reserved[scope.id] - amount
             if left:
                 self._reserved[scope.id] = left
@@ -176,7 +182,14 @@ class MemoryLedger(Ledger):
         stale = [rid for rid, r in self._reservations.items() if r.expires_at <= now]
         for rid in stale:
             self._drop_locked(rid)
-        for rid in [rid for rid, until in self._settled.items() if until <= now]:
+        # Settled ids are inserted in time order with one memory span, so the expired ones come
+        # first: stop at the first live one instead of scanning a day of ids every second.
+        expired = []
+        for rid, until in self._settled.items():
+            if until > now:
+                break
+            expired.append(rid)
+        for rid in expired:
             del self._settled[rid]
         return len(stale)
 
