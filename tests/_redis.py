@@ -122,3 +122,33 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_prefix() -> str:
     """A key prefix of this test's own: tests share the server, never each other's keys."""
     return f"t{uuid.uuid4().hex[:10]}:"
+
+
+FLEET_POLICY = """\
+version: 1
+name: fleet
+default: standard
+on_state_unavailable: {mode}
+rules:
+  - name: waiting
+    when: context.interactive
+    speed: fast
+budgets:
+  - name: fast_spend
+    window: day
+    limit_usd: {fast_usd}
+    counts: fast
+    on_exceed: downgrade
+  - name: all_spend
+    window: day
+    limit_usd: {all_usd}
+    counts: all
+    on_exceed: reject
+"""
+"""What the Redis tests decide with: interactive requests go fast, within a budget for fast spend
+and one for all spend (rejecting past it), per UTC day."""
+
+
+def fleet_policy(path: Path, *, mode: str = "standard", fast_usd: float = 5, all_usd: float = 1000) -> Path:
+    path.write_text(FLEET_POLICY.format(mode=mode, fast_usd=fast_usd, all_usd=all_usd))
+    return path

@@ -18,31 +18,10 @@ from typing import Any
 
 import pytest
 
-from _redis import RedisServer
+from _redis import RedisServer, fleet_policy
 
 OPUS = "claude-opus-4-6"
 REQUEST: dict[str, Any] = {"model": OPUS, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hello"}]}
-POLICY = """\
-version: 1
-name: shared
-default: standard
-on_state_unavailable: standard
-rules:
-  - name: waiting
-    when: context.interactive
-    speed: fast
-budgets:
-  - name: fast_spend
-    window: day
-    limit_usd: {fast}
-    counts: fast
-    on_exceed: downgrade
-  - name: all_spend
-    window: day
-    limit_usd: {all}
-    counts: all
-    on_exceed: reject
-"""
 
 
 def limits(requests: int) -> tuple[int, int]:
@@ -199,9 +178,7 @@ def check_totals(ledger: Any, reports: list[dict[str, Any]], processes: int, thr
 
 def policy(tmp_path: Path, requests: int, budgets: tuple[int, int] | None = None) -> Path:
     fast, every = budgets or limits(requests)
-    path = tmp_path / "shared.yaml"
-    path.write_text(POLICY.format(fast=fast / 10**6, all=every / 10**6))
-    return path
+    return fleet_policy(tmp_path / "shared.yaml", fast_usd=fast / 10**6, all_usd=every / 10**6)
 
 
 @pytest.fixture()

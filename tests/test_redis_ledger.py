@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from _redis import RedisServer, redis_prefix, redis_server  # noqa: F401  (pytest fixtures)
+from _redis import RedisServer, fleet_policy, redis_prefix, redis_server  # noqa: F401  (pytest fixtures)
 from policy_engine.decide import Engine, load
 from policy_engine.errors import StateUnavailable
 from policy_engine.ledger import Scope
@@ -27,26 +27,6 @@ FAST_USAGE = {"input_tokens": 10, "output_tokens": 200, "speed": "fast"}
 STANDARD_USAGE = {"input_tokens": 10, "output_tokens": 200, "speed": "standard"}
 FAST_COST = 10 * 30 + 200 * 150  # micro-dollars: $30 / $150 per MTok in/out at fast speed
 STANDARD_COST = 10 * 5 + 200 * 25
-
-POLICY = """\
-version: 1
-name: fleet
-default: standard
-on_state_unavailable: {mode}
-rules:
-  - name: waiting
-    when: context.interactive
-    speed: fast
-budgets:
-  - name: fast_spend
-    window: day
-    limit_usd: 5
-    counts: fast
-  - name: all_spend
-    window: day
-    limit_usd: 1000
-    counts: all
-"""
 
 
 def scope(budget: str = "b", limit: int = 1_000, expires_at: float | None = None) -> Scope:
@@ -62,9 +42,7 @@ def private_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def policy_file(tmp_path: Path, mode: str = "standard") -> Path:
-    path = tmp_path / f"fleet-{mode}.yaml"
-    path.write_text(POLICY.format(mode=mode))
-    return path
+    return fleet_policy(tmp_path / f"fleet-{mode}.yaml", mode=mode)
 
 
 class RoundTrips:

@@ -55,6 +55,11 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+try:
+    import hiredis as _hiredis
+except ImportError:  # optional: redis-py's own packer and parser are used instead
+    _hiredis = None
+
 from .. import telemetry
 from ..errors import StateUnavailable
 from ..ratelimit import FastRateLimit, RateLimitStore
@@ -125,6 +130,14 @@ local function unhold(rid, rec)
   return held
 end
 
+-- A scope as it stands now: its expired reservations dropped (and written back when there were any).
+local function sweep(sid, now)
+  local c = load_scope(sid)
+  local stale = expire_into(sid, c, now)
+  if #stale > 0 then store_scope(sid, c, nil) end
+  return c, stale
+end
+
 -- Give back what was held in scopes the caller does not write itself.
 local function give_back(held)
   local touched = {}
@@ -165,8 +178,7 @@ for i = 1, n do
   local sid = arg(i, 0)
   local c = scopes[sid]
   if not c then
-    c = load_scope(sid)
-    if #expire_into(sid, c, now) > 0 then store_scope(sid, c, nil) end
+    c = sweep(sid, now)
     scopes[sid] = c
   end
   views[i] = {c[1], c[2]}
@@ -270,8 +282,7 @@ _BALANCES = _LUA_COMMON + r"""
 local now = tonumber(ARGV[2])
 local out = {}
 for i = 3, #ARGV do
-  local c = load_scope(ARGV[i])
-  if #expire_into(ARGV[i], c, now) > 0 then store_scope(ARGV[i], c, nil) end
+  local c = sweep(ARGV[i], now)
   out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
 end
 return out
@@ -282,12 +293,8 @@ _EXPIRE = _LUA_COMMON + r"""
 local now = tonumber(ARGV[2])
 local gone = {}
 for i = 3, #ARGV do
-  local c = load_scope(ARGV[i])
-  local stale = expire_into(ARGV[i], c, now)
-  if #stale > 0 then
-    store_scope(ARGV[i], c, nil)
-    for _, m in ipairs(stale) do gone[#gone + 1] = string.match(m, '^(.*)|%d+$') end
-  end
+  local _, stale = sweep(ARGV[i], now)
+  for _, m in ipairs(stale) do gone[#gone + 1] = string.match(m, '^(.*)|%d+$') end
 end
 return gone
 """
@@ -343,6 +350,9 @@ class RedisLedger(Ledger):
         self._queue: list[_Call] = []
         self._leading = False
         self._connection: Any = None
+        self._plain = False  # True: pack and parse through redis-py even when hiredis is installed
+        self._reader: Any = None
+        self._buffer = bytearray(65536)
         self._cache: dict[str, tuple[int, int, int, float]] = {}  # sid -> (v, spent, reserved, seen at)
         self._cache_lock = threading.Lock()
         # Outage state: fail fast until _retry_at, doubling the wait up to backoff_max_s.
@@ -677,16 +687,53 @@ class RedisLedger(Ledger):
             self._recovered()
 
     def _roundtrip(self, calls: list[_Call]) -> None:
-        """All the calls in one write and one read, on one connection of the client's pool.
+        """All the calls in one write and one read, on a connection of our own.
 
         Below redis-py's command layer on purpose: its per-command machinery costs more
-        than the script itself, and the batch needs per-reply errors anyway."""
+        than the script itself, and the batch needs per-reply errors anyway. redis-py
+        still connects (TLS, AUTH, SELECT, HELLO); with hiredis installed the bytes are
+        packed and parsed by it directly."""
         connection = self._connection
         if connection is None:
-            # Only the leader sends, one batch at a time: one connection of our own is enough.
+            # Only the leader sends, one batch at a time: one connection is enough.
             pool = self.client.connection_pool
             connection = self._connection = pool.connection_class(**pool.connection_kwargs)
-        packed = connection.pack_commands([("EVALSHA", self._sha(c.name), 0, *c.args) for c in calls])
+        commands = [("EVALSHA", self._sha(c.name), 0, *c.args) for c in calls]
+        if _hiredis is None or self._plain:
+            self._roundtrip_redis_py(connection, calls, commands)
+            return
+        try:
+            if connection._sock is None:
+                connection.connect()
+                self._reader = _hiredis.Reader()
+            sock = connection._sock
+            sock.sendall(b"".join(map(_hiredis.pack_command, commands)))
+            reader, buffer, got = self._reader, self._buffer, 0
+            while got < len(calls):
+                reply = reader.gets()
+                if reply is False:
+                    size = sock.recv_into(buffer)
+                    if not size:
+                        raise RedisConnectionError("Redis closed the connection")
+                    reader.feed(buffer, 0, size)
+                    continue
+                call = calls[got]
+                if isinstance(reply, _hiredis.ReplyError):
+                    call.error = _reply_error(str(reply))
+                else:
+                    call.reply, call.error = reply, None
+                got += 1
+        except BaseException as exc:
+            connection.disconnect()  # mid-reply: nothing more can be read from it; reconnects on next use
+            if isinstance(exc, TimeoutError):  # socket.timeout
+                raise RedisTimeoutError(f"no reply from Redis within {self._timeout_s}s") from exc
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"Redis connection failed: {exc}") from exc
+            raise
+
+    @staticmethod
+    def _roundtrip_redis_py(connection: Any, calls: list[_Call], commands: list[tuple[Any, ...]]) -> None:
+        packed = connection.pack_commands(commands)
         try:
             connection.send_packed_command(packed, check_health=False)
             for call in calls:
@@ -695,7 +742,7 @@ class RedisLedger(Ledger):
                 except ResponseError as exc:  # the reply was an error; the connection is fine
                     call.error = exc
         except BaseException:
-            connection.disconnect()  # mid-reply: nothing more can be read from it; reconnects on next use
+            connection.disconnect()
             raise
 
     def _token(self) -> str:
@@ -738,6 +785,25 @@ class _Call:
         self.error: BaseException | None = None
         self.event: Any = None  # a held threading.Lock while a follower waits
         self.lead = False
+
+
+_ERROR_PREFIXES: tuple[tuple[str, type[RedisError]], ...] = (
+    ("NOSCRIPT", NoScriptError),
+    ("OOM", OutOfMemoryError),
+    ("READONLY", ReadOnlyError),
+    ("LOADING", BusyLoadingError),
+    ("BUSY", BusyLoadingError),  # a script is running past its time limit: unavailable for now
+    ("MASTERDOWN", ClusterDownError),
+    ("CLUSTERDOWN", ClusterDownError),
+    ("TRYAGAIN", TryAgainError),
+)
+
+
+def _reply_error(message: str) -> RedisError:
+    for prefix, kind in _ERROR_PREFIXES:
+        if message.startswith(prefix):
+            return kind(message)
+    return ResponseError(message)
 
 
 def _decode_state(reply: Mapping[Any, Any] | Sequence[Any]) -> FastRateLimit:
