@@ -325,3 +325,35 @@ def test_on_state_unavailable_reject_raises_a_typed_error(private_server: RedisS
         assert decision.outcome == "rejected" and decision.forced_by == "state_unavailable"  # type: ignore[attr-defined]
         assert decision.reservation_id is None  # type: ignore[attr-defined]
     ledger.close()
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+def test_both_wire_paths_agree(redis_server: RedisServer, redis_prefix: str, parser: str) -> None:
+    ledger = RedisLedger(url=redis_server.url, prefix=redis_prefix)
+    ledger._plain = parser == "redis-py"  # without hiredis installed, redis-py packs and parses
+    s = scope(limit=100)
+    assert ledger.reserve("r1", [(s, 60)], ttl_s=60).ok
+    assert not ledger.reserve("r2", [(s, 60)], ttl_s=60).ok
+    redis_server.client().script_flush()  # an error reply (NOSCRIPT) in the middle of the traffic
+    with pytest.raises(ValueError, match="already used"):
+        ledger.reserve("r1", [(s, 1)], ttl_s=60)
+    assert ledger.settle("r1", [(s, 50)])
+    assert [(b.spent, b.reserved) for b in ledger.balances([s])] == [(50, 0)]
+    ledger.close()
+
+
+def test_a_redis_out_of_memory_is_state_unavailable(private_server: RedisServer) -> None:
+    ledger = RedisLedger(url=private_server.url, backoff_base_s=0.01, backoff_max_s=0.01)
+    s = scope()
+    assert ledger.reserve("r1", [(s, 5)], ttl_s=60).ok
+    admin = private_server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")  # every write is refused with OOM from now on
+    with pytest.raises(StateUnavailable, match="OOM"):
+        ledger.reserve("r2", [(s, 5)], ttl_s=60)
+    assert ledger.settle("r1", [(s, 3)]) and ledger.journal_size == 1  # kept for later, not lost
+    admin.config_set("maxmemory", "0")
+    wait_for(lambda: ledger.journal_size == 0)
+    assert ledger.balances([scope(budget="other")])[0].spent == 0
+    assert RedisLedger(url=private_server.url).balances([s])[0].spent == 3
+    ledger.close()
