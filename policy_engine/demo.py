@@ -1,8 +1,8 @@
 """`make demo`: the main job, end to end, on this machine with no network.
 
-Loads the example policies, runs their embedded tests, then decides, applies and
-settles a handful of realistic requests with the default policy, printing each
-decision and the budget it spent.
+Loads the example policies, runs their embedded tests, decides, applies and
+settles a handful of realistic requests with the default policy, then sends a few
+through the real anthropic SDK with the middleware, against the local emulator.
 """
 
 from __future__ import annotations
@@ -75,8 +75,50 @@ def main() -> int:
         usage = {"input_tokens": decision.input_tokens // 2, "output_tokens": params["max_tokens"] // 4, "speed": decision.speed}
         settled = engine.settle(decision, usage)
         print(f"    settled at {settled.speed}: {format_usd(settled.cost_micro)}")
+    print("\n== 3. the same through the anthropic SDK, with one line of middleware, against the local emulator")
+    failed += _sdk_round_trip()
     print()
     return 1 if failed else 0
+
+
+def _sdk_round_trip() -> int:
+    """Real SDK, real HTTP, the emulator standing in for Anthropic's servers."""
+    try:
+        import anthropic
+    except ImportError:
+        print("  skipped: the anthropic SDK is not installed (pip install anthropic)")
+        return 0
+    import httpx
+
+    from .integrations.anthropic import FastModePolicy, policy_context
+    from .testing.emulator import running
+
+    engine = load(POLICIES / "default.yaml")
+    with running(output_tokens=400) as base_url:
+        client = anthropic.Anthropic(base_url=base_url, api_key="demo-key", middleware=[FastModePolicy(engine)])
+        calls = [
+            ("interactive, 20 s SLO", {"interactive": True, "latency_slo_ms": 20_000, "conversation_id": "demo-1"}, False),
+            ("interactive, streamed, next turn", {"interactive": True, "latency_slo_ms": 20_000, "conversation_id": "demo-1"}, True),
+            ("background", {"interactive": False}, False),
+        ]
+        for title, context, stream in calls:
+            with policy_context(**context):
+                params = {"model": "claude-opus-4-6", "max_tokens": 2048,
+                          "messages": [{"role": "user", "content": "Explain fast mode in one paragraph."}]}
+                if stream:
+                    with client.messages.stream(**params) as events:
+                        message = events.get_final_message()
+                else:
+                    message = client.messages.create(**params)
+            usage = message.usage
+            print(f"  {title:34} ran at {getattr(usage, 'speed', None) or 'standard':8} "
+                  f"in={usage.input_tokens} out={usage.output_tokens}")
+        received = httpx.get(f"{base_url}/_emulator/requests").json()["requests"]
+        fast_on_wire = sum(1 for r in received if r.get("speed") == "fast")
+        print(f"  the emulator received {len(received)} requests, {fast_on_wire} of them at fast speed")
+    spent = sum(engine.ledger.totals().values())
+    print(f"  fast premium settled in the ledger: {format_usd(spent)} (budget daily_fast_premium, limit $200)")
+    return 0
 
 
 def _money(micro: int | None) -> str:
