@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 
 from .cel.types import BOOL, DOUBLE, DYN, INT, STRING, TIMESTAMP, CelType, Field, ListType, MapType, ObjectType
 
-__all__ = ["REQUEST", "CONTEXT", "RATELIMIT", "COST", "THROUGHPUT", "CONVERSATION", "BUDGET", "declarations", "CONTEXT_KEYS"]
+__all__ = ["REQUEST", "CONTEXT", "RATELIMIT", "COST", "THROUGHPUT", "CONVERSATION", "BUDGET", "declarations", "CONTEXT_KEYS",
+           "FEATURE_DOCS", "FEATURE_SOURCES", "reference_markdown", "context_features", "request_features"]
 
 _LABELS_MAX = 64
 _BETAS_MAX = 32
@@ -44,7 +45,7 @@ REQUEST = _object("policy_engine.Request", {
     "batch": (BOOL, False, "The request goes through the Message Batches API."),
     "cache_control": (BOOL, False, "Some block (system, tools, messages) or the request sets `cache_control`."),
     "message_count": (INT, False, "Number of entries in `messages`."),
-    "betas": (ListType(_S, _BETAS_MAX), False, "`betas` list (SDK) or `anthropic-beta` header values."),
+    "betas": (ListType(_S, _BETAS_MAX), False, "The `betas` list of the params (how the SDK sends `anthropic-beta`)."),
 })
 
 CONTEXT = _object("policy_engine.Context", {
@@ -89,7 +90,7 @@ THROUGHPUT = _object("policy_engine.Throughput", {
 })
 
 CONVERSATION = _object("policy_engine.Conversation", {
-    "last_speed": (_S, True, "Speed of the conversation's previous request, while stickiness remembers it."),
+    "last_speed": (_S, True, "Speed of the conversation's previous request, while the conversation store remembers it."),
     "cached_prefix_tokens": (INT, False, "Input tokens of the previous request, which a speed switch would re-cache."),
 })
 
@@ -105,6 +106,75 @@ FEATURE_DOCS: dict[str, tuple[CelType, str]] = {
     "now": (TIMESTAMP, "Decision time (UTC); use `now.getHours('Europe/Paris')` for local time."),
     "vars": (DYN, "The policy's `variables`, each evaluated at most once per decision."),
 }
+
+FEATURE_SOURCES: dict[str, str] = {
+    "request": "the `params` given to `decide()`",
+    "request.input_tokens": "`decide(input_tokens=...)`, else the Engine's `counter` (count_tokens endpoint), else the estimator (`tokens.py`)",
+    "request.input_tokens_exact": "as `request.input_tokens`",
+    "request.batch": "`decide(..., batch=True)`",
+    "request.betas": "`params['betas']`",
+    "context": "the `context` given to `decide()`",
+    "budget": "the ledger: the current calendar window of each budget, for the request's key",
+    "budgets": "the ledger, as `budget`",
+    "ratelimit": "`anthropic-fast-*` response headers and 429s of the request's `account` (`RateLimitStore`)",
+    "cost": "the catalog's prices for the request's model, tier and `inference_geo`",
+    "throughput": "the catalog's throughput figures, or observed ones (`Engine(throughput=ThroughputObserver())`)",
+    "conversation": "the Engine's conversation store (kept for the policy's stickiness TTL, else an hour)",
+    "now": "`decide(now=...)`, else the Engine's clock",
+    "vars": "the policy's `variables`",
+}
+"""Where each feature comes from; a field without an entry comes from its top-level name's source."""
+
+
+_TYPE_NAMES = {"google.protobuf.Timestamp": "timestamp", "google.protobuf.Duration": "duration"}
+
+
+def _type_name(t: CelType) -> str:
+    if isinstance(t, ObjectType):
+        return "object"
+    if isinstance(t, ListType):
+        return f"list({_type_name(t.elem)})"
+    if isinstance(t, MapType):
+        return f"map({_type_name(t.key)}, {_type_name(t.value)})"
+    return _TYPE_NAMES.get(t.kind, t.kind)
+
+
+def reference_markdown() -> str:
+    """The README's feature reference: every name a policy's CEL can read, its type, meaning and source.
+
+    Generated from `FEATURE_DOCS`, the ObjectType field descriptions and `FEATURE_SOURCES`,
+    so it cannot drift from what the type checker accepts.
+    """
+    rows = ["| feature | CEL type | present | meaning | source |", "|---|---|---|---|---|"]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def add(name: str, ctype: CelType, optional: bool, meaning: str, source: str) -> None:
+        present = "when known (`has()`)" if optional else "always"
+        rows.append(f"| `{name}` | {_type_name(ctype)} | {present} | {cell(meaning)} | {cell(source)} |")
+
+    for top, (ctype, meaning) in FEATURE_DOCS.items():
+        source = FEATURE_SOURCES.get(top, "")
+        if top == "budgets":
+            add("budgets.<name>", BUDGET, False, meaning, source)
+            fields = BUDGET.fields
+            prefix = "budgets.<name>"
+        elif top == "vars":
+            add("vars.<name>", DYN, False, meaning + " Its type is its expression's.", source)
+            continue
+        else:
+            add(top, ctype, False, meaning, source)
+            fields = ctype.fields if isinstance(ctype, ObjectType) else {}
+            prefix = top
+        for name, spec in fields.items():
+            path = f"{prefix}.{name}"
+            add(path, spec.type, spec.optional, spec.description, FEATURE_SOURCES.get(f"{top}.{name}", source))
+            if isinstance(spec.type, ObjectType):
+                for sub, sub_spec in spec.type.fields.items():
+                    add(f"{path}.{sub}", sub_spec.type, sub_spec.optional, sub_spec.description,
+                        FEATURE_SOURCES.get(f"{top}.{name}.{sub}", source))
+    return "\n".join(rows) + "\n"
 
 
 def declarations(budget_names: Iterable[str] = (), variables: Mapping[str, CelType] | None = None) -> dict[str, CelType]:

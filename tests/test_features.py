@@ -17,7 +17,9 @@ from policy_engine import cel
 from policy_engine.compile import compile_file
 from policy_engine.decide import load
 from policy_engine.errors import PolicyError
-from policy_engine.features import CONTEXT_KEYS, FEATURE_DOCS, context_features, declarations, request_features
+from policy_engine.features import (
+    CONTEXT_KEYS, FEATURE_DOCS, context_features, declarations, reference_markdown, request_features,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
@@ -230,3 +232,25 @@ def test_a_misspelt_feature_fails_to_compile_at_its_position(policy_variant: Any
         compile_file(str(path))
     [diag] = caught.value.diagnostics
     assert diag.code == "PE101" and "interactve" in diag.message
+
+
+# --------------------------------------------------------------------------- the README's feature reference
+
+
+def test_the_reference_lists_every_declared_field() -> None:
+    text = reference_markdown()
+    for name, (ctype, _doc) in FEATURE_DOCS.items():
+        for field, spec in (getattr(ctype, "fields", None) or {}).items():
+            assert f"| `{name}.{field}` | " in text
+            assert spec.description and spec.description.split("`")[0][:20] in text
+    assert "| `budgets.<name>.fraction_left` | double | always |" in text
+    assert "| `context.latency_slo_ms` | int | when known (`has()`) |" in text
+    assert "| `now` | timestamp | always |" in text
+
+
+def test_the_readme_carries_the_generated_feature_reference() -> None:
+    # The README is pasted from `reference_markdown()`; this fails until it is, and whenever they drift.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- features:start -->", "<!-- features:end -->"
+    assert start in readme and end in readme, f"README.md lacks the {start} ... {end} markers"
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip("\n") == reference_markdown().strip("\n")
