@@ -10,7 +10,12 @@ Each backend runs N threads of one process for S seconds, side by side in this r
 * sqlite: `SqliteLedger` on a file in a temp dir (WAL);
 * redis:  `RedisLedger` on a private redis-server on loopback (or --url), with 1 thread
           (every call waits for its round trip) and with N threads (calls in flight share
-          round trips).
+          round trips: the more concurrent requests a worker serves, the more each round
+          trip carries, so CPU per operation falls as N grows).
+
+N defaults to 32, a worker process serving 32 requests at once. Client and
+redis-server CPU time per operation are printed too: unlike ops/s they hardly depend
+on what else the machine is running.
 
 The last line printed is:
     ledger: memory A/s, sqlite B/s, redis C/s
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import resource
 import sys
 import tempfile
 import threading
@@ -34,6 +41,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test suite's private redis-server
 from policy_engine.ledger import Ledger, MemoryLedger, Scope  # noqa: E402
 
 TARGET = 5_000
+
+
+CPU: dict[str, float] = {}
+"""Backend -> client CPU microseconds per operation (all threads of this process)."""
 
 
 def run(ledger: Ledger, threads: int, seconds: float, tag: str) -> float:
@@ -60,26 +71,42 @@ def run(ledger: Ledger, threads: int, seconds: float, tag: str) -> float:
     for thread in pool:
         thread.start()
     ready.wait()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu()
     time.sleep(seconds)
     stop.set()
     for thread in pool:
         thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _cpu() - cpu
     total = sum(done)
+    CPU[tag] = cpu / max(total, 1) * 1e6
     [tenant_balance] = ledger.balances([tenant])
     if tenant_balance.spent != 45_360 * total or tenant_balance.reserved != 0:
         raise SystemExit(f"{tag}: totals are off: {tenant_balance} after {total} operations")
     return total / elapsed
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _server_cpu(url: str) -> float:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    info = client.info("cpu")
+    client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per backend and thread count (default 3)")
-    parser.add_argument("--threads", type=int, default=16, help="threads of the one process (default 16)")
+    parser.add_argument("--threads", type=int, default=32, help="threads of the one process (default 32)")
     parser.add_argument("--url", help="benchmark this Redis instead of a private loopback redis-server")
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     rates: dict[str, float] = {}
     rates["memory"] = run(MemoryLedger(), args.threads, args.seconds, "memory")
 
@@ -106,17 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         rates["redis, 1 thread"] = run(single, 1, args.seconds, "redis1")
         single.close()
         shared = RedisLedger(url=url, prefix=prefix, timeout_s=5.0)
+        server_cpu = _server_cpu(url)
         rates["redis"] = run(shared, args.threads, args.seconds, "redisN")
+        server_us = (_server_cpu(url) - server_cpu) / max(rates["redis"] * args.seconds, 1) * 1e6
         shared.close()
     finally:
         if server is not None:
             server.cleanup()
 
     baseline = rates["memory"]
-    print(f"reserve+settle over two budgets, {args.threads} threads of one process, {args.seconds:g}s each")
+    tags = {"memory": "memory", "sqlite": "sqlite", "redis, 1 thread": "redis1", "redis": "redisN"}
+    print(f"reserve+settle over two budgets, {args.threads} threads of one process, {args.seconds:g}s each "
+          f"({os.cpu_count()} CPUs; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
     for name, rate in rates.items():
         threads = 1 if name == "redis, 1 thread" else args.threads
-        print(f"  {name:<16} {rate:>10,.0f} ops/s   {rate / baseline:6.3f}x memory   ({threads} thread{'s' * (threads > 1)})")
+        print(f"  {name:<16} {rate:>10,.0f} ops/s   {rate / baseline:6.3f}x memory   "
+              f"client CPU {CPU[tags[name]]:6.1f} us/op   ({threads} thread{'s' * (threads > 1)})")
+    print(f"  redis-server CPU {server_us:.1f} us/op ({args.threads} threads)")
     verdict: Callable[[float], str] = lambda r: "meets" if r >= TARGET else "MISSES"  # noqa: E731
     print(f"  redis target {TARGET:,}/s: {verdict(rates['redis'])} it "
           f"({rates['redis'] / rates['redis, 1 thread']:.2f}x the 1-thread rate)")
