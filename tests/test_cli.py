@@ -285,3 +285,12 @@ def test_fmt_canonicalizes_any_key_order_and_indentation(seed: int) -> None:
             assert all(keys == [k for k in KEY_ORDERS["rule"] if k in keys] for keys in rule_keys)
             assert all(len(line) - len(line.lstrip(" ")) in (0, 2, 4, 6, 8) for line in out.splitlines()
                        if line.lstrip().startswith(("name:", "- name:", "when:", "speed:")))
+
+
+def test_explain_input_files_get_the_loaders_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bomb = tmp_path / "request.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]" for i in range(1, 7)]
+    bomb.write_text("\n".join(lines) + "\n")
+    status, _, err = _run(["explain", str(DEFAULT), "--request", str(bomb)], capsys)
+    assert status == 2 and "error[PE003]" in err and "alias bomb" in err

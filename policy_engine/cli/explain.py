@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any
 
 import pydantic
-import yaml
 
 from ..cel import CelError
 from ..errors import PolicyEngineError
@@ -26,19 +25,20 @@ _ABSENT = object()
 
 
 def _read(path: str, what: str) -> Any:
+    """A JSON or YAML mapping, read with the policy loader's limits (size, alias bombs, nesting)."""
+    from ..errors import PolicyError
+    from ..load import read_yaml
+
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the {what} file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)  # JSON is YAML: one reader for both
-    except yaml.YAMLError as exc:
-        raise UsageError(f"the {what} file {path} is neither JSON nor YAML: {exc}") from None
-    except RecursionError:
-        raise UsageError(f"the {what} file {path} is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"the {what} file {path} must hold a mapping, got {type(data).__name__}")
-    return data
+        text = sys.stdin.buffer.read() if path == "-" else None
+        document = read_yaml(path if path != "-" else "<stdin>", text=text)  # JSON is YAML: one reader for both
+    except PolicyError as exc:
+        raise UsageError(f"cannot use the {what} file:\n{exc.format()}") from None
+    if document.problems:
+        raise UsageError(f"cannot use the {what} file:\n" + "\n".join(d.format(document.source) for d in document.problems))
+    if not isinstance(document.data, dict):
+        raise UsageError(f"the {what} file {path} must hold a mapping, got {type(document.data).__name__}")
+    return document.data
 
 
 def lookup(activation: Mapping[str, Any], path: str) -> Any:
