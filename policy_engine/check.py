@@ -510,7 +510,7 @@ class _Analysis:
         for path, source in self._expressions():
             try:
                 root, _ = parse_with_issues(source)
-            except cel.CelError:
+            except (cel.CelError, RecursionError):
                 continue
             for lit, prefix in _model_literals(root):
                 if (path, lit.offset) in seen:
@@ -542,12 +542,12 @@ class _Analysis:
 
     def budget_keys(self) -> Iterator[Diagnostic]:
         for index, budget in enumerate(self.policy.budgets):
+            problems: list[tuple[Node, str]] = []
             try:
                 root, _ = parse_with_issues(budget.key)
-            except cel.CelError:
+                _key_risks(root, frozenset(), problems)
+            except (cel.CelError, RecursionError):
                 continue
-            problems: list[tuple[Node, str]] = []
-            _key_risks(root, frozenset(), problems)
             for node, why in problems[:1]:
                 yield self.at(("budgets", index, "key"), max(node.start, 0), "PE230",
                               f"budget '{budget.name}' key {why}",
