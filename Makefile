@@ -27,6 +27,11 @@ test: $(STAMP) redis-server
 
 demo: $(STAMP)
 	$(BIN)/python -m policy_engine.demo
+	@echo "\n== 4. policy as code: lint, test with coverage, simulate the sample log, explain one request"
+	$(BIN)/policy-engine lint policies
+	$(BIN)/policy-engine test policies examples/default_test.yaml --coverage
+	$(BIN)/policy-engine simulate policies/default.yaml --requests data/requests.jsonl.gz
+	$(BIN)/policy-engine explain policies/default.yaml --request examples/request.json --context examples/context.json --state examples/state.yaml
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
