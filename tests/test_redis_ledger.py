@@ -357,3 +357,32 @@ def test_a_redis_out_of_memory_is_state_unavailable(private_server: RedisServer)
     assert ledger.balances([scope(budget="other")])[0].spent == 0
     assert RedisLedger(url=private_server.url).balances([s])[0].spent == 3
     ledger.close()
+
+
+def _forked_worker(ledger: RedisLedger, s: Scope, results: Any) -> None:
+    for i in range(200):
+        assert ledger.reserve(f"child-{i}", [(s, 10)], ttl_s=60).ok
+        ledger.settle(f"child-{i}", [(s, 3)])
+    results.put("done")
+
+
+def test_a_ledger_made_before_a_fork_works_in_the_child(redis_server: RedisServer, redis_prefix: str) -> None:
+    """Pre-fork servers (gunicorn, multiprocessing) create the ledger once and fork workers."""
+    import multiprocessing
+
+    ledger = RedisLedger(url=redis_server.url, prefix=redis_prefix)
+    s = scope(limit=10**9)
+    assert ledger.reserve("parent-0", [(s, 10)], ttl_s=60).ok  # the parent's connection is open
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_forked_worker, args=(ledger, s, results))
+    child.start()
+    for i in range(1, 200):
+        assert ledger.reserve(f"parent-{i}", [(s, 10)], ttl_s=60).ok
+        ledger.settle(f"parent-{i}", [(s, 3)])
+    assert results.get(timeout=30) == "done"
+    child.join(timeout=10)
+    assert child.exitcode == 0
+    ledger.settle("parent-0", [(s, 3)])
+    assert [(b.spent, b.reserved) for b in RedisLedger(url=redis_server.url, prefix=redis_prefix).balances([s])] == [(1200, 0)]
+    ledger.close()

@@ -350,6 +350,7 @@ class RedisLedger(Ledger):
         self._queue: list[_Call] = []
         self._leading = False
         self._connection: Any = None
+        self._pid = os.getpid()
         self._plain = False  # True: pack and parse through redis-py even when hiredis is installed
         self._reader: Any = None
         self._buffer = bytearray(65536)
@@ -613,6 +614,8 @@ class RedisLedger(Ledger):
         """One script call. Concurrent callers share round trips: whoever finds no call in flight
         sends its own at once; calls that arrive meanwhile queue up and go together as one
         pipeline when it returns (group commit), so threads add throughput instead of GIL churn."""
+        if self._pid != os.getpid():
+            self._forked()
         if self._retry_at and time.monotonic() < self._retry_at:
             raise StateUnavailable(f"Redis ledger unavailable; next attempt in {self._retry_at - time.monotonic():.2f}s")
         call = _Call(name, args)
@@ -641,6 +644,15 @@ class RedisLedger(Ledger):
                 raise StateUnavailable(f"Redis ledger unavailable: {call.error}") from call.error
             raise call.error
         return call.reply
+
+    def _forked(self) -> None:
+        # A forked child must not talk on its parent's socket (their replies would interleave),
+        # nor wait on a lead some parent thread held at fork time.
+        self._pid = os.getpid()
+        self._batch_lock = threading.Lock()
+        self._queue, self._leading = [], False
+        self._connection = self._reader = None
+        self.client.connection_pool.reset()
 
     def _lead(self) -> None:
         with self._batch_lock:
