@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from _redis import RedisServer, fleet_policy, redis_prefix, redis_server  # noqa: F401  (pytest fixtures)
 from policy_engine.decide import Engine, load

@@ -16,6 +16,14 @@ Round trips: `reserve` and `settle` are one EVALSHA each. `balances` answers fro
 what this process last saw (every script returns the balances it touched, ordered
 by the scope's change counter) when that is younger than `balances_max_age_s`, so a
 busy worker pays two round trips per request; enforcement never uses the cache.
+Calls made while another thread's call is in flight queue up and go together in
+one write on the process's own connection (group commit): throughput grows with
+concurrency instead of with connections. With `hiredis` installed the batches are
+packed and parsed by it directly.
+
+Clocks: reservation expiry uses the caller's clock (`clock`, default `time.time`),
+so the fleet's clocks should agree to well within the reservation TTL (NTP does);
+key TTLs use Redis's own clock and only collect garbage.
 
 When Redis cannot be reached in `timeout_s`, `reserve`/`balances` raise
 `StateUnavailable` (the engine then applies the policy's `on_state_unavailable`),
@@ -308,8 +316,12 @@ class RedisLedger(Ledger):
     `client` is a `redis.Redis` you configured; otherwise one is built from `url`
     with `timeout_s` for connecting and for each reply, and a single immediate retry
     on a dropped connection (scripts are idempotent per call, so a retry whose first
-    attempt ran is harmless). On Redis Cluster give a hash-tagged `prefix` such as
-    `{pe}:` so all keys share a slot.
+    attempt ran is harmless). The scripts build their keys from `prefix`, so on Redis
+    Cluster give a hash-tagged prefix such as `{pe}:` to keep all keys in one slot.
+    Safe to share between threads, and across a fork (the child opens its own connection).
+
+    `journal_path` keeps the outage journal in a file too (one file per process), so a
+    worker restarted during an outage still delivers what it had not.
     """
 
     def __init__(
