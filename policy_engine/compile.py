@@ -81,7 +81,7 @@ class LazyVars(dict):  # type: ignore[type-arg]
     __slots__ = ("_programs", "_activation", "_failed")
 
     def __init__(self, programs: Mapping[str, cel.Program], activation: Mapping[str, Any]) -> None:
-        super().__init__()
+        # No super().__init__(): dict.__new__ already made an empty dict.
         self._programs = programs
         self._activation = activation
         self._failed: dict[str, cel.CelError] | None = None

@@ -754,22 +754,33 @@ class Engine:
 
     def _actual_charges(self, decision: Decision, model: ModelEntry | None, counts: UsageCounts, cost: int) -> list[Charge]:
         speed = counts.speed
-        premium = 0
-        if speed == "fast" and model is not None and any(b.spec.counts == "premium" for b, _ in decision._budget_charges):
-            try:
-                # What the same usage would have cost at standard speed.
-                as_standard = UsageCounts(counts.input_tokens, counts.output_tokens, counts.cache_write_5m_tokens,
-                                          counts.cache_write_1h_tokens, counts.cache_read_tokens, "standard", counts.inference_geo)
-                standard_cost = cost_of_counts(model, as_standard, inference_geo=decision._inference_geo)
-                premium = cost - standard_cost if cost > standard_cost else 0
-            except PricingError:
-                premium = cost
+        premium: int | None = None
         charges = []
         for budget, scope in decision._budget_charges:
-            counts = budget.spec.counts
-            amount = cost if counts == "all" else (0 if speed != "fast" else (cost if counts == "fast" else premium))
+            kind = budget.spec.counts
+            if kind == "all" or (kind == "fast" and speed == "fast"):
+                amount = cost
+            elif speed != "fast":
+                amount = 0
+            else:
+                if premium is None:
+                    premium = self._premium(decision, model, counts, cost)
+                amount = premium
             charges.append((scope, amount))
         return charges
+
+    @staticmethod
+    def _premium(decision: Decision, model: ModelEntry | None, counts: UsageCounts, cost: int) -> int:
+        """What a fast response cost over what the same usage would have cost at standard speed."""
+        if model is None:
+            return cost
+        as_standard = UsageCounts(counts.input_tokens, counts.output_tokens, counts.cache_write_5m_tokens,
+                                  counts.cache_write_1h_tokens, counts.cache_read_tokens, "standard", counts.inference_geo)
+        try:
+            standard_cost = cost_of_counts(model, as_standard, inference_geo=decision._inference_geo)
+        except PricingError:
+            return cost
+        return cost - standard_cost if cost > standard_cost else 0
 
     def release(self, decision: Decision) -> bool:
         """Free the reservation of a request that was never sent. False when there was none left to free.

@@ -289,14 +289,10 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
     if not cache_control and tools:
         cache_control = any(isinstance(t, Mapping) and "cache_control" in t for t in tools)  # type: ignore[union-attr]
     thinking = get("thinking")
-    thinking_on = False
-    budget_tokens = 0
-    if thinking:
-        thinking_on = isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
-        if thinking_on:
-            budget_tokens = thinking.get("budget_tokens", 0)  # type: ignore[union-attr]
-            if type(budget_tokens) is not int:
-                budget_tokens = 0
+    thinking_features = _NO_THINKING
+    if thinking and isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive"):
+        budget_tokens = thinking.get("budget_tokens", 0)
+        thinking_features = {"enabled": True, "budget_tokens": budget_tokens if type(budget_tokens) is int else 0}
     betas = get("betas")
     return {
         "model": model,
@@ -307,7 +303,7 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
         "has_tools": bool(tools),
         "has_images": has_images,
         "has_documents": has_documents,
-        "thinking": {"enabled": thinking_on, "budget_tokens": budget_tokens},
+        "thinking": thinking_features,
         "service_tier": get("service_tier") or "auto",
         "inference_geo": get("inference_geo") or "global",
         "batch": batch,
@@ -315,6 +311,10 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
         "message_count": len(messages),
         "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else [],  # type: ignore[misc]
     }
+
+
+_NO_THINKING = {"enabled": False, "budget_tokens": 0}
+"""Shared by every request without thinking; features are only read."""
 
 
 def _invalid_request(message: str) -> Exception:

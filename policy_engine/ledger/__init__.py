@@ -131,6 +131,15 @@ class MemoryLedger(Ledger):
             if reservation_id in self._reservations or reservation_id in self._settled:
                 raise ValueError(f"reservation id {reservation_id!r} was already used")
             spent, reserved = self._spent, self._reserved
+            if len(charges) == 1:  # the common case (one budget), without the general bookkeeping
+                scope, amount = charges[0]
+                sid = scope.id
+                s_spent, s_reserved = spent.get(sid, 0), reserved.get(sid, 0)
+                if amount > 0 and amount > scope.limit - s_spent - s_reserved:
+                    return ReserveResult(False, (Balance(s_spent, s_reserved, scope.limit),), 0)
+                reserved[sid] = s_reserved + amount
+                self._reservations[reservation_id] = _Reservation((charges[0],), now + ttl_s)
+                return ReserveResult(True, (Balance(s_spent, s_reserved + amount, scope.limit),))
             # Every charge is checked against the state before this reservation, then all are added.
             before = [(spent.get(s.id, 0), reserved.get(s.id, 0)) for s, _ in charges]
             for index, ((scope, amount), (s_spent, s_reserved)) in enumerate(zip(charges, before)):
