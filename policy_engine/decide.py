@@ -417,7 +417,8 @@ class Engine:
         ctx = context_features(context)
         model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]
-        mp = self._model_plan(model_name, request["inference_geo"])  # type: ignore[arg-type]
+        geo: str = request["inference_geo"]  # type: ignore[assignment]
+        mp = self._models.get((model_name, geo)) or self._model_plan(model_name, geo)
         model = mp.entry
         cache_control = bool(request["cache_control"])
         std_micro = fast_micro = None
@@ -441,7 +442,13 @@ class Engine:
         activation["vars"] = LazyVars(plan.variables, activation)
 
         errors: list[str] = []
-        scopes = self._budget_scopes(plan, activation, epoch, now, errors) if plan.budget_keys else ()
+        scopes: tuple[tuple[CompiledBudget, Scope], ...] = ()
+        if plan.budget_keys:
+            static = self._static_scopes.get(plan.compiled.name) if plan.static_keys else None
+            if static is not None and static[0] <= epoch < static[1]:
+                scopes = static[2]  # constant keys, same calendar periods: the very same scopes
+            else:
+                scopes = self._budget_scopes(plan, activation, epoch, now, errors)
         unavailable: StateUnavailable | None = None
         if scopes and ("budget" in reads or "budgets" in reads):
             # Balances only when an expression reads them: the reservation checks the limits anyway.
@@ -459,7 +466,12 @@ class Engine:
             activation["budget"] = _NO_BUDGET
 
         # Stickiness: a conversation keeps its speed while its entry is fresh.
-        sticky_key = self._sticky_key(plan, ctx, activation)
+        if plan.sticky_from_context:
+            # Without stickiness, conversations are still remembered, so rules can read `conversation.*`.
+            conversation_id = ctx.get("conversation_id")
+            sticky_key = f"{compiled.name}\x1f{conversation_id}" if conversation_id else None
+        else:
+            sticky_key = self._sticky_key(plan, activation)
         sticky = None
         if sticky_key is not None:
             sticky = self.conversations.get(sticky_key, epoch, plan.sticky_ttl_s or CONVERSATION_MEMORY_S)
@@ -529,9 +541,6 @@ class Engine:
 
     def _budget_scopes(self, plan: _Plan, activation: Mapping[str, Any], epoch: float, now: datetime | None,
                        errors: list[str]) -> tuple[tuple[CompiledBudget, Scope], ...]:
-        static = self._static_scopes.get(plan.compiled.name) if plan.static_keys else None
-        if static is not None and static[0] <= epoch < static[1]:
-            return static[2]  # constant keys, same calendar periods: the very same scopes
         scopes = []
         valid_from, valid_until = -_INF, _INF
         for budget, key in plan.budget_keys:
@@ -558,15 +567,11 @@ class Engine:
             self._static_scopes[plan.compiled.name] = (valid_from, valid_until, result)
         return result
 
-    def _sticky_key(self, plan: _Plan, ctx: Mapping[str, Any], activation: Mapping[str, Any]) -> str | None:
-        if plan.sticky_from_context:
-            # Without stickiness, conversations are still remembered, so rules can read `conversation.*`.
-            key = ctx.get("conversation_id")
-        else:
-            try:
-                key = plan.compiled.stickiness_key.evaluate(activation)  # type: ignore[union-attr]
-            except CelError:
-                return None  # no conversation id: nothing to keep sticky
+    def _sticky_key(self, plan: _Plan, activation: Mapping[str, Any]) -> str | None:
+        try:
+            key = plan.compiled.stickiness_key.evaluate(activation)  # type: ignore[union-attr]
+        except CelError:
+            return None  # no conversation id: nothing to keep sticky
         return f"{plan.compiled.name}\x1f{key}" if key else None
 
     def _reason(self, rule: Any, activation: Mapping[str, Any], errors: list[str]) -> str:

@@ -599,3 +599,15 @@ def test_the_engine_uses_an_injected_ledger_and_catalog() -> None:
     assert engine.ledger is ledger
     engine.decide(HELLO, WAITING, now=NOON, input_tokens=10)
     assert ledger.balances([premium_scope()])[0].reserved == PREMIUM
+
+
+def test_a_custom_stickiness_key(policy_variant: Any) -> None:
+    engine = load(policy_variant(("ttl: 10m", "ttl: 10m\n  key: context.tenant + '/' + context.conversation_id")))
+    ctx = {**CONVO, "tenant": "acme"}
+    engine.decide(CHAT, ctx, now=NOON)
+    assert engine.decide(CHAT, {**RELAXED, "tenant": "acme"}, now=NOON + timedelta(minutes=1)).rule == "sticky"
+    # Another tenant with the same conversation id is another conversation.
+    assert engine.decide(CHAT, {**RELAXED, "tenant": "globex"}, now=NOON + timedelta(minutes=1)).rule == "default"
+    # A key that cannot be evaluated (no tenant) means no stickiness, not an error.
+    d = engine.decide(CHAT, RELAXED, now=NOON + timedelta(minutes=1))
+    assert d.rule == "default" and d.errors == []
