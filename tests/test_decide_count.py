@@ -37,6 +37,18 @@ def emulator() -> Iterator[Emulator]:
         yield emu
 
 
+def adecide_once(engine: Engine, counter: TokenCounter) -> Any:
+    """One `adecide` in a fresh event loop, closing the counter's async client before the loop ends."""
+
+    async def main() -> Any:
+        try:
+            return await engine.adecide(PARAMS, WAITING, now=NOON)
+        finally:
+            await counter.aclose()
+
+    return asyncio.run(main())
+
+
 def test_decide_uses_the_exact_count(emulator: Emulator) -> None:
     counter = TokenCounter(api_key="test", base_url=emulator.url, timeout=5.0)
     engine = load(DEFAULT_POLICY, counter=counter)
@@ -56,13 +68,7 @@ def test_adecide_awaits_the_async_count(emulator: Emulator) -> None:
     counter = TokenCounter(api_key="test", base_url=emulator.url, timeout=5.0)
     engine = load(DEFAULT_POLICY, counter=counter)
 
-    async def main() -> Any:
-        try:
-            return await engine.adecide(PARAMS, WAITING, now=NOON)
-        finally:
-            await counter.aclose()
-
-    d = asyncio.run(main())
+    d = adecide_once(engine, counter)
     assert d.input_tokens_exact and d.input_tokens == count_request_tokens(PARAMS)
     assert counter.requests_sent == 1 and counter._client is None  # the async client did the work
 
@@ -109,13 +115,7 @@ def test_a_timed_out_async_count_falls_back_to_the_estimate(emulator: Emulator) 
     counter = TokenCounter(api_key="test", base_url=emulator.url, timeout=0.2)
     engine = load(DEFAULT_POLICY, counter=counter)
 
-    async def main() -> Any:
-        try:
-            return await engine.adecide(PARAMS, WAITING, now=NOON)
-        finally:
-            await counter.aclose()
-
-    d = asyncio.run(main())
+    d = adecide_once(engine, counter)
     assert not d.input_tokens_exact and d.input_tokens == estimate_input_tokens(PARAMS).upper
     assert "timed out" in (counter.last_error or "")
 
