@@ -187,7 +187,6 @@ class _Plan:
     """Each budget with its key when the key expression is a constant."""
     static_keys: bool
     """Every budget key is a constant: the scopes change only when a calendar period does."""
-    counts_premium: bool
     sticky_ttl_s: float | None
     sticky_from_context: bool
     """The stickiness key is `context.conversation_id` itself: read it without evaluating CEL."""
@@ -223,7 +222,6 @@ def _plan(compiled: CompiledPolicy) -> _Plan:
         reads=reads,
         budget_keys=tuple(budget_keys),
         static_keys=all(key is not None for _, key in budget_keys),
-        counts_premium=any(b.spec.counts == "premium" for b in compiled.budgets),
         sticky_ttl_s=policy.stickiness.ttl_s if policy.stickiness is not None else None,
         sticky_from_context=sticky is None or (not instrumented and sticky.source.strip() == "context.conversation_id"),
     )
@@ -322,11 +320,9 @@ class Engine:
         started = time.perf_counter_ns()
         if input_tokens is not None:
             tokens = _counted(input_tokens)
-        elif self.counter is not None:
-            tokens = self.counter.count(params)
         else:
             try:
-                tokens = estimate_input_tokens(params)
+                tokens = self.counter.count(params) if self.counter is not None else estimate_input_tokens(params)
             except InvalidRequestParams as exc:
                 raise InvalidRequest(str(exc)) from None
         return self._finish(params, context, now, account, batch, tokens, policy, started)
@@ -350,11 +346,9 @@ class Engine:
         started = time.perf_counter_ns()
         if input_tokens is not None:
             tokens = _counted(input_tokens)
-        elif self.counter is not None:
-            tokens = await self.counter.acount(params)
         else:
             try:
-                tokens = estimate_input_tokens(params)
+                tokens = await self.counter.acount(params) if self.counter is not None else estimate_input_tokens(params)
             except InvalidRequestParams as exc:
                 raise InvalidRequest(str(exc)) from None
         if isinstance(self.ledger, MemoryLedger):

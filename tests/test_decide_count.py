@@ -130,6 +130,16 @@ def test_a_given_count_wins_over_the_counter(emulator: Emulator) -> None:
     counter.close()
 
 
+def test_malformed_params_with_a_counter_are_a_typed_error(emulator: Emulator) -> None:
+    counter = TokenCounter(api_key="test", base_url=emulator.url)
+    engine = load(DEFAULT_POLICY, counter=counter)
+    with pytest.raises(InvalidRequest, match="params must be a mapping"):
+        engine.decide("not params")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="messages"):
+        asyncio.run(engine.adecide({"model": "claude-opus-4-6", "max_tokens": 5, "messages": "hi"}))
+    counter.close()
+
+
 def test_adecide_without_a_counter_decides_like_decide() -> None:
     engine = load(DEFAULT_POLICY)
     sync = engine.decide(PARAMS, WAITING, now=NOON)
