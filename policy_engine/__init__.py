@@ -21,9 +21,11 @@ from .errors import (
     PolicyEngineError,
     PolicyError,
     PricingError,
+    StateUnavailable,
 )
 from .load import load_policy
 from .policy import Policy
+from .reload import ReloadingEngine
 
 __version__ = "0.1.0"
 
@@ -40,7 +42,9 @@ __all__ = [
     "PolicyEngineError",
     "PolicyError",
     "PricingError",
+    "ReloadingEngine",
     "Settlement",
+    "StateUnavailable",
     "__version__",
     "load",
     "load_catalog",
