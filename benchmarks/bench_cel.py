@@ -19,8 +19,8 @@ from zoneinfo import ZoneInfo
 warnings.filterwarnings("ignore")
 
 import celpy  # noqa: E402
-from celpy import celtypes  # noqa: E402
 
+from policy_engine.cel.celpy_values import from_celpy, to_celpy  # noqa: E402
 from policy_engine.cel import (  # noqa: E402
     BOOL, DOUBLE, INT, STRING, TIMESTAMP, Field, ListType, MapType, ObjectType, compile,
 )
@@ -93,36 +93,6 @@ CASES = [
      lambda a: a["request"]["model"].startswith(("claude-opus", "claude-sonnet"))),
     ("request.input_tokens / 1000 >= 12", lambda a: int(a["request"]["input_tokens"] / 1000) >= 12),
 ]
-
-
-def to_celpy(v):
-    if isinstance(v, bool):
-        return celtypes.BoolType(v)
-    if isinstance(v, int):
-        return celtypes.IntType(v)
-    if isinstance(v, float):
-        return celtypes.DoubleType(v)
-    if isinstance(v, str):
-        return celtypes.StringType(v)
-    if isinstance(v, dt.datetime):
-        return celtypes.TimestampType(v)
-    if isinstance(v, list):
-        return celtypes.ListType([to_celpy(x) for x in v])
-    if isinstance(v, dict):
-        return celtypes.MapType({celtypes.StringType(k): to_celpy(x) for k, x in v.items()})
-    raise TypeError(type(v))
-
-
-def from_celpy(v):
-    if isinstance(v, (celtypes.BoolType, bool)):
-        return bool(v)
-    if isinstance(v, (celtypes.IntType, int)):
-        return int(v)
-    if isinstance(v, (celtypes.DoubleType, float)):
-        return float(v)
-    if isinstance(v, (celtypes.StringType, str)):
-        return str(v)
-    raise TypeError(type(v))
 
 
 def per_call_us(fn, arg, number):

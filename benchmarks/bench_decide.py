@@ -11,7 +11,7 @@ same process, interleaved round by round so machine noise hits them alike:
   OpenTelemetry SDK installed (the API's no-op path);
 * celpy: the same Engine pipeline with every CEL program of the policy evaluated by
   celpy's interpreter (`celpy.Environment().program(ast)`) on the same activations,
-  converted with `celpy.json_to_cel` (and `celtypes.TimestampType` for `now`);
+  converted with `policy_engine.cel.celpy_values.to_celpy`;
 * hand-written: a plain Python function of the same policy doing the same work:
   features (token estimate, throughput, costs from the catalog), the three rules,
   the per-request ceiling, the premium budget reserved and settled in a MemoryLedger.
@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from policy_engine.catalog import actual, estimate, load_catalog  # noqa: E402
 from policy_engine.compile import CompiledPolicy, compile_file  # noqa: E402
+from policy_engine.cel.celpy_values import from_celpy, to_celpy  # noqa: E402
 from policy_engine.decide import Engine  # noqa: E402
 from policy_engine.ledger import MemoryLedger, Scope, window_bounds  # noqa: E402
 from policy_engine.tokens import estimate_input_tokens  # noqa: E402
@@ -154,7 +155,7 @@ class CelpyPolicy:
     """Every CEL program of one policy, compiled by celpy, and the activation conversion they share.
 
     The engine hands each program the same activation dict during one decision; it is
-    converted to celpy values once (json_to_cel; TimestampType for `now`) and the policy's
+    converted to celpy values once (`to_celpy`) and the policy's
     variables are evaluated by celpy in declaration order (each sees the ones before it),
     as the engine's LazyVars would.
     """
@@ -180,7 +181,7 @@ class CelpyPolicy:
         for name, value in activation.items():
             if name == "vars":
                 continue
-            out[name] = celtypes.TimestampType(value) if isinstance(value, datetime) else celpy.json_to_cel(_finite(value))
+            out[name] = to_celpy(value)
         values: dict[str, Any] = {}
         for name, runner in self.variables:
             out["vars"] = celpy.celtypes.MapType({celtypes.StringType(k): v for k, v in values.items()})
@@ -210,30 +211,7 @@ class CelpyProgram:
             raise CelEvaluationError(str(exc)) from None
         if isinstance(result, celpy.CELEvalError):
             raise CelEvaluationError(str(result))
-        return _from_cel(result)
-
-
-def _finite(value: Any) -> Any:
-    # json_to_cel has no infinity; budgets without a limit are infinite in the engine.
-    if isinstance(value, float) and value == float("inf"):
-        return 1e308
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
-
-
-def _from_cel(value: Any) -> Any:
-    from celpy import celtypes
-
-    if isinstance(value, celtypes.BoolType):
-        return bool(value)
-    if isinstance(value, celtypes.IntType):
-        return int(value)
-    if isinstance(value, celtypes.DoubleType):
-        return float(value)
-    if isinstance(value, celtypes.StringType):
-        return str(value)
-    return value
+        return from_celpy(result)
 
 
 def celpy_policy(compiled: CompiledPolicy) -> CompiledPolicy:

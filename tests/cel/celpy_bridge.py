@@ -3,62 +3,18 @@
 import math
 
 import celpy
-from celpy import celtypes
 
-from policy_engine.cel import CelUint
+from policy_engine.cel.celpy_values import from_celpy as _from_celpy
+from policy_engine.cel.celpy_values import to_celpy
 
 _ENV = celpy.Environment(runner_class=celpy.InterpretedRunner)
 
 
-def to_celpy(v):
-    if isinstance(v, bool):
-        return celtypes.BoolType(v)
-    if isinstance(v, CelUint):
-        return celtypes.UintType(int(v))
-    if isinstance(v, int):
-        return celtypes.IntType(v)
-    if isinstance(v, float):
-        return celtypes.DoubleType(v)
-    if isinstance(v, str):
-        return celtypes.StringType(v)
-    if isinstance(v, bytes):
-        return celtypes.BytesType(v)
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)):
-        return celtypes.ListType([to_celpy(x) for x in v])
-    if isinstance(v, dict):
-        return celtypes.MapType({to_celpy(k): to_celpy(x) for k, x in v.items()})
-    raise TypeError(type(v))
-
-
 def from_celpy(v):
-    if isinstance(v, celtypes.BoolType):
-        return bool(v)
-    if isinstance(v, celtypes.UintType):
-        return CelUint(int(v))
-    if isinstance(v, celtypes.IntType):
-        return int(v)
-    if isinstance(v, celtypes.DoubleType):
-        return float(v)
-    if isinstance(v, celtypes.StringType):
-        return str(v)
-    if isinstance(v, celtypes.BytesType):
-        return bytes(v)
-    if v is None:
-        return None
-    if isinstance(v, (celtypes.ListType, list)):
-        return [from_celpy(x) for x in v]
-    if isinstance(v, (celtypes.MapType, dict)):
-        return {from_celpy(k): from_celpy(x) for k, x in v.items()}
+    """celpy's result, or ERROR for the errors it returns as values."""
     if isinstance(v, Exception):
         return ERROR
-    # celpy sometimes returns plain Python values (e.g. str concatenation)
-    if type(v) in (bool, str, bytes, float):
-        return v
-    if type(v) is int:
-        return v
-    raise TypeError(type(v))
+    return _from_celpy(v)
 
 
 class _Error:
