@@ -57,7 +57,9 @@ be wider on text unlike the corpus.
 
 Cost (CPython 3.11 on the 2-core CI machine): ~7 us for a three-message chat with
 a system prompt (about what ``json.dumps`` of the same params costs there), ~30 us
-for a 225 KB (~44K-token) document.
+for a new 225 KB (~44K-token) document. What callers re-send is measured once:
+strings of SHORT_CHARS..CACHE_MAX_CHARS by content, longer strings, tool definitions
+and tool_use inputs by identity (a document asked about again costs a dict lookup).
 
 The bound therefore holds against the proxy tokenizer only. Where being right
 matters more than a few milliseconds, use `TokenCounter` (exact counts from the
@@ -129,6 +131,7 @@ BLOCK_OVERHEAD_TOKENS = 1
 TOOL_OVERHEAD_TOKENS = 8
 #: The tool-use system prompt Anthropic documents for Claude 4 models, by tool_choice type.
 TOOL_SYSTEM_PROMPT_TOKENS: Mapping[str, int] = {"auto": 346, "none": 346, "any": 313, "tool": 313}
+_TOOL_SYSTEM_PROMPT_UPPER = max(TOOL_SYSTEM_PROMPT_TOKENS.values())
 #: Anthropic-defined (server / client) tools, by type prefix: approximate definition cost.
 SERVER_TOOL_TOKENS: Mapping[str, int] = {"bash": 245, "text_editor": 700, "str_replace": 700, "computer": 1235}
 SERVER_TOOL_DEFAULT_TOKENS = 500
@@ -158,20 +161,83 @@ _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ALNUM = _DIGITS + _UPPER + b"abcdefghijklmnopqrstuvwxyz"
 
 
-def _text_features(s: str) -> tuple[float, ...]:
-    """Character-class counts of `s` (see module docstring); cheap, no Python loop."""
-    n = len(s)
+#: ASCII strings up to this length use a 3-feature model (one translate, one count): the hot path of chats.
+SHORT_CHARS = 256
+# alphanumerics, punctuation + newlines, spaces, constant; fitted on the corpus's short ASCII texts.
+_SHORT_COEF = (0.1105, 1.0125, 0.4185, 0.6662)
+
+
+#: Strings of SHORT_CHARS..CACHE_MAX_CHARS characters are memoised by content (hash and length):
+#: conversations re-send their history and agents their tool definitions on every request.
+CACHE_MAX_CHARS = SAMPLE_CHARS
+CACHE_ENTRIES = 8192
+_text_cache: dict[tuple[int, int], float] = {}
+
+#: Longer strings (documents, long turns) are memoised by identity instead: hashing them would
+#: cost more than their sampled estimate, while a document asked about again is usually the
+#: very same object. The cache holds the strings it measured (so their ids are not reused
+#: meanwhile), about LONG_CACHE_CHARS characters at most, then starts afresh.
+LONG_CACHE_CHARS = 8_000_000
+_long_cache: dict[int, tuple[str, float]] = {}
+_long_cache_chars = 0
+
+
+def estimate_text_tokens(text: str) -> float:
+    """Estimated tokens of one string (a float; callers round once per request)."""
+    n = len(text)
+    if n <= SHORT_CHARS:
+        return _estimate_text(text) if n else 0.0
+    if n <= CACHE_MAX_CHARS:
+        # The key keeps no reference to the text; str caches its own hash, so a history
+        # re-sent as the same objects costs one dict lookup per message.
+        key = (hash(text), n)
+        cached = _text_cache.get(key)
+        if cached is None:
+            cached = _estimate_text(text)
+            if len(_text_cache) >= CACHE_ENTRIES:
+                _text_cache.clear()  # wholesale: cheaper than LRU bookkeeping on every hit
+            _text_cache[key] = cached
+        return cached
+    hit = _long_cache.get(id(text))
+    if hit is not None and hit[0] is text:
+        return hit[1]
+    value = _estimate_text(text)
+    if n <= LONG_CACHE_CHARS:
+        global _long_cache_chars
+        if _long_cache_chars + n > LONG_CACHE_CHARS:
+            _long_cache.clear()  # wholesale, as above; racing threads at worst miscount the size a little
+            _long_cache_chars = 0
+        _long_cache[id(text)] = (text, value)
+        _long_cache_chars += n
+    return value
+
+
+def _estimate_text(text: str) -> float:
+    """Tokens of one string: the short model for short ASCII, else the linear model of `_COEF`.
+
+    The features of the module docstring are computed and weighted in line (no feature
+    tuple): this runs for every new string of every request.
+    """
+    n = len(text)
+    if n <= SHORT_CHARS and text.isascii():
+        ab = text.encode("ascii")
+        nonalnum = ab.translate(None, _ALNUM)
+        spaces = nonalnum.count(b" ")
+        c = _SHORT_COEF
+        t = c[0] * (len(ab) - len(nonalnum)) + c[1] * (len(nonalnum) - spaces) + c[2] * spaces + c[3]
+        return t if t > 1.0 else 1.0
     if n > SAMPLE_CHARS:
         w = SAMPLE_CHARS // 3
         mid = (n - w) // 2
-        sample = s[:w] + s[mid : mid + w] + s[n - w :]
+        sample = text[:w] + text[mid : mid + w] + text[n - w :]
         scale = n / len(sample)
     else:
-        sample = s
+        sample = text
         scale = 1.0
     if sample.isascii():
         ab = sample.encode("ascii")
-        n2l = n2c = n2o = n3i = n3o = n4 = 0
+        n4 = 0
+        non_ascii = None
     else:
         ab = sample.encode("ascii", "ignore")
         u8 = sample.encode("utf-8")
@@ -183,9 +249,8 @@ def _text_features(s: str) -> tuple[float, ...]:
         # Lead bytes: C3-C5 Latin-1 / Latin Extended-A; E0 the U+0800-0FFF scripts (Indic, Thai ...).
         n2l = min(n2, u8.count(b"\xc3") + u8.count(b"\xc4") + u8.count(b"\xc5"))
         n2c = min(n2 - n2l, u8.count(b"\xd0") + u8.count(b"\xd1"))  # Cyrillic
-        n2o = n2 - n2l - n2c
         n3i = min(n3, u8.count(b"\xe0"))
-        n3o = n3 - n3i
+        non_ascii = (n2l, n2c, n2 - n2l - n2c, n3i, n3 - n3i, n4)
     length = len(ab)
     nonalnum = ab.translate(None, _ALNUM)
     digits = length - len(ab.translate(None, _DIGITS))
@@ -193,63 +258,19 @@ def _text_features(s: str) -> tuple[float, ...]:
     letters = length - len(nonalnum) - digits
     spaces = nonalnum.count(b" ")
     newlines = nonalnum.count(b"\n") + nonalnum.count(b"\t")
-    backslashes = nonalnum.count(b"\\")
     punct = len(nonalnum) - spaces - newlines
-    double_spaces = ab.count(b"  ")
     # Alphanumerics beyond what words of ordinary length between separators account for:
     # base64, hex, hashes and long identifiers, which split into short tokens.
     dense = letters + digits - 10 * (spaces + newlines + punct)
-    f = (letters, digits, upper, punct, spaces, double_spaces, newlines, backslashes, dense if dense > 0 else 0,
-         n2l, n2c, n2o, n3i, n3o, n4, 1.0 if length or n4 else 0.0)
-    if scale != 1.0:
-        return tuple(x * scale for x in f[:-1]) + (f[-1],)
-    return f
-
-
-#: ASCII strings up to this length use a 3-feature model (one translate, one count): the hot path of chats.
-SHORT_CHARS = 256
-# alphanumerics, punctuation + newlines, spaces, constant; fitted on the corpus's short ASCII texts.
-_SHORT_COEF = (0.1105, 1.0125, 0.4185, 0.6662)
-
-
-#: Strings of SHORT_CHARS..CACHE_MAX_CHARS characters are memoised by content (hash and length):
-#: conversations re-send their history and agents their tool definitions on every request.
-#: Longer strings are not: hashing them would cost more than their sampled estimate.
-CACHE_MAX_CHARS = SAMPLE_CHARS
-CACHE_ENTRIES = 8192
-_text_cache: dict[tuple[int, int], float] = {}
-
-
-def estimate_text_tokens(text: str) -> float:
-    """Estimated tokens of one string (a float; callers round once per request)."""
-    if not text:
-        return 0.0
-    n = len(text)
-    if n > SHORT_CHARS and n <= CACHE_MAX_CHARS:
-        # The key keeps no reference to the text; str caches its own hash, so a history
-        # re-sent as the same objects costs one dict lookup per message.
-        key = (hash(text), n)
-        cached = _text_cache.get(key)
-        if cached is None:
-            cached = _estimate_text(text)
-            if len(_text_cache) >= CACHE_ENTRIES:
-                _text_cache.clear()  # wholesale: cheaper than LRU bookkeeping on every hit
-            _text_cache[key] = cached
-        return cached
-    return _estimate_text(text)
-
-
-def _estimate_text(text: str) -> float:
-    if len(text) <= SHORT_CHARS and text.isascii():
-        ab = text.encode("ascii")
-        nonalnum = ab.translate(None, _ALNUM)
-        spaces = nonalnum.count(b" ")
-        c = _SHORT_COEF
-        t = c[0] * (len(ab) - len(nonalnum)) + c[1] * (len(nonalnum) - spaces) + c[2] * spaces + c[3]
-        return t if t > 1.0 else 1.0
-    t = 0.0
-    for ci, fi in zip(_COEF, _text_features(text)):
-        t += ci * fi
+    c = _COEF
+    t = (c[0] * (letters * scale) + c[1] * (digits * scale) + c[2] * (upper * scale) + c[3] * (punct * scale)
+         + c[4] * (spaces * scale) + c[5] * (ab.count(b"  ") * scale) + c[6] * (newlines * scale)
+         + c[7] * (nonalnum.count(b"\\") * scale) + c[8] * ((dense if dense > 0 else 0) * scale))
+    if non_ascii is not None:
+        n2l, n2c, n2o, n3i, n3o, n4 = non_ascii
+        t = (t + c[9] * (n2l * scale) + c[10] * (n2c * scale) + c[11] * (n2o * scale) + c[12] * (n3i * scale)
+             + c[13] * (n3o * scale) + c[14] * (n4 * scale))
+    t = t + c[15] * (1.0 if length or n4 else 0.0)
     return t if t > 1.0 else 1.0
 
 
@@ -393,14 +414,26 @@ def _as_mapping(value: Any) -> Any:
     return value
 
 
-def _add_source_image(acc: _Acc, source: Any, where: str) -> None:
+def _at(where: tuple[Any, ...]) -> str:
+    """The field path of `where` for error messages: ("messages", 0, "content") -> messages[0].content.
+
+    Paths are built as tuples and only formatted when an error is raised: valid requests
+    never pay for the text.
+    """
+    out = []
+    for part in where:
+        out.append(f"[{part}]" if type(part) is int else f".{part}" if out else part)
+    return "".join(out)
+
+
+def _add_source_image(acc: _Acc, source: Any, where: tuple[Any, ...]) -> None:
     if not isinstance(source, Mapping):
-        raise InvalidRequestParams(f"{where}.source must be an object, got {type(source).__name__}")
+        raise InvalidRequestParams(f"{_at(where)}.source must be an object, got {type(source).__name__}")
     dims = None
     if source.get("type") == "base64":
         data = source.get("data")
         if not isinstance(data, str):
-            raise InvalidRequestParams(f"{where}.source.data must be a base64 string, got {type(data).__name__}")
+            raise InvalidRequestParams(f"{_at(where)}.source.data must be a base64 string, got {type(data).__name__}")
         try:
             dims = _dims(_Bytes(data))
         except (IndexError, ValueError):
@@ -409,19 +442,19 @@ def _add_source_image(acc: _Acc, source: Any, where: str) -> None:
     acc.add(tokens, tokens)
 
 
-def _add_document(acc: _Acc, block: Mapping[str, Any], where: str) -> None:
+def _add_document(acc: _Acc, block: Mapping[str, Any], where: tuple[Any, ...]) -> None:
     for key in ("title", "context"):
         v = block.get(key)
         if isinstance(v, str):
             acc.text += estimate_text_tokens(v)
     source = block.get("source")
     if not isinstance(source, Mapping):
-        raise InvalidRequestParams(f"{where}.source must be an object, got {type(source).__name__}")
+        raise InvalidRequestParams(f"{_at(where)}.source must be an object, got {type(source).__name__}")
     kind = source.get("type")
     if kind == "text":
         data = source.get("data")
         if not isinstance(data, str):
-            raise InvalidRequestParams(f"{where}.source.data must be a string, got {type(data).__name__}")
+            raise InvalidRequestParams(f"{_at(where)}.source.data must be a string, got {type(data).__name__}")
         acc.text += estimate_text_tokens(data)
         return
     if kind == "content":
@@ -429,14 +462,14 @@ def _add_document(acc: _Acc, block: Mapping[str, Any], where: str) -> None:
         if isinstance(content, str):
             acc.text += estimate_text_tokens(content)
         else:
-            _add_blocks(acc, content, f"{where}.source.content")
+            _add_blocks(acc, content, (*where, "source", "content"))
         return
     pages = None
     size_pages = None
     if kind == "base64":
         data = source.get("data")
         if not isinstance(data, str):
-            raise InvalidRequestParams(f"{where}.source.data must be a base64 string, got {type(data).__name__}")
+            raise InvalidRequestParams(f"{_at(where)}.source.data must be a base64 string, got {type(data).__name__}")
         try:
             raw = base64.b64decode(data)
         except (binascii.Error, ValueError):
@@ -452,10 +485,10 @@ def _add_document(acc: _Acc, block: Mapping[str, Any], where: str) -> None:
         acc.add(PDF_UNKNOWN_PAGES[0] * per_page[0], PDF_UNKNOWN_PAGES[1] * per_page[1])
 
 
-def _add_tool_result_content(acc: _Acc, content: Any, where: str) -> None:
+def _add_tool_result_content(acc: _Acc, content: Any, where: tuple[Any, ...]) -> None:
     if content is None:
         return
-    if isinstance(content, str):
+    if type(content) is str or isinstance(content, str):
         acc.text += estimate_text_tokens(content)
     elif type(content) is list or (isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray))):
         _add_blocks(acc, content, where)
@@ -463,37 +496,63 @@ def _add_tool_result_content(acc: _Acc, content: Any, where: str) -> None:
         acc.text += estimate_text_tokens(_json_text(content))
 
 
-def _add_blocks(acc: _Acc, blocks: Any, where: str) -> None:
+_NO_INPUT: dict[str, Any] = {}
+"""What a tool_use block without `input` is measured as (never mutated)."""
+
+#: tool_use inputs measured, by identity: (input, tokens of its JSON).
+_input_cache: dict[int, tuple[Any, float]] = {}
+INPUT_CACHE_ENTRIES = 4096
+
+
+def _tool_input_tokens(value: Any) -> float:
+    """Tokens of a tool_use block's `input`, as its JSON.
+
+    An agent loop re-sends every earlier tool call with each request, as the same objects,
+    and encoding the JSON is most of the cost: a dict input is measured once per object
+    (the cache holds it, so its id is not reused meanwhile). As for tool definitions, an
+    input changed in place, keeping its identity, keeps its first estimate.
+    """
+    if type(value) is not dict:
+        return estimate_text_tokens(_json_text(value))
+    hit = _input_cache.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    tokens = estimate_text_tokens(_json_text(value))
+    if len(_input_cache) >= INPUT_CACHE_ENTRIES:
+        _input_cache.clear()
+    _input_cache[id(value)] = (value, tokens)
+    return tokens
+
+
+def _add_blocks(acc: _Acc, blocks: Any, where: tuple[Any, ...]) -> None:
     if type(blocks) is not list and (isinstance(blocks, (str, bytes, bytearray)) or not isinstance(blocks, Sequence)):
-        raise InvalidRequestParams(f"{where} must be a list of content blocks, got {type(blocks).__name__}")
+        raise InvalidRequestParams(f"{_at(where)} must be a list of content blocks, got {type(blocks).__name__}")
+    acc.fixed += BLOCK_OVERHEAD_TOKENS * len(blocks)
+    acc.fixed_upper += BLOCK_OVERHEAD_TOKENS * len(blocks)
     for i, raw in enumerate(blocks):
         b = raw if type(raw) is dict else _as_mapping(raw)
         if type(b) is not dict and not isinstance(b, Mapping):
-            raise InvalidRequestParams(f"{where}[{i}] must be a content block object, got {type(raw).__name__}")
-        acc.fixed += BLOCK_OVERHEAD_TOKENS
-        acc.fixed_upper += BLOCK_OVERHEAD_TOKENS
+            raise InvalidRequestParams(f"{_at(where)}[{i}] must be a content block object, got {type(raw).__name__}")
         kind = b.get("type")
         if kind == "text":
-            text = b.get("text")
-            if type(text) is not str and not isinstance(text, str):
-                raise InvalidRequestParams(f"{where}[{i}].text must be a string, got {type(text).__name__}")
-            acc.text += estimate_text_tokens(text)
-            continue
-        bw = f"{where}[{i}]"
-        if kind == "image":
-            _add_source_image(acc, b.get("source"), bw)
-        elif kind == "document":
-            _add_document(acc, b, bw)
+            value = b.get("text")
+            if type(value) is not str and not isinstance(value, str):
+                raise InvalidRequestParams(f"{_at(where)}[{i}].text must be a string, got {type(value).__name__}")
+            acc.text += estimate_text_tokens(value)
         elif kind == "tool_use" or kind == "server_tool_use":
             name = b.get("name")
             acc.text += estimate_text_tokens(name if isinstance(name, str) else "")
-            acc.text += estimate_text_tokens(_json_text(b.get("input", {})))
+            acc.text += _tool_input_tokens(b.get("input", _NO_INPUT))
         elif kind == "tool_result":
-            _add_tool_result_content(acc, b.get("content"), f"{bw}.content")
+            _add_tool_result_content(acc, b.get("content"), (*where, i, "content"))
+        elif kind == "image":
+            _add_source_image(acc, b.get("source"), (*where, i))
+        elif kind == "document":
+            _add_document(acc, b, (*where, i))
         elif kind == "thinking":
             thinking = b.get("thinking")
             if not isinstance(thinking, str):
-                raise InvalidRequestParams(f"{bw}.thinking must be a string, got {type(thinking).__name__}")
+                raise InvalidRequestParams(f"{_at(where)}[{i}].thinking must be a string, got {type(thinking).__name__}")
             acc.text += estimate_text_tokens(thinking)
         else:  # redacted_thinking, search_result, web_search_tool_result, future types
             acc.text += estimate_text_tokens(_json_text(b))
@@ -535,7 +594,7 @@ def _add_tools(acc: _Acc, tools: Any, tool_choice: Any) -> None:
     if type(choice) is not dict and not isinstance(choice, Mapping):
         raise InvalidRequestParams(f"tool_choice must be an object, got {type(tool_choice).__name__}")
     prompt = TOOL_SYSTEM_PROMPT_TOKENS.get(str(choice.get("type", "auto")), TOOL_SYSTEM_PROMPT_TOKENS["auto"])
-    acc.add(prompt, max(TOOL_SYSTEM_PROMPT_TOKENS.values()))
+    acc.add(prompt, _TOOL_SYSTEM_PROMPT_UPPER)
     for i, raw in enumerate(tools):
         t = raw if type(raw) is dict else _as_mapping(raw)
         if type(t) is not dict and not isinstance(t, Mapping):
@@ -597,7 +656,7 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
             elif content is None:
                 continue
             elif type(content) is list or (isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray))):
-                _add_blocks(acc, content, f"messages[{i}].content")
+                _add_blocks(acc, content, ("messages", i, "content"))
             else:
                 raise InvalidRequestParams(
                     f"messages[{i}].content must be a string or a list of content blocks, got {type(content).__name__}"
