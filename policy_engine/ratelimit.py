@@ -105,20 +105,34 @@ def _replenished(remaining: int | None, limit: int | None, reset_at: float | Non
     return min(limit, remaining + int(rate * (now - observed_at)))
 
 
+_WANTED = frozenset((*HEADERS, "retry-after"))
+_WANTED_BYTES = {name.encode("ascii"): name for name in _WANTED}
+
+
 def _relevant(headers: Mapping[str, str] | Any) -> dict[str, str]:
-    """The fast-mode headers and `retry-after`, by lower-case name, in one pass over the headers."""
+    """The six fast-mode headers and `retry-after`, by lower-case name, in one pass over the headers."""
+    entries = getattr(headers, "_list", None)
+    if type(entries) is list:
+        # httpx (and httpx2) Headers keep (raw key, lower-case key, value) bytes: one dict lookup
+        # per header, and only what we keep is decoded. Their `items()`, `raw` and each
+        # case-insensitive `get()` decode, copy or scan the whole list.
+        wanted = _WANTED_BYTES.get
+        found = {}
+        for entry in entries:
+            name = wanted(entry[1])
+            if name is not None:
+                found[name] = entry[2].decode("latin-1")
+        return found
     raw = getattr(headers, "raw", None)
     if isinstance(raw, list):
-        # httpx (and httpx2) Headers: scan the raw bytes and decode only what we keep; their
-        # `items()` and each case-insensitive `get()` decode or scan the whole list.
+        wanted = _WANTED_BYTES.get
         found = {}
         for key, value in raw:
-            key = key.lower()
-            if key.startswith(b"anthropic-fast-") or key == b"retry-after":
-                found[key.decode("latin-1")] = value.decode("latin-1")
+            name = wanted(key.lower())
+            if name is not None:
+                found[name] = value.decode("latin-1")
         return found
-    return {k: v for k, v in ((str(k).lower(), v) for k, v in headers.items())
-            if k.startswith("anthropic-fast-") or k == "retry-after"}
+    return {k: v for k, v in ((str(k).lower(), v) for k, v in headers.items()) if k in _WANTED}
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -157,35 +171,35 @@ def _parse_rfc3339(text: str) -> float:
 
 def parse_headers(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
     """The `FastRateLimit` fields a response's headers give, and the names of malformed headers."""
-    get = _relevant(headers).get
+    return _parse(_relevant(headers), now)
+
+
+def _parse(relevant: dict[str, Any], now: float) -> tuple[dict[str, Any], list[str]]:
     values: dict[str, Any] = {}
     bad: list[str] = []
-    for name, field_name in _COUNT_FIELDS.items():
-        raw = get(name)
-        if raw is None:
+    for name, raw in relevant.items():
+        field_name = _COUNT_FIELDS.get(name)
+        if field_name is not None:
+            try:
+                count = int(raw if type(raw) is str else str(raw))  # int() itself allows surrounding blanks
+            except ValueError:
+                bad.append(name)
+                continue
+            if count < 0:
+                bad.append(name)
+            else:
+                values[field_name] = count
             continue
-        try:
-            count = int(str(raw).strip())
-        except ValueError:
-            bad.append(name)
+        field_name = _RESET_FIELDS.get(name)
+        if field_name is not None:
+            try:
+                values[field_name] = _parse_rfc3339(str(raw))
+            except (ValueError, OverflowError, OSError):
+                bad.append(name)
             continue
-        if count < 0:
-            bad.append(name)
-            continue
-        values[field_name] = count
-    for name, field_name in _RESET_FIELDS.items():
-        raw = get(name)
-        if raw is None:
-            continue
-        try:
-            values[field_name] = _parse_rfc3339(str(raw))
-        except (ValueError, OverflowError, OSError):
-            bad.append(name)
-    raw = get("retry-after")
-    if raw is not None:
-        retry_after = parse_retry_after(str(raw), now)
+        retry_after = parse_retry_after(str(raw), now)  # the only other name _relevant keeps
         if retry_after is None:
-            bad.append("retry-after")
+            bad.append(name)
         else:
             values["retry_after_until"] = now + retry_after
     return values, bad
@@ -222,7 +236,7 @@ class RateLimitStore:
         if not relevant and not rate_limited:
             return False
         now = self._clock() if now is None else now
-        values, bad = parse_headers(relevant, now)
+        values, bad = _parse(relevant, now)
         for name in bad:
             telemetry.record_event(_BAD_HEADER_EVENT, {"policy_engine.header": name})
         if not rate_limited:
@@ -232,7 +246,7 @@ class RateLimitStore:
             values["last_429_at"] = now
         if not values:
             return False
-        resets = [values[k] for k in ("input_reset_at", "output_reset_at") if k in values]
+        input_reset, output_reset = values.get("input_reset_at"), values.get("output_reset_at")
         with self._lock:
             state = self._state.get(account)
             if state is None:
@@ -240,12 +254,15 @@ class RateLimitStore:
             else:
                 # Bring the buckets to `now` before moving `observed_at`, so fields this response
                 # does not mention keep the replenishment they earned; fresh counts then replace them.
-                state.input_tokens_remaining = state.input_remaining_at(now)
-                state.output_tokens_remaining = state.output_remaining_at(now)
+                if "input_tokens_remaining" not in values:
+                    state.input_tokens_remaining = state.input_remaining_at(now)
+                if "output_tokens_remaining" not in values:
+                    state.output_tokens_remaining = state.output_remaining_at(now)
             for name, value in values.items():
                 setattr(state, name, value)
-            if resets:
-                state.reset_at = max(resets)
+            if input_reset is not None or output_reset is not None:
+                state.reset_at = (input_reset if output_reset is None else output_reset if input_reset is None
+                                  else max(input_reset, output_reset))
             state.observed_at = now
         return True
 

@@ -45,6 +45,16 @@ def test_header_names_are_case_insensitive_in_plain_dicts() -> None:
     assert store.snapshot("a", T0)["input_tokens_remaining"] == 1_000
 
 
+def test_httpx_headers_read_the_same_as_a_dict_whatever_the_case() -> None:
+    headers = {**fast_headers(), "anthropic-fast-input-tokens-remaining": " 250 ",
+               "anthropic-fast-output-tokens-limit": "many", "retry-after": "3", "x-other": "1"}
+    from_httpx = parse_headers(httpx.Headers({k.title(): v for k, v in headers.items()}), T0)
+    assert from_httpx == parse_headers(headers, T0)
+    values, bad = from_httpx
+    assert values["input_tokens_remaining"] == 250 and values["retry_after_until"] == T0 + 3
+    assert bad == ["anthropic-fast-output-tokens-limit"] and "output_tokens_limit" not in values
+
+
 def test_rfc3339_offsets_and_fractions() -> None:
     values, bad = parse_headers({"anthropic-fast-input-tokens-reset": "2026-03-02T13:00:30.5+01:00"}, T0)
     assert bad == [] and values["input_reset_at"] == T0 + 30.5
