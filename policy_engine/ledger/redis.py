@@ -2,24 +2,35 @@
 
 Layout (all keys under `prefix`; ids are binary-safe, scope ids contain \\x1f):
 
-    s:<scope>   string "<spent> <reserved> <v>" (v counts changes); expires `window_margin_s` after the window
-    z:<scope>   zset   "<rid>|<amount>" -> expiry (epoch s): dropped lazily inside the scripts
-    r:<rid>     string msgpack ['R', exp, token, scope, amount, ...] while reserved, then ['S', token]
-                       for `settled_memory_s` once settled (so settling is idempotent)
+    s:<scope>   string "<spent> <reserved>"; expires `window_margin_s` after the window
+    x           zset   reservation id -> expiry (epoch s): every live reservation of the prefix
+    r:<rid>     string msgpack ['R', exp, token, scope, amount, ...] while reserved (it lives as long
+                       as its longest-lived scope), then ['S', token] for `settled_memory_s` once settled
+                       (so settling is idempotent)
 
-Why it is exact: a reservation's amount counts in a scope's `reserved` exactly while
-its id is a member of that scope's zset. Every path that removes the member
-(expiry, release, settle) subtracts the amount in the same script, and scripts run
-atomically, so no interleaving of workers can count it twice or lose it.
+Why it is exact: a reservation's amounts count in its scopes' `reserved` exactly while
+its id is a member of `x`. Every path that removes the member (expiry, release, settle,
+reuse of an expired id) subtracts the amounts in the same script, and scripts run
+atomically, so no interleaving of workers can count a reservation twice or lose it.
+
+Why it is cheap: Redis spends more on each command a script runs than on the command's
+work, so the scripts read every scope with one MGET, write each changed scope once, and
+read-and-write the reservation record with one SET ... GET: a reservation over two
+budgets runs 5 commands, its settlement 5. Expired reservations are swept from `x` by
+the reserve of any worker of the fleet (at most once a second per process, a bounded
+number per call), by `balances` and `expire()`, and whenever a reservation does not
+fit: an expired reservation can only ever make a reserve fail, and a failing reserve
+sweeps and checks again, so a reserve sees exactly what it would after a full sweep.
 
 Round trips: `reserve` and `settle` are one EVALSHA each. `balances` answers from
-what this process last saw (every script returns the balances it touched, ordered
-by the scope's change counter) when that is younger than `balances_max_age_s`, so a
-busy worker pays two round trips per request; enforcement never uses the cache.
-Calls made while another thread's call is in flight queue up and go together in
-one write on the process's own connection (group commit): throughput grows with
-concurrency instead of with connections. With `hiredis` installed the batches are
-packed and parsed by it directly.
+what this process last saw when that is younger than `balances_max_age_s`, so a busy
+worker pays two round trips per request; enforcement never uses that cache. Calls made
+while another call is in flight queue up and go together in one write on the process's
+own connection (group commit): throughput grows with concurrency instead of with
+connections. With `hiredis` installed the batches are packed and parsed by it directly.
+
+`RedisLedger` serves threads; `AsyncRedisLedger` serves coroutines on one event loop
+with the same scripts and keys, so sync and asyncio workers share budgets.
 
 Clocks: reservation expiry uses the caller's clock (`clock`, default `time.time`),
 so the fleet's clocks should agree to well within the reservation TTL (NTP does);
@@ -28,12 +39,13 @@ key TTLs use Redis's own clock and only collect garbage.
 When Redis cannot be reached in `timeout_s`, `reserve`/`balances` raise
 `StateUnavailable` (the engine then applies the policy's `on_state_unavailable`),
 and further calls fail fast until a backoff delay has passed. `settle` and `release`
-never raise for an outage: they go to a bounded journal that a background thread
-replays once Redis answers again (settling is idempotent, so replays are safe).
+never raise for an outage: they go to a bounded journal that a background thread (or
+task) replays once Redis answers again (settling is idempotent, so replays are safe).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -48,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
+import redis.asyncio as redis_asyncio
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
@@ -71,9 +84,9 @@ except ImportError:  # optional: redis-py's own packer and parser are used inste
 from .. import telemetry
 from ..errors import StateUnavailable
 from ..ratelimit import FastRateLimit, RateLimitStore
-from . import Balance, Charge, Ledger, ReserveResult, Scope
+from . import AsyncLedger, Balance, Charge, Ledger, ReserveResult, Scope
 
-__all__ = ["RedisLedger", "RedisRateLimitStore"]
+__all__ = ["RedisLedger", "AsyncRedisLedger", "RedisRateLimitStore"]
 
 log = logging.getLogger("policy_engine.ledger.redis")
 
@@ -85,232 +98,555 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ClusterDownError,
     TryAgainError,
     OSError,
+    asyncio.TimeoutError,
 )
 
 _LUA_COMMON = r"""
 local P = ARGV[1]
+local X = P .. 'x'
 
--- A scope is one string "spent reserved v": one GET and one SET per scope per script.
-local function load_scope(sid)
-  local raw = redis.call('GET', P .. 's:' .. sid)
-  if not raw then return {0, 0, 0, false} end
-  local spent, reserved, v = string.match(raw, '^(%-?%d+) (%-?%d+) (%d+)$')
-  return {tonumber(spent), tonumber(reserved), tonumber(v), true}
-end
-
--- Write a scope back, its change counter bumped; a new scope lives until its window ends (pxat).
-local function store_scope(sid, c, pxat)
-  c[3] = c[3] + 1
-  local value = string.format('%d %d %d', c[1], c[2], c[3])
-  if c[4] then
-    redis.call('SET', P .. 's:' .. sid, value, 'KEEPTTL')
-  elseif pxat then
-    redis.call('SET', P .. 's:' .. sid, value, 'PXAT', pxat)
-    c[4] = true
-  end
-end
-
--- Take the scope's reservations that expired by now out of its reserved amount; returns their members.
-local function expire_into(sid, c, now)
-  local z = P .. 'z:' .. sid
-  local stale = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  if #stale == 0 then return stale end
-  for _, m in ipairs(stale) do c[2] = c[2] - tonumber(string.match(m, '|(%d+)$')) end
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-  return stale
-end
-
--- A live reservation is {'R', exp, token, scope, amount, ...}; a settled one {'S', token}.
-local function read_record(rid)
-  local raw = redis.call('GET', P .. 'r:' .. rid)
-  if not raw then return nil end
-  return cmsgpack.unpack(raw)
-end
-
--- Take a reservation's members out of its scopes' zsets; returns scope -> amount they still held.
--- A member still present is an amount still counted: removing it is what uncounts it, exactly once.
-local function unhold(rid, rec)
-  local held = {}
-  for i = 4, #rec, 2 do
-    local sid, a = rec[i], rec[i + 1]
-    if redis.call('ZREM', P .. 'z:' .. sid, rid .. '|' .. a) == 1 then held[sid] = (held[sid] or 0) + tonumber(a) end
-  end
-  return held
-end
-
--- A scope as it stands now: its expired reservations dropped (and written back when there were any).
-local function sweep(sid, now)
-  local c = load_scope(sid)
-  local stale = expire_into(sid, c, now)
-  if #stale > 0 then store_scope(sid, c, nil) end
-  return c, stale
-end
-
--- Give back what was held in scopes the caller does not write itself.
-local function give_back(held)
-  local touched = {}
-  for sid, a in pairs(held) do
-    local c = load_scope(sid)
-    if c[4] then
-      c[2] = c[2] - a
-      store_scope(sid, c, nil)
-      touched[#touched + 1] = {sid, c}
+-- Scopes (distinct ids) -> {spent, reserved, exists}, with one MGET; a missing scope is 0 0.
+local function load(sids)
+  local keys = {}
+  for i = 1, #sids do keys[i] = P .. 's:' .. sids[i] end
+  local raws = redis.call('MGET', unpack(keys))
+  local st = {}
+  for i = 1, #sids do
+    local raw = raws[i]
+    if raw then
+      local spent, reserved = string.match(raw, '^(%-?%d+) (%-?%d+)')
+      st[sids[i]] = {tonumber(spent), tonumber(reserved), true}
+    else
+      st[sids[i]] = {0, 0, false}
     end
   end
-  return touched
+  return st
+end
+
+-- Write a scope back. A new scope lives until its window ends (pxat); without pxat a scope
+-- that is gone stays gone (it took the holds counted in it along when it expired).
+local function store(sid, c, pxat)
+  if c[3] then
+    redis.call('SET', P .. 's:' .. sid, string.format('%d %d', c[1], c[2]), 'KEEPTTL')
+  elseif pxat then
+    redis.call('SET', P .. 's:' .. sid, string.format('%d %d', c[1], c[2]), 'PXAT', pxat)
+    c[3] = true
+  end
+end
+
+-- Add what a live record {'R', exp, token, scope, amount, ...} holds to held (scope -> amount).
+local function holds(rec, held, order)
+  if rec[1] ~= 'R' then return end
+  for j = 4, #rec, 2 do
+    local sid = rec[j]
+    if not held[sid] then held[sid] = 0; order[#order + 1] = sid end
+    held[sid] = held[sid] + tonumber(rec[j + 1])
+  end
+end
+
+-- Uncount held amounts from their scopes; returns the scopes' states.
+local function give_back(held, order)
+  if #order == 0 then return {} end
+  local st = load(order)
+  for _, sid in ipairs(order) do
+    local c = st[sid]
+    if c[3] then
+      c[2] = c[2] - held[sid]
+      store(sid, c)
+    end
+  end
+  return st
+end
+
+-- Drop up to `limit` reservations expired by `now`; returns how many.
+local function sweep(now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', X, '-inf', now, 'LIMIT', 0, limit)
+  if #ids == 0 then return 0 end
+  redis.call('ZREM', X, unpack(ids))
+  local keys = {}
+  for i = 1, #ids do keys[i] = P .. 'r:' .. ids[i] end
+  local raws = redis.call('MGET', unpack(keys))
+  redis.call('DEL', unpack(keys))
+  local held, order = {}, {}
+  for i = 1, #ids do
+    if raws[i] then holds(cmsgpack.unpack(raws[i]), held, order) end
+  end
+  give_back(held, order)
+  return #ids
+end
+
+-- Every expired reservation, up to 10,000 per call: Redis serves nobody while a script runs.
+local function sweep_all(now)
+  local total = 0
+  for _ = 1, 10 do
+    local n = sweep(now, 1000)
+    total = total + n
+    if n < 1000 then break end
+  end
+  return total
 end
 """
 
-# ARGV: prefix, rid, now, exp, token, record expiry (ms), n, then n x (scope, amount, limit, scope expiry ms)
-# -> {status, failed index (1-based, 0 = none), n x (spent, reserved, v)}; status 1 ok, 0 does not fit, -1 id used
+# ARGV: prefix, rid, now, exp, token, record expiry (ms), sweep (1/0), n, then n x (scope, amount, limit, scope expiry ms)
+# -> {status, failed index (1-based, 0 = none), n x (spent, reserved)}; status 1 ok, 0 does not fit, -1 id used
 _RESERVE = _LUA_COMMON + r"""
-local rid, now, exp, tok, record_pxat, n = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
-local function arg(i, k) return ARGV[8 + 4 * (i - 1) + k] end  -- k: 0 scope, 1 amount, 2 limit, 3 expiry
-local rec = read_record(rid)
-if rec then
-  if rec[1] == 'S' then return {-1, 0} end
-  if rec[3] == tok then
-    -- This very call, retried after its reply was lost: it already succeeded.
-    local out = {1, 0}
-    for i = 1, n do
-      local c = load_scope(arg(i, 0))
-      out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
-    end
-    return out
-  end
-  if tonumber(rec[2]) > now then return {-1, 0} end
-  give_back(unhold(rid, rec))  -- expired: the id is free again
-end
-local scopes, views, failed = {}, {}, 0
+local rid, now, exp, tok, record_pxat, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[8])
+if ARGV[7] == '1' then sweep(now, 256) end
+local sids, sums, pxats = {}, {}, {}
 for i = 1, n do
-  local sid = arg(i, 0)
-  local c = scopes[sid]
-  if not c then
-    c = sweep(sid, now)
-    scopes[sid] = c
+  local b = 4 * i + 5
+  local sid = ARGV[b]
+  if not sums[sid] then
+    sums[sid] = 0; sids[#sids + 1] = sid; pxats[sid] = ARGV[b + 3]
   end
-  views[i] = {c[1], c[2]}
-  local amount = tonumber(arg(i, 1))
-  -- A zero charge always fits, even a scope already over its limit.
-  if failed == 0 and amount > 0 and c[1] + c[2] + amount > tonumber(arg(i, 2)) then failed = i end
+  sums[sid] = sums[sid] + tonumber(ARGV[b + 1])
+end
+-- The same scope twice in one reservation holds the sum, once.
+local record = {'R', exp, tok}
+for _, sid in ipairs(sids) do
+  if sums[sid] > 0 then record[#record + 1] = sid; record[#record + 1] = string.format('%d', sums[sid]) end
+end
+local key = P .. 'r:' .. rid
+local packed = cmsgpack.pack(record)
+local old = redis.call('SET', key, packed, 'NX', 'GET', 'PXAT', record_pxat)
+local function views(status, failed, st, added)
+  local out = {status, failed}
+  for i = 1, n do
+    local b = 4 * i + 5
+    local c = st[ARGV[b]]
+    out[#out + 1] = c[1]
+    if added then
+      out[#out + 1] = c[2] - sums[ARGV[b]] + tonumber(ARGV[b + 1])  -- as MemoryLedger: before + this charge
+    else
+      out[#out + 1] = c[2]
+    end
+  end
+  return out
+end
+if old then
+  local rec = cmsgpack.unpack(old)
+  if rec[1] == 'S' then return {-1, 0} end
+  if rec[3] == tok then return views(1, 0, load(sids), false) end  -- this very call, retried: it already succeeded
+  if tonumber(rec[2]) > tonumber(now) then return {-1, 0} end
+  -- Expired, not swept yet: its holds go and the id is free again.
+  if redis.call('ZREM', X, rid) == 1 then
+    local held, order = {}, {}
+    holds(rec, held, order)
+    give_back(held, order)
+  end
+  redis.call('SET', key, packed, 'PXAT', record_pxat)
+end
+local function first_over(st)
+  for i = 1, n do
+    local b = 4 * i + 5
+    local c, amount = st[ARGV[b]], tonumber(ARGV[b + 1])
+    -- A zero charge always fits, even a scope already over its limit.
+    if amount > 0 and c[1] + c[2] + amount > tonumber(ARGV[b + 2]) then return i end
+  end
+  return 0
+end
+local st = load(sids)
+local failed = first_over(st)
+if failed > 0 and sweep_all(now) > 0 then
+  st = load(sids)
+  failed = first_over(st)
 end
 if failed > 0 then
-  local out = {0, failed}
-  for i = 1, n do
-    out[#out + 1] = views[i][1]; out[#out + 1] = views[i][2]; out[#out + 1] = scopes[arg(i, 0)][3]
+  redis.call('DEL', key)  -- a reservation that did not fit holds nothing: its id stays free
+  return views(0, failed, st, false)
+end
+for _, sid in ipairs(sids) do
+  if sums[sid] > 0 then
+    local c = st[sid]
+    c[2] = c[2] + sums[sid]
+    store(sid, c, pxats[sid])
   end
-  return out
 end
--- The same scope twice in one reservation holds the sum, under one member.
-local sums, order = {}, {}
-for i = 1, n do
-  local sid = arg(i, 0)
-  if not sums[sid] then sums[sid] = 0; order[#order + 1] = i end
-  sums[sid] = sums[sid] + tonumber(arg(i, 1))
-end
-local record = {'R', exp, tok}
-for _, i in ipairs(order) do
-  local sid, pxat = arg(i, 0), arg(i, 3)
-  local c = scopes[sid]
-  local a = string.format('%d', sums[sid])
-  c[2] = c[2] + sums[sid]
-  store_scope(sid, c, pxat)
-  local z = P .. 'z:' .. sid
-  redis.call('ZADD', z, exp, rid .. '|' .. a)
-  redis.call('PEXPIREAT', z, pxat)
-  record[#record + 1] = sid; record[#record + 1] = a
-end
-redis.call('SET', P .. 'r:' .. rid, cmsgpack.pack(record), 'PXAT', record_pxat)
-local out = {1, 0}
-for i = 1, n do
-  out[#out + 1] = views[i][1]; out[#out + 1] = views[i][2] + tonumber(arg(i, 1)); out[#out + 1] = scopes[arg(i, 0)][3]
-end
-return out
+redis.call('ZADD', X, exp, rid)
+return views(1, 0, st, true)
 """
 
-# ARGV: prefix, rid, now, token, settled memory (ms), n, then n x (scope, amount, scope expiry ms)
-# -> {1 first settle | 0 already settled, n x (spent, reserved, v)}
+# ARGV: prefix, rid, token, settled memory (ms), n, then n x (scope, amount, scope expiry ms)
+# -> {1 first settle | 0 already settled, n x (spent, reserved)}
 _SETTLE = _LUA_COMMON + r"""
-local rid, now, tok, keep, n = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-local function arg(i, k) return ARGV[7 + 3 * (i - 1) + k] end  -- k: 0 scope, 1 amount, 2 expiry
-local rec = read_record(rid)
-if rec and rec[1] == 'S' then
-  local out = {0}
-  if rec[2] == tok then out[1] = 1 end  -- this very call, retried after its reply was lost
+local rid, tok, keep, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local key = P .. 'r:' .. rid
+local old = redis.call('SET', key, cmsgpack.pack({'S', tok}), 'PX', keep, 'GET')
+local sids, sums, pxats = {}, {}, {}
+for i = 1, n do
+  local b = 3 * i + 3
+  local sid = ARGV[b]
+  if not sums[sid] then
+    sums[sid] = 0; sids[#sids + 1] = sid; pxats[sid] = ARGV[b + 2]
+  end
+  sums[sid] = sums[sid] + tonumber(ARGV[b + 1])
+end
+local function views(status, st)
+  local out = {status}
   for i = 1, n do
-    local c = load_scope(arg(i, 0))
-    out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
+    local c = st[ARGV[3 * i + 3]]
+    out[#out + 1] = c[1]; out[#out + 1] = c[2]
   end
   return out
 end
-local held = {}
-if rec then held = unhold(rid, rec) end
-local scopes, order = {}, {}
-for i = 1, n do
-  local sid = arg(i, 0)
-  local c = scopes[sid]
-  if not c then
-    c = load_scope(sid)
-    expire_into(sid, c, now)
-    c[2] = c[2] - (held[sid] or 0)
-    held[sid] = nil
-    scopes[sid] = c
-    order[#order + 1] = i
-  end
-  c[1] = c[1] + tonumber(arg(i, 1))
+local rec = old and cmsgpack.unpack(old)
+if rec and rec[1] == 'S' then
+  -- Settled before: the first settle's token stays (its retry must still see success), nothing changes.
+  redis.call('SET', key, old, 'PX', keep)
+  local status = 0
+  if rec[2] == tok then status = 1 end
+  return views(status, load(sids))
 end
-for _, i in ipairs(order) do store_scope(arg(i, 0), scopes[arg(i, 0)], arg(i, 2)) end
-give_back(held)
-redis.call('SET', P .. 'r:' .. rid, cmsgpack.pack({'S', tok}), 'PX', keep)
-local out = {1}
-for i = 1, n do
-  local c = scopes[arg(i, 0)]
-  out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
+local held, order = {}, {}
+if rec and redis.call('ZREM', X, rid) == 1 then holds(rec, held, order) end
+for _, sid in ipairs(order) do
+  if not sums[sid] then sids[#sids + 1] = sid end
 end
-return out
+local st = load(sids)
+for _, sid in ipairs(sids) do
+  local c, h, s = st[sid], held[sid] or 0, sums[sid] or 0
+  if c[3] then c[2] = c[2] - h end
+  c[1] = c[1] + s
+  -- Spend is recorded even when the reservation expired or was never made: the money was spent.
+  if s > 0 or (h > 0 and c[3]) then store(sid, c, pxats[sid]) end
+end
+return views(1, st)
 """
 
-# ARGV: prefix, rid, now -> {1 released | 0 nothing live, then (scope, spent, reserved, v) per scope given back}
+# ARGV: prefix, rid, now -> {1 released | 0 nothing live, then (scope, spent, reserved) per scope given back}
 _RELEASE = _LUA_COMMON + r"""
 local rid, now = ARGV[2], tonumber(ARGV[3])
-local rec = read_record(rid)
-if not rec or rec[1] ~= 'R' then return {0} end
-local held = unhold(rid, rec)
-redis.call('DEL', P .. 'r:' .. rid)
+local key = P .. 'r:' .. rid
+local raw = redis.call('GET', key)
+if not raw then return {0} end
+local rec = cmsgpack.unpack(raw)
+if rec[1] ~= 'R' then return {0} end
+redis.call('DEL', key)
+if redis.call('ZREM', X, rid) == 0 then return {0} end
+local held, order = {}, {}
+holds(rec, held, order)
+local st = give_back(held, order)
 local out = {0}
-if next(held) ~= nil and tonumber(rec[2]) > now then out[1] = 1 end
-for _, t in ipairs(give_back(held)) do
-  out[#out + 1] = t[1]; out[#out + 1] = t[2][1]; out[#out + 1] = t[2][2]; out[#out + 1] = t[2][3]
+if tonumber(rec[2]) > now then out[1] = 1 end
+for _, sid in ipairs(order) do
+  local c = st[sid]
+  if c[3] then out[#out + 1] = sid; out[#out + 1] = c[1]; out[#out + 1] = c[2] end
 end
 return out
 """
 
-# ARGV: prefix, now, scopes... -> n x (spent, reserved, v)
+# ARGV: prefix, now, scopes... -> n x (spent, reserved)
 _BALANCES = _LUA_COMMON + r"""
-local now = tonumber(ARGV[2])
+sweep_all(ARGV[2])
+local keys = {}
+for i = 3, #ARGV do keys[#keys + 1] = P .. 's:' .. ARGV[i] end
+local raws = redis.call('MGET', unpack(keys))
 local out = {}
-for i = 3, #ARGV do
-  local c = sweep(ARGV[i], now)
-  out[#out + 1] = c[1]; out[#out + 1] = c[2]; out[#out + 1] = c[3]
+for i = 1, #keys do
+  local spent, reserved = 0, 0
+  if raws[i] then spent, reserved = string.match(raws[i], '^(%-?%d+) (%-?%d+)') end
+  out[#out + 1] = tonumber(spent); out[#out + 1] = tonumber(reserved)
 end
 return out
 """
 
-# ARGV: prefix, now, scopes... -> ids of the reservations that expired there
+# ARGV: prefix, now, limit -> how many reservations expired (the caller calls again while it is the limit)
 _EXPIRE = _LUA_COMMON + r"""
-local now = tonumber(ARGV[2])
-local gone = {}
-for i = 3, #ARGV do
-  local _, stale = sweep(ARGV[i], now)
-  for _, m in ipairs(stale) do gone[#gone + 1] = string.match(m, '^(.*)|%d+$') end
-end
-return gone
+return sweep(ARGV[2], tonumber(ARGV[3]))
 """
 
 _SCRIPTS = {"reserve": _RESERVE, "settle": _SETTLE, "release": _RELEASE, "balances": _BALANCES, "expire": _EXPIRE}
+_EXPIRE_BATCH = 1_000
+
+_Entry = tuple[str, str, str, tuple[Charge, ...]]
+"""A journaled call: kind ('settle' or 'release'), reservation id, call token, charges."""
 
 
-class RedisLedger(Ledger):
+class _Call:
+    """One script call on its way: arguments, then reply or error.
+
+    `sids` and `offset` tell the sender where the reply's balances are, so it can remember
+    them in order of execution (the connection runs calls in the order they were sent)."""
+
+    __slots__ = ("name", "args", "sids", "offset", "seen_at", "reply", "error", "event", "lead")
+
+    def __init__(self, name: str, args: Sequence[Any], sids: Sequence[str] | None = None, offset: int = 0,
+                 seen_at: float = 0.0) -> None:
+        self.name, self.args, self.sids, self.offset, self.seen_at = name, args, sids, offset, seen_at
+        self.reply: Any = None
+        self.error: BaseException | None = None
+        self.event: Any = None  # sync: a held threading.Lock while a follower waits; async: a Future
+        self.lead = False
+
+
+class _RedisLedgerCore:
+    """What `RedisLedger` and `AsyncRedisLedger` share: script arguments and replies, the balances
+    cache, outage backoff and the journal's bookkeeping. Only the transport differs."""
+
+    def _init_core(
+        self,
+        *,
+        prefix: str,
+        timeout_s: float,
+        clock: Callable[[], float],
+        settled_memory_s: float,
+        window_margin_s: float,
+        balances_max_age_s: float,
+        journal_max: int,
+        journal_path: str | os.PathLike[str] | None,
+        backoff_base_s: float,
+        backoff_max_s: float,
+    ) -> None:
+        if journal_max < 1:
+            raise ValueError("journal_max must be at least 1")
+        self.prefix = prefix
+        self._clock = clock
+        self._settled_ms = int(settled_memory_s * 1000)
+        self._margin_s = window_margin_s
+        self._max_age = balances_max_age_s
+        self._shas: dict[str, str] = {}
+        self._timeout_s = timeout_s
+        self._token_prefix = os.urandom(6).hex() + "-"
+        self._tokens = itertools.count()
+        self._next_sweep = 0.0
+        self._plain = False  # True: pack and parse through redis-py even when hiredis is installed
+        # sid -> (spent, reserved, seen at): written only by the sender, in the order Redis ran the calls.
+        self._cache: dict[str, tuple[int, int, float]] = {}
+        # Outage state: fail fast until _retry_at, doubling the wait up to backoff_max_s.
+        self._state_lock = threading.Lock()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._backoff_base = backoff_base_s
+        self._backoff_max = backoff_max_s
+        # Settlements and releases Redis did not take, oldest first.
+        self._journal: deque[_Entry] = deque()
+        self._journal_lock = threading.Lock()
+        self._journal_max = journal_max
+        self._journal_path = Path(journal_path) if journal_path is not None else None
+        self.journal_overflow = 0
+        """Entries the journal had no room for (each one logged at ERROR with its amounts)."""
+        self.journaled_total = 0
+        """Entries ever journaled by this instance (delivered or not)."""
+        if self._journal_path is not None and self._journal_path.exists():
+            self._load_journal(self._journal_path)
+
+    # -- script calls and their replies ---------------------------------------------------------
+
+    def _cached(self, scopes: Sequence[Scope], now: float) -> list[Balance] | None:
+        if self._max_age <= 0:
+            return None
+        cache, max_age, out = self._cache, self._max_age, []
+        for s in scopes:
+            hit = cache.get(s.id)
+            if hit is None or now - hit[2] >= max_age:
+                return None
+            out.append(Balance(hit[0], hit[1], s.limit))
+        return out
+
+    def _balances_call(self, scopes: Sequence[Scope], now: float) -> _Call:
+        sids = [s.id for s in scopes]
+        return _Call("balances", [self.prefix, repr(now), *sids], sids, 0, now)
+
+    @staticmethod
+    def _balances_result(scopes: Sequence[Scope], reply: Sequence[int]) -> list[Balance]:
+        return [Balance(reply[2 * i], reply[2 * i + 1], s.limit) for i, s in enumerate(scopes)]
+
+    def _reserve_call(self, reservation_id: str, charges: Sequence[Charge], ttl_s: float) -> _Call:
+        now = self._clock()
+        exp = now + ttl_s
+        margin = self._margin_s
+        sweep = "0"
+        if now >= self._next_sweep:
+            self._next_sweep, sweep = now + 1.0, "1"
+        record_pxat = exp + margin
+        args: list[Any] = [self.prefix, reservation_id, repr(now), repr(exp), self._token(), 0, sweep, len(charges)]
+        sids = []
+        for scope, amount in charges:
+            if type(amount) is not int or amount < 0:
+                _amount(amount)
+            end = scope.expires_at + margin
+            if end > record_pxat:
+                record_pxat = end
+            sid = scope.id
+            sids.append(sid)
+            # A window decided in the past (replays, tests, late settlements) still lives `margin` from now.
+            args += (sid, amount, scope.limit, int((end if end > now + margin else now + margin) * 1000))
+        args[5] = int(record_pxat * 1000)  # a record lives as long as its longest-lived scope
+        # The same scope twice reports per-charge views that are not the scope's state: not remembered.
+        return _Call("reserve", args, sids if len(set(sids)) == len(sids) else None, 2, now)
+
+    @staticmethod
+    def _reserve_result(reservation_id: str, charges: Sequence[Charge], reply: Sequence[int]) -> ReserveResult:
+        status = reply[0]
+        if status == -1:
+            raise ValueError(f"reservation id {reservation_id!r} was already used")
+        balances = tuple(Balance(reply[2 * i + 2], reply[2 * i + 3], s.limit) for i, (s, _) in enumerate(charges))
+        if status == 0:
+            return ReserveResult(False, balances, reply[1] - 1)
+        return ReserveResult(True, balances)
+
+    def _settle_call(self, reservation_id: str, charges: tuple[Charge, ...], token: str) -> _Call:
+        now = self._clock()
+        floor = now + self._margin_s
+        args: list[Any] = [self.prefix, reservation_id, token, self._settled_ms, len(charges)]
+        sids = []
+        for scope, amount in charges:
+            end = scope.expires_at + self._margin_s
+            sid = scope.id
+            sids.append(sid)
+            args += (sid, amount, int((end if end > floor else floor) * 1000))
+        return _Call("settle", args, sids, 1, now)
+
+    def _release_call(self, reservation_id: str) -> _Call:
+        now = self._clock()
+        return _Call("release", [self.prefix, reservation_id, repr(now)], None, -1, now)
+
+    def _remember(self, call: _Call) -> None:
+        """Balances a reply reported, as of when Redis ran the call (called by the sender, in order)."""
+        reply, cache, seen_at = call.reply, self._cache, call.seen_at
+        if call.offset < 0:  # release: (scope, spent, reserved) triples after the status
+            for i in range(1, len(reply) - 2, 3):
+                cache[_text(reply[i])] = (reply[i + 1], reply[i + 2], seen_at)
+        elif call.sids is not None and len(reply) > call.offset:
+            k = call.offset
+            for sid in call.sids:
+                cache[sid] = (reply[k], reply[k + 1], seen_at)
+                k += 2
+        if len(cache) > 100_000:
+            cache.clear()  # a long-lived worker sees new windows every day; old ones are dead weight
+
+    def _token(self) -> str:
+        # Tells a retried call from another call with the same reservation id; unique per process run.
+        return f"{self._token_prefix}{next(self._tokens)}"
+
+    @staticmethod
+    def _checked(charges: Sequence[Charge]) -> tuple[Charge, ...]:
+        charges = tuple(charges)
+        for _, amount in charges:
+            _amount(amount)  # refuse bad input now, not at replay time
+        return charges
+
+    # -- outages ----------------------------------------------------------------------------
+
+    def _fail_fast(self) -> None:
+        if self._retry_at and time.monotonic() < self._retry_at:
+            raise StateUnavailable(f"Redis ledger unavailable; next attempt in {self._retry_at - time.monotonic():.2f}s")
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._state_lock:
+            self._failures += 1
+            delay = min(self._backoff_max, self._backoff_base * 2 ** min(self._failures - 1, 16))
+            self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
+            first = self._failures == 1
+        if first:
+            log.warning("Redis ledger unreachable (%s); failing fast with backoff until it answers", exc)
+
+    def _recovered(self) -> bool:
+        """Forget the outage; True when there was one."""
+        with self._state_lock:
+            was = self._failures
+            self._failures, self._retry_at = 0, 0.0
+        if was:
+            log.warning("Redis ledger reachable again after %d failed attempts", was)
+        return bool(was)
+
+    def _after_send(self, batch: list[_Call]) -> bool:
+        """Backoff bookkeeping and the cache after a batch; True when Redis answered after an outage."""
+        failure = None
+        for call in batch:
+            if call.error is None:
+                if call.reply is not None and (call.sids is not None or call.offset < 0):
+                    self._remember(call)
+            elif failure is None and isinstance(call.error, _UNAVAILABLE):
+                failure = call.error
+        if failure is not None:
+            self._failed(failure)
+            return False
+        return bool(self._failures) and self._recovered()
+
+    @staticmethod
+    def _raise_for(call: _Call) -> Any:
+        if call.error is not None:
+            if isinstance(call.error, _UNAVAILABLE):
+                raise StateUnavailable(f"Redis ledger unavailable: {call.error}") from call.error
+            raise call.error
+        return call.reply
+
+    # -- journal ----------------------------------------------------------------------------
+
+    @property
+    def journal_size(self) -> int:
+        """Settlements and releases waiting for Redis."""
+        return len(self._journal)
+
+    def _journal_add(self, entry: _Entry, cause: BaseException) -> None:
+        with self._journal_lock:
+            if len(self._journal) >= self._journal_max:
+                self.journal_overflow += 1
+                log.error("ledger journal full (%d entries): %s of %s NOT recorded; charges: %s (cause: %s)",
+                          self._journal_max, entry[0], entry[1], _describe(entry[3]), cause)
+                telemetry.record_event("policy_engine.ledger.journal_overflow", {"policy_engine.reservation_id": entry[1]})
+                return
+            self._journal.append(entry)
+            self.journaled_total += 1
+            if self._journal_path is not None:
+                with self._journal_path.open("a", encoding="utf-8") as f:
+                    f.write(_encode_entry(entry) + "\n")
+        telemetry.record_event("policy_engine.ledger.journaled", {"policy_engine.journal.kind": entry[0]})
+
+    def _journal_head(self) -> _Entry | None:
+        with self._journal_lock:
+            return self._journal[0] if self._journal else None
+
+    def _journal_done(self, entry: _Entry) -> None:
+        with self._journal_lock:
+            if self._journal and self._journal[0] is entry:
+                self._journal.popleft()
+            if not self._journal:
+                self._rewrite_journal_file()
+
+    def _journal_undeliverable(self, entry: _Entry, exc: BaseException) -> None:
+        # Not an outage: replaying this entry can never succeed. Say so loudly and move on.
+        log.error("dropping journaled %s of %s after error %s; charges: %s", entry[0], entry[1], exc, _describe(entry[3]))
+        telemetry.record_event("policy_engine.ledger.journal_dropped", {"policy_engine.error": str(exc)})
+
+    def _load_journal(self, path: Path) -> None:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                self._journal.append(_decode_entry(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("%s:%d: unreadable journal line kept out of replay (%s): %r", path, number, exc, line)
+
+    def _rewrite_journal_file(self) -> None:
+        if self._journal_path is None:
+            return
+        tmp = self._journal_path.with_suffix(self._journal_path.suffix + ".tmp")
+        tmp.write_text("".join(_encode_entry(e) + "\n" for e in self._journal), encoding="utf-8")
+        os.replace(tmp, self._journal_path)
+
+    def _closing_with_journal(self) -> None:
+        log.error("closing with %d journaled ledger entries undelivered%s", len(self._journal),
+                  f" (kept in {self._journal_path})" if self._journal_path else " (lost)")
+
+    def _commands(self, calls: list[_Call]) -> list[tuple[Any, ...]]:
+        shas = self._shas
+        return [("EVALSHA", shas[c.name], 0, *c.args) for c in calls]
+
+
+def _parse_into(calls: list[_Call], replies: Sequence[Any]) -> None:
+    for call, reply in zip(calls, replies):
+        if isinstance(reply, _ReplyErrorTypes):
+            call.error = reply if isinstance(reply, RedisError) else _reply_error(str(reply))
+        else:
+            call.reply, call.error = reply, None
+
+
+_ReplyErrorTypes: tuple[type, ...] = (RedisError,) + ((_hiredis.ReplyError,) if _hiredis is not None else ())
+
+
+class RedisLedger(_RedisLedgerCore, Ledger):
     """Budgets shared by every process and machine pointing at one Redis primary.
 
     `client` is a `redis.Redis` you configured; otherwise one is built from `url`
@@ -340,8 +676,9 @@ class RedisLedger(Ledger):
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
     ) -> None:
-        if journal_max < 1:
-            raise ValueError("journal_max must be at least 1")
+        self._init_core(prefix=prefix, timeout_s=timeout_s, clock=clock, settled_memory_s=settled_memory_s,
+                        window_margin_s=window_margin_s, balances_max_age_s=balances_max_age_s, journal_max=journal_max,
+                        journal_path=journal_path, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
         if client is None:
             client = redis_lib.Redis.from_url(
                 url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
@@ -349,45 +686,16 @@ class RedisLedger(Ledger):
                 health_check_interval=0,
             )
         self.client = client
-        self.prefix = prefix
-        self._clock = clock
-        self._settled_ms = int(settled_memory_s * 1000)
-        self._margin_s = window_margin_s
-        self._max_age = balances_max_age_s
-        self._shas: dict[str, str] = {}
-        self._timeout_s = timeout_s
-        self._token_prefix = os.urandom(6).hex() + "-"
-        self._tokens = itertools.count()
         self._batch_lock = threading.Lock()
         self._queue: list[_Call] = []
         self._leading = False
         self._connection: Any = None
         self._pid = os.getpid()
-        self._plain = False  # True: pack and parse through redis-py even when hiredis is installed
         self._reader: Any = None
         self._buffer = bytearray(65536)
-        self._cache: dict[str, tuple[int, int, int, float]] = {}  # sid -> (v, spent, reserved, seen at)
-        self._cache_lock = threading.Lock()
-        # Outage state: fail fast until _retry_at, doubling the wait up to backoff_max_s.
-        self._state_lock = threading.Lock()
-        self._failures = 0
-        self._retry_at = 0.0
-        self._backoff_base = backoff_base_s
-        self._backoff_max = backoff_max_s
-        # Settlements and releases Redis did not take, oldest first.
-        self._journal: deque[tuple[str, str, str, tuple[Charge, ...]]] = deque()
-        self._journal_lock = threading.Lock()
-        self._journal_max = journal_max
-        self._journal_path = Path(journal_path) if journal_path is not None else None
-        self.journal_overflow = 0
-        """Entries the journal had no room for (each one logged at ERROR with its amounts)."""
-        self.journaled_total = 0
-        """Entries ever journaled by this instance (delivered or not)."""
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._flusher: threading.Thread | None = None
-        if self._journal_path is not None and self._journal_path.exists():
-            self._load_journal(self._journal_path)
         if self._journal:
             self._start_flusher()
 
@@ -395,77 +703,47 @@ class RedisLedger(Ledger):
 
     def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
         now = self._clock()
-        if self._max_age > 0:
-            with self._cache_lock:
-                hits = [self._cache.get(s.id) for s in scopes]
-            if all(h is not None and now - h[3] < self._max_age for h in hits):
-                return [Balance(h[1], h[2], s.limit) for h, s in zip(hits, scopes)]  # type: ignore[index]
-        reply = self._run("balances", [self.prefix, repr(now), *(s.id for s in scopes)])
-        views = self._remember([s.id for s in scopes], reply, 0, now)
-        return [Balance(spent, reserved, s.limit) for (spent, reserved), s in zip(views, scopes)]
+        cached = self._cached(scopes, now)
+        if cached is not None:
+            return cached
+        return self._balances_result(scopes, self._run(self._balances_call(scopes, now)))
 
     def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
-        now = self._clock()
-        exp = now + ttl_s
-        args: list[Any] = [self.prefix, reservation_id, repr(now), repr(exp), self._token(),
-                           int((exp + self._margin_s) * 1000), len(charges)]
-        for scope, amount in charges:
-            args += [scope.id, _amount(amount), scope.limit, self._scope_pexpireat(scope)]
-        reply = self._run("reserve", args)
-        status = int(reply[0])
-        if status == -1:
-            raise ValueError(f"reservation id {reservation_id!r} was already used")
-        views = self._remember([s.id for s, _ in charges], reply, 2, now)
-        balances = tuple(Balance(spent, reserved, s.limit) for (spent, reserved), (s, _) in zip(views, charges))
-        if status == 0:
-            return ReserveResult(False, balances, int(reply[1]) - 1)
-        return ReserveResult(True, balances)
+        return self._reserve_result(reservation_id, charges, self._run(self._reserve_call(reservation_id, charges, ttl_s)))
 
     def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
         """As the interface says; during an outage the settlement is journaled and True returned
         (the engine settles each decision once; a replay of an already-recorded one changes nothing)."""
-        charges = tuple(charges)
-        for _, amount in charges:
-            _amount(amount)  # refuse bad input now, not at replay time
+        charges = self._checked(charges)
         token = self._token()
         try:
-            return self._settle_now(reservation_id, charges, token)
+            return self._run(self._settle_call(reservation_id, charges, token))[0] == 1
         except StateUnavailable as exc:
             self._journal_add(("settle", reservation_id, token, charges), exc)
+            self._start_flusher()
             return True
 
     def release(self, reservation_id: str) -> bool:
         """As the interface says; during an outage the release is journaled and False returned
         (nothing was freed yet; the reservation also expires on its own)."""
         try:
-            return self._release_now(reservation_id)
+            return self._run(self._release_call(reservation_id))[0] == 1
         except StateUnavailable as exc:
             self._journal_add(("release", reservation_id, "", ()), exc)
+            self._start_flusher()
             return False
 
     def expire(self, now: float | None = None) -> int:
-        """Drop every scope's expired reservations now (they also go lazily as scopes are used).
-
-        Walks the prefix's zsets with SCAN: maintenance, not a request-path call."""
+        """Drop every reservation expired by `now` (they also go lazily as the fleet reserves)."""
         at = repr(self._clock() if now is None else now)
-        marker = _glob_escape(self.prefix) + "z:*"
-        skip = len(self.prefix.encode("utf-8")) + 2
-        dropped: set[bytes] = set()
-        try:
-            batch: list[bytes] = []
-            for key in self.client.scan_iter(match=marker, count=500):
-                batch.append(key[skip:])
-                if len(batch) == 200:
-                    dropped.update(self._run("expire", [self.prefix, at, *batch]))
-                    batch = []
-            if batch:
-                dropped.update(self._run("expire", [self.prefix, at, *batch]))
-        except _UNAVAILABLE as exc:
-            self._failed(exc)
-            raise StateUnavailable(f"Redis ledger unavailable: {exc}") from exc
-        with self._cache_lock:
-            self._cache.clear()  # the script reports ids, not the balances it changed
-        return len(dropped)
+        total = 0
+        while True:
+            dropped = self._run(_Call("expire", [self.prefix, at, _EXPIRE_BATCH]))
+            total += dropped
+            if dropped < _EXPIRE_BATCH:
+                break
+        self._cache.clear()  # the script reports a count, not the balances it changed
+        return total
 
     def close(self) -> None:
         """Try once more to deliver the journal, stop the replay thread, close the connections."""
@@ -473,8 +751,7 @@ class RedisLedger(Ledger):
             try:
                 self.flush_journal()
             except StateUnavailable:
-                log.error("closing with %d journaled ledger entries undelivered%s", len(self._journal),
-                          f" (kept in {self._journal_path})" if self._journal_path else " (lost)")
+                self._closing_with_journal()
         self._closed.set()
         self._wake.set()
         if self._flusher is not None:
@@ -485,11 +762,6 @@ class RedisLedger(Ledger):
 
     # -- journal ----------------------------------------------------------------------------
 
-    @property
-    def journal_size(self) -> int:
-        """Settlements and releases waiting for Redis."""
-        return len(self._journal)
-
     def flush_journal(self) -> int:
         """Deliver journaled entries now, oldest first; returns how many were delivered.
 
@@ -498,47 +770,19 @@ class RedisLedger(Ledger):
         delivered = 0
         with self._state_lock:
             self._retry_at = 0.0  # asked to try now: skip what is left of the backoff
-        while True:
-            with self._journal_lock:
-                if not self._journal:
-                    break
-                kind, rid, token, charges = self._journal[0]
+        while (entry := self._journal_head()) is not None:
+            kind, rid, token, charges = entry
             try:
-                if kind == "settle":
-                    self._settle_now(rid, charges, token)
-                else:
-                    self._release_now(rid)
+                self._run(self._settle_call(rid, charges, token) if kind == "settle" else self._release_call(rid))
             except StateUnavailable:
                 raise
             except RedisError as exc:
-                # Not an outage: replaying this entry can never succeed. Say so loudly and move on.
-                log.error("dropping journaled %s of %s after error %s; charges: %s", kind, rid, exc, _describe(charges))
-                telemetry.record_event("policy_engine.ledger.journal_dropped", {"policy_engine.error": str(exc)})
-            with self._journal_lock:
-                if self._journal and self._journal[0][1] == rid:
-                    self._journal.popleft()
-                if not self._journal:
-                    self._rewrite_journal_file()
+                self._journal_undeliverable(entry, exc)
+            self._journal_done(entry)
             delivered += 1
         if delivered:
             log.info("delivered %d journaled ledger entries", delivered)
         return delivered
-
-    def _journal_add(self, entry: tuple[str, str, str, tuple[Charge, ...]], cause: BaseException) -> None:
-        with self._journal_lock:
-            if len(self._journal) >= self._journal_max:
-                self.journal_overflow += 1
-                log.error("ledger journal full (%d entries): %s of %s NOT recorded; charges: %s (cause: %s)",
-                          self._journal_max, entry[0], entry[1], _describe(entry[3]), cause)
-                telemetry.record_event("policy_engine.ledger.journal_overflow", {"policy_engine.reservation_id": entry[1]})
-                return
-            self._journal.append(entry)
-            self.journaled_total += 1
-            if self._journal_path is not None:
-                with self._journal_path.open("a", encoding="utf-8") as f:
-                    f.write(_encode_entry(entry) + "\n")
-        telemetry.record_event("policy_engine.ledger.journaled", {"policy_engine.journal.kind": entry[0]})
-        self._start_flusher()
 
     def _start_flusher(self) -> None:
         with self._journal_lock:
@@ -569,68 +813,16 @@ class RedisLedger(Ledger):
                     self._flusher = None
                     return
 
-    def _load_journal(self, path: Path) -> None:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                self._journal.append(_decode_entry(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("%s:%d: unreadable journal line kept out of replay (%s): %r", path, number, exc, line)
-
-    def _rewrite_journal_file(self) -> None:
-        if self._journal_path is None:
-            return
-        tmp = self._journal_path.with_suffix(self._journal_path.suffix + ".tmp")
-        tmp.write_text("".join(_encode_entry(e) + "\n" for e in self._journal), encoding="utf-8")
-        os.replace(tmp, self._journal_path)
-
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _settle_now(self, rid: str, charges: tuple[Charge, ...], token: str) -> bool:
-        now = self._clock()
-        args: list[Any] = [self.prefix, rid, repr(now), token, self._settled_ms, len(charges)]
-        for scope, amount in charges:
-            args += [scope.id, amount, self._scope_pexpireat(scope)]
-        reply = self._run("settle", args)
-        self._remember([s.id for s, _ in charges], reply, 1, now)
-        return int(reply[0]) == 1
-
-    def _release_now(self, rid: str) -> bool:
-        now = self._clock()
-        reply = self._run("release", [self.prefix, rid, repr(now)])
-        rows = reply[1:]
-        sids = [_text(rows[i]) for i in range(0, len(rows), 4)]
-        flat = [x for i in range(0, len(rows), 4) for x in rows[i + 1:i + 4]]
-        self._remember(sids, flat, 0, now)
-        return int(reply[0]) == 1
-
-    def _scope_pexpireat(self, scope: Scope) -> int:
-        # A window decided in the past (replays, tests, late settlements) still lives `margin` from now.
-        return int((max(scope.expires_at, self._clock()) + self._margin_s) * 1000)
-
-    def _remember(self, sids: Sequence[str], reply: Sequence[Any], start: int, now: float) -> list[tuple[int, int]]:
-        views = []
-        with self._cache_lock:
-            for i, sid in enumerate(sids):
-                spent, reserved, version = (int(x) for x in reply[start + 3 * i:start + 3 * i + 3])
-                views.append((spent, reserved))
-                cached = self._cache.get(sid)
-                if cached is None or version >= cached[0]:
-                    self._cache[sid] = (version, spent, reserved, now)
-            if len(self._cache) > 100_000:
-                self._cache.clear()  # a long-lived worker sees new windows every day; old ones are dead weight
-        return views
-
-    def _run(self, name: str, args: Sequence[Any]) -> Any:
+    def _run(self, call: _Call) -> Any:
         """One script call. Concurrent callers share round trips: whoever finds no call in flight
         sends its own at once; calls that arrive meanwhile queue up and go together as one
         pipeline when it returns (group commit), so threads add throughput instead of GIL churn."""
         if self._pid != os.getpid():
             self._forked()
-        if self._retry_at and time.monotonic() < self._retry_at:
-            raise StateUnavailable(f"Redis ledger unavailable; next attempt in {self._retry_at - time.monotonic():.2f}s")
-        call = _Call(name, args)
+        if self._retry_at:
+            self._fail_fast()
         with self._batch_lock:
             self._queue.append(call)
             lead = not self._leading
@@ -642,7 +834,7 @@ class RedisLedger(Ledger):
                 call.event.acquire()
         if not lead:
             # Long enough for the batch in flight and then ours, each bounded by the socket timeout.
-            if not call.event.acquire(timeout=2 * self._timeout_s + 0.5):  # type: ignore[union-attr]
+            if not call.event.acquire(timeout=2 * self._timeout_s + 0.5):
                 with self._batch_lock:
                     if not call.lead:
                         if call in self._queue:
@@ -652,9 +844,7 @@ class RedisLedger(Ledger):
         if lead:
             self._lead()
         if call.error is not None:
-            if isinstance(call.error, _UNAVAILABLE):
-                raise StateUnavailable(f"Redis ledger unavailable: {call.error}") from call.error
-            raise call.error
+            return self._raise_for(call)
         return call.reply
 
     def _forked(self) -> None:
@@ -680,7 +870,7 @@ class RedisLedger(Ledger):
                 # Hand over to the oldest waiter: it is awake next anyway, and we return at once.
                 successor = self._queue[0]
                 successor.lead = True
-                successor.event.release()  # type: ignore[union-attr]
+                successor.event.release()
             else:
                 self._leading = False
         for call in batch:
@@ -689,6 +879,8 @@ class RedisLedger(Ledger):
 
     def _send(self, batch: list[_Call]) -> None:
         try:
+            for name in {c.name for c in batch if c.name not in self._shas}:
+                self._load(name)
             try:
                 self._roundtrip(batch)
             except RedisConnectionError:
@@ -704,11 +896,8 @@ class RedisLedger(Ledger):
         except _UNAVAILABLE as exc:
             for call in batch:
                 call.error = exc
-        failures = [c.error for c in batch if c.error is not None and isinstance(c.error, _UNAVAILABLE)]
-        if failures:
-            self._failed(failures[0])
-        elif self._failures:
-            self._recovered()
+        if self._after_send(batch) and self._journal:
+            self._start_flusher()
 
     def _roundtrip(self, calls: list[_Call]) -> None:
         """All the calls in one write and one read, on a connection of our own.
@@ -722,7 +911,7 @@ class RedisLedger(Ledger):
             # Only the leader sends, one batch at a time: one connection is enough.
             pool = self.client.connection_pool
             connection = self._connection = pool.connection_class(**pool.connection_kwargs)
-        commands = [("EVALSHA", self._sha(c.name), 0, *c.args) for c in calls]
+        commands = self._commands(calls)
         if _hiredis is None or self._plain:
             self._roundtrip_redis_py(connection, calls, commands)
             return
@@ -731,9 +920,10 @@ class RedisLedger(Ledger):
                 connection.connect()
                 self._reader = _hiredis.Reader()
             sock = connection._sock
-            sock.sendall(b"".join(map(_hiredis.pack_command, commands)))
-            reader, buffer, got = self._reader, self._buffer, 0
-            while got < len(calls):
+            pack = _hiredis.pack_command
+            sock.sendall(b"".join([pack(c) for c in commands]))
+            reader, buffer, replies, wanted = self._reader, self._buffer, [], len(calls)
+            while len(replies) < wanted:
                 reply = reader.gets()
                 if reply is False:
                     size = sock.recv_into(buffer)
@@ -741,12 +931,7 @@ class RedisLedger(Ledger):
                         raise RedisConnectionError("Redis closed the connection")
                     reader.feed(buffer, 0, size)
                     continue
-                call = calls[got]
-                if isinstance(reply, _hiredis.ReplyError):
-                    call.error = _reply_error(str(reply))
-                else:
-                    call.reply, call.error = reply, None
-                got += 1
+                replies.append(reply)
         except BaseException as exc:
             connection.disconnect()  # mid-reply: nothing more can be read from it; reconnects on next use
             if isinstance(exc, TimeoutError):  # socket.timeout
@@ -754,6 +939,7 @@ class RedisLedger(Ledger):
             if isinstance(exc, OSError):
                 raise RedisConnectionError(f"Redis connection failed: {exc}") from exc
             raise
+        _parse_into(calls, replies)
 
     @staticmethod
     def _roundtrip_redis_py(connection: Any, calls: list[_Call], commands: list[tuple[Any, ...]]) -> None:
@@ -769,46 +955,269 @@ class RedisLedger(Ledger):
             connection.disconnect()
             raise
 
-    def _token(self) -> str:
-        # Tells a retried call from another call with the same reservation id; unique per process run.
-        return f"{self._token_prefix}{next(self._tokens)}"
-
-    def _sha(self, name: str) -> str:
-        return self._shas.get(name) or self._load(name)
-
     def _load(self, name: str) -> str:
         sha = self.client.script_load(_SCRIPTS[name])
         self._shas[name] = sha
         return sha
 
-    def _failed(self, exc: BaseException) -> None:
-        with self._state_lock:
-            self._failures += 1
-            delay = min(self._backoff_max, self._backoff_base * 2 ** min(self._failures - 1, 16))
-            self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
-            first = self._failures == 1
-        if first:
-            log.warning("Redis ledger unreachable (%s); failing fast with backoff until it answers", exc)
 
-    def _recovered(self) -> None:
-        with self._state_lock:
-            was = self._failures
-            self._failures, self._retry_at = 0, 0.0
-        if was:
-            log.warning("Redis ledger reachable again after %d failed attempts", was)
+class AsyncRedisLedger(_RedisLedgerCore, AsyncLedger):
+    """`RedisLedger` for asyncio: the same scripts, keys, guarantees and outage behaviour, awaited.
+
+    Use it from one event loop. Calls made while a batch is in flight go together in the
+    next one, on one connection of its own (group commit, as the threaded ledger does).
+    `client` is a `redis.asyncio.Redis` you configured, otherwise one is built from `url`.
+    The journal of an outage is replayed by a task on the loop of the call that filled it;
+    `await close()` tries once more to deliver it.
+    """
+
+    def __init__(
+        self,
+        client: redis_asyncio.Redis | None = None,
+        *,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "pe:",
+        timeout_s: float = 0.25,
+        clock: Callable[[], float] = time.time,
+        settled_memory_s: float = 86_400.0,
+        window_margin_s: float = 86_400.0,
+        balances_max_age_s: float = 1.0,
+        journal_max: int = 100_000,
+        journal_path: str | os.PathLike[str] | None = None,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self._init_core(prefix=prefix, timeout_s=timeout_s, clock=clock, settled_memory_s=settled_memory_s,
+                        window_margin_s=window_margin_s, balances_max_age_s=balances_max_age_s, journal_max=journal_max,
+                        journal_path=journal_path, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
+        if client is None:
+            client = redis_asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                  health_check_interval=0)
+        self.client = client
+        self._queue: list[_Call] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._connection: Any = None
+        self._reader: Any = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+
+    # -- the AsyncLedger interface ----------------------------------------------------------
+
+    async def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
+        now = self._clock()
+        cached = self._cached(scopes, now)
+        if cached is not None:
+            return cached
+        return self._balances_result(scopes, await self._run(self._balances_call(scopes, now)))
+
+    async def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
+        reply = await self._run(self._reserve_call(reservation_id, charges, ttl_s))
+        return self._reserve_result(reservation_id, charges, reply)
+
+    async def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
+        """As `RedisLedger.settle`: during an outage the settlement is journaled and True returned."""
+        charges = self._checked(charges)
+        token = self._token()
+        try:
+            return (await self._run(self._settle_call(reservation_id, charges, token)))[0] == 1
+        except StateUnavailable as exc:
+            self._journal_add(("settle", reservation_id, token, charges), exc)
+            self._start_flusher()
+            return True
+
+    async def release(self, reservation_id: str) -> bool:
+        """As `RedisLedger.release`: during an outage the release is journaled and False returned."""
+        try:
+            return (await self._run(self._release_call(reservation_id)))[0] == 1
+        except StateUnavailable as exc:
+            self._journal_add(("release", reservation_id, "", ()), exc)
+            self._start_flusher()
+            return False
+
+    async def expire(self, now: float | None = None) -> int:
+        """Drop every reservation expired by `now` (they also go lazily as the fleet reserves)."""
+        at = repr(self._clock() if now is None else now)
+        total = 0
+        while True:
+            dropped = await self._run(_Call("expire", [self.prefix, at, _EXPIRE_BATCH]))
+            total += dropped
+            if dropped < _EXPIRE_BATCH:
+                break
+        self._cache.clear()
+        return total
+
+    async def close(self) -> None:
+        """Try once more to deliver the journal, stop the replay task, close the connections."""
         if self._journal:
+            try:
+                await self.flush_journal()
+            except StateUnavailable:
+                self._closing_with_journal()
+        self._closed = True
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+        if self._sender is not None and not self._sender.done():
+            await asyncio.wait([self._sender], timeout=2 * self._timeout_s + 0.5)
+        if self._connection is not None:
+            await self._connection.disconnect()
+        await self.client.aclose()
+
+    # -- journal ----------------------------------------------------------------------------
+
+    async def flush_journal(self) -> int:
+        """Deliver journaled entries now, oldest first; returns how many were delivered.
+
+        Raises `StateUnavailable` (after keeping the rest) when Redis is still unreachable.
+        """
+        delivered = 0
+        with self._state_lock:
+            self._retry_at = 0.0  # asked to try now: skip what is left of the backoff
+        while (entry := self._journal_head()) is not None:
+            kind, rid, token, charges = entry
+            try:
+                await self._run(self._settle_call(rid, charges, token) if kind == "settle" else self._release_call(rid))
+            except StateUnavailable:
+                raise
+            except RedisError as exc:
+                self._journal_undeliverable(entry, exc)
+            self._journal_done(entry)
+            delivered += 1
+        if delivered:
+            log.info("delivered %d journaled ledger entries", delivered)
+        return delivered
+
+    def _start_flusher(self) -> None:
+        if self._closed:
+            return
+        if self._flusher is not None and not self._flusher.done():
+            if self._wake is not None:
+                self._wake.set()
+            return
+        self._wake = asyncio.Event()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="policy-engine-ledger-journal")
+
+    async def _flush_loop(self) -> None:
+        assert self._wake is not None
+        while not self._closed and self._journal:
+            wait = max(self._retry_at - time.monotonic(), self._backoff_base)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._closed or time.monotonic() < self._retry_at:
+                continue
+            try:
+                await self.flush_journal()
+            except StateUnavailable:
+                continue
+            except Exception:  # noqa: BLE001 - the task must outlive any surprise; the entries stay
+                log.exception("ledger journal replay failed")
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _run(self, call: _Call) -> Any:
+        """One script call; calls made while a batch is in flight go together in the next one."""
+        if self._retry_at:
+            self._fail_fast()
+        call.event = asyncio.get_running_loop().create_future()
+        self._queue.append(call)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_queued())
+        await call.event
+        if call.error is not None:
+            return self._raise_for(call)
+        return call.reply
+
+    async def _send_queued(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._send(batch)
+            except BaseException as exc:  # whatever happens, the callers must wake
+                for call in batch:
+                    if call.error is None and call.reply is None:
+                        call.error = exc if isinstance(exc, Exception) else RedisConnectionError(repr(exc))
+                if not isinstance(exc, Exception):
+                    for call in batch + self._queue:
+                        if not call.event.done():
+                            call.event.set_result(None)
+                    raise
+            for call in batch:
+                if not call.event.done():  # a caller cancelled meanwhile has a done future
+                    call.event.set_result(None)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            # Script loads and one reconnect at most, each bounded by the socket timeout.
+            await asyncio.wait_for(self._deliver(batch), self._timeout_s * 2 + 0.5)
+        except _UNAVAILABLE as exc:
+            if isinstance(exc, asyncio.TimeoutError) and self._connection is not None:
+                await self._connection.disconnect()  # a reply may still come: never read it as another's
+            for call in batch:
+                call.error = exc
+        if self._after_send(batch) and self._journal:
             self._start_flusher()
 
+    async def _deliver(self, batch: list[_Call]) -> None:
+        for name in {c.name for c in batch if c.name not in self._shas}:
+            self._shas[name] = await self.client.script_load(_SCRIPTS[name])
+        try:
+            await self._roundtrip(batch)
+        except RedisConnectionError:
+            await self._roundtrip(batch)  # a connection that died since its last use: one fresh try
+        stale = [c for c in batch if isinstance(c.error, NoScriptError)]
+        if stale:  # a restarted (or flushed) Redis forgot the scripts
+            for name in {c.name for c in stale}:
+                self._shas[name] = await self.client.script_load(_SCRIPTS[name])
+            await self._roundtrip(stale)
 
-class _Call:
-    __slots__ = ("name", "args", "reply", "error", "event", "lead")
-
-    def __init__(self, name: str, args: Sequence[Any]) -> None:
-        self.name, self.args = name, args
-        self.reply: Any = None
-        self.error: BaseException | None = None
-        self.event: Any = None  # a held threading.Lock while a follower waits
-        self.lead = False
+    async def _roundtrip(self, calls: list[_Call]) -> None:
+        connection = self._connection
+        if connection is None:
+            pool = self.client.connection_pool
+            connection = self._connection = pool.connection_class(**pool.connection_kwargs)
+        commands = self._commands(calls)
+        try:
+            if _hiredis is None or self._plain:
+                if not connection.is_connected:
+                    await connection.connect()
+                await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                for call in calls:
+                    try:
+                        call.reply, call.error = await connection.read_response(), None
+                    except ResponseError as exc:  # the reply was an error; the connection is fine
+                        call.error = exc
+                return
+            if not connection.is_connected:
+                await connection.connect()
+                self._reader = _hiredis.Reader()
+            pack = _hiredis.pack_command
+            connection._writer.write(b"".join([pack(c) for c in commands]))
+            await connection._writer.drain()
+            reader, stream, replies, wanted = self._reader, connection._reader, [], len(calls)
+            while len(replies) < wanted:
+                reply = reader.gets()
+                if reply is False:
+                    data = await asyncio.wait_for(stream.read(65536), self._timeout_s)
+                    if not data:
+                        raise RedisConnectionError("Redis closed the connection")
+                    reader.feed(data)
+                    continue
+                replies.append(reply)
+        except BaseException as exc:
+            await connection.disconnect()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise RedisTimeoutError(f"no reply from Redis within {self._timeout_s}s") from exc
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"Redis connection failed: {exc}") from exc
+            raise
+        _parse_into(calls, replies)
 
 
 _ERROR_PREFIXES: tuple[tuple[str, type[RedisError]], ...] = (
@@ -841,10 +1250,6 @@ def _decode_state(reply: Mapping[Any, Any] | Sequence[Any]) -> FastRateLimit:
         # int fields (limits, remaining counts) stay ints; times are floats.
         setattr(state, name, int(value) if "int" in str(spec.type) and "." not in value else float(value))
     return state
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _amount(amount: int) -> int:
