@@ -1,26 +1,73 @@
 """One suite, every ledger backend: memory, SQLite and Redis must not drift apart.
 
 Each test runs against each backend through the `Ledger` interface only, with a
-controllable clock, so expiry is tested without sleeping. The Redis backend runs
+controllable clock, so expiry is tested without sleeping. The Redis backends run
 against a real private redis-server (tests/_redis.py); SQLite against a real file.
+The asyncio Redis ledger (`AsyncLedger`) runs the same tests through `OnALoop`, which
+awaits each call on an event loop of its own: test threads become concurrent coroutines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 from _redis import redis_prefix, redis_server  # noqa: F401  (pytest fixtures)
-from policy_engine.ledger import Ledger, MemoryLedger, Scope
+from policy_engine.ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope
 
 HAS_SQLITE = importlib.util.find_spec("policy_engine.ledger.sqlite") is not None
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "redis-asyncio"]
+T = TypeVar("T")
+
+
+class EventLoopThread:
+    """An event loop running in a thread of its own, for sync code to await on."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class OnALoop(Ledger):
+    """An `AsyncLedger` behind the `Ledger` interface: each call is awaited on `loop`."""
+
+    def __init__(self, ledger: AsyncLedger, loop: EventLoopThread) -> None:
+        self.ledger, self._loop = ledger, loop
+
+    def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
+        return self._loop.run(self.ledger.balances(scopes))
+
+    def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
+        return self._loop.run(self.ledger.reserve(reservation_id, charges, ttl_s=ttl_s))
+
+    def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
+        return self._loop.run(self.ledger.settle(reservation_id, charges))
+
+    def release(self, reservation_id: str) -> bool:
+        return self._loop.run(self.ledger.release(reservation_id))
+
+    def expire(self, now: float | None = None) -> int:
+        return self._loop.run(self.ledger.expire(now))
+
+    def close(self) -> None:
+        self._loop.run(self.ledger.close())
 
 
 class Clock:
@@ -56,13 +103,24 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Ca
         def factory() -> Ledger:
             made.append(make_sqlite(tmp_path / "ledger.db", clock))
             return made[-1]
-    else:
+    elif request.param == "redis":
         server = request.getfixturevalue("redis_server")
         prefix = request.getfixturevalue("redis_prefix")
         from policy_engine.ledger.redis import RedisLedger
 
         def factory() -> Ledger:
             made.append(RedisLedger(url=server.url, prefix=prefix, clock=clock, timeout_s=5.0))
+            return made[-1]
+    else:
+        server = request.getfixturevalue("redis_server")
+        prefix = request.getfixturevalue("redis_prefix")
+        from policy_engine.ledger.redis import AsyncRedisLedger
+
+        loop = EventLoopThread()
+        request.addfinalizer(loop.stop)  # after the ledgers are closed (finalizers run last-in first-out)
+
+        def factory() -> Ledger:
+            made.append(OnALoop(AsyncRedisLedger(url=server.url, prefix=prefix, clock=clock, timeout_s=5.0), loop))
             return made[-1]
     yield factory, clock
     for ledger in made:

@@ -1,4 +1,5 @@
-"""RedisLedger beyond the shared semantics: key layout and TTLs, round trips, outages and the journal.
+"""RedisLedger and AsyncRedisLedger beyond the shared semantics: key layout and TTLs, round trips,
+outages and the journal, sync and asyncio workers on one budget.
 
 Everything runs against real redis-server processes (tests/_redis.py). Outages are
 real too: a private server is killed, restarted, or paused with CLIENT PAUSE.
@@ -6,6 +7,7 @@ real too: a private server is killed, restarted, or paused with CLIENT PAUSE.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from _redis import RedisServer, fleet_policy, redis_prefix, redis_server  # noqa
 from policy_engine.decide import Engine, load
 from policy_engine.errors import StateUnavailable
 from policy_engine.ledger import Scope
-from policy_engine.ledger.redis import RedisLedger
+from policy_engine.ledger.redis import AsyncRedisLedger, RedisLedger
 
 OPUS = "claude-opus-4-6"
 HELLO: dict[str, Any] = {"model": OPUS, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hello"}]}
@@ -389,3 +391,133 @@ def test_a_ledger_made_before_a_fork_works_in_the_child(redis_server: RedisServe
     ledger.settle("parent-0", [(s, 3)])
     assert [(b.spent, b.reserved) for b in RedisLedger(url=redis_server.url, prefix=redis_prefix).balances([s])] == [(1200, 0)]
     ledger.close()
+
+
+# -- asyncio: AsyncRedisLedger --------------------------------------------------------------------
+
+
+def test_sync_and_asyncio_workers_share_one_budget(redis_server: RedisServer, redis_prefix: str) -> None:
+    """One budget, a threaded worker and an asyncio worker: same scripts, same keys, one ledger."""
+    threaded = RedisLedger(url=redis_server.url, prefix=redis_prefix)
+    s = scope(limit=1_000)
+
+    async def main() -> None:
+        ledger = AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix)
+        assert (await ledger.reserve("a", [(s, 600)], ttl_s=60)).ok
+        assert not threaded.reserve("b", [(s, 600)], ttl_s=60).ok  # the async reservation holds
+        assert threaded.settle("a", [(s, 100)])  # settled by the other kind of worker
+        assert not await ledger.settle("a", [(s, 100)])
+        assert threaded.reserve("b", [(s, 600)], ttl_s=60).ok
+        assert await ledger.release("b")
+        assert [(b.spent, b.reserved) for b in await ledger.balances([s])] == [(100, 0)]
+        await ledger.close()
+
+    asyncio.run(main())
+    threaded.close()
+
+
+def test_asyncio_calls_in_flight_go_together_and_stay_exact(redis_server: RedisServer, redis_prefix: str) -> None:
+    roomy, tight = scope("roomy", limit=10**12), scope("tight", limit=50_000)
+
+    async def main() -> list[bool]:
+        ledger = AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix)
+
+        async def request(i: int) -> bool:
+            result = await ledger.reserve(f"r{i}", [(roomy, 1_000), (tight, 1_000)], ttl_s=60)
+            if result.ok:
+                assert await ledger.settle(f"r{i}", [(roomy, 400), (tight, 400)])
+            return result.ok
+
+        granted = await asyncio.gather(*(request(i) for i in range(300)))
+        assert [(b.spent, b.reserved) for b in await ledger.balances([roomy, tight])] == [(400 * sum(granted), 0)] * 2
+        await ledger.close()
+        return granted
+
+    granted = asyncio.run(main())
+    # 300 coroutines reserved at once: the first 50 fit, the rest came while they were held.
+    assert sum(granted) >= 50 and not all(granted)
+
+
+def test_asyncio_outage_raises_state_unavailable_and_journals_settlements(tmp_path: Path, telemetry: Any) -> None:
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    s = scope()
+
+    async def main() -> None:
+        ledger = AsyncRedisLedger(url=server.url, timeout_s=0.2, backoff_base_s=0.05, backoff_max_s=0.2)
+        assert (await ledger.reserve("r1", [(s, 500)], ttl_s=600)).ok
+        assert (await ledger.reserve("r2", [(s, 300)], ttl_s=600)).ok
+        server.kill()
+        with pytest.raises(StateUnavailable, match="unavailable"):
+            await ledger.reserve("r3", [(s, 5)], ttl_s=60)
+        with pytest.raises(StateUnavailable, match="next attempt"):
+            await ledger.balances([scope("never-seen")])  # failing fast while backing off
+        assert await ledger.settle("r1", [(s, 120)]) is True  # journaled: the caller is never failed
+        assert await ledger.release("r2") is False
+        assert ledger.journal_size == 2
+        server.start()
+        deadline = time.monotonic() + 10
+        while ledger.journal_size:  # the replay task delivers it
+            assert time.monotonic() < deadline, "the journal was not replayed"
+            await asyncio.sleep(0.02)
+        assert [(b.spent, b.reserved) for b in await AsyncRedisLedger(url=server.url).balances([s])] == [(120, 0)]
+        assert not await ledger.settle("r1", [(s, 120)])  # the replay counted it once
+        await ledger.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.cleanup()
+    events = [p.attributes["policy_engine.event"] for p in telemetry.metrics()["policy_engine.events"]]
+    assert "policy_engine.ledger.journaled" in events
+
+
+def test_asyncio_slow_redis_times_out_without_blocking_the_loop(private_server: RedisServer) -> None:
+    s = scope(limit=1_000)
+
+    async def main() -> None:
+        ledger = AsyncRedisLedger(url=private_server.url, timeout_s=0.1, backoff_base_s=0.05, backoff_max_s=0.05)
+        assert (await ledger.balances([s]))[0].reserved == 0  # connected, scripts loaded
+        private_server.client().client_pause(800, all=True)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.create_task(ticker())
+        started = time.perf_counter()
+        with pytest.raises(StateUnavailable):
+            await ledger.reserve("r1", [(s, 600)], ttl_s=600)
+        assert time.perf_counter() - started < 0.5
+        assert ticks >= 3  # the loop kept serving others while the call waited
+        beat.cancel()
+        await ledger.settle("r1", [(s, 100)])  # the paused reserve may still run: the settle must win either way
+        await asyncio.sleep(0.9)
+        while ledger.journal_size:
+            await asyncio.sleep(0.02)
+        await ledger.expire()
+        assert [(b.spent, b.reserved) for b in await ledger.balances([scope(limit=1_000)])] == [(100, 0)]
+        await ledger.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+def test_both_asyncio_wire_paths_agree(redis_server: RedisServer, redis_prefix: str, parser: str) -> None:
+    s = scope(limit=100)
+
+    async def main() -> None:
+        ledger = AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix)
+        ledger._plain = parser == "redis-py"
+        assert (await ledger.reserve("r1", [(s, 60)], ttl_s=60)).ok
+        assert not (await ledger.reserve("r2", [(s, 60)], ttl_s=60)).ok
+        redis_server.client().script_flush()  # an error reply (NOSCRIPT) in the middle of the traffic
+        with pytest.raises(ValueError, match="already used"):
+            await ledger.reserve("r1", [(s, 1)], ttl_s=60)
+        assert await ledger.settle("r1", [(s, 50)])
+        assert [(b.spent, b.reserved) for b in await ledger.balances([s])] == [(50, 0)]
+        await ledger.close()
+
+    asyncio.run(main())
