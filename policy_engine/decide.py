@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 from . import telemetry
 from .apply import apply_headers, apply_params
-from .catalog import Catalog, ModelEntry, UsageCounts, cost_of_counts, estimate, load_catalog, parse_usage
+from .catalog import PICO_PER_MICRO, Catalog, ModelEntry, RateCard, UsageCounts, cost_of_counts, estimate, load_catalog, parse_usage
 from . import cel
 from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
@@ -168,11 +168,15 @@ class _ModelPlan:
 
     entry: ModelEntry | None
     geo: str | None
-    std_priced: bool
-    fast_priced: bool
+    std_rates: tuple[tuple[int, RateCard], ...] | None
+    """The catalog's standard cards for the geo (`ModelEntry.rate_table`); None: no standard price."""
+    fast_rates: tuple[tuple[int, RateCard], ...] | None
+    """The fast cards; None: fast is unsupported or unpriced."""
     fast_beta: str
     throughput: tuple[float, float, float | None]
     """(standard otps, ttft s, fast otps or None): the catalog's figures, with defaults."""
+    throughput_features: dict[int, dict[str, float]] = field(default_factory=dict)
+    """`throughput` features by max_tokens: they depend on nothing else (rules only read them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,19 +378,19 @@ class Engine:
             return found
         entry = self.catalog.find(name)
         geo_key = None if geo == "global" else geo
-        std_priced = fast_priced = False
+        std_rates = fast_rates = None
         beta = FAST_BETA
         std_otps, ttft, fast_otps = DEFAULT_STANDARD_OTPS, 0.0, None
         if entry is not None:
-            std_priced = _priced(entry, "standard", geo_key)
-            fast_priced = entry.fast.supported and _priced(entry, "fast", geo_key)
+            std_rates = _rate_table(entry, "standard", geo_key)
+            fast_rates = _rate_table(entry, "fast", geo_key) if entry.fast.supported else None
             beta = entry.fast.beta_header or FAST_BETA
             figures = entry.throughput
             if figures is not None:
                 std_otps = figures.standard_otps or DEFAULT_STANDARD_OTPS
                 ttft = figures.ttft_s or 0.0
                 fast_otps = (figures.fast_otps or None) if entry.fast.supported else None
-        found = _ModelPlan(entry, geo_key, std_priced, fast_priced, beta, (std_otps, ttft, fast_otps))
+        found = _ModelPlan(entry, geo_key, std_rates, fast_rates, beta, (std_otps, ttft, fast_otps))
         if len(self._models) > 4096:
             self._models.clear()  # model names come from callers: keep the cache bounded
         self._models[key] = found
@@ -414,21 +418,26 @@ class Engine:
         geo: str = request["inference_geo"]  # type: ignore[assignment]
         mp = self._models.get((model_name, geo)) or self._model_plan(model_name, geo)
         model = mp.entry
-        cache_control = bool(request["cache_control"])
+        cache_control: bool = request["cache_control"]  # type: ignore[assignment]
         std_micro = fast_micro = None
-        if mp.std_priced:
-            std_micro = estimate(model, speed="standard", input_tokens=input_tokens, max_tokens=max_tokens,  # type: ignore[arg-type]
-                                 cache_control=cache_control, inference_geo=mp.geo)
-        if mp.fast_priced:
-            fast_micro = estimate(model, speed="fast", input_tokens=input_tokens, max_tokens=max_tokens,  # type: ignore[arg-type]
-                                  cache_control=cache_control, inference_geo=mp.geo)
+        if mp.std_rates is not None:
+            std_micro = _worst_case(mp.std_rates, input_tokens, max_tokens, cache_control)
+        if mp.fast_rates is not None:
+            fast_micro = _worst_case(mp.fast_rates, input_tokens, max_tokens, cache_control)
 
         activation: dict[str, Any] = {"request": request, "context": ctx}
         if "cost" in reads:
             activation["cost"] = _cost_features(std_micro, fast_micro)
         if "throughput" in reads:
-            activation["throughput"] = (_throughput(mp.throughput, max_tokens) if self.throughput is None
-                                        else self.throughput.features(model, max_tokens, model_name))
+            if self.throughput is None:
+                cached = mp.throughput_features.get(max_tokens)
+                if cached is None:
+                    if len(mp.throughput_features) >= 1024:
+                        mp.throughput_features.clear()  # max_tokens come from callers: keep the cache bounded
+                    cached = mp.throughput_features[max_tokens] = _throughput(mp.throughput, max_tokens)
+                activation["throughput"] = cached
+            else:
+                activation["throughput"] = self.throughput.features(model, max_tokens, model_name)
         if "ratelimit" in reads:
             activation["ratelimit"] = self.ratelimits.snapshot(account, epoch)
         if "now" in reads:
@@ -455,7 +464,7 @@ class Engine:
             budget_features = {b.spec.name: _budget_features(bal) for (b, _), bal in zip(scopes, balances)}
             activation["budgets"] = budget_features
             activation["budget"] = min(budget_features.values(), key=lambda f: f["fraction_left"])
-        else:
+        elif "budget" in reads or "budgets" in reads:
             activation["budgets"] = {}
             activation["budget"] = _NO_BUDGET
 
@@ -508,8 +517,15 @@ class Engine:
         decision._inference_geo = mp.geo
         if speed == "fast":
             self._guardrails(decision, mp, request, account, input_tokens, epoch)
-        if compiled.per_request_micro is not None:
-            self._per_request_ceiling(decision, compiled)
+        limit = compiled.per_request_micro
+        if limit is not None:
+            # What _per_request_ceiling would leave alone: the chosen speed's and standard's worst cases fit.
+            if decision.speed == "fast":
+                fits = fast_micro is not None and fast_micro <= limit and (std_micro is None or std_micro <= limit)
+            else:
+                fits = std_micro is not None and std_micro <= limit
+            if not fits:
+                self._per_request_ceiling(decision, compiled)
         if decision.outcome != "rejected":
             if unavailable is not None:
                 self._state_unavailable(decision, scopes, _ID_PREFIX + str(next(_ids)), unavailable)
@@ -627,22 +643,29 @@ class Engine:
                     decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", "per_request"
                 decision.reasons.append(f"ceiling per_request: worst case {_usd(worst)} is over {_usd(limit)}; allowed by policy")
 
-    def _charges(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], speed: str) -> list[Charge]:
+    @staticmethod
+    def _charges(decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], speed: str) -> tuple[list[Charge], bool]:
+        """What to reserve against each scope at `speed`, and whether any of it is not zero."""
         std, fast = decision.estimate_standard_micro or 0, decision.estimate_fast_micro or 0
         charges = []
+        some = False
         for budget, scope in scopes:
             counts = budget.spec.counts
             if speed == "fast":
                 amount = fast - std if counts == "premium" else fast
             else:
                 amount = std if counts == "all" else 0
-            charges.append((scope, amount if amount > 0 else 0))
-        return charges
+            if amount > 0:
+                some = True
+            else:
+                amount = 0
+            charges.append((scope, amount))
+        return charges, some
 
     def _reserve(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]]) -> None:
         rid = _ID_PREFIX + str(next(_ids))
-        charges = self._charges(decision, scopes, decision.speed)
-        if not any(amount for _, amount in charges):
+        charges, some = self._charges(decision, scopes, decision.speed)
+        if not some:
             # Nothing to hold (a standard request against budgets of fast spend): no ledger call.
             # settle() still records whatever the response turns out to cost these budgets.
             decision.reservation_id = rid
@@ -661,8 +684,8 @@ class Engine:
             decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", budget.spec.name
             decision.reasons.append(
                 f"budget {budget.spec.name}: fast worst case does not fit ({_usd(balance.remaining)} left of {_usd(balance.limit)}); downgraded")
-            charges = self._charges(decision, scopes, "standard")
-            if not any(amount for _, amount in charges):
+            charges, some = self._charges(decision, scopes, "standard")
+            if not some:
                 decision.reservation_id = rid
                 decision._budget_charges = tuple(scopes)
                 return
@@ -739,44 +762,40 @@ class Engine:
                 cost = cost_of_counts(model, counts, inference_geo=decision._inference_geo)
             except PricingError:
                 cost = 0  # unpriced model: nothing to charge, and the decision already said so
+        input_tokens, output_tokens, write_5m, write_1h, cache_read, speed, _ = counts
         first = not decision._settled
         if first and decision.reservation_id is not None:
-            charges = self._actual_charges(decision, model, counts, cost)
-            if decision._held or any(amount for _, amount in charges):
+            premium: int | None = None
+            charges = []
+            owed = decision._held
+            for budget, scope in decision._budget_charges:
+                kind = budget.spec.counts
+                if kind == "all" or (kind == "fast" and speed == "fast"):
+                    amount = cost
+                elif speed != "fast":
+                    amount = 0
+                else:
+                    if premium is None:
+                        premium = self._premium(decision, model, counts, cost)
+                    amount = premium
+                if amount:
+                    owed = True
+                charges.append((scope, amount))
+            if owed:
                 first = self.ledger.settle(decision.reservation_id, charges)
             # else: nothing was held and nothing is owed; the decision's own flag stops a second settle
         decision._settled = True
-        settlement = Settlement(cost, counts.speed, counts.input_tokens, counts.output_tokens, first,
-                                counts.cache_write_5m_tokens + counts.cache_write_1h_tokens, counts.cache_read_tokens)
+        settlement = Settlement(cost, speed, input_tokens, output_tokens, first, write_5m + write_1h, cache_read)
         telemetry.record_settlement(decision, settlement)
         return settlement
-
-    def _actual_charges(self, decision: Decision, model: ModelEntry | None, counts: UsageCounts, cost: int) -> list[Charge]:
-        speed = counts.speed
-        premium: int | None = None
-        charges = []
-        for budget, scope in decision._budget_charges:
-            kind = budget.spec.counts
-            if kind == "all" or (kind == "fast" and speed == "fast"):
-                amount = cost
-            elif speed != "fast":
-                amount = 0
-            else:
-                if premium is None:
-                    premium = self._premium(decision, model, counts, cost)
-                amount = premium
-            charges.append((scope, amount))
-        return charges
 
     @staticmethod
     def _premium(decision: Decision, model: ModelEntry | None, counts: UsageCounts, cost: int) -> int:
         """What a fast response cost over what the same usage would have cost at standard speed."""
         if model is None:
             return cost
-        as_standard = UsageCounts(counts.input_tokens, counts.output_tokens, counts.cache_write_5m_tokens,
-                                  counts.cache_write_1h_tokens, counts.cache_read_tokens, "standard", counts.inference_geo)
         try:
-            standard_cost = cost_of_counts(model, as_standard, inference_geo=decision._inference_geo)
+            standard_cost = cost_of_counts(model, counts, inference_geo=decision._inference_geo, speed="standard")
         except PricingError:
             return cost
         return cost - standard_cost if cost > standard_cost else 0
@@ -847,12 +866,21 @@ def _cost_features(std: int | None, fast: int | None) -> dict[str, float]:
     return cost
 
 
-def _priced(model: ModelEntry, speed: str, geo: str | None) -> bool:
+def _rate_table(model: ModelEntry, speed: str, geo: str | None) -> tuple[tuple[int, RateCard], ...] | None:
     try:
-        model.rates(speed, 0, geo)  # type: ignore[arg-type]
+        return model.rate_table(speed, geo)  # type: ignore[arg-type]
     except PricingError:
-        return False
-    return True
+        return None
+
+
+def _worst_case(rates: tuple[tuple[int, RateCard], ...], input_tokens: int, max_tokens: int, cache_control: bool) -> int:
+    """`catalog.estimate()` on the model plan's cards: the same tier choice and arithmetic, without
+    the lookups and checks a decision has already made (tests pin the two to the same figures)."""
+    for above, card in rates:
+        if input_tokens > above:
+            break  # else the loop leaves the last (lowest) tier's card
+    rate = card.cache_write_5m if cache_control else card.input
+    return -(-(input_tokens * rate + max_tokens * card.output) // PICO_PER_MICRO)
 
 
 def _counted(input_tokens: int) -> TokenEstimate:

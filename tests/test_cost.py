@@ -17,6 +17,7 @@ from policy_engine.catalog import (
     ModelEntry,
     UsageError,
     actual,
+    cost_of_counts,
     estimate,
     format_usd,
     load_catalog,
@@ -264,3 +265,29 @@ def test_estimate_is_a_worst_case(opus: ModelEntry, plain: int, w5: int, w1: int
 @given(st.lists(st.integers(0, 10**12), max_size=50))
 def test_sums_of_costs_are_exact(values: list[int]) -> None:
     assert to_usd(sum(values)) == sum((to_usd(v) for v in values), Decimal(0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(plain=counts, out=counts, creation=st.one_of(st.none(), counts), read=st.one_of(st.none(), counts),
+       speed=st.sampled_from([None, "standard", "fast"]), geo=st.sampled_from([None, "global", "us"]),
+       absent=st.sets(st.sampled_from(["cache_creation_input_tokens", "cache_read_input_tokens", "speed", "inference_geo"])))
+def test_plain_dict_usage_parses_like_any_other_shape(plain: int, out: int, creation: int | None, read: int | None,
+                                                      speed: str | None, geo: str | None, absent: set[str]) -> None:
+    # parse_usage reads plain dicts on a shortcut; an attribute object takes the general path.
+    usage = {"input_tokens": plain, "output_tokens": out, "cache_creation_input_tokens": creation,
+             "cache_read_input_tokens": read, "speed": speed, "inference_geo": geo}
+    for key in absent:
+        del usage[key]
+    as_object = SimpleNamespace(**usage)
+    assert parse_usage(usage) == parse_usage(as_object)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plain=counts, w5=counts, read=counts, out=counts, geo=st.sampled_from([None, "us"]))
+def test_cost_of_counts_at_another_speed_prices_the_same_usage_there(opus: ModelEntry, plain: int, w5: int, read: int,
+                                                                   out: int, geo: str | None) -> None:
+    fast = {"input_tokens": plain, "output_tokens": out, "cache_creation_input_tokens": w5,
+            "cache_read_input_tokens": read, "speed": "fast", "inference_geo": geo}
+    as_standard = cost_of_counts(opus, parse_usage(fast), speed="standard")
+    assert as_standard == actual(opus, {**fast, "speed": "standard"})
+    assert as_standard < actual(opus, fast) or plain + w5 + read + out == 0

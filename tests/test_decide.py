@@ -221,6 +221,29 @@ def test_exactly_200k_input_tokens_is_still_the_lower_tier(engine: Engine) -> No
     assert higher.speed == "standard" and higher.ceilings == ["per_request"]
 
 
+@pytest.mark.parametrize("geo", [None, "us"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_decision_estimates_are_the_catalogs_worst_case(engine: Engine, geo: str | None, cache: bool) -> None:
+    """The engine prices from cards it looked up once per model: the figures must be `catalog.estimate`'s."""
+    from policy_engine.catalog import estimate
+
+    opus = engine.catalog.model(OPUS)
+    for tokens in (0, 1, 57, 199_999, 200_000, 200_001, 1_000_000):
+        for max_tokens in (1, 4096, 128_000):
+            params: dict[str, Any] = {**CHAT, "max_tokens": max_tokens}
+            if geo:
+                params["inference_geo"] = geo
+            if cache:
+                params["system"] = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+            try:
+                d = engine.decide(params, {"interactive": False}, now=NOON, input_tokens=tokens)
+            except CeilingExceeded as exc:  # over the $10 ceiling: the rejected decision has the estimates
+                d = exc.decision  # type: ignore[attr-defined]
+            expected = [estimate(opus, speed=speed, input_tokens=tokens, max_tokens=max_tokens, cache_control=cache,
+                                 inference_geo=geo) for speed in ("standard", "fast")]
+            assert [d.estimate_standard_micro, d.estimate_fast_micro] == expected, (tokens, max_tokens)
+
+
 def test_standard_at_exactly_the_per_request_ceiling_fits(engine: Engine) -> None:
     params = {**CHAT, "max_tokens": 10_000}
     # 1.95M x $5/MTok + 10K x $25/MTok = $10.00 exactly: the ceiling is inclusive.

@@ -106,7 +106,19 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
     less than cache_creation_input_tokens, the difference is billed at the 5-minute rate
     too, so a cost is never under-counted.
     """
-    if usage is None:
+    if type(usage) is dict:
+        # The common shape (a plain dict of ints, no TTL split) in one pass of type checks;
+        # anything else, including every malformed usage, takes the general path below.
+        get = usage.get
+        input_tokens, output_tokens = get("input_tokens"), get("output_tokens")
+        creation, read = get("cache_creation_input_tokens", 0), get("cache_read_input_tokens", 0)
+        speed, geo = get("speed", "standard"), get("inference_geo")
+        if (type(input_tokens) is int and type(output_tokens) is int and type(creation) is int and type(read) is int
+                and input_tokens >= 0 and output_tokens >= 0 and creation >= 0 and read >= 0
+                and (speed == "standard" or speed == "fast") and type(speed) is str
+                and (geo is None or type(geo) is str) and get("cache_creation") is None):
+            return UsageCounts(input_tokens, output_tokens, creation, 0, read, speed, geo)
+    elif usage is None:
         raise UsageError("usage is missing")
     get = _getter(usage)
     input_tokens = _count("usage.input_tokens", get("input_tokens"))
@@ -147,18 +159,16 @@ def actual(model: ModelEntry, usage: Mapping[str, Any] | object, *, inference_ge
     return cost_of_counts(model, parse_usage(usage), inference_geo=inference_geo)
 
 
-def cost_of_counts(model: ModelEntry, u: UsageCounts, *, inference_geo: str | None = None) -> int:
-    """`actual()` of a usage already parsed by `parse_usage` (no second validation)."""
-    geo = u.inference_geo if u.inference_geo is not None else inference_geo
-    card = model.rates(u.speed, u.total_input_tokens, geo)
-    pico = (
-        u.input_tokens * card.input
-        + u.cache_write_5m_tokens * card.cache_write_5m
-        + u.cache_write_1h_tokens * card.cache_write_1h
-        + u.cache_read_tokens * card.cache_read
-        + u.output_tokens * card.output
-    )
-    return _ceil_micro(pico)
+def cost_of_counts(model: ModelEntry, u: UsageCounts, *, inference_geo: str | None = None, speed: Speed | None = None) -> int:
+    """`actual()` of a usage already parsed by `parse_usage` (no second validation).
+
+    `speed` prices the same usage at another speed than `u.speed` (what a fast response
+    would have cost at standard speed: the fast premium).
+    """
+    inp, out, write_5m, write_1h, read, used_speed, geo = u
+    card = model.rates(speed or used_speed, inp + write_5m + write_1h + read, inference_geo if geo is None else geo)
+    pico = inp * card.input + write_5m * card.cache_write_5m + write_1h * card.cache_write_1h + read * card.cache_read + out * card.output
+    return -(-pico // PICO_PER_MICRO)
 
 
 def to_usd(micro: int) -> Decimal:

@@ -254,6 +254,18 @@ class ModelEntry(_Strict):
                 return card
         return table[-1][1]
 
+    def rate_table(self, speed: Speed, inference_geo: str | None = None) -> tuple[tuple[int, RateCard], ...]:
+        """Every tier's card at `speed` and `inference_geo`, highest `above_input_tokens` first.
+
+        `rates()` is the first card whose threshold the total input is strictly above (the
+        last card otherwise). For callers that price many requests of one model and geo.
+        Raises PricingError as `rates()` does.
+        """
+        table = self.__pydantic_private__["_cards"].get((speed, inference_geo))
+        if table is None:
+            raise self._why_not(speed, inference_geo)
+        return table
+
     def _why_not(self, speed: str, geo: str | None) -> PricingError:
         name = f"{self._provider}/{self._id}"
         if speed not in SPEEDS:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 __all__ = ["Scope", "Balance", "Charge", "ReserveResult", "Ledger", "MemoryLedger", "window_bounds", "Window"]
@@ -44,8 +44,9 @@ class Scope:
         object.__setattr__(self, "id", f"{self.budget}\x1f{self.key}\x1f{self.window}")
 
 
-@dataclass(frozen=True, slots=True)
-class Balance:
+class Balance(NamedTuple):
+    """A scope's state in micro-dollars. A NamedTuple: one is built per charge of every reservation."""
+
     spent: int
     reserved: int
     limit: int
@@ -59,8 +60,9 @@ Charge = tuple[Scope, int]
 """A scope and the micro-dollars to reserve or settle against it."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
+class ReserveResult(NamedTuple):
+    """What `Ledger.reserve` answered (a NamedTuple, like `Balance`: built for every reservation)."""
+
     ok: bool
     balances: tuple[Balance, ...]
     """Per charged scope, as the reservation left it (or as it stood when it did not fit)."""
@@ -99,10 +101,8 @@ class Ledger(ABC):
         """Release connections or files."""
 
 
-@dataclass(slots=True)
-class _Reservation:
-    charges: tuple[Charge, ...]
-    expires_at: float
+_Reservation = tuple[tuple[Charge, ...], float]
+"""A held reservation: its charges and when it expires (epoch seconds)."""
 
 
 class MemoryLedger(Ledger):
@@ -132,13 +132,14 @@ class MemoryLedger(Ledger):
                 raise ValueError(f"reservation id {reservation_id!r} was already used")
             spent, reserved = self._spent, self._reserved
             if len(charges) == 1:  # the common case (one budget), without the general bookkeeping
-                scope, amount = charges[0]
+                charge = charges[0]
+                scope, amount = charge
                 sid = scope.id
                 s_spent, s_reserved = spent.get(sid, 0), reserved.get(sid, 0)
                 if amount > 0 and amount > scope.limit - s_spent - s_reserved:
                     return ReserveResult(False, (Balance(s_spent, s_reserved, scope.limit),), 0)
                 reserved[sid] = s_reserved + amount
-                self._reservations[reservation_id] = _Reservation((charges[0],), now + ttl_s)
+                self._reservations[reservation_id] = ((charge,), now + ttl_s)
                 return ReserveResult(True, (Balance(s_spent, s_reserved + amount, scope.limit),))
             # Every charge is checked against the state before this reservation, then all are added.
             before = [(spent.get(s.id, 0), reserved.get(s.id, 0)) for s, _ in charges]
@@ -147,18 +148,22 @@ class MemoryLedger(Ledger):
                     return ReserveResult(False, tuple(Balance(a, b, s.limit) for (a, b), (s, _) in zip(before, charges)), index)
             for scope, amount in charges:
                 reserved[scope.id] = reserved.get(scope.id, 0) + amount
-            self._reservations[reservation_id] = _Reservation(tuple(charges), now + ttl_s)
+            self._reservations[reservation_id] = (tuple(charges), now + ttl_s)
             return ReserveResult(True, tuple(Balance(a, b + amount, s.limit) for (a, b), (s, amount) in zip(before, charges)))
 
     def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
         now = self._clock()
         with self._lock:
-            if reservation_id in self._settled:
+            settled = self._settled
+            if reservation_id in settled:
                 return False
-            self._drop_locked(reservation_id)
+            if reservation_id in self._reservations:
+                self._drop_locked(reservation_id)
+            spent = self._spent
             for scope, amount in charges:
-                self._spent[scope.id] = self._spent.get(scope.id, 0) + amount
-            self._settled[reservation_id] = now + self._settled_memory_s
+                sid = scope.id
+                spent[sid] = spent.get(sid, 0) + amount
+            settled[reservation_id] = now + self._settled_memory_s
             return True
 
     def release(self, reservation_id: str) -> bool:
@@ -173,7 +178,7 @@ class MemoryLedger(Ledger):
         reservation = self._reservations.pop(reservation_id, None)
         if reservation is None:
             return False
-        for scope, amount in reservation.charges:
+        for scope, amount in reservation[0]:
             if not amount:
                 continue  # a zero charge added nothing (and its scope's entry may be gone already)
             left = self._reserved[scope.id] - amount
@@ -188,7 +193,7 @@ class MemoryLedger(Ledger):
         if not force and now < self._next_sweep:
             return 0
         self._next_sweep = now + 1.0
-        stale = [rid for rid, r in self._reservations.items() if r.expires_at <= now]
+        stale = [rid for rid, r in self._reservations.items() if r[1] <= now]
         for rid in stale:
             self._drop_locked(rid)
         # Settled ids are inserted in time order with one memory span, so the expired ones come
@@ -246,6 +251,7 @@ def _midnight(day: date, zone: ZoneInfo) -> datetime:
 @lru_cache(maxsize=64)
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
+
 
 class AsyncLedger(ABC):
     """`Ledger` for asyncio workers: the same methods and semantics, as coroutines.
