@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import telemetry
@@ -102,19 +101,22 @@ def sdk_will_retry(status: int, headers: Mapping[str, str], retries_taken: int, 
     return status in (408, 409, 429) or status >= 500
 
 
-@dataclass(eq=False)
 class Flight:
     """One logical request between its decision and its settlement."""
 
-    decision: Decision
-    speed: str
-    """The speed on the wire now: the decision's, or standard after a fallback."""
-    key: str | None
-    created: float
-    sent_at: float = 0.0
-    fast_retries: int = 0
-    done: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # A plain class with slots: one is made per request, and a dataclass with a
+    # default factory costs several times more to build.
+    __slots__ = ("decision", "speed", "key", "created", "sent_at", "fast_retries", "done")
+
+    def __init__(self, decision: Decision, speed: str, key: str | None, created: float) -> None:
+        self.decision = decision
+        self.speed = speed
+        """The speed on the wire now: the decision's, or standard after a fallback."""
+        self.key = key
+        self.created = created
+        self.sent_at = 0.0
+        self.fast_retries = 0
+        self.done = False
 
 
 class Runtime:
@@ -147,6 +149,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._accounts: dict[str, str] = {}
         self._model_keys: dict[str, str] = {}
+        self._merged_betas: dict[tuple[str | None, str], str] = {}
         self._next_sweep = 0.0
 
     # -- deciding ----------------------------------------------------------------------
@@ -205,9 +208,16 @@ class Runtime:
 
     def wire_beta(self, flight: Flight | None, current: str | None) -> str | None:
         """The `anthropic-beta` value to send (the caller's, plus the fast beta when fast)."""
-        if flight is not None and flight.speed == "fast":
-            return merge_beta(current, flight.decision.fast_beta)
-        return current
+        if flight is None or flight.speed != "fast":
+            return current
+        beta = flight.decision.fast_beta
+        merged = self._merged_betas.get((current, beta))
+        if merged is None:
+            merged = merge_beta(current, beta)
+            if len(self._merged_betas) >= 256:
+                self._merged_betas.clear()  # header values come from callers: keep the cache bounded
+            self._merged_betas[(current, beta)] = merged
+        return merged
 
     # -- responses ---------------------------------------------------------------------
 
@@ -257,14 +267,13 @@ class Runtime:
     # -- settling ----------------------------------------------------------------------
 
     def _finish(self, flight: Flight) -> bool:
-        with flight.lock:
+        with self._lock:
             if flight.done:
                 return False
             flight.done = True
-        if flight.key is not None:
-            with self._lock:
-                if self._flights.get(flight.key) is flight:
-                    del self._flights[flight.key]
+            key = flight.key
+            if key is not None and self._flights.get(key) is flight:
+                del self._flights[key]
         return True
 
     def release(self, flight: Flight | None) -> None:

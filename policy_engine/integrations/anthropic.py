@@ -102,11 +102,14 @@ class FastModePolicy(Middleware):
             return request, None
         return None, body
 
-    def _wire(self, request: APIRequest, flight: Flight | None, body: Mapping[str, Any]) -> APIRequest:
+    def _wire(self, request: APIRequest, flight: Flight | None, body: Mapping[str, Any], beta_name: str,
+              beta: str | None) -> APIRequest:
+        runtime = self.runtime
         headers = request.headers
-        beta_name, beta = _beta(headers)
-        wire = _derive(request, self.runtime.wire_body(flight, body),
-                       _with_beta(headers, beta_name, beta, self.runtime.wire_beta(flight, beta)))
+        wire_beta = runtime.wire_beta(flight, beta)
+        if wire_beta is not None and wire_beta != beta:
+            headers = {**headers, beta_name: wire_beta}
+        wire = _derive(request, runtime.wire_body(flight, body), headers)
         if flight is not None:
             flight.sent_at = time.perf_counter()
         return wire
@@ -136,11 +139,11 @@ class FastModePolicy(Middleware):
         if body is None:
             return call_next(passed)  # type: ignore[arg-type]
         runtime = self.runtime
-        _, beta = _beta(request.headers)
+        beta_name, beta = _beta(request.headers)
         flight = runtime.flight(body, beta, request.options.idempotency_key)
         try:
             while True:
-                response = call_next(self._wire(request, flight, body))
+                response = call_next(self._wire(request, flight, body, beta_name, beta))
                 action, wait = self._next(flight, response)
                 if action == "done":
                     break
@@ -164,12 +167,12 @@ class FastModePolicy(Middleware):
         if body is None:
             return await call_next(passed)  # type: ignore[arg-type]
         runtime = self.runtime
-        _, beta = _beta(request.headers)
+        beta_name, beta = _beta(request.headers)
         key = request.options.idempotency_key
         flight = await asyncio.to_thread(runtime.flight, body, beta, key) if self._offload else runtime.flight(body, beta, key)
         try:
             while True:
-                response = await call_next(self._wire(request, flight, body))
+                response = await call_next(self._wire(request, flight, body, beta_name, beta))
                 action, wait = self._next(flight, response)
                 if action == "done":
                     break
@@ -229,12 +232,6 @@ def _beta(headers: Mapping[str, Any]) -> tuple[str, str | None]:
         if name.lower() == "anthropic-beta":
             return name, value if isinstance(value, str) else None
     return "anthropic-beta", None
-
-
-def _with_beta(headers: Mapping[str, Any], name: str, old: str | None, new: str | None) -> Mapping[str, Any]:
-    if new == old or new is None:
-        return headers
-    return {**headers, name: new}
 
 
 def _derive(request: APIRequest, body: Any, headers: Mapping[str, Any]) -> APIRequest:
