@@ -298,8 +298,14 @@ class RateLimitStore:
             return False
         if state.retry_after_until is not None and now < state.retry_after_until:
             return True
-        remaining = state.input_remaining_at(now)
+        # A bucket only refills: what was left when observed is enough, it is still enough now.
+        remaining = state.input_tokens_remaining
         if remaining is not None and remaining < input_tokens:
-            return True
-        remaining = state.output_remaining_at(now)
-        return remaining is not None and remaining <= 0
+            remaining = state.input_remaining_at(now)
+            if remaining is not None and remaining < input_tokens:
+                return True
+        remaining = state.output_tokens_remaining
+        if remaining is not None and remaining <= 0:
+            remaining = state.output_remaining_at(now)
+            return remaining is not None and remaining <= 0
+        return False

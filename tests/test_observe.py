@@ -48,6 +48,17 @@ def test_streams_feed_an_ewma_per_model_and_speed() -> None:
     assert features["standard_otps"] == 60.0  # not observed yet: the catalog's
 
 
+def test_features_follow_the_entry_a_name_resolves_to_not_the_name() -> None:
+    observer = ThroughputObserver(alpha=1.0)
+    observer.observe_stream("claude-opus-4-6", "fast", 300, ttft_s=0.5, generation_s=1.0)
+    assert observer.features(OPUS, 300, "team-model")["fast_otps"] == 300.0
+    # The same request name resolved to another entry (say, after a catalog reload): that entry's figures.
+    sonnet = CATALOG.model("claude-sonnet-4-6")
+    features = observer.features(sonnet, 300, "team-model")
+    assert "fast_otps" not in features and features["ttft_s"] == sonnet.throughput.ttft_s
+    assert observer.features(OPUS, 300, "team-model")["ttft_s"] == 0.5
+
+
 def test_short_or_instant_samples_are_ignored() -> None:
     observer = ThroughputObserver(min_output_tokens=16)
     observer.observe_stream("m", "fast", 15, ttft_s=None, generation_s=1.0)
