@@ -134,8 +134,12 @@ def test_sigkill_mid_run_loses_no_settled_entry_and_strands_no_reservation(tmp_p
         assert child.stdout is not None
         lines = [child.stdout.readline().strip() for _ in range(after)]
         child.send_signal(signal.SIGKILL)  # wherever it is: between, inside or after a transaction
-        rest, _ = child.communicate(timeout=30)
-        assert child.returncode == -signal.SIGKILL
+        # Through the same buffered reader: communicate() reads the raw pipe and would drop the
+        # lines readline() already buffered (a busy machine lets the child print many at once).
+        rest = child.stdout.read()
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        child.stdout.close()
+        child.stderr.close()  # type: ignore[union-attr]
         reported += lines + rest.split()
     s = Scope("b", "k", "day:x", 10**15, 2e9)
     ledger = SqliteLedger(path)
@@ -152,3 +156,31 @@ def test_sigkill_mid_run_loses_no_settled_entry_and_strands_no_reservation(tmp_p
     assert conn.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0
     conn.close()
     ledger.close()
+
+
+def test_a_refused_call_leaves_the_calls_committed_with_it_intact(tmp_path: Path) -> None:
+    """Threads' calls share transactions (group commit): one refused call must not undo the others."""
+    import threading
+
+    ledger = SqliteLedger(tmp_path / "l.db")
+    s = scope(limit=10**9)
+    ledger.reserve("taken", [(s, 1)], ttl_s=600)
+    refused = []
+
+    def work(t: int) -> None:
+        for i in range(50):
+            try:
+                ledger.reserve("taken", [(s, 1)], ttl_s=600)  # queued among the others' calls
+            except ValueError:
+                refused.append(t)
+            assert ledger.reserve(f"{t}-{i}", [(s, 10)], ttl_s=600).ok
+            assert ledger.settle(f"{t}-{i}", [(s, 7)])
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert len(refused) == 8 * 50
+    [balance] = SqliteLedger(tmp_path / "l.db").balances([s])
+    assert (balance.spent, balance.reserved) == (8 * 50 * 7, 1)

@@ -6,9 +6,14 @@
 
 Same semantics as `MemoryLedger` (see `policy_engine.ledger`), and:
 
-* the file is in WAL mode; every operation is one transaction, and the ones that write
-  start with `BEGIN IMMEDIATE`, so the check-then-reserve of `reserve` cannot interleave
-  with another process's and budgets hold across processes;
+* the file is in WAL mode; writes run in transactions that start with `BEGIN IMMEDIATE`,
+  so the check-then-reserve of `reserve` cannot interleave with another process's and
+  budgets hold across processes;
+* writes of concurrent threads go together (group commit): while one transaction is
+  being written, the calls that arrive queue up and run, one after the other, in the
+  next one. A commit costs far more than the statements in it, so throughput grows with
+  concurrency (across processes too: while SQLite's busy handler has one process wait
+  for the file, that process's queue grows and its next transaction carries more);
 * a settlement is committed before `settle` returns: a process killed at any point
   either recorded the whole settlement or none of it, never half;
 * a reservation carries its expiry time and balances only count unexpired ones, so a
@@ -26,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import Balance, Charge, Ledger, ReserveResult, Scope
 
@@ -56,6 +62,28 @@ CREATE TABLE IF NOT EXISTS settled (
 );
 CREATE INDEX IF NOT EXISTS settled_forget ON settled(forget_at);
 """
+
+
+_BALANCE = ("SELECT COALESCE((SELECT amount FROM spend WHERE scope = ?1), 0), "
+            "COALESCE((SELECT SUM(amount) FROM holds WHERE scope = ?1 AND expires_at > ?2), 0)")
+"""A scope's spend and what live reservations hold in it, in one statement."""
+
+_USED = ("SELECT (SELECT expires_at FROM reservations WHERE id = ?1), "
+         "EXISTS (SELECT 1 FROM settled WHERE id = ?1)")
+"""When a reservation id's hold expires (NULL: none), and whether it was settled."""
+
+
+class _Op:
+    """One write waiting for its transaction."""
+
+    __slots__ = ("work", "now", "result", "error", "done", "lead")
+
+    def __init__(self, work: Callable[[sqlite3.Connection, float], Any], now: float) -> None:
+        self.work, self.now = work, now
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done: threading.Lock | None = None
+        self.lead = False
 
 
 class SqliteLedger(Ledger):
@@ -89,6 +117,9 @@ class SqliteLedger(Ledger):
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._next_sweep = 0.0
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Op] = []
+        self._writing = False
         self._connect()
 
     # -- connection --------------------------------------------------------------------
@@ -124,17 +155,13 @@ class SqliteLedger(Ledger):
 
     @staticmethod
     def _balances(conn: sqlite3.Connection, scopes: Sequence[Scope], now: float) -> list[Balance]:
-        balances = []
-        for scope in scopes:
-            sid = scope.id
-            row = conn.execute("SELECT amount FROM spend WHERE scope = ?", (sid,)).fetchone()
-            (reserved,) = conn.execute(
-                "SELECT COALESCE(SUM(amount), 0) FROM holds WHERE scope = ? AND expires_at > ?", (sid, now)).fetchone()
-            balances.append(Balance(row[0] if row else 0, reserved, scope.limit))
-        return balances
+        execute = conn.execute
+        return [Balance(*execute(_BALANCE, (scope.id, now)).fetchone(), scope.limit) for scope in scopes]
 
     def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
         now = self._clock()
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # forked: a parent thread may have held it
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN")  # one snapshot for every scope
@@ -150,41 +177,91 @@ class SqliteLedger(Ledger):
 
     # -- writes ------------------------------------------------------------------------
 
-    def _write(self, work: Callable[[sqlite3.Connection, float], object]) -> object:
-        now = self._clock()
+    def _write(self, work: Callable[[sqlite3.Connection, float], Any]) -> Any:
+        """Run `work` in a write transaction, with whatever other threads queued meanwhile (group commit).
+
+        Whoever finds no transaction being written writes one with its own call at once;
+        calls that arrive meanwhile queue up and go together in the next transaction."""
+        if self._pid != os.getpid():
+            # Forked: whatever a parent thread held or queued at fork time is not ours to wait for.
+            self._lock, self._queue_lock, self._queue, self._writing = threading.Lock(), threading.Lock(), [], False
+        op = _Op(work, self._clock())
+        with self._queue_lock:
+            self._queue.append(op)
+            lead = not self._writing
+            if lead:
+                self._writing = True
+            else:
+                op.done = threading.Lock()  # taken now, released by whoever ran the op
+                op.done.acquire()
+        if not lead:
+            op.done.acquire()  # type: ignore[union-attr]
+            lead = op.lead
+        if lead:
+            self._lead()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _lead(self) -> None:
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        try:
+            self._transaction(batch)
+        except BaseException as exc:  # rolled back: nothing of the batch was recorded
+            for op in batch:
+                op.result, op.error = None, exc
+        with self._queue_lock:
+            if self._queue:
+                # The oldest waiter writes the next transaction: it is woken next anyway.
+                successor = self._queue[0]
+                successor.lead = True
+                successor.done.release()  # type: ignore[union-attr]
+            else:
+                self._writing = False
+        for op in batch:
+            if op.done is not None and not op.lead:
+                op.done.release()
+
+    def _transaction(self, batch: list[_Op]) -> None:
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = work(conn, now)
+                for op in batch:
+                    try:
+                        op.result = op.work(conn, op.now)
+                    except ValueError as exc:  # raised before the op wrote anything: the others stand
+                        op.error = exc
+                now = self._clock()
                 if now >= self._next_sweep:
                     # Rows of expired reservations no longer count; delete them now and then.
                     self._next_sweep = now + 1.0
                     self._sweep(conn, now)
                 conn.execute("COMMIT")
-                return result
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
 
     def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
         def work(conn: sqlite3.Connection, now: float) -> ReserveResult:
-            used = conn.execute("SELECT 1 FROM reservations WHERE id = ? AND expires_at > ? UNION ALL "
-                                "SELECT 1 FROM settled WHERE id = ?", (reservation_id, now, reservation_id)).fetchone()
-            if used:
+            held_until, settled = conn.execute(_USED, (reservation_id,)).fetchone()
+            if settled or (held_until is not None and held_until > now):
                 raise ValueError(f"reservation id {reservation_id!r} was already used")
             balances = self._balances(conn, [s for s, _ in charges], now)
             for index, ((_, amount), balance) in enumerate(zip(charges, balances)):
                 if amount > 0 and amount > balance.remaining:  # a zero charge always fits
                     return ReserveResult(False, tuple(balances), index)
             expires_at = now + ttl_s
-            conn.execute("DELETE FROM holds WHERE reservation = ?", (reservation_id,))
+            if held_until is not None:  # expired, not swept yet: the id is free again
+                conn.execute("DELETE FROM holds WHERE reservation = ?", (reservation_id,))
             conn.execute("INSERT OR REPLACE INTO reservations(id, expires_at) VALUES (?, ?)", (reservation_id, expires_at))
             conn.executemany("INSERT INTO holds(reservation, scope, amount, expires_at) VALUES (?, ?, ?, ?)",
                              [(reservation_id, scope.id, amount, expires_at) for scope, amount in charges])
             return ReserveResult(True, tuple(Balance(b.spent, b.reserved + a, b.limit) for b, (_, a) in zip(balances, charges)))
 
-        return self._write(work)  # type: ignore[return-value]
+        return self._write(work)  # type: ignore[no-any-return]
 
     def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
         def work(conn: sqlite3.Connection, now: float) -> bool:
@@ -200,7 +277,7 @@ class SqliteLedger(Ledger):
                 [(scope.id, amount, scope.expires_at) for scope, amount in charges])
             return True
 
-        return self._write(work)  # type: ignore[return-value]
+        return self._write(work)  # type: ignore[no-any-return]
 
     def release(self, reservation_id: str) -> bool:
         def work(conn: sqlite3.Connection, now: float) -> bool:
@@ -209,13 +286,13 @@ class SqliteLedger(Ledger):
             conn.execute("DELETE FROM holds WHERE reservation = ?", (reservation_id,))
             return bool(live)
 
-        return self._write(work)  # type: ignore[return-value]
+        return self._write(work)  # type: ignore[no-any-return]
 
     def expire(self, now: float | None = None) -> int:
         def work(conn: sqlite3.Connection, clock_now: float) -> int:
             return self._sweep(conn, clock_now if now is None else now)
 
-        return self._write(work)  # type: ignore[return-value]
+        return self._write(work)  # type: ignore[no-any-return]
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> int:
         dropped = conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (now,)).rowcount
