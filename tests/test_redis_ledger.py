@@ -128,6 +128,37 @@ def test_a_request_costs_two_round_trips(redis_server: RedisServer, redis_prefix
     ledger.close()
 
 
+def test_thousands_of_expired_reservations_never_refuse_a_reserve(redis_server: RedisServer, redis_prefix: str) -> None:
+    """More reservations expire at once than one sweep takes: a reserve that does not fit sweeps them all first."""
+    now = [time.time()]
+    ledger = RedisLedger(url=redis_server.url, prefix=redis_prefix, clock=lambda: now[0])
+    s, other = scope(limit=3_000), scope("other", limit=10**9)
+    for i in range(2_500):  # more than the periodic sweep (256) and one batch of the full sweep (1,000)
+        assert ledger.reserve(f"old-{i}", [(s, 1), (other, 1)], ttl_s=30).ok
+    assert not ledger.reserve("big", [(s, 2_000)], ttl_s=30).ok
+    now[0] += 31
+    result = ledger.reserve("big", [(s, 2_000)], ttl_s=30)
+    assert result.ok and [(b.spent, b.reserved) for b in result.balances] == [(0, 2_000)]
+    fresh = RedisLedger(url=redis_server.url, prefix=redis_prefix, clock=lambda: now[0])
+    assert [(b.spent, b.reserved) for b in fresh.balances([s, other])] == [(0, 2_000), (0, 0)]
+    assert ledger.settle("old-7", [(s, 1)])  # a late settlement still counts
+    assert fresh.expire(now[0] + 31) == 1 and fresh.expire(now[0] + 31) == 0
+    assert redis_server.client().zcard(f"{redis_prefix}x") == 0
+    ledger.close()
+    fresh.close()
+
+
+def test_expire_drops_more_than_one_batch(redis_server: RedisServer, redis_prefix: str) -> None:
+    ledger = RedisLedger(url=redis_server.url, prefix=redis_prefix)
+    s = scope(limit=10**9)
+    for i in range(2_100):
+        ledger.reserve(f"r{i}", [(s, 5)], ttl_s=30)
+    assert ledger.expire(time.time() + 31) == 2_100
+    assert ledger.balances([s])[0].reserved == 0
+    assert redis_server.client().keys(f"{redis_prefix}r:*") == []  # swept records are deleted
+    ledger.close()
+
+
 def test_balances_are_cached_for_at_most_their_max_age(redis_server: RedisServer, redis_prefix: str) -> None:
     now = [time.time()]
     mine = RedisLedger(url=redis_server.url, prefix=redis_prefix, clock=lambda: now[0], balances_max_age_s=1.0)
