@@ -24,7 +24,18 @@ from typing import Any, NamedTuple
 
 from . import telemetry
 from .apply import apply_headers, apply_params
-from .catalog import PICO_PER_MICRO, Catalog, ModelEntry, RateCard, UsageCounts, cost_of_counts, estimate, load_catalog, parse_usage
+from .catalog import (
+    Catalog,
+    ModelEntry,
+    RateCard,
+    UsageCounts,
+    cost_of_counts,
+    cost_with_rates,
+    estimate,
+    estimate_with_rates,
+    load_catalog,
+    parse_usage,
+)
 from . import cel
 from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
@@ -76,8 +87,8 @@ class Decision:
     fast_beta: str = FAST_BETA
     at: float = 0.0
     _budget_charges: tuple[tuple[CompiledBudget, Scope], ...] = ()
-    _model: ModelEntry | None = None
-    _inference_geo: str | None = None
+    _plan: _ModelPlan | None = None
+    """The model plan the decision priced with: settle prices the response with the same cards."""
     _settled: bool = False
     _rejection: tuple[str, int, int, int] | None = None
     """(ceiling, limit, spent plus reserved, estimate) in micro-dollars, when rejected."""
@@ -421,9 +432,9 @@ class Engine:
         cache_control: bool = request["cache_control"]  # type: ignore[assignment]
         std_micro = fast_micro = None
         if mp.std_rates is not None:
-            std_micro = _worst_case(mp.std_rates, input_tokens, max_tokens, cache_control)
+            std_micro = estimate_with_rates(mp.std_rates, input_tokens, max_tokens, cache_control)
         if mp.fast_rates is not None:
-            fast_micro = _worst_case(mp.fast_rates, input_tokens, max_tokens, cache_control)
+            fast_micro = estimate_with_rates(mp.fast_rates, input_tokens, max_tokens, cache_control)
 
         activation: dict[str, Any] = {"request": request, "context": ctx}
         if "cost" in reads:
@@ -513,8 +524,7 @@ class Engine:
 
         decision = Decision(speed, rule, "allowed", reasons, [], [], model_name, max_tokens, input_tokens, tokens.exact,
                             std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch)
-        decision._model = model
-        decision._inference_geo = mp.geo
+        decision._plan = mp
         if speed == "fast":
             self._guardrails(decision, mp, request, account, input_tokens, epoch)
         limit = compiled.per_request_micro
@@ -753,16 +763,9 @@ class Engine:
         then records nothing: the reservation stands until a good usage settles it.
         """
         counts = parse_usage(usage)
-        model = decision._model
-        if model is None:
-            model = self.catalog.find(decision.model)
-        cost = 0
-        if model is not None:
-            try:
-                cost = cost_of_counts(model, counts, inference_geo=decision._inference_geo)
-            except PricingError:
-                cost = 0  # unpriced model: nothing to charge, and the decision already said so
         input_tokens, output_tokens, write_5m, write_1h, cache_read, speed, _ = counts
+        # An unpriced model has nothing to charge, and the decision already said so.
+        cost = self._usage_cost(decision, counts, speed) or 0
         first = not decision._settled
         if first and decision.reservation_id is not None:
             premium: int | None = None
@@ -776,7 +779,9 @@ class Engine:
                     amount = 0
                 else:
                     if premium is None:
-                        premium = self._premium(decision, model, counts, cost)
+                        # What the response cost over the same usage at standard speed.
+                        standard_cost = self._usage_cost(decision, counts, "standard")
+                        premium = cost if standard_cost is None else cost - standard_cost if cost > standard_cost else 0
                     amount = premium
                 if amount:
                     owed = True
@@ -789,16 +794,19 @@ class Engine:
         telemetry.record_settlement(decision, settlement)
         return settlement
 
-    @staticmethod
-    def _premium(decision: Decision, model: ModelEntry | None, counts: UsageCounts, cost: int) -> int:
-        """What a fast response cost over what the same usage would have cost at standard speed."""
+    def _usage_cost(self, decision: Decision, counts: UsageCounts, speed: str) -> int | None:
+        """What `counts` cost at `speed` for the decision's model and geo; None when that is unpriced."""
+        mp = decision._plan
+        if mp is not None and counts.inference_geo is None:
+            rates = mp.fast_rates if speed == "fast" else mp.std_rates  # the cards the decision priced with
+            return None if rates is None else cost_with_rates(rates, counts)
+        model = mp.entry if mp is not None else self.catalog.find(decision.model)
         if model is None:
-            return cost
+            return None
         try:
-            standard_cost = cost_of_counts(model, counts, inference_geo=decision._inference_geo, speed="standard")
+            return cost_of_counts(model, counts, inference_geo=None if mp is None else mp.geo, speed=speed)  # type: ignore[arg-type]
         except PricingError:
-            return cost
-        return cost - standard_cost if cost > standard_cost else 0
+            return None
 
     def release(self, decision: Decision) -> bool:
         """Free the reservation of a request that was never sent. False when there was none left to free.
@@ -873,14 +881,6 @@ def _rate_table(model: ModelEntry, speed: str, geo: str | None) -> tuple[tuple[i
         return None
 
 
-def _worst_case(rates: tuple[tuple[int, RateCard], ...], input_tokens: int, max_tokens: int, cache_control: bool) -> int:
-    """`catalog.estimate()` on the model plan's cards: the same tier choice and arithmetic, without
-    the lookups and checks a decision has already made (tests pin the two to the same figures)."""
-    for above, card in rates:
-        if input_tokens > above:
-            break  # else the loop leaves the last (lowest) tier's card
-    rate = card.cache_write_5m if cache_control else card.input
-    return -(-(input_tokens * rate + max_tokens * card.output) // PICO_PER_MICRO)
 
 
 def _counted(input_tokens: int) -> TokenEstimate:

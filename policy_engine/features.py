@@ -272,6 +272,8 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
             content = message.get("content")
         else:
             content = message.get("content") if isinstance(message, Mapping) else None
+        if type(content) is str:
+            continue  # the common case: nothing in a string can be an image, a document or cache_control
         if type(content) is list or isinstance(content, tuple):
             for block in content:  # type: ignore[union-attr]
                 if type(block) is dict or isinstance(block, Mapping):
@@ -284,10 +286,16 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
                         cache_control = True
     system = get("system")
     if not cache_control and system and type(system) is not str and isinstance(system, (list, tuple)):
-        cache_control = any(isinstance(b, Mapping) and "cache_control" in b for b in system)
+        for block in system:
+            if (type(block) is dict or isinstance(block, Mapping)) and "cache_control" in block:
+                cache_control = True
+                break
     tools = get("tools") or ()
     if not cache_control and tools:
-        cache_control = any(isinstance(t, Mapping) and "cache_control" in t for t in tools)  # type: ignore[union-attr]
+        for tool in tools:  # type: ignore[union-attr]
+            if (type(tool) is dict or isinstance(tool, Mapping)) and "cache_control" in tool:
+                cache_control = True
+                break
     thinking = get("thinking")
     thinking_features = _NO_THINKING
     if thinking and isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive"):

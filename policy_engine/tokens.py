@@ -186,7 +186,16 @@ def estimate_text_tokens(text: str) -> float:
     """Estimated tokens of one string (a float; callers round once per request)."""
     n = len(text)
     if n <= SHORT_CHARS:
-        return _estimate_text(text) if n else 0.0
+        if text.isascii():
+            if not n:
+                return 0.0
+            ab = text.encode("ascii")
+            nonalnum = ab.translate(None, _ALNUM)
+            spaces = nonalnum.count(b" ")
+            c = _SHORT_COEF
+            t = c[0] * (n - len(nonalnum)) + c[1] * (len(nonalnum) - spaces) + c[2] * spaces + c[3]
+            return t if t > 1.0 else 1.0
+        return _estimate_text(text)
     if n <= CACHE_MAX_CHARS:
         # The key keeps no reference to the text; str caches its own hash, so a history
         # re-sent as the same objects costs one dict lookup per message.
@@ -213,19 +222,12 @@ def estimate_text_tokens(text: str) -> float:
 
 
 def _estimate_text(text: str) -> float:
-    """Tokens of one string: the short model for short ASCII, else the linear model of `_COEF`.
+    """Tokens of one string by the linear model of `_COEF` (short ASCII strings have their own).
 
     The features of the module docstring are computed and weighted in line (no feature
     tuple): this runs for every new string of every request.
     """
     n = len(text)
-    if n <= SHORT_CHARS and text.isascii():
-        ab = text.encode("ascii")
-        nonalnum = ab.translate(None, _ALNUM)
-        spaces = nonalnum.count(b" ")
-        c = _SHORT_COEF
-        t = c[0] * (len(ab) - len(nonalnum)) + c[1] * (len(nonalnum) - spaces) + c[2] * spaces + c[3]
-        return t if t > 1.0 else 1.0
     if n > SAMPLE_CHARS:
         w = SAMPLE_CHARS // 3
         mid = (n - w) // 2
@@ -631,10 +633,11 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
             acc.text += estimate_text_tokens(system)
         elif type(system) is list or isinstance(system, Sequence):
             for i, raw in enumerate(system):
-                b = _as_mapping(raw)
-                if (type(b) is not dict and not isinstance(b, Mapping)) or not isinstance(b.get("text"), str):
+                b = raw if type(raw) is dict else _as_mapping(raw)
+                text = b.get("text") if type(b) is dict or isinstance(b, Mapping) else None
+                if type(text) is not str and not isinstance(text, str):
                     raise InvalidRequestParams(f"system[{i}] must be a text block with a string 'text'")
-                acc.text += estimate_text_tokens(b["text"])
+                acc.text += estimate_text_tokens(text)
         else:
             raise InvalidRequestParams(f"system must be a string or a list of text blocks, got {type(system).__name__}")
 
@@ -672,9 +675,10 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
             raise InvalidRequestParams(f"mcp_servers must be a list, got {type(mcp).__name__}")
         acc.add(MCP_SERVER_TOKENS[0] * len(mcp), MCP_SERVER_TOKENS[1] * len(mcp))
 
-    expected = int(round(acc.text)) + acc.fixed
-    upper = math.ceil(acc.text * UPPER_FACTOR) + acc.fixed_upper + UPPER_SLACK
-    return TokenEstimate(expected=expected, upper=max(upper, expected), exact=False)
+    text = acc.text
+    expected = round(text) + acc.fixed
+    upper = math.ceil(text * UPPER_FACTOR) + acc.fixed_upper + UPPER_SLACK
+    return TokenEstimate(expected, upper if upper > expected else expected, False)
 
 
 # --------------------------------------------------------------------------- exact counting

@@ -98,6 +98,26 @@ def test_over_200k_total_input_tokens_settles_at_the_higher_fast_tier(engine: En
     assert s2.cost_micro == 150_000 * 60 + 100_000 * 6 + 10_000 * 225
 
 
+@pytest.mark.parametrize("decided_geo", [None, "us"])
+@pytest.mark.parametrize("usage_geo", [None, "global", "us"])
+@pytest.mark.parametrize("ran", ["standard", "fast"])
+def test_settled_cost_and_premium_are_the_catalogs_at_the_geo_that_ran(engine: Engine, decided_geo: str | None,
+                                                                     usage_geo: str | None, ran: str) -> None:
+    # The decision's geo prices the usage unless the usage names its own (the US multiplier is 1.1x).
+    params = {**HELLO, "inference_geo": decided_geo} if decided_geo else HELLO
+    d = engine.decide(params, WAITING, now=NOON, input_tokens=10)
+    assert d.speed == "fast"
+    usage = {"input_tokens": 250_000, "output_tokens": 3_000, "cache_read_input_tokens": 1_000,
+             "cache_creation_input_tokens": 500, "speed": ran, "inference_geo": usage_geo}
+    opus = load_catalog().model(OPUS)
+    geo = usage_geo or decided_geo
+    cost = actual(opus, {**usage, "inference_geo": geo})
+    premium = cost - actual(opus, {**usage, "speed": "standard", "inference_geo": geo}) if ran == "fast" else 0
+    assert engine.settle(d, usage).cost_micro == cost
+    assert balance(engine) == (premium, 0)
+    assert (geo == "us") == (cost != actual(opus, {**usage, "inference_geo": None}))
+
+
 def test_settle_accepts_the_sdk_usage_objects(engine: Engine) -> None:
     for usage in (BetaUsage(input_tokens=12, output_tokens=300, speed="fast"),
                   Usage(input_tokens=12, output_tokens=300, speed="fast")):

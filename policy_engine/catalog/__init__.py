@@ -14,7 +14,19 @@ once to the micro-dollar; sums of costs are exact integer sums.
 
 from __future__ import annotations
 
-from ._cost import MICRO_PER_USD, UsageCounts, UsageError, actual, cost_of_counts, estimate, format_usd, parse_usage, to_usd
+from ._cost import (
+    MICRO_PER_USD,
+    UsageCounts,
+    UsageError,
+    actual,
+    cost_of_counts,
+    cost_with_rates,
+    estimate,
+    estimate_with_rates,
+    format_usd,
+    parse_usage,
+    to_usd,
+)
 from ._load import DEFAULT_CATALOG_PATH, load_catalog
 from ._models import (
     BatchPricing,
@@ -56,7 +68,9 @@ __all__ = [
     "UsageError",
     "actual",
     "cost_of_counts",
+    "cost_with_rates",
     "estimate",
+    "estimate_with_rates",
     "format_usd",
     "load_catalog",
     "parse_usage",

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from ._models import ModelEntry
-from ._rates import PICO_PER_MICRO, SPEEDS, Speed
+from ._rates import PICO_PER_MICRO, SPEEDS, RateCard, Speed
 
 MICRO_PER_USD = 1_000_000
 
@@ -74,14 +74,20 @@ def estimate(
     if type(input_tokens) is not int or type(max_tokens) is not int or input_tokens < 0 or max_tokens < 0:
         _count("input_tokens", input_tokens)
         _count("max_tokens", max_tokens)
-    card = model.rates(speed, input_tokens, inference_geo)
+    if cache_control and cache_ttl != "5m" and cache_ttl != "1h":
+        raise UsageError(f"cache_ttl must be '5m' or '1h', got {cache_ttl!r}")
+    return estimate_with_rates(model.rate_table(speed, inference_geo), input_tokens, max_tokens, cache_control, cache_ttl)
+
+
+def estimate_with_rates(rates: tuple[tuple[int, RateCard], ...], input_tokens: int, max_tokens: int,
+                        cache_control: bool = False, cache_ttl: str = "5m") -> int:
+    """`estimate()` on cards already looked up (`ModelEntry.rate_table`), for callers that price
+    many requests of one model, speed and geo; the counts are not checked again."""
+    for above, card in rates:
+        if input_tokens > above:
+            break  # else the loop leaves the last (lowest) tier's card
     if cache_control:
-        if cache_ttl == "5m":
-            rate = card.cache_write_5m
-        elif cache_ttl == "1h":
-            rate = card.cache_write_1h
-        else:
-            raise UsageError(f"cache_ttl must be '5m' or '1h', got {cache_ttl!r}")
+        rate = card.cache_write_1h if cache_ttl == "1h" else card.cache_write_5m
     else:
         rate = card.input
     return -(-(input_tokens * rate + max_tokens * card.output) // PICO_PER_MICRO)
@@ -165,8 +171,18 @@ def cost_of_counts(model: ModelEntry, u: UsageCounts, *, inference_geo: str | No
     `speed` prices the same usage at another speed than `u.speed` (what a fast response
     would have cost at standard speed: the fast premium).
     """
-    inp, out, write_5m, write_1h, read, used_speed, geo = u
-    card = model.rates(speed or used_speed, inp + write_5m + write_1h + read, inference_geo if geo is None else geo)
+    geo = u[6]
+    return cost_with_rates(model.rate_table(speed or u[5], inference_geo if geo is None else geo), u)
+
+
+def cost_with_rates(rates: tuple[tuple[int, RateCard], ...], u: UsageCounts) -> int:
+    """`cost_of_counts()` on the cards of the speed and geo to bill at, already looked up
+    (`ModelEntry.rate_table`). The tier is picked by total input tokens."""
+    inp, out, write_5m, write_1h, read, _, _ = u
+    total = inp + write_5m + write_1h + read
+    for above, card in rates:
+        if total > above:
+            break  # else the loop leaves the last (lowest) tier's card
     pico = inp * card.input + write_5m * card.cache_write_5m + write_1h * card.cache_write_1h + read * card.cache_read + out * card.output
     return -(-pico // PICO_PER_MICRO)
 

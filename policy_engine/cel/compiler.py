@@ -52,7 +52,7 @@ _HELPER_NAMES = {
     "in_": rt.in_, "in_list": rt.in_list, "make_map": rt.make_map, "size": rt.size,
     "iter_range": rt.iter_range, "exists": rt.exists, "all_": rt.all_, "contains": rt.contains,
     "starts_with": rt.starts_with, "ends_with": rt.ends_with, "matches": rt.matches,
-    "to_int": rt.to_int, "to_uint": rt.to_uint, "to_double": rt.to_double, "to_string": rt.to_string,
+    "to_int": rt.to_int, "double_to_int": rt.double_to_int, "to_uint": rt.to_uint, "to_double": rt.to_double, "to_string": rt.to_string,
     "to_bool": rt.to_bool, "to_bytes": rt.to_bytes, "to_duration": rt.to_duration,
     "to_timestamp": rt.to_timestamp, "type_of": rt.type_of, "check_result": rt.check_result,
     "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint,
@@ -781,6 +781,10 @@ class Compiler:
         k = t[0].kind
         if fn == "double" and k in ("int", "uint") and allx:
             return f"float({p[0]})"
+        if fn == "string" and k == "int" and allx:
+            return f"str({p[0]})"
+        if fn == "int" and k == "double" and allx:
+            return f"_double_to_int({p[0]})"
         if fn == k and allx and fn in ("int", "uint", "double", "string", "bool", "bytes"):
             return p[0]
         if fn == "duration" and k == "google.protobuf.Duration" and allx:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from policy_engine.cel import (
-    BOOL, DYN, INT, STRING, UINT, CelEvaluationError, CelTypeError, CelUint, ListType, MapType,
+    BOOL, DOUBLE, DYN, INT, STRING, UINT, CelEvaluationError, CelTypeError, CelUint, ListType, MapType,
     compile,
 )
 
@@ -273,6 +273,24 @@ def test_functions(src, expected):
 def test_function_errors(src, msg):
     act = {"x": {"int(x)": 2.0**70, "duration(x)": "5 parsecs", "timestamp(x)": "yesterday"}.get(src, "abc")}
     assert msg in ev_err(src, act)
+
+
+@pytest.mark.parametrize("value,expected", [
+    (3.9, 3), (-3.9, -3), (0.0, 0), (-(2.0**63), -(2**63)), (2.0**63 - 1024, 2**63 - 1024),
+    (2.0**63, "overflow"), (math.inf, "overflow"), (-math.inf, "overflow"), (math.nan, "overflow"),
+])
+def test_int_of_a_declared_double_matches_the_dynamic_conversion(value, expected):
+    # A double known statically takes a shortcut; a dyn value goes through the general conversion.
+    for decls in ({"x": DOUBLE}, {"x": DYN}):
+        if isinstance(expected, str):
+            assert expected in ev_err("int(x)", {"x": value}, decls)
+        else:
+            assert same(ev("int(x)", {"x": value}, decls), expected)
+
+
+@pytest.mark.parametrize("value", [0, 7, -3, 2**63 - 1, -(2**63)])
+def test_string_of_a_declared_int_matches_the_dynamic_conversion(value):
+    assert ev("string(x)", {"x": value}, {"x": INT}) == ev("string(x)", {"x": value}, {"x": DYN}) == str(value)
 
 
 def test_matches_rejects_non_re2_patterns():
