@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import IO, Any
 
-from .catalog import Catalog, ModelEntry, actual, load_catalog, parse_usage, to_usd
+from .catalog import Catalog, ModelEntry, Speed, UsageCounts, cost_of_counts, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
 from .errors import PolicyEngineError, PricingError
@@ -281,19 +281,47 @@ def _pct(part: int, whole: int) -> str:
 # -- the replay -----------------------------------------------------------------------------
 
 
+_scan_json = json.JSONDecoder().scan_once
+"""The stdlib's C scanner without `json.loads`'s wrappers: (value, end) of the JSON value at an index."""
+
+
+def _json_value(text: str) -> Any:
+    """`text` as exactly one JSON value (no surrounding whitespace); ValueError otherwise."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        raise ValueError("not a JSON value") from None
+    if end != len(text):
+        raise ValueError("extra data")
+    return value
+
+
+@dataclass(slots=True)
+class _ModelFacts:
+    """What the replay needs of a model besides the engine's answer, looked up once per model name."""
+
+    entry: ModelEntry | None
+    fast_supported: bool
+    ttft_s: float
+    standard_otps: float
+    fast_otps: float | None
+
+
 class Replayer:
     """Replays log lines in order through one compiled policy with its own fresh state."""
 
     def __init__(self, compiled: CompiledPolicy, catalog: Catalog | None = None) -> None:
         self.compiled = compiled
         self.catalog = catalog or load_catalog()
-        self._now = START_TIME
+        self._now: datetime | None = START_TIME
         self._epoch = START_TIME.timestamp()
         # Reservations are settled at once, so nothing needs remembering past the replay's clock.
         self.ledger = MemoryLedger(clock=lambda: self._epoch, settled_memory_s=0.0)
         self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
         self._requests: dict[str, Any] = {}
-        self._priced_cache: dict[tuple[int, str | None], bool] = {}
+        self._minutes: dict[str, int] = {}
+        self._models: dict[str, _ModelFacts] = {}
+        self._priced_cache: dict[tuple[str, str | None], bool] = {}
         self.report = Report(compiled.name, compiled.version)
 
     # parse -----------------------------------------------------------------------------
@@ -302,30 +330,24 @@ class Replayer:
         """A log line as a dict. The request part is parsed once per distinct text and shared."""
         record: Any = None
         cut = text.rfind(_REQUEST_KEY)
-        if cut > 0 and text.endswith("}"):
+        if cut > 0 and text[-1] == "}":
             # `{...,"request":<value>}`: when the head closes into valid JSON the cut is at the top
-            # level, so <value> is exactly the request and its text can key a cache.
+            # level, so <value> is exactly the request and its text can key a cache. Any doubt
+            # (a cut inside another value, whitespace, bad JSON) falls back to the whole line.
             try:
-                record = json.loads(text[:cut] + "}")
-            except (ValueError, RecursionError):
-                record = None
-            if isinstance(record, dict):
-                raw = text[cut + len(_REQUEST_KEY):-1]
-                request = self._requests.get(raw)
-                if request is None:
-                    try:
-                        request = json.loads(raw)
-                    except (ValueError, RecursionError):
-                        request = None  # the cut was inside another value: parse the whole line below
-                    else:
+                record = _json_value(text[:cut] + "}")
+                if type(record) is dict:
+                    raw = text[cut + len(_REQUEST_KEY):-1]
+                    request = self._requests.get(raw)
+                    if request is None:
+                        request = _json_value(raw)
                         if len(self._requests) >= _CACHE_MAX:
                             self._requests.clear()
                         self._requests[raw] = request
-                if request is None:
-                    record = None
-                else:
                     record["request"] = request
-            else:
+                else:
+                    record = None
+            except (ValueError, RecursionError):
                 record = None
         if record is None:
             try:
@@ -341,19 +363,34 @@ class Replayer:
     # step ------------------------------------------------------------------------------
 
     def step(self, number: int, record: dict[str, Any]) -> Outcome:
+        """Decide and settle one parsed line. The line's `usage` dict is billed in place: its
+        `speed` is set to the speed the policy chose (a logged speed is not what this policy did)."""
         request = record.get("request")
         if not isinstance(request, dict):
             raise LogError(number, "missing 'request' (the Messages API parameters)")
-        self._advance(number, record.get("ts"))
+        ts = record.get("ts")
+        if ts is not None:
+            self._advance(number, ts)
         context = record.get("context")
         if context is not None and not isinstance(context, dict):
             raise LogError(number, "'context' must be an object")
         batch = record.get("batch", False)
-        if not isinstance(batch, bool):
+        if batch is not False and batch is not True:
             raise LogError(number, "'batch' must be true or false")
         given = record.get("input_tokens")
         if given is not None and (type(given) is not int or given < 0):
             raise LogError(number, f"'input_tokens' must be a non-negative integer, got {given!r}")
+        usage = record.get("usage")
+        counts = None
+        if usage is not None:
+            # Checked before deciding, so a bad line leaves no trace in budgets or stickiness.
+            if not isinstance(usage, dict):
+                raise LogError(number, "'usage' must be an object")
+            usage["speed"] = "standard"  # a logged speed is not what this policy did: settle sets its own
+            try:
+                counts = parse_usage(usage)
+            except ValueError as exc:
+                raise LogError(number, f"invalid usage: {exc}") from None
         try:
             decision = self.engine.decide(request, context, now=self._now, batch=batch, input_tokens=given)
         except PolicyEngineError as exc:
@@ -366,14 +403,25 @@ class Replayer:
         except (RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
             # The engine should have said InvalidRequest; one odd line must not stop a long replay.
             raise LogError(number, f"the engine could not decide this line: {type(exc).__name__}: {exc}") from None
-        usage = record.get("usage")
-        if usage is not None and not isinstance(usage, dict):
-            raise LogError(number, "'usage' must be an object")
-        return self._settle(number, decision, request, given, usage, batch)
+        if counts is None:
+            # Billed as the estimate expects: the expected prompt (as cache writes when the request
+            # caches, which is how the estimate prices it) and max_tokens of output.
+            expected = given if given is not None else self._expected_input(number, request)
+            usage = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if _caches(request)
+                     else {"input_tokens": expected})
+            usage["output_tokens"] = decision.max_tokens
+            counts = parse_usage(usage)
+        else:
+            self.report.with_usage += 1
+        return self._settle(number, decision, request, usage, counts, batch)  # type: ignore[arg-type]
 
     def _advance(self, number: int, ts: Any) -> None:
-        if ts is None:
-            return
+        if type(ts) is str:
+            epoch = self._utc_epoch(ts)
+            if epoch is not None:
+                # The engine's clock is the replay's: without `now` it reads this epoch.
+                self._now, self._epoch = None, epoch
+                return
         try:
             if isinstance(ts, (int, float)) and not isinstance(ts, bool):
                 now = datetime.fromtimestamp(ts, timezone.utc)
@@ -387,65 +435,84 @@ class Replayer:
             raise LogError(number, f"invalid 'ts' {ts!r}: {exc}") from None
         self._now, self._epoch = now, now.timestamp()
 
-    def _settle(self, number: int, decision: Decision, request: dict[str, Any], given: int | None,
-                usage: dict[str, Any] | None, batch: bool) -> Outcome:
-        model = self.catalog.find(decision.model)
+    def _utc_epoch(self, ts: str) -> float | None:
+        """`datetime.fromisoformat(ts).timestamp()` for the shape logs write, `YYYY-MM-DDTHH:MM:SS[.fff[fff]]Z`,
+        parsing the date and minute once per minute; None for any other shape, left to the general parser."""
+        size = len(ts)
+        if (size != 24 and size != 20 and size != 27) or ts[-1] != "Z" or ts[16] != ":" or (size > 20 and ts[19] != "."):
+            return None
+        digits = ts[17:19] + ts[20:-1]  # seconds and fraction
+        if not (digits.isascii() and digits.isdigit()) or ts[17] > "5":
+            return None
+        head = ts[:16]
+        minute = self._minutes.get(head)
+        if minute is None:
+            try:
+                minute = int(datetime.fromisoformat(head + ":00+00:00").timestamp())
+            except ValueError:
+                return None
+            if len(self._minutes) >= _CACHE_MAX:
+                self._minutes.clear()
+            self._minutes[head] = minute
+        # One exact division, as timedelta.total_seconds() does: the very same float.
+        return (minute * 1_000_000 + int(digits.ljust(8, "0"))) / 1_000_000
+
+    def _facts(self, name: str) -> _ModelFacts:
+        facts = self._models.get(name)
+        if facts is None:
+            entry = self.catalog.find(name)
+            figures = entry.throughput if entry is not None else None
+            supported = entry is not None and entry.fast.supported
+            facts = _ModelFacts(entry, supported, (figures.ttft_s if figures else None) or 0.0,
+                                (figures.standard_otps if figures else None) or DEFAULT_STANDARD_OTPS,
+                                (figures.fast_otps or None) if figures is not None and supported else None)
+            if len(self._models) >= _CACHE_MAX:
+                self._models.clear()  # model names come from the log
+            self._models[name] = facts
+        return facts
+
+    def _settle(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
+                counts: UsageCounts, batch: bool) -> Outcome:
+        """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines.
+        `counts` is `usage` parsed."""
+        facts = self._facts(decision.model)
+        model = facts.entry
         geo = request.get("inference_geo")
-        geo = None if geo in (None, "global") else geo
-        if usage is None:
-            # Billed as the estimate expects: the expected prompt (as cache writes when the request
-            # caches, which is how the estimate prices it) and max_tokens of output.
-            expected = given if given is not None else self._expected_input(number, request)
-            usage = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if _caches(request)
-                     else {"input_tokens": expected})
-            usage["output_tokens"] = decision.max_tokens
-        else:
-            self.report.with_usage += 1
+        if geo == "global":
+            geo = None
         speed = decision.speed if decision.outcome != "rejected" else "rejected"
         chosen = 0
-        try:
-            if speed != "rejected":
-                chosen = self.engine.settle(decision, dict(usage, speed=decision.speed)).cost_micro
-            else:
-                parse_usage(usage)
-        except ValueError as exc:
-            # settle records nothing for a malformed usage; the reservation must not hold budget either.
-            self.engine.release(decision)
-            raise LogError(number, f"invalid usage: {exc}") from None
+        if speed != "rejected":
+            usage["speed"] = speed
+            try:
+                chosen = self.engine.settle(decision, usage).cost_micro
+            except ValueError as exc:
+                # settle records nothing for a malformed usage; the reservation must not hold budget either.
+                self.engine.release(decision)
+                raise LogError(number, f"invalid usage: {exc}") from None
         # The baselines need the line at both speeds; the settlement already priced one of them.
-        priced = self._priced(model, geo)
-        standard = chosen if speed == "standard" else self._actual(number, model, usage, "standard", geo)
-        fast_ok = (model is not None and model.fast.supported and not batch
-                   and request.get("service_tier") != "priority")
-        fast = (chosen if speed == "fast" else self._actual(number, model, usage, "fast", geo)) if fast_ok else None
-        std_s, fast_s = _latency(model, usage["output_tokens"])
-        if fast is None:
-            fast_s = None
+        standard = chosen if speed == "standard" else _price(model, counts, geo, "standard")
+        fast_ok = facts.fast_supported and not batch and request.get("service_tier") != "priority"
+        fast = (chosen if speed == "fast" else _price(model, counts, geo, "fast")) if fast_ok else None
+        output_tokens = counts.output_tokens
+        std_s = facts.ttft_s + output_tokens / facts.standard_otps
+        fast_s = facts.ttft_s + output_tokens / facts.fast_otps if fast is not None and facts.fast_otps else None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
         return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
-                       standard or 0, fast, latency, std_s, fast_s, priced)
+                       standard or 0, fast, latency, std_s, fast_s, self._priced(decision.model, model, geo))
 
-    def _priced(self, model: ModelEntry | None, geo: str | None) -> bool:
-        key = (id(model), geo)
+    def _priced(self, name: str, model: ModelEntry | None, geo: str | None) -> bool:
+        key = (name, geo)
         known = self._priced_cache.get(key)
         if known is None:
             try:
                 known = model is not None and model.rates("standard", 0, geo) is not None
             except PricingError:
                 known = False
+            if len(self._priced_cache) >= _CACHE_MAX:
+                self._priced_cache.clear()
             self._priced_cache[key] = known
         return known
-
-    def _actual(self, number: int, model: ModelEntry | None, usage: dict[str, Any], speed: str,
-                geo: str | None) -> int | None:
-        if model is None:
-            return None
-        try:
-            return actual(model, dict(usage, speed=speed), inference_geo=geo)
-        except PricingError:
-            return None
-        except ValueError as exc:
-            raise LogError(number, f"invalid usage: {exc}") from None
 
     def _expected_input(self, number: int, request: dict[str, Any]) -> int:
         try:
@@ -458,15 +525,16 @@ class Replayer:
     def run(self, lines: Iterable[tuple[int, str]], on_outcome: Callable[[Outcome], None] | None = None,
             progress: Callable[[int], None] | None = None) -> Report:
         report = self.report
+        parse, step, add = self.parse, self.step, report.add
         started = time.perf_counter()
         for number, text in lines:
             report.lines += 1
             try:
-                outcome = self.step(number, self.parse(number, text))
+                outcome = step(number, parse(number, text))
             except LogError as exc:
                 report.error(exc)
                 continue
-            report.add(outcome)
+            add(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
             if progress is not None and not report.lines & 1023:
@@ -479,15 +547,14 @@ DEFAULT_STANDARD_OTPS = 60.0
 """Output tokens per second when the catalog gives no figure (the engine assumes the same)."""
 
 
-def _latency(model: ModelEntry | None, output_tokens: int) -> tuple[float, float | None]:
-    """Seconds for a response of `output_tokens` at standard and at fast speed, from the
-    catalog's throughput model: time to first token (the same at both speeds) plus output
-    tokens over output tokens per second."""
-    figures = model.throughput if model is not None else None
-    std = (figures.standard_otps if figures else None) or DEFAULT_STANDARD_OTPS
-    ttft = (figures.ttft_s if figures else None) or 0.0
-    fast = figures.fast_otps if figures is not None and model is not None and model.fast.supported else None
-    return ttft + output_tokens / std, (ttft + output_tokens / fast) if fast else None
+def _price(model: ModelEntry | None, counts: UsageCounts, geo: str | None, speed: Speed) -> int | None:
+    """The usage's cost at `speed`; None when the catalog cannot price it."""
+    if model is None:
+        return None
+    try:
+        return cost_of_counts(model, counts, inference_geo=geo, speed=speed)
+    except PricingError:
+        return None
 
 
 def _caches(request: dict[str, Any]) -> bool:

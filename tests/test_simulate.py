@@ -6,6 +6,7 @@ import functools
 import gzip
 import io
 import json
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from policy_engine.compile import compile_file
 from policy_engine.decide import load
 from policy_engine.errors import CeilingExceeded
 from policy_engine.ledger import MemoryLedger
-from policy_engine.simulate import Replayer, diff, iter_log, open_log
+from policy_engine.simulate import LogError, Replayer, diff, iter_log, open_log
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / "data" / "requests.jsonl.gz"
@@ -250,3 +251,71 @@ def test_any_log_line_is_decided_or_counted_invalid(lines: list[str]) -> None:
     report = replayer.run((i, line) for i, line in enumerate(lines, 1) if line.strip())
     assert report.decided + report.invalid == report.lines
     assert all(amount >= 0 for amount in replayer.ledger.totals().values())
+
+
+def _general_epoch(ts: str) -> float:
+    """The decision time of a `ts` string as the general RFC 3339 parser reads it."""
+    now = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts)
+    return (now if now.tzinfo else now.replace(tzinfo=timezone.utc)).timestamp()
+
+
+_STAMPS = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 31))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_STAMPS, st.sampled_from([0, 1, 3, 4, 6]), st.sampled_from(["Z", "z", "+00:00", "+05:30", ""]),
+       st.sampled_from(["T", " "]), st.one_of(st.none(), st.tuples(st.integers(0, 26), st.characters())))
+def test_timestamps_read_the_same_through_the_minute_cache(when: Any, digits: int, zone: str, sep: str,
+                                                          typo: tuple[int, str] | None) -> None:
+    """The log's usual `...THH:MM:SS.fffZ` shape is read with the date and minute cached; every
+    string (that shape, others, broken ones) must give the general parser's time, or its error."""
+    text = when.strftime(f"%Y-%m-%d{sep}%H:%M:%S") + (f".{when.microsecond:06d}"[:digits + 1] if digits else "") + zone
+    if typo is not None:
+        text = text[:typo[0]] + typo[1] + text[typo[0] + 1:]
+    replayer = Replayer(_cost_guard())
+    for ts in (text, text):  # the second read hits the minute cache
+        try:
+            expected: float | None = _general_epoch(ts)
+        except ValueError:
+            expected = None
+        if expected is None:
+            with pytest.raises(LogError):
+                replayer._advance(1, ts)
+        else:
+            replayer._advance(1, ts)
+            assert replayer._epoch == expected, ts
+
+
+def test_rules_see_the_logged_time_to_the_millisecond(tmp_path: Path) -> None:
+    policy = _policy(tmp_path, "version: 1\nname: clock\nrules:\n  - name: quarter-past\n"
+                               "    when: now.getMinutes() == 15 && now.getMilliseconds() == 250\n    speed: fast\n")
+    stamps = ["2026-03-02T09:15:02.250Z", "2026-03-02T09:15:02.251Z", "2026-03-02T10:15:59.250Z",
+              "2026-03-02T12:15:02.250+02:00", "2026-03-02T09:15:02.25Z", 1772442902.25, 1772442902.5]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"ts": ts, "request": OPUS}) + "\n" for ts in stamps))
+    outcomes: list[Any] = []
+    with open_log(str(path)) as stream:
+        Replayer(compile_file(str(policy))).run(iter_log(stream), on_outcome=outcomes.append)
+    assert [o.rule for o in outcomes] == ["quarter-past", "default", "quarter-past", "quarter-past", "quarter-past", "quarter-past",
+                                            "default"]
+
+
+def test_a_line_with_a_bad_usage_leaves_no_state_behind(tmp_path: Path) -> None:
+    policy = _policy(tmp_path, POLICY + "stickiness:\n  ttl: 10m\n")
+    chat = {"interactive": True, "conversation_id": "c-1"}
+    lines = [
+        {"ts": "2026-03-02T10:00:00Z", "context": chat, "input_tokens": 1000, "request": OPUS,
+         "usage": {"input_tokens": 1000, "output_tokens": -5}},
+        # Had the bad line been decided, this turn would stick to its fast speed and spend the budget.
+        {"ts": "2026-03-02T10:01:00Z", "context": dict(chat, interactive=False), "input_tokens": 1000, "request": OPUS,
+         "usage": {"input_tokens": 1000, "output_tokens": 500}},
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    replayer = Replayer(compile_file(str(policy)))
+    outcomes: list[Any] = []
+    with open_log(str(path)) as stream:
+        report = replayer.run(iter_log(stream), on_outcome=outcomes.append)
+    assert report.errors == ["line 1: invalid usage: usage.output_tokens must be >= 0, got -5"]
+    assert [(o.speed, o.rule) for o in outcomes] == [("standard", "default")]
+    assert replayer.ledger.totals().get("fast_day\x1fglobal\x1fday:2026-03-02@UTC", 0) == 0
