@@ -105,34 +105,59 @@ def _replenished(remaining: int | None, limit: int | None, reset_at: float | Non
     return min(limit, remaining + int(rate * (now - observed_at)))
 
 
-_WANTED = frozenset((*HEADERS, "retry-after"))
-_WANTED_BYTES = {name.encode("ascii"): name for name in _WANTED}
+_COUNT, _RESET, _RETRY_AFTER = 0, 1, 2
+# What each header the store reads is, by lower-case name as str and as bytes (httpx keeps bytes).
+_SPECS: dict[str | bytes, tuple[str, int, str]] = {}
+for _name, _kind, _field in (*((n, _COUNT, f) for n, f in _COUNT_FIELDS.items()),
+                             *((n, _RESET, f) for n, f in _RESET_FIELDS.items()),
+                             ("retry-after", _RETRY_AFTER, "retry_after_until")):
+    _SPECS[_name] = _SPECS[_name.encode("ascii")] = (_name, _kind, _field)
 
 
-def _relevant(headers: Mapping[str, str] | Any) -> dict[str, str]:
-    """The six fast-mode headers and `retry-after`, by lower-case name, in one pass over the headers."""
+def _read(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
+    """The `FastRateLimit` fields the fast-mode headers and `retry-after` give, and the malformed names.
+
+    One pass over the headers. httpx (and httpx2) Headers keep (raw key, lower-case key,
+    value) bytes: each lower-case key is looked up as it is, and values are read as bytes
+    (`int()` takes them), since their `items()`, `raw` and each case-insensitive `get()`
+    decode, copy or scan the whole list. A name given twice: the last one counts.
+    """
     entries = getattr(headers, "_list", None)
-    if type(entries) is list:
-        # httpx (and httpx2) Headers keep (raw key, lower-case key, value) bytes: one dict lookup
-        # per header, and only what we keep is decoded. Their `items()`, `raw` and each
-        # case-insensitive `get()` decode, copy or scan the whole list.
-        wanted = _WANTED_BYTES.get
-        found = {}
-        for entry in entries:
-            name = wanted(entry[1])
-            if name is not None:
-                found[name] = entry[2].decode("latin-1")
-        return found
-    raw = getattr(headers, "raw", None)
-    if isinstance(raw, list):
-        wanted = _WANTED_BYTES.get
-        found = {}
-        for key, value in raw:
-            name = wanted(key.lower())
-            if name is not None:
-                found[name] = value.decode("latin-1")
-        return found
-    return {k: v for k, v in ((str(k).lower(), v) for k, v in headers.items()) if k in _WANTED}
+    if type(entries) is not list:  # anything else is brought to the same shape
+        raw_pairs = getattr(headers, "raw", None)
+        entries = ([(None, key.lower(), value) for key, value in raw_pairs] if isinstance(raw_pairs, list)
+                   else [(None, str(key).lower(), value if type(value) is str else str(value))
+                         for key, value in headers.items()])
+    spec_of = _SPECS.get
+    values: dict[str, Any] = {}
+    bad: list[str] = []
+    for _, key, raw in entries:
+        spec = spec_of(key)
+        if spec is None:
+            continue
+        name, kind, field_name = spec
+        if kind == _COUNT:
+            try:
+                count = int(raw)  # int() itself allows surrounding blanks, and takes bytes
+            except ValueError:
+                count = -1
+            if count >= 0:
+                values[field_name] = count
+                continue
+        elif kind == _RESET:
+            try:
+                values[field_name] = _parse_rfc3339(raw)
+                continue
+            except (ValueError, OverflowError, OSError):
+                pass
+        else:
+            retry_after = parse_retry_after(raw.decode("latin-1") if type(raw) is bytes else raw, now)
+            if retry_after is not None:
+                values[field_name] = now + retry_after
+                continue
+        values.pop(field_name, None)  # the last value given is the one that counts, even a bad one
+        bad.append(name)
+    return values, bad
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -152,57 +177,27 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, seconds)
 
 
-_reset_cache: dict[str, float] = {}
+_reset_cache: dict[str | bytes, float] = {}
 
 
-def _parse_rfc3339(text: str) -> float:
-    # Every response of a second carries the same reset time: parse each string once.
-    cached = _reset_cache.get(text)
+def _parse_rfc3339(raw: str | bytes) -> float:
+    # Every response of a second carries the same reset time: parse each value once.
+    cached = _reset_cache.get(raw)
     if cached is not None:
         return cached
-    value = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
+    text = raw.decode("latin-1") if type(raw) is bytes else raw
+    value = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))  # type: ignore[union-attr]
     if value.tzinfo is None:  # RFC 3339 requires an offset; a bare time is taken as UTC
         value = value.replace(tzinfo=timezone.utc)
     if len(_reset_cache) >= 256:
         _reset_cache.clear()
-    epoch = _reset_cache[text] = value.timestamp()
+    epoch = _reset_cache[raw] = value.timestamp()
     return epoch
 
 
 def parse_headers(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
     """The `FastRateLimit` fields a response's headers give, and the names of malformed headers."""
-    return _parse(_relevant(headers), now)
-
-
-def _parse(relevant: dict[str, Any], now: float) -> tuple[dict[str, Any], list[str]]:
-    values: dict[str, Any] = {}
-    bad: list[str] = []
-    for name, raw in relevant.items():
-        field_name = _COUNT_FIELDS.get(name)
-        if field_name is not None:
-            try:
-                count = int(raw if type(raw) is str else str(raw))  # int() itself allows surrounding blanks
-            except ValueError:
-                bad.append(name)
-                continue
-            if count < 0:
-                bad.append(name)
-            else:
-                values[field_name] = count
-            continue
-        field_name = _RESET_FIELDS.get(name)
-        if field_name is not None:
-            try:
-                values[field_name] = _parse_rfc3339(str(raw))
-            except (ValueError, OverflowError, OSError):
-                bad.append(name)
-            continue
-        retry_after = parse_retry_after(str(raw), now)  # the only other name _relevant keeps
-        if retry_after is None:
-            bad.append(name)
-        else:
-            values["retry_after_until"] = now + retry_after
-    return values, bad
+    return _read(headers, now)
 
 
 class RateLimitStore:
@@ -232,11 +227,8 @@ class RateLimitStore:
         Returns whether anything was recorded. Malformed headers are skipped with a warning
         event; this never raises on header content.
         """
-        relevant = _relevant(headers)
-        if not relevant and not rate_limited:
-            return False
         now = self._clock() if now is None else now
-        values, bad = _parse(relevant, now)
+        values, bad = _read(headers, now)
         for name in bad:
             telemetry.record_event(_BAD_HEADER_EVENT, {"policy_engine.header": name})
         if not rate_limited:

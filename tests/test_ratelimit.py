@@ -55,6 +55,13 @@ def test_httpx_headers_read_the_same_as_a_dict_whatever_the_case() -> None:
     assert bad == ["anthropic-fast-output-tokens-limit"] and "output_tokens_limit" not in values
 
 
+def test_a_header_given_twice_counts_with_its_last_value() -> None:
+    pairs = [("anthropic-fast-input-tokens-remaining", "5"), ("Anthropic-Fast-Input-Tokens-Remaining", "7"),
+             ("anthropic-fast-output-tokens-remaining", "9"), ("anthropic-fast-output-tokens-remaining", "nine")]
+    values, bad = parse_headers(httpx.Headers(pairs), T0)
+    assert values == {"input_tokens_remaining": 7} and bad == ["anthropic-fast-output-tokens-remaining"]
+
+
 def test_rfc3339_offsets_and_fractions() -> None:
     values, bad = parse_headers({"anthropic-fast-input-tokens-reset": "2026-03-02T13:00:30.5+01:00"}, T0)
     assert bad == [] and values["input_reset_at"] == T0 + 30.5
