@@ -159,6 +159,7 @@ _COEF = (
 _DIGITS = b"0123456789"
 _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ALNUM = _DIGITS + _UPPER + b"abcdefghijklmnopqrstuvwxyz"
+_NOT_DIGIT_OR_UPPER = bytes(b for b in range(256) if b not in _DIGITS + _UPPER)
 
 
 #: ASCII strings up to this length use a 3-feature model (one translate, one count): the hot path of chats.
@@ -255,8 +256,9 @@ def _estimate_text(text: str) -> float:
         non_ascii = (n2l, n2c, n2 - n2l - n2c, n3i, n3 - n3i, n4)
     length = len(ab)
     nonalnum = ab.translate(None, _ALNUM)
-    digits = length - len(ab.translate(None, _DIGITS))
-    upper = length - len(ab.translate(None, _UPPER))
+    digits_upper = ab.translate(None, _NOT_DIGIT_OR_UPPER)  # short: one pass over the text, not two
+    upper = len(digits_upper) - len(digits_upper.translate(None, _UPPER))
+    digits = len(digits_upper) - upper
     letters = length - len(nonalnum) - digits
     spaces = nonalnum.count(b" ")
     newlines = nonalnum.count(b"\n") + nonalnum.count(b"\t")
@@ -499,7 +501,7 @@ def _add_tool_result_content(acc: _Acc, content: Any, where: tuple[Any, ...]) ->
 
 
 _NO_INPUT: dict[str, Any] = {}
-"""What a tool_use block without `input` is measured as (never mutated)."""
+"""What a tool_use block without `input`, or a request without `tool_choice`, is read as (never mutated)."""
 
 #: tool_use inputs measured, by identity: (input, tokens of its JSON).
 _input_cache: dict[int, tuple[Any, float]] = {}
@@ -546,7 +548,11 @@ def _add_blocks(acc: _Acc, blocks: Any, where: tuple[Any, ...]) -> None:
             acc.text += estimate_text_tokens(name if isinstance(name, str) else "")
             acc.text += _tool_input_tokens(b.get("input", _NO_INPUT))
         elif kind == "tool_result":
-            _add_tool_result_content(acc, b.get("content"), (*where, i, "content"))
+            content = b.get("content")
+            if type(content) is str:
+                acc.text += estimate_text_tokens(content)
+            else:
+                _add_tool_result_content(acc, content, (*where, i, "content"))
         elif kind == "image":
             _add_source_image(acc, b.get("source"), (*where, i))
         elif kind == "document":
@@ -592,17 +598,19 @@ def _add_tools(acc: _Acc, tools: Any, tool_choice: Any) -> None:
         raise InvalidRequestParams(f"tools must be a list of tool definitions, got {type(tools).__name__}")
     if not tools:
         return
-    choice = _as_mapping(tool_choice) if tool_choice is not None else {}
+    choice = _as_mapping(tool_choice) if tool_choice is not None else _NO_INPUT
     if type(choice) is not dict and not isinstance(choice, Mapping):
         raise InvalidRequestParams(f"tool_choice must be an object, got {type(tool_choice).__name__}")
-    prompt = TOOL_SYSTEM_PROMPT_TOKENS.get(str(choice.get("type", "auto")), TOOL_SYSTEM_PROMPT_TOKENS["auto"])
-    acc.add(prompt, _TOOL_SYSTEM_PROMPT_UPPER)
+    kind = choice.get("type", "auto")
+    prompt = TOOL_SYSTEM_PROMPT_TOKENS.get(kind if type(kind) is str else str(kind), TOOL_SYSTEM_PROMPT_TOKENS["auto"])
+    acc.fixed += prompt
+    acc.fixed_upper += _TOOL_SYSTEM_PROMPT_UPPER
     for i, raw in enumerate(tools):
         t = raw if type(raw) is dict else _as_mapping(raw)
         if type(t) is not dict and not isinstance(t, Mapping):
             raise InvalidRequestParams(f"tools[{i}] must be an object, got {type(raw).__name__}")
         kind = t.get("type")
-        if "input_schema" in t or kind in (None, "custom"):
+        if kind is None or "input_schema" in t or kind == "custom":
             acc.fixed += TOOL_OVERHEAD_TOKENS
             acc.fixed_upper += TOOL_OVERHEAD_TOKENS
             acc.text += _tool_definition_tokens(t)
