@@ -20,12 +20,14 @@ from typing import Any, Iterator
 import pytest
 
 from policy_engine.tokens import (
+    CACHE_MAX_CHARS,
     IMAGE_MAX_TOKENS,
     PDF_TEXT_TOKENS_PER_PAGE,
     InvalidRequestParams,
     TokenCounter,
     TokenEstimate,
     estimate_input_tokens,
+    estimate_text_tokens,
     image_dimensions,
     image_tokens,
     pdf_page_count,
@@ -90,21 +92,43 @@ def test_estimator_is_cheap() -> None:
     chat = {"model": "claude-opus-4-6", "max_tokens": 1024, "system": "You are a helpful assistant.",
             "messages": [{"role": "user", "content": "What is the capital of France?"},
                          {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]}
-    doc = {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 5000}]}
+    # A new document each time: the same string object again would only be looked up.
+    docs = [{"messages": [{"role": "user", "content": f"{i}: " + "The quick brown fox jumps over the lazy dog. " * 5000}]}
+            for i in range(50)]
     n = 2000
     t0 = time.perf_counter()
     for _ in range(n):
         estimate_input_tokens(chat)
     chat_us = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
-    for _ in range(200):
+    for doc in docs:
         est = estimate_input_tokens(doc)
-    doc_us = (time.perf_counter() - t0) / 200 * 1e6
+    doc_us = (time.perf_counter() - t0) / len(docs) * 1e6
     print(f"\nshort chat {chat_us:.1f} us/estimate; 225 KB document ({est.expected} tokens) {doc_us:.1f} us/estimate")
     # generous ceilings (shared CI machines); measured figures are in the module docstring
     assert chat_us < 200
     assert doc_us < 2000
     assert 40_000 < est.expected < 60_000
+
+
+def test_long_strings_are_remembered_by_identity_without_mixing_them_up() -> None:
+    # Strings over CACHE_MAX_CHARS are remembered by object identity. The cache holds them, so a
+    # string dropped cannot be replaced at its address by another one that would get its estimate.
+    for i in range(200):
+        text = ("lorem ipsum dolor " if i % 2 else '{"key": 1234567890, "v": [1, 2]} ') * (400 + i)
+        copy = text[:-1] + text[-1]  # equal, but another object: measured afresh
+        assert copy is not text and len(text) > CACHE_MAX_CHARS
+        assert estimate_text_tokens(text) == estimate_text_tokens(copy) == estimate_text_tokens(text)
+
+
+def test_tool_use_inputs_are_measured_per_object() -> None:
+    def call(tool_input: Any) -> dict[str, Any]:
+        return {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": tool_input}]}]}
+
+    small, large = {"q": "x"}, {"q": " ".join(["word"] * 2000)}
+    first = estimate_input_tokens(call(small))
+    assert estimate_input_tokens(call(large)).expected > first.expected + 1000
+    assert estimate_input_tokens(call(small)) == first == estimate_input_tokens(call({"q": "x"}))
 
 
 # --------------------------------------------------------------------------- images
