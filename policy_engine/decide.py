@@ -42,7 +42,7 @@ from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
 from .errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
 from .features import FEATURE_DOCS, context_features, request_features
-from .ledger import Balance, Charge, Ledger, MemoryLedger, Scope, window_bounds
+from .ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope, window_bounds
 from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
 from .ratelimit import RateLimitStore
 from .tokens import InvalidRequestParams, TokenCounter, TokenEstimate, estimate_input_tokens
@@ -97,6 +97,8 @@ class Decision:
     """The decide span's context when a tracer recorded it: the settle span links to it."""
     _held: bool = False
     """The ledger holds a reservation under `reservation_id` (False when every charge was zero)."""
+    _pending: tuple[Any, ...] | None = None
+    """With an `AsyncLedger`: what `adecide` still has to await (the budgets to reserve, the conversation to remember)."""
 
     @property
     def estimate_micro(self) -> int | None:
@@ -258,7 +260,7 @@ class Engine:
         policies: Sequence[CompiledPolicy],
         catalog: Catalog | None = None,
         *,
-        ledger: Ledger | None = None,
+        ledger: Ledger | AsyncLedger | None = None,
         ratelimits: RateLimitStore | None = None,
         conversations: ConversationStore | None = None,
         reservation_ttl_s: float = 600.0,
@@ -281,7 +283,9 @@ class Engine:
             from .ledger.sqlite import SqliteLedger  # the embedded persistent default
 
             ledger = SqliteLedger(ledger_path)
-        self.ledger = ledger or MemoryLedger()
+        self.ledger: Ledger | AsyncLedger = ledger or MemoryLedger()
+        self._async_ledger = isinstance(self.ledger, AsyncLedger)
+        """An asyncio ledger: decisions go through adecide/asettle/arelease, which await it."""
         self.throughput = throughput
         """Observed output speeds (`policy_engine.observe`); None: the catalog's figures."""
         self.ratelimits = ratelimits or RateLimitStore()
@@ -335,6 +339,8 @@ class Engine:
         a ceiling rejects the request, `InvalidRequest` for malformed params or context,
         `RuleEvaluationError` when a rule fails under `on_error: raise`.
         """
+        if self._async_ledger:
+            raise _needs_await("decide")
         started = time.perf_counter_ns()
         if input_tokens is not None:
             tokens = _counted(input_tokens)
@@ -358,8 +364,9 @@ class Engine:
     ) -> Decision:
         """`decide` for async callers: the counter (if any) is awaited, never blocking the loop.
 
-        With the in-memory ledger deciding does no I/O; with a shared ledger the decision
-        runs in a worker thread so the event loop keeps going.
+        With the in-memory ledger deciding does no I/O; with an `AsyncLedger` (such as
+        `AsyncRedisLedger`) its calls are awaited on the caller's loop; with another shared
+        ledger the decision runs in a worker thread so the event loop keeps going.
         """
         started = time.perf_counter_ns()
         if input_tokens is not None:
@@ -369,6 +376,8 @@ class Engine:
                 tokens = await self.counter.acount(params) if self.counter is not None else estimate_input_tokens(params)
             except InvalidRequestParams as exc:
                 raise InvalidRequest(str(exc)) from None
+        if self._async_ledger:
+            return await self._afinish(params, context, now, account, batch, tokens, policy, started)
         if isinstance(self.ledger, MemoryLedger):
             return self._finish(params, context, now, account, batch, tokens, policy, started)
         return await asyncio.to_thread(self._finish, params, context, now, account, batch, tokens, policy, started)
@@ -377,6 +386,42 @@ class Engine:
                 batch: bool, tokens: TokenEstimate, policy: str | None, started: int) -> Decision:
         try:
             decision = self._decide(params, context, now, account, batch, tokens, self._plan_of(policy))
+        except RuleEvaluationError as exc:
+            telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
+            raise
+        telemetry.record_decision(decision, started, time.perf_counter_ns())
+        if decision.outcome == "rejected":
+            raise _rejection(decision)
+        return decision
+
+    async def _afinish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None,
+                       account: str, batch: bool, tokens: TokenEstimate, policy: str | None, started: int) -> Decision:
+        """`_finish` over an `AsyncLedger`: the same decision, its ledger calls awaited.
+
+        `_decide` stops where it would call the ledger: for balances (only when an
+        expression reads them) it raises `_NeedBalances` before any side effect, and is
+        run again with the answer; for the reservation it leaves `decision._pending`.
+        """
+        plan = self._plan_of(policy)
+        if now is None:
+            now = datetime.fromtimestamp(self._clock(), timezone.utc)  # one instant for every pass
+        prefetched: dict[str, Balance] | StateUnavailable | None = None
+        try:
+            while True:
+                try:
+                    decision = self._decide(params, context, now, account, batch, tokens, plan, prefetched)
+                    break
+                except _NeedBalances as need:
+                    try:
+                        answer = await self.ledger.balances(need.scopes)  # type: ignore[misc]
+                        prefetched = {s.id: b for s, b in zip(need.scopes, answer)}
+                    except StateUnavailable as exc:
+                        prefetched = exc
+            if decision._pending is not None:
+                scopes, sticky_key, sticky, sticky_ttl_s = decision._pending
+                decision._pending = None
+                await self._areserve(decision, scopes)
+                self._remember(decision, sticky_key, sticky, sticky_ttl_s)
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
@@ -419,6 +464,7 @@ class Engine:
         batch: bool,
         tokens: TokenEstimate,
         plan: _Plan,
+        prefetched: dict[str, Balance] | StateUnavailable | None = None,
     ) -> Decision:
         compiled = plan.compiled
         policy = compiled.policy
@@ -470,7 +516,14 @@ class Engine:
         if scopes and ("budget" in reads or "budgets" in reads):
             # Balances only when an expression reads them: the reservation checks the limits anyway.
             try:
-                balances = self.ledger.balances([s for _, s in scopes])
+                if not self._async_ledger:
+                    balances = self.ledger.balances([s for _, s in scopes])  # type: ignore[assignment]
+                elif isinstance(prefetched, StateUnavailable):
+                    raise prefetched
+                elif prefetched is None or any(s.id not in prefetched for _, s in scopes):
+                    raise _NeedBalances([s for _, s in scopes])  # adecide awaits them and decides again
+                else:
+                    balances = [prefetched[s.id] for _, s in scopes]
             except StateUnavailable as exc:
                 # Rules still run (on empty balances); the outage then forces the speed below.
                 unavailable = exc
@@ -547,12 +600,23 @@ class Engine:
             if unavailable is not None:
                 self._state_unavailable(decision, scopes, next(_reservation_ids), unavailable)
             elif scopes:
+                if self._async_ledger:
+                    decision._pending = (scopes, sticky_key, sticky, plan.sticky_ttl_s)  # adecide awaits the rest
+                    return decision
                 self._reserve(decision, scopes)
-        if sticky_key is not None and decision.outcome != "rejected":
-            if sticky is not None and plan.sticky_ttl_s is not None and sticky[0] != decision.speed:
-                decision.sticky_switch = self._switch_cost(model, sticky, decision.speed, mp.geo)
-            self.conversations.put(sticky_key, decision.speed, input_tokens, epoch)
+        if sticky_key is not None:
+            self._remember(decision, sticky_key, sticky, plan.sticky_ttl_s)
         return decision
+
+    def _remember(self, decision: Decision, sticky_key: str | None, sticky: tuple[str, int, float] | None,
+                  sticky_ttl_s: float | None) -> None:
+        """Record the conversation's speed (what stickiness and `conversation.*` read next time)."""
+        if sticky_key is None or decision.outcome == "rejected":
+            return
+        if sticky is not None and sticky_ttl_s is not None and sticky[0] != decision.speed:
+            mp = decision._plan
+            decision.sticky_switch = self._switch_cost(mp.entry if mp else None, sticky, decision.speed, mp.geo if mp else None)
+        self.conversations.put(sticky_key, decision.speed, decision.input_tokens, decision.at)
 
     def _window(self, window: str, tz: str, epoch: float, now: datetime | None) -> tuple[float, float, str]:
         """The calendar period containing `epoch`, computed once per period (not once per request)."""
@@ -681,44 +745,58 @@ class Engine:
 
     def _reserve(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]]) -> None:
         rid = next(_reservation_ids)
-        charges, some = self._charges(decision, scopes, decision.speed)
-        if not some:
-            # Nothing to hold (a standard request against budgets of fast spend): no ledger call.
-            # settle() still records whatever the response turns out to cost these budgets.
-            decision.reservation_id = rid
-            decision._budget_charges = tuple(scopes)
-            return
-        try:
-            result = self.ledger.reserve(rid, charges, ttl_s=self.reservation_ttl_s)
-        except StateUnavailable as exc:
-            return self._state_unavailable(decision, scopes, rid, exc)
-        if not result.ok and decision.speed == "fast":
-            failed: int = result.failed  # type: ignore[assignment]
-            budget, balance = scopes[failed][0], result.balances[failed]
-            decision.ceilings.append(budget.spec.name)
-            if budget.spec.on_exceed == "reject":
-                return self._reject(decision, budget, balance, charges[failed][1])
-            decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", budget.spec.name
-            decision.reasons.append(
-                f"budget {budget.spec.name}: fast worst case does not fit ({_usd(balance.remaining)} left of {_usd(balance.limit)}); downgraded")
-            charges, some = self._charges(decision, scopes, "standard")
-            if not some:
-                decision.reservation_id = rid
-                decision._budget_charges = tuple(scopes)
-                return
+        charges = self._to_hold(decision, scopes, rid, decision.speed)
+        while charges is not None:
             try:
-                result = self.ledger.reserve(rid, charges, ttl_s=self.reservation_ttl_s)
+                result = self.ledger.reserve(rid, charges, ttl_s=self.reservation_ttl_s)  # type: ignore[union-attr]
             except StateUnavailable as exc:
                 return self._state_unavailable(decision, scopes, rid, exc)
-        if not result.ok:
-            failed = result.failed  # type: ignore[assignment]
-            budget = scopes[failed][0]
-            if budget.spec.name not in decision.ceilings:
-                decision.ceilings.append(budget.spec.name)
-            return self._reject(decision, budget, result.balances[failed], charges[failed][1])
+            charges = self._reserved(decision, scopes, rid, charges, result)  # type: ignore[arg-type]
+
+    async def _areserve(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]]) -> None:
+        """`_reserve` over an `AsyncLedger`."""
+        rid = next(_reservation_ids)
+        charges = self._to_hold(decision, scopes, rid, decision.speed)
+        while charges is not None:
+            try:
+                result = await self.ledger.reserve(rid, charges, ttl_s=self.reservation_ttl_s)  # type: ignore[misc]
+            except StateUnavailable as exc:
+                return self._state_unavailable(decision, scopes, rid, exc)
+            charges = self._reserved(decision, scopes, rid, charges, result)
+
+    def _to_hold(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], rid: str,
+                 speed: str) -> list[Charge] | None:
+        """The charges to reserve at `speed`; None when there is nothing to hold (then no ledger call)."""
+        charges, some = self._charges(decision, scopes, speed)
+        if some:
+            return charges
+        # A standard request against budgets of fast spend holds nothing; settle() still records
+        # whatever the response turns out to cost these budgets.
         decision.reservation_id = rid
         decision._budget_charges = tuple(scopes)
-        decision._held = True
+        return None
+
+    def _reserved(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], rid: str,
+                  charges: list[Charge], result: ReserveResult) -> list[Charge] | None:
+        """Apply the ledger's answer; returns the charges to reserve next (a downgrade to standard) or None."""
+        if result.ok:
+            decision.reservation_id = rid
+            decision._budget_charges = tuple(scopes)
+            decision._held = True
+            return None
+        failed: int = result.failed  # type: ignore[assignment]
+        budget, balance = scopes[failed][0], result.balances[failed]
+        if decision.speed == "fast":
+            decision.ceilings.append(budget.spec.name)
+            if budget.spec.on_exceed != "reject":
+                decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", budget.spec.name
+                decision.reasons.append(
+                    f"budget {budget.spec.name}: fast worst case does not fit ({_usd(balance.remaining)} left of {_usd(balance.limit)}); downgraded")
+                return self._to_hold(decision, scopes, rid, "standard")
+        elif budget.spec.name not in decision.ceilings:
+            decision.ceilings.append(budget.spec.name)
+        self._reject(decision, budget, balance, charges[failed][1])
+        return None
 
     def _state_unavailable(self, decision: Decision, scopes: Sequence[tuple[CompiledBudget, Scope]], rid: str,
                            exc: StateUnavailable) -> None:
@@ -769,34 +847,59 @@ class Engine:
         records nothing the second time. Raises `UsageError` for a malformed usage, and
         then records nothing: the reservation stands until a good usage settles it.
         """
+        if self._async_ledger:
+            raise _needs_await("settle")
+        counts, cost, charges = self._to_settle(decision, usage)
+        first = not decision._settled
+        if charges is not None:
+            first = self.ledger.settle(decision.reservation_id, charges)  # type: ignore[arg-type,assignment]
+        return self._settled(decision, counts, cost, first)
+
+    async def asettle(self, decision: Decision, usage: Mapping[str, Any] | Any) -> Settlement:
+        """`settle` for async callers: an `AsyncLedger` is awaited; another shared ledger runs in a worker thread."""
+        if not self._async_ledger:
+            if isinstance(self.ledger, MemoryLedger):
+                return self.settle(decision, usage)
+            return await asyncio.to_thread(self.settle, decision, usage)
+        counts, cost, charges = self._to_settle(decision, usage)
+        first = not decision._settled
+        if charges is not None:
+            first = await self.ledger.settle(decision.reservation_id, charges)  # type: ignore[arg-type,misc]
+        return self._settled(decision, counts, cost, first)
+
+    def _to_settle(self, decision: Decision, usage: Mapping[str, Any] | Any) -> tuple[UsageCounts, int, list[Charge] | None]:
+        """The usage, its cost, and what to record against each budget (None: no ledger call to make)."""
         counts = parse_usage(usage)
-        input_tokens, output_tokens, write_5m, write_1h, cache_read, speed, _ = counts
+        speed = counts.speed
         # An unpriced model has nothing to charge, and the decision already said so.
         cost = self._usage_cost(decision, counts, speed) or 0
-        first = not decision._settled
-        if first and decision.reservation_id is not None:
-            premium: int | None = None
-            charges = []
-            owed = decision._held
-            for budget, scope in decision._budget_charges:
-                kind = budget.spec.counts
-                if kind == "all" or (kind == "fast" and speed == "fast"):
-                    amount = cost
-                elif speed != "fast":
-                    amount = 0
-                else:
-                    if premium is None:
-                        # What the response cost over the same usage at standard speed.
-                        standard_cost = self._usage_cost(decision, counts, "standard")
-                        premium = cost if standard_cost is None else cost - standard_cost if cost > standard_cost else 0
-                    amount = premium
-                if amount:
-                    owed = True
-                charges.append((scope, amount))
-            if owed:
-                first = self.ledger.settle(decision.reservation_id, charges)
-            # else: nothing was held and nothing is owed; the decision's own flag stops a second settle
+        if decision._settled or decision.reservation_id is None:
+            return counts, cost, None
+        premium: int | None = None
+        charges = []
+        owed = decision._held
+        for budget, scope in decision._budget_charges:
+            kind = budget.spec.counts
+            if kind == "all" or (kind == "fast" and speed == "fast"):
+                amount = cost
+            elif speed != "fast":
+                amount = 0
+            else:
+                if premium is None:
+                    # What the response cost over the same usage at standard speed.
+                    standard_cost = self._usage_cost(decision, counts, "standard")
+                    premium = cost if standard_cost is None else cost - standard_cost if cost > standard_cost else 0
+                amount = premium
+            if amount:
+                owed = True
+            charges.append((scope, amount))
+        # Nothing held and nothing owed: no ledger call; the decision's own flag stops a second settle.
+        return counts, cost, charges if owed else None
+
+    @staticmethod
+    def _settled(decision: Decision, counts: UsageCounts, cost: int, first: bool) -> Settlement:
         decision._settled = True
+        input_tokens, output_tokens, write_5m, write_1h, cache_read, speed, _ = counts
         settlement = Settlement(cost, speed, input_tokens, output_tokens, first, write_5m + write_1h, cache_read)
         telemetry.record_settlement(decision, settlement)
         return settlement
@@ -820,10 +923,23 @@ class Engine:
 
         A request released and then sent after all can still be settled: its spend is recorded.
         """
+        if self._async_ledger:
+            raise _needs_await("release")
         if decision.reservation_id is None or decision._settled or not decision._held:
             return False
         decision._held = False
-        return self.ledger.release(decision.reservation_id)
+        return self.ledger.release(decision.reservation_id)  # type: ignore[return-value]
+
+    async def arelease(self, decision: Decision) -> bool:
+        """`release` for async callers."""
+        if not self._async_ledger:
+            if isinstance(self.ledger, MemoryLedger):
+                return self.release(decision)
+            return await asyncio.to_thread(self.release, decision)
+        if decision.reservation_id is None or decision._settled or not decision._held:
+            return False
+        decision._held = False
+        return await self.ledger.release(decision.reservation_id)  # type: ignore[misc,no-any-return]
 
 
 def load(
@@ -900,6 +1016,17 @@ def _usd(micro: int) -> str:
     from .catalog import format_usd
 
     return format_usd(micro)
+
+
+class _NeedBalances(Exception):
+    """`_decide` over an `AsyncLedger` reached the budgets' balances: `_afinish` awaits them and decides again."""
+
+    def __init__(self, scopes: list[Scope]) -> None:
+        self.scopes = scopes
+
+
+def _needs_await(method: str) -> TypeError:
+    return TypeError(f"this Engine's ledger is an AsyncLedger: await engine.a{method}(...) instead of engine.{method}(...)")
 
 
 def _rejection(decision: Decision) -> CeilingExceeded | StateUnavailable:
