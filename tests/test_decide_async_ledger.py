@@ -167,3 +167,14 @@ def test_unreachable_redis_decides_standard_and_journals_the_settlement(tmp_path
     assert {"policy_engine.event": "policy_engine.state_unavailable"} in events
     [span] = telemetry.spans("policy_engine.decide")[-1:]
     assert span.attributes["policy_engine.outcome"] == "downgraded"
+
+
+def test_the_sdk_middleware_refuses_an_async_ledger_with_what_to_use(redis_server: RedisServer, redis_prefix: str) -> None:
+    from policy_engine.integrations.anthropic import FastModePolicy
+    from policy_engine.integrations.httpx import FastModeTransport
+
+    engine = load(DEFAULT, ledger=AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix))
+    with pytest.raises(TypeError, match="synchronous ledger.*RedisLedger"):
+        FastModePolicy(engine)
+    with pytest.raises(TypeError, match="synchronous ledger.*RedisLedger"):
+        FastModeTransport(engine)

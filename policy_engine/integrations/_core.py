@@ -22,6 +22,7 @@ from ..apply import merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine
 from ..errors import InvalidRequest, PolicyEngineError
+from ..ledger import AsyncLedger
 from ..observe import ThroughputObserver
 from ..ratelimit import account_id, parse_retry_after
 from ..tokens import estimate_text_tokens
@@ -134,6 +135,12 @@ class Runtime:
         max_retry_wait_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if isinstance(engine.ledger, AsyncLedger):
+            # Streams settle and failed attempts release from synchronous code paths too.
+            raise TypeError(
+                f"the SDK middleware and httpx transports need an Engine with a synchronous ledger, not "
+                f"{type(engine.ledger).__name__}: use RedisLedger (async clients run its calls in a worker thread), "
+                f"or call engine.adecide/asettle yourself around each request")
         self.engine = engine
         self.context = context
         self.policy = policy
