@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import IO, Any
 
-from .catalog import Catalog, ModelEntry, Speed, UsageCounts, cost_of_counts, load_catalog, parse_usage, to_usd
+from .catalog import Catalog, ModelEntry, RateCard, UsageCounts, cost_with_rates, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
 from .errors import PolicyEngineError, PricingError
@@ -51,6 +51,7 @@ START_TIME = DEFAULT_TEST_TIME
 """Decision time of the lines before the first one that carries a `ts`."""
 
 _REQUEST_KEY = ',"request":'
+_Rates = tuple[tuple[int, RateCard], ...]
 _CACHE_MAX = 50_000
 
 
@@ -321,7 +322,7 @@ class Replayer:
         self._requests: dict[str, Any] = {}
         self._minutes: dict[str, int] = {}
         self._models: dict[str, _ModelFacts] = {}
-        self._priced_cache: dict[tuple[str, str | None], bool] = {}
+        self._rate_tables: dict[tuple[str, str | None], tuple[_Rates | None, _Rates | None]] = {}
         self.report = Report(compiled.name, compiled.version)
 
     # parse -----------------------------------------------------------------------------
@@ -473,10 +474,9 @@ class Replayer:
 
     def _settle(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
                 counts: UsageCounts, batch: bool) -> Outcome:
-        """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines.
-        `counts` is `usage` parsed."""
-        facts = self._facts(decision.model)
-        model = facts.entry
+        """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines."""
+        name = decision.model
+        facts = self._facts(name)
         geo = request.get("inference_geo")
         if geo == "global":
             geo = None
@@ -491,28 +491,39 @@ class Replayer:
                 self.engine.release(decision)
                 raise LogError(number, f"invalid usage: {exc}") from None
         # The baselines need the line at both speeds; the settlement already priced one of them.
-        standard = chosen if speed == "standard" else _price(model, counts, geo, "standard")
-        fast_ok = facts.fast_supported and not batch and request.get("service_tier") != "priority"
-        fast = (chosen if speed == "fast" else _price(model, counts, geo, "fast")) if fast_ok else None
-        output_tokens = counts.output_tokens
+        # A usage's own inference_geo overrides the request's, as the catalog bills it.
+        std_rates, fast_rates = self._rates(name, facts.entry, geo if counts[6] is None else counts[6])
+        if speed == "standard":
+            standard = chosen
+        else:
+            standard = cost_with_rates(std_rates, counts) if std_rates is not None else 0
+        fast = None
+        if facts.fast_supported and not batch and request.get("service_tier") != "priority":
+            fast = chosen if speed == "fast" else cost_with_rates(fast_rates, counts) if fast_rates is not None else None
+        output_tokens = counts[1]
         std_s = facts.ttft_s + output_tokens / facts.standard_otps
         fast_s = facts.ttft_s + output_tokens / facts.fast_otps if fast is not None and facts.fast_otps else None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
+        priced = self._rates(name, facts.entry, geo)[0] is not None
         return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
-                       standard or 0, fast, latency, std_s, fast_s, self._priced(decision.model, model, geo))
+                       standard, fast, latency, std_s, fast_s, priced)
 
-    def _priced(self, name: str, model: ModelEntry | None, geo: str | None) -> bool:
+    def _rates(self, name: str, model: ModelEntry | None, geo: str | None) -> tuple[_Rates | None, _Rates | None]:
+        """The model's (standard, fast) rate tables in `geo`; None where the catalog has no price."""
         key = (name, geo)
-        known = self._priced_cache.get(key)
-        if known is None:
-            try:
-                known = model is not None and model.rates("standard", 0, geo) is not None
-            except PricingError:
-                known = False
-            if len(self._priced_cache) >= _CACHE_MAX:
-                self._priced_cache.clear()
-            self._priced_cache[key] = known
-        return known
+        tables = self._rate_tables.get(key)
+        if tables is None:
+            found: list[_Rates | None] = []
+            for speed in ("standard", "fast"):
+                try:
+                    found.append(model.rate_table(speed, geo) if model is not None else None)  # type: ignore[arg-type]
+                except PricingError:
+                    found.append(None)
+            tables = (found[0], found[1])
+            if len(self._rate_tables) >= _CACHE_MAX:
+                self._rate_tables.clear()  # model names and geos come from the log
+            self._rate_tables[key] = tables
+        return tables
 
     def _expected_input(self, number: int, request: dict[str, Any]) -> int:
         try:
@@ -545,16 +556,6 @@ class Replayer:
 
 DEFAULT_STANDARD_OTPS = 60.0
 """Output tokens per second when the catalog gives no figure (the engine assumes the same)."""
-
-
-def _price(model: ModelEntry | None, counts: UsageCounts, geo: str | None, speed: Speed) -> int | None:
-    """The usage's cost at `speed`; None when the catalog cannot price it."""
-    if model is None:
-        return None
-    try:
-        return cost_of_counts(model, counts, inference_geo=geo, speed=speed)
-    except PricingError:
-        return None
 
 
 def _caches(request: dict[str, Any]) -> bool:

@@ -319,3 +319,18 @@ def test_a_line_with_a_bad_usage_leaves_no_state_behind(tmp_path: Path) -> None:
     assert report.errors == ["line 1: invalid usage: usage.output_tokens must be >= 0, got -5"]
     assert [(o.speed, o.rule) for o in outcomes] == [("standard", "default")]
     assert replayer.ledger.totals().get("fast_day\x1fglobal\x1fday:2026-03-02@UTC", 0) == 0
+
+
+def test_a_logged_usage_geo_is_billed_in_every_scenario(tmp_path: Path) -> None:
+    # The response says it ran in the US: every rate x 1.1 whatever the request said.
+    # standard (1000 x $5 + 100 x $25) x 1.1 = $0.00825; fast (1000 x $30 + 100 x $150) x 1.1 = $0.0495.
+    line = {"ts": "2026-03-02T10:00:00Z", "context": {"interactive": True}, "input_tokens": 1000, "request": OPUS,
+            "usage": {"input_tokens": 1000, "output_tokens": 100, "inference_geo": "us"}}
+    path = tmp_path / "log.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with open_log(str(path)) as stream:
+        data = Replayer(compile_file(str(_policy(tmp_path)))).run(iter_log(stream)).to_dict()
+    assert data["speed_mix"]["fast"] == 1
+    assert data["cost"] == {"total_usd": "0.049500", "fast_premium_usd": "0.041250"}
+    assert data["baselines"]["all_standard"]["cost_usd"] == "0.008250"
+    assert data["baselines"]["all_fast"]["cost_usd"] == "0.049500"
