@@ -440,11 +440,15 @@ class Replayer:
         """`datetime.fromisoformat(ts).timestamp()` for the shape logs write, `YYYY-MM-DDTHH:MM:SS[.fff[fff]]Z`,
         parsing the date and minute once per minute; None for any other shape, left to the general parser."""
         size = len(ts)
-        if (size != 24 and size != 20 and size != 27) or ts[-1] != "Z" or ts[16] != ":" or (size > 20 and ts[19] != "."):
+        if size == 24:  # milliseconds, the usual shape
+            scale = 1_000
+        elif size == 27 or size == 20:
+            scale = 1_000_000 if size == 27 else 1
+        else:
             return None
-        digits = ts[17:19] + ts[20:-1]  # seconds and fraction
-        if not (digits.isascii() and digits.isdigit()) or ts[17] > "5":
+        if ts[-1] != "Z" or ts[16] != ":" or (size > 20 and ts[19] != "."):
             return None
+        fraction = ts[17:19] + ts[20:-1]  # seconds and their fraction: one exact integer in 1/scale s
         head = ts[:16]
         minute = self._minutes.get(head)
         if minute is None:
@@ -455,8 +459,10 @@ class Replayer:
             if len(self._minutes) >= _CACHE_MAX:
                 self._minutes.clear()
             self._minutes[head] = minute
+        if not (fraction.isdigit() and fraction.isascii()) or ts[17] > "5":
+            return None
         # One exact division, as timedelta.total_seconds() does: the very same float.
-        return (minute * 1_000_000 + int(digits.ljust(8, "0"))) / 1_000_000
+        return (minute * scale + int(fraction)) / scale
 
     def _facts(self, name: str) -> _ModelFacts:
         facts = self._models.get(name)
@@ -476,13 +482,15 @@ class Replayer:
                 counts: UsageCounts, batch: bool) -> Outcome:
         """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines."""
         name = decision.model
-        facts = self._facts(name)
+        facts = self._models.get(name) or self._facts(name)
         geo = request.get("inference_geo")
         if geo == "global":
             geo = None
-        speed = decision.speed if decision.outcome != "rejected" else "rejected"
+        speed = decision.speed
         chosen = 0
-        if speed != "rejected":
+        if decision.outcome == "rejected":
+            speed = "rejected"
+        else:
             usage["speed"] = speed
             try:
                 chosen = self.engine.settle(decision, usage).cost_micro
@@ -491,8 +499,10 @@ class Replayer:
                 self.engine.release(decision)
                 raise LogError(number, f"invalid usage: {exc}") from None
         # The baselines need the line at both speeds; the settlement already priced one of them.
-        # A usage's own inference_geo overrides the request's, as the catalog bills it.
-        std_rates, fast_rates = self._rates(name, facts.entry, geo if counts[6] is None else counts[6])
+        std_rates, fast_rates = requested = self._rate_tables.get((name, geo)) or self._rates(name, facts.entry, geo)
+        if counts[6] is not None and counts[6] != geo:
+            # A usage's own inference_geo overrides the request's, as the catalog bills it.
+            std_rates, fast_rates = self._rates(name, facts.entry, counts[6])
         if speed == "standard":
             standard = chosen
         else:
@@ -500,13 +510,11 @@ class Replayer:
         fast = None
         if facts.fast_supported and not batch and request.get("service_tier") != "priority":
             fast = chosen if speed == "fast" else cost_with_rates(fast_rates, counts) if fast_rates is not None else None
-        output_tokens = counts[1]
-        std_s = facts.ttft_s + output_tokens / facts.standard_otps
-        fast_s = facts.ttft_s + output_tokens / facts.fast_otps if fast is not None and facts.fast_otps else None
+        std_s = facts.ttft_s + counts[1] / facts.standard_otps
+        fast_s = facts.ttft_s + counts[1] / facts.fast_otps if fast is not None and facts.fast_otps else None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
-        priced = self._rates(name, facts.entry, geo)[0] is not None
         return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
-                       standard, fast, latency, std_s, fast_s, priced)
+                       standard, fast, latency, std_s, fast_s, requested[0] is not None)
 
     def _rates(self, name: str, model: ModelEntry | None, geo: str | None) -> tuple[_Rates | None, _Rates | None]:
         """The model's (standard, fast) rate tables in `geo`; None where the catalog has no price."""
