@@ -4,14 +4,19 @@ A log is JSON Lines (optionally gzip-compressed); each line is one request:
 
     {"ts": "2026-03-02T09:15:02Z", "request": {...Messages API params...},
      "context": {...}, "input_tokens": 5120, "batch": false,
-     "usage": {"input_tokens": 120, "cache_read_input_tokens": 5000, "output_tokens": 811}}
+     "usage": {"input_tokens": 120, "cache_read_input_tokens": 5000, "output_tokens": 811},
+     "account": "ws:prod", "headers": {"anthropic-fast-output-tokens-remaining": "0", ...}, "status": 200}
 
 Only `request` is required. `ts` (RFC 3339 or epoch seconds) is the decision time:
 budgets and their calendar windows, and stickiness, evolve with it; a line without
 one takes the previous line's time. `input_tokens` is an exact prompt size (else the
 engine estimates it). `usage` is what the response reported; the request is billed
 for it at the speed the policy chose. Without usage a request is billed as its
-estimate expects: the expected input tokens and `max_tokens` of output. A log that
+estimate expects: the expected input tokens and `max_tokens` of output. `headers`
+are the response's headers: their `anthropic-fast-*` rate-limit figures (and, with
+`"status": 429`, `retry-after`) are taken in at the line's time for `account`
+(default "default"), so later lines see them as `ratelimit.*` and in the
+rate_limited guardrail, as a live engine fed by the middleware would. A log that
 puts `request` last (as scripts/gen_requests.py writes it) parses faster: identical
 requests are then parsed once.
 
@@ -19,8 +24,8 @@ Every line is decided and settled by a real `Engine` through its public API
 (`decide`, `settle`, `release`) with the policy's compiled programs, so the replay
 cannot disagree with production. What the replay adds: a `MemoryLedger` on the
 replay's clock, request parsing shared by identical requests, both prices of every
-line for the baselines, and the report. It is as fast as the engine: see
-benchmarks/bench_simulate.py.
+line for the baselines, and the report. Its own per-line work is kept small next to
+the engine's (benchmarks/bench_simulate.py).
 """
 
 from __future__ import annotations
@@ -381,6 +386,12 @@ class Replayer:
         given = record.get("input_tokens")
         if given is not None and (type(given) is not int or given < 0):
             raise LogError(number, f"'input_tokens' must be a non-negative integer, got {given!r}")
+        account = record.get("account", "default")
+        if type(account) is not str:
+            raise LogError(number, "'account' must be a string")
+        headers = record.get("headers")
+        if headers is not None and not isinstance(headers, dict):
+            raise LogError(number, "'headers' must be an object")
         usage = record.get("usage")
         counts = None
         if usage is not None:
@@ -393,7 +404,8 @@ class Replayer:
             except ValueError as exc:
                 raise LogError(number, f"invalid usage: {exc}") from None
         try:
-            decision = self.engine.decide(request, context, now=self._now, batch=batch, input_tokens=given)
+            decision = self.engine.decide(request, context, now=self._now, account=account, batch=batch,
+                                          input_tokens=given)
         except PolicyEngineError as exc:
             # A ceiling's CeilingExceeded and on_error: raise's RuleEvaluationError carry the
             # (rejected) decision; anything else means the line itself is bad.
@@ -414,7 +426,12 @@ class Replayer:
             counts = parse_usage(usage)
         else:
             self.report.with_usage += 1
-        return self._settle(number, decision, request, usage, counts, batch)  # type: ignore[arg-type]
+        outcome = self._settle(number, decision, request, usage, counts, batch)  # type: ignore[arg-type]
+        if headers:
+            # What the response said about the account's fast limits, for the next lines' `ratelimit.*`
+            # and the rate_limited guardrail; a 429's retry-after only when the line says it was one.
+            self.engine.ratelimits.record(account, headers, rate_limited=record.get("status") == 429, now=self._epoch)
+        return outcome
 
     def _advance(self, number: int, ts: Any) -> None:
         if type(ts) is str:

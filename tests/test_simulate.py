@@ -334,3 +334,38 @@ def test_a_logged_usage_geo_is_billed_in_every_scenario(tmp_path: Path) -> None:
     assert data["cost"] == {"total_usd": "0.049500", "fast_premium_usd": "0.041250"}
     assert data["baselines"]["all_standard"]["cost_usd"] == "0.008250"
     assert data["baselines"]["all_fast"]["cost_usd"] == "0.049500"
+
+
+def test_logged_rate_limit_headers_drive_later_decisions(tmp_path: Path) -> None:
+    """A response that says the fast output limit is spent downgrades the account's next fast request
+    (the rate_limited guardrail); other accounts are not affected; a 429's retry-after holds 20 s."""
+    spent = {"anthropic-fast-output-tokens-limit": "8000", "anthropic-fast-output-tokens-remaining": "0",
+             "anthropic-fast-output-tokens-reset": "2026-03-02T10:00:30Z", "x-request-id": "r-1"}
+    chat = {"interactive": True}
+    usage = {"input_tokens": 100, "output_tokens": 100}
+    small = dict(OPUS, max_tokens=100)
+    lines = [
+        {"ts": "2026-03-02T10:00:00Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small,
+         "account": "ws:a", "headers": spent},
+        # The same second: nothing replenished yet (fast mode refills continuously, 8000 / 30 s here).
+        {"ts": "2026-03-02T10:00:00Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small, "account": "ws:a"},
+        {"ts": "2026-03-02T10:00:00Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small, "account": "ws:b"},
+        {"ts": "2026-03-02T10:00:31Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small, "account": "ws:a"},
+        # A fast 429 with retry-after: 20 s of standard for that account, whatever the counts say.
+        {"ts": "2026-03-02T10:01:00Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small,
+         "account": "ws:b", "status": 429, "headers": {"retry-after": "20"}},
+        {"ts": "2026-03-02T10:01:15Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small, "account": "ws:b"},
+        {"ts": "2026-03-02T10:01:21Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small, "account": "ws:b"},
+        {"ts": "2026-03-02T10:01:22Z", "context": chat, "input_tokens": 100, "usage": usage, "request": small,
+         "account": 7, "headers": spent},
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    outcomes: list[Any] = []
+    with open_log(str(path)) as stream:
+        report = Replayer(compile_file(str(_policy(tmp_path)))).run(iter_log(stream), on_outcome=outcomes.append)
+    assert [(o.speed, o.forced_by) for o in outcomes] == [
+        ("fast", None), ("standard", "rate_limited"), ("fast", None), ("fast", None),
+        ("fast", None), ("standard", "rate_limited"), ("fast", None)]
+    assert report.downgrades == {"rate_limited": 2}
+    assert report.errors == ["line 8: 'account' must be a string"]

@@ -308,7 +308,8 @@ def setup_simulate(p: argparse.ArgumentParser) -> None:
 
     Each line of the log (JSON Lines, gzip allowed, - for stdin) holds `request`, and
     optionally `context`, `ts` (the decision time: budgets and windows evolve with it),
-    `input_tokens`, `batch` and `usage` (else billed as the estimate expects). Reports
+    `input_tokens`, `batch`, `usage` (else billed as the estimate expects), and `account`
+    with the response's `headers` (and `status`) to replay fast rate-limit state. Reports
     the speed mix, cost and fast premium, latency saved, downgrades and rejects by
     reason, and the all-standard and all-fast baselines."""
     p.add_argument("policy", metavar="POLICY", help="policy file (or git rev:path)")
