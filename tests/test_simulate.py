@@ -240,7 +240,13 @@ def _cost_guard() -> Any:
 @given(st.lists(st.one_of(
     st.text(max_size=30),
     st.fixed_dictionaries({"request": _JSON}, optional={"context": _JSON, "usage": _JSON, "ts": _JSON,
-                                                        "input_tokens": _JSON, "batch": _JSON}).map(json.dumps),
+                                                        "input_tokens": _JSON, "batch": _JSON, "account": _JSON,
+                                                        "headers": _JSON, "status": _JSON}).map(json.dumps),
+    st.fixed_dictionaries({"request": st.just(OPUS), "context": st.just({"interactive": True}),
+                           "headers": st.dictionaries(st.sampled_from(["anthropic-fast-output-tokens-remaining",
+                                                                       "anthropic-fast-input-tokens-reset", "retry-after"]),
+                                                      _JSON, max_size=3)},
+                          optional={"status": st.sampled_from([200, 429]), "account": st.text(max_size=3)}).map(json.dumps),
     st.fixed_dictionaries({"request": st.just(OPUS)}, optional={
         "usage": st.fixed_dictionaries({"input_tokens": st.integers(-1, 10**6), "output_tokens": _JSON}),
         "context": st.dictionaries(st.sampled_from(["interactive", "tenant", "latency_slo_ms", "x"]), _JSON, max_size=3),
