@@ -375,3 +375,28 @@ def test_logged_rate_limit_headers_drive_later_decisions(tmp_path: Path) -> None
         ("fast", None), ("standard", "rate_limited"), ("fast", None)]
     assert report.downgrades == {"rate_limited": 2}
     assert report.errors == ["line 8: 'account' must be a string"]
+
+
+def test_lines_split_or_not_parse_to_the_same_records(tmp_path: Path) -> None:
+    """The request-last split must read every line as json.loads does, whatever it holds."""
+    tool = {"name": "fetch", "input_schema": {"type": "object", "properties": {"request": {"type": "string"}}}}
+    request = dict(OPUS, tools=[tool])
+    lines = [
+        json.dumps({"ts": "2026-03-02T10:00:00Z", "request": request}, separators=(",", ":")),
+        json.dumps({"context": {"labels": {"request": "x"}}, "request": request}, separators=(",", ":")),
+        '{"request":{"model":"a"},"x":1,"request":' + json.dumps(request) + "}",  # the last key wins
+        '{"ts":1,"request":' + json.dumps(request) + ',"usage":{"input_tokens":1,"output_tokens":1}}',
+        '{"ts":1,"request":' + json.dumps(request) + ' }',
+        '{"a":"\\",\\"request\\":{}}","request":' + json.dumps(request) + "}",
+        '{"ts":1,"request":{"model":"a"}}}',
+        '{"ts":1,"request":}',
+    ]
+    replayer = Replayer(_cost_guard())
+    for number, text in enumerate(lines * 2, 1):  # twice: the second time from the request cache
+        try:
+            expected: Any = json.loads(text)
+        except ValueError:
+            with pytest.raises(LogError):
+                replayer.parse(number, text)
+            continue
+        assert replayer.parse(number, text) == expected, text
