@@ -389,10 +389,7 @@ class Engine:
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
-        telemetry.record_decision(decision, started, time.perf_counter_ns())
-        if decision.outcome == "rejected":
-            raise _rejection(decision)
-        return decision
+        return _concluded(decision, started)
 
     async def _afinish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None,
                        account: str, batch: bool, tokens: TokenEstimate, policy: str | None, started: int) -> Decision:
@@ -425,10 +422,7 @@ class Engine:
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
-        telemetry.record_decision(decision, started, time.perf_counter_ns())
-        if decision.outcome == "rejected":
-            raise _rejection(decision)
-        return decision
+        return _concluded(decision, started)
 
     def _model_plan(self, name: str, geo: str) -> _ModelPlan:
         key = (name, geo)
@@ -1023,6 +1017,14 @@ class _NeedBalances(Exception):
 
     def __init__(self, scopes: list[Scope]) -> None:
         self.scopes = scopes
+
+
+def _concluded(decision: Decision, started: int) -> Decision:
+    """Record the decision; a rejection becomes its typed exception."""
+    telemetry.record_decision(decision, started, time.perf_counter_ns())
+    if decision.outcome == "rejected":
+        raise _rejection(decision)
+    return decision
 
 
 def _needs_await(method: str) -> TypeError:
