@@ -4,6 +4,7 @@ import datetime as dt
 import math
 
 import pytest
+from celpy_bridge import same  # type-strict equality, shared with the celpy differential tests
 
 from policy_engine.cel import (
     BOOL, DOUBLE, DYN, INT, STRING, UINT, CelEvaluationError, CelTypeError, CelUint, ListType, MapType,
@@ -21,19 +22,6 @@ def ev_err(src, act=None, decls=None):
     with pytest.raises(CelEvaluationError) as ei:
         ev(src, act, decls)
     return str(ei.value)
-
-
-def same(a, b):
-    """Type-strict equality (bool is not int, CelUint is not int, NaN == NaN)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float) and math.isnan(a):
-        return math.isnan(b)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
 
 
 @pytest.mark.parametrize("src,expected", [
