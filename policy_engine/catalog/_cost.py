@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from ._models import ModelEntry
-from ._rates import PICO_PER_MICRO, SPEEDS, RateCard, Speed
+from ._rates import PICO_PER_MICRO, SPEEDS, RateCard, Speed, tier_card
 
 MICRO_PER_USD = 1_000_000
 
@@ -83,9 +83,7 @@ def estimate_with_rates(rates: tuple[tuple[int, RateCard], ...], input_tokens: i
                         cache_control: bool = False, cache_ttl: str = "5m") -> int:
     """`estimate()` on cards already looked up (`ModelEntry.rate_table`), for callers that price
     many requests of one model, speed and geo; the counts are not checked again."""
-    for above, card in rates:
-        if input_tokens > above:
-            break  # else the loop leaves the last (lowest) tier's card
+    card = tier_card(rates, input_tokens)
     if cache_control:
         rate = card.cache_write_1h if cache_ttl == "1h" else card.cache_write_5m
     else:
@@ -179,10 +177,7 @@ def cost_with_rates(rates: tuple[tuple[int, RateCard], ...], u: UsageCounts) -> 
     """`cost_of_counts()` on the cards of the speed and geo to bill at, already looked up
     (`ModelEntry.rate_table`). The tier is picked by total input tokens."""
     inp, out, write_5m, write_1h, read, _, _ = u
-    total = inp + write_5m + write_1h + read
-    for above, card in rates:
-        if total > above:
-            break  # else the loop leaves the last (lowest) tier's card
+    card = tier_card(rates, inp + write_5m + write_1h + read)
     pico = inp * card.input + write_5m * card.cache_write_5m + write_1h * card.cache_write_1h + read * card.cache_read + out * card.output
     return -(-pico // PICO_PER_MICRO)
 

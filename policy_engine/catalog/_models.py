@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from policy_engine.errors import PricingError, did_you_mean
 
-from ._rates import SPEEDS, RateCard, Speed, pico_per_token
+from ._rates import SPEEDS, RateCard, Speed, pico_per_token, tier_card
 
 SourceKind = Literal["primary", "secondary", "unverified", "assumption"]
 
@@ -245,14 +245,7 @@ class ModelEntry(_Strict):
         Raises PricingError when fast mode is unsupported, a needed price is unknown, or the
         geo has no multiplier. Cards are precomputed: this is one dict lookup and a short scan.
         """
-        # __pydantic_private__ directly: pydantic's private-attribute __getattr__ costs ~2.5 us.
-        table = self.__pydantic_private__["_cards"].get((speed, inference_geo))
-        if table is None:
-            raise self._why_not(speed, inference_geo)
-        for above, card in table:
-            if input_tokens > above:
-                return card
-        return table[-1][1]
+        return tier_card(self.rate_table(speed, inference_geo), input_tokens)
 
     def rate_table(self, speed: Speed, inference_geo: str | None = None) -> tuple[tuple[int, RateCard], ...]:
         """Every tier's card at `speed` and `inference_geo`, highest `above_input_tokens` first.
@@ -261,6 +254,7 @@ class ModelEntry(_Strict):
         last card otherwise). For callers that price many requests of one model and geo.
         Raises PricingError as `rates()` does.
         """
+        # __pydantic_private__ directly: pydantic's private-attribute __getattr__ costs ~2.5 us.
         table = self.__pydantic_private__["_cards"].get((speed, inference_geo))
         if table is None:
             raise self._why_not(speed, inference_geo)

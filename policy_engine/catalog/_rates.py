@@ -43,6 +43,15 @@ class RateCard:
     inference_geo: str | None
 
 
+def tier_card(table: tuple[tuple[int, RateCard], ...], total_input_tokens: int) -> RateCard:
+    """The card of the tier a request falls in: the first (highest) threshold its TOTAL input is
+    strictly above (200_000 exactly is still <=200K), else the lowest tier's card."""
+    for above, card in table:
+        if total_input_tokens > above:
+            return card
+    return table[-1][1]
+
+
 def pico_per_token(price_per_mtok: Decimal, *multipliers: Decimal, what: str) -> int:
     """`price_per_mtok` ($/MTok) times `multipliers`, as whole pico-dollars per token.
 
