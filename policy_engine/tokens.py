@@ -500,7 +500,7 @@ def _add_tool_result_content(acc: _Acc, content: Any, where: tuple[Any, ...]) ->
         acc.text += estimate_text_tokens(_json_text(content))
 
 
-_NO_INPUT: dict[str, Any] = {}
+_EMPTY: dict[str, Any] = {}
 """What a tool_use block without `input`, or a request without `tool_choice`, is read as (never mutated)."""
 
 #: tool_use inputs measured, by identity: (input, tokens of its JSON).
@@ -546,7 +546,7 @@ def _add_blocks(acc: _Acc, blocks: Any, where: tuple[Any, ...]) -> None:
         elif kind == "tool_use" or kind == "server_tool_use":
             name = b.get("name")
             acc.text += estimate_text_tokens(name if isinstance(name, str) else "")
-            acc.text += _tool_input_tokens(b.get("input", _NO_INPUT))
+            acc.text += _tool_input_tokens(b.get("input", _EMPTY))
         elif kind == "tool_result":
             content = b.get("content")
             if type(content) is str:
@@ -598,7 +598,7 @@ def _add_tools(acc: _Acc, tools: Any, tool_choice: Any) -> None:
         raise InvalidRequestParams(f"tools must be a list of tool definitions, got {type(tools).__name__}")
     if not tools:
         return
-    choice = _as_mapping(tool_choice) if tool_choice is not None else _NO_INPUT
+    choice = _as_mapping(tool_choice) if tool_choice is not None else _EMPTY
     if type(choice) is not dict and not isinstance(choice, Mapping):
         raise InvalidRequestParams(f"tool_choice must be an object, got {type(tool_choice).__name__}")
     kind = choice.get("type", "auto")
