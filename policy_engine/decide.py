@@ -189,8 +189,6 @@ class _ModelPlan:
     fast_beta: str
     throughput: tuple[float, float, float | None]
     """(standard otps, ttft s, fast otps or None): the catalog's figures, with defaults."""
-    fast_ready: bool
-    """No model guardrail applies: the catalog has the model, with fast mode supported and priced."""
     throughput_features: dict[int, dict[str, float]] = field(default_factory=dict)
     """`throughput` features by max_tokens: they depend on nothing else (rules only read them)."""
 
@@ -443,7 +441,7 @@ class Engine:
                 std_otps = figures.standard_otps or DEFAULT_STANDARD_OTPS
                 ttft = figures.ttft_s or 0.0
                 fast_otps = (figures.fast_otps or None) if entry.fast.supported else None
-        found = _ModelPlan(entry, geo_key, std_rates, fast_rates, beta, (std_otps, ttft, fast_otps), fast_rates is not None)
+        found = _ModelPlan(entry, geo_key, std_rates, fast_rates, beta, (std_otps, ttft, fast_otps))
         if len(self._models) > 4096:
             self._models.clear()  # model names come from callers: keep the cache bounded
         self._models[key] = found
@@ -575,21 +573,10 @@ class Engine:
         decision = Decision(speed, rule, "allowed", reasons, [], [], model_name, max_tokens, input_tokens, tokens.exact,
                             std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch)
         decision._plan = mp
-        if speed == "fast" and not (
-                # The usual fast request, which no guardrail touches: checked here without building the list.
-                mp.fast_ready and not request["batch"] and request["service_tier"] != "priority"
-                and not (self.priority_tier and request["service_tier"] == "auto")
-                and not self.ratelimits.exhausted(account, input_tokens, epoch)):
+        if speed == "fast":
             self._guardrails(decision, mp, request, account, input_tokens, epoch)
-        limit = compiled.per_request_micro
-        if limit is not None:
-            # What _per_request_ceiling would leave alone: the chosen speed's and standard's worst cases fit.
-            if decision.speed == "fast":
-                fits = fast_micro is not None and fast_micro <= limit and (std_micro is None or std_micro <= limit)
-            else:
-                fits = std_micro is not None and std_micro <= limit
-            if not fits:
-                self._per_request_ceiling(decision, compiled)
+        if compiled.per_request_micro is not None:
+            self._per_request_ceiling(decision, compiled)
         if decision.outcome != "rejected":
             if unavailable is not None:
                 self._state_unavailable(decision, scopes, next(_reservation_ids), unavailable)
