@@ -407,6 +407,10 @@ class Engine:
                     decision = self._decide(params, context, now, account, batch, tokens, plan, prefetched)
                     break
                 except _NeedBalances as need:
+                    if prefetched is not None:
+                        # `now` is fixed, so the scopes are too: a second ask means an answer was missing.
+                        prefetched = StateUnavailable(f"{type(self.ledger).__name__}.balances did not answer for every scope")
+                        continue
                     try:
                         answer = await self.ledger.balances(need.scopes)  # type: ignore[misc]
                         prefetched = {s.id: b for s, b in zip(need.scopes, answer)}
