@@ -57,7 +57,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis as redis_lib
 import redis.asyncio as redis_asyncio
@@ -379,23 +379,28 @@ class _Call:
         self.lead = False
 
 
-class _RedisLedgerCore:
-    """What `RedisLedger` and `AsyncRedisLedger` share: script arguments and replies, the balances
-    cache, outage backoff and the journal's bookkeeping. Only the transport differs."""
+_Client = TypeVar("_Client", redis_lib.Redis, redis_asyncio.Redis)
 
-    def _init_core(
+
+class _RedisLedgerCore(Generic[_Client]):
+    """What `RedisLedger` and `AsyncRedisLedger` share: the constructor, script arguments and replies,
+    the balances cache, outage backoff and the journal's bookkeeping. Only the transport differs."""
+
+    def __init__(
         self,
+        client: _Client | None = None,
         *,
-        prefix: str,
-        timeout_s: float,
-        clock: Callable[[], float],
-        settled_memory_s: float,
-        window_margin_s: float,
-        balances_max_age_s: float,
-        journal_max: int,
-        journal_path: str | os.PathLike[str] | None,
-        backoff_base_s: float,
-        backoff_max_s: float,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "pe:",
+        timeout_s: float = 0.25,
+        clock: Callable[[], float] = time.time,
+        settled_memory_s: float = 86_400.0,
+        window_margin_s: float = 86_400.0,
+        balances_max_age_s: float = 1.0,
+        journal_max: int = 100_000,
+        journal_path: str | os.PathLike[str] | None = None,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 5.0,
     ) -> None:
         if journal_max < 1:
             raise ValueError("journal_max must be at least 1")
@@ -429,6 +434,19 @@ class _RedisLedgerCore:
         """Entries ever journaled by this instance (delivered or not)."""
         if self._journal_path is not None and self._journal_path.exists():
             self._load_journal(self._journal_path)
+        self.client: _Client = client if client is not None else self._default_client(url, timeout_s)
+        # The transport: calls waiting for the next batch, and the connection of our own they go on.
+        self._queue: list[_Call] = []
+        self._connection: Any = None
+        self._reader: Any = None
+        self._open()
+
+    def _default_client(self, url: str, timeout_s: float) -> _Client:
+        raise NotImplementedError
+
+    def _open(self) -> None:
+        """The transport's own state, set up once the shared state is."""
+        raise NotImplementedError
 
     # -- script calls and their replies ---------------------------------------------------------
 
@@ -580,19 +598,27 @@ class _RedisLedgerCore:
         return len(self._journal)
 
     def _journal_add(self, entry: _Entry, cause: BaseException) -> None:
+        """Keep an entry Redis did not take (room permitting) and have the replay deliver it."""
         with self._journal_lock:
-            if len(self._journal) >= self._journal_max:
+            full = len(self._journal) >= self._journal_max
+            if full:
                 self.journal_overflow += 1
                 log.error("ledger journal full (%d entries): %s of %s NOT recorded; charges: %s (cause: %s)",
                           self._journal_max, entry[0], entry[1], _describe(entry[3]), cause)
-                telemetry.record_event("policy_engine.ledger.journal_overflow", {"policy_engine.reservation_id": entry[1]})
-                return
-            self._journal.append(entry)
-            self.journaled_total += 1
-            if self._journal_path is not None:
-                with self._journal_path.open("a", encoding="utf-8") as f:
-                    f.write(_encode_entry(entry) + "\n")
-        telemetry.record_event("policy_engine.ledger.journaled", {"policy_engine.journal.kind": entry[0]})
+            else:
+                self._journal.append(entry)
+                self.journaled_total += 1
+                if self._journal_path is not None:
+                    with self._journal_path.open("a", encoding="utf-8") as f:
+                        f.write(_encode_entry(entry) + "\n")
+        if full:
+            telemetry.record_event("policy_engine.ledger.journal_overflow", {"policy_engine.reservation_id": entry[1]})
+        else:
+            telemetry.record_event("policy_engine.ledger.journaled", {"policy_engine.journal.kind": entry[0]})
+        self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        raise NotImplementedError
 
     def _journal_head(self) -> _Entry | None:
         with self._journal_lock:
@@ -646,7 +672,7 @@ def _parse_into(calls: list[_Call], replies: Sequence[Any]) -> None:
 _ReplyErrorTypes: tuple[type, ...] = (RedisError,) + ((_hiredis.ReplyError,) if _hiredis is not None else ())
 
 
-class RedisLedger(_RedisLedgerCore, Ledger):
+class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
     """Budgets shared by every process and machine pointing at one Redis primary.
 
     `client` is a `redis.Redis` you configured; otherwise one is built from `url`
@@ -660,38 +686,17 @@ class RedisLedger(_RedisLedgerCore, Ledger):
     worker restarted during an outage still delivers what it had not.
     """
 
-    def __init__(
-        self,
-        client: redis_lib.Redis | None = None,
-        *,
-        url: str = "redis://127.0.0.1:6379/0",
-        prefix: str = "pe:",
-        timeout_s: float = 0.25,
-        clock: Callable[[], float] = time.time,
-        settled_memory_s: float = 86_400.0,
-        window_margin_s: float = 86_400.0,
-        balances_max_age_s: float = 1.0,
-        journal_max: int = 100_000,
-        journal_path: str | os.PathLike[str] | None = None,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 5.0,
-    ) -> None:
-        self._init_core(prefix=prefix, timeout_s=timeout_s, clock=clock, settled_memory_s=settled_memory_s,
-                        window_margin_s=window_margin_s, balances_max_age_s=balances_max_age_s, journal_max=journal_max,
-                        journal_path=journal_path, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
-        if client is None:
-            client = redis_lib.Redis.from_url(
-                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                health_check_interval=0,
-            )
-        self.client = client
+    def _default_client(self, url: str, timeout_s: float) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            health_check_interval=0,
+        )
+
+    def _open(self) -> None:
         self._batch_lock = threading.Lock()
-        self._queue: list[_Call] = []
         self._leading = False
-        self._connection: Any = None
         self._pid = os.getpid()
-        self._reader: Any = None
         self._buffer = bytearray(65536)
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -720,7 +725,6 @@ class RedisLedger(_RedisLedgerCore, Ledger):
             return self._run(self._settle_call(reservation_id, charges, token))[0] == 1
         except StateUnavailable as exc:
             self._journal_add(("settle", reservation_id, token, charges), exc)
-            self._start_flusher()
             return True
 
     def release(self, reservation_id: str) -> bool:
@@ -730,7 +734,6 @@ class RedisLedger(_RedisLedgerCore, Ledger):
             return self._run(self._release_call(reservation_id))[0] == 1
         except StateUnavailable as exc:
             self._journal_add(("release", reservation_id, "", ()), exc)
-            self._start_flusher()
             return False
 
     def expire(self, now: float | None = None) -> int:
@@ -961,7 +964,7 @@ class RedisLedger(_RedisLedgerCore, Ledger):
         return sha
 
 
-class AsyncRedisLedger(_RedisLedgerCore, AsyncLedger):
+class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
     """`RedisLedger` for asyncio: the same scripts, keys, guarantees and outage behaviour, awaited.
 
     Use it from one event loop. Calls made while a batch is in flight go together in the
@@ -971,33 +974,12 @@ class AsyncRedisLedger(_RedisLedgerCore, AsyncLedger):
     `await close()` tries once more to deliver it.
     """
 
-    def __init__(
-        self,
-        client: redis_asyncio.Redis | None = None,
-        *,
-        url: str = "redis://127.0.0.1:6379/0",
-        prefix: str = "pe:",
-        timeout_s: float = 0.25,
-        clock: Callable[[], float] = time.time,
-        settled_memory_s: float = 86_400.0,
-        window_margin_s: float = 86_400.0,
-        balances_max_age_s: float = 1.0,
-        journal_max: int = 100_000,
-        journal_path: str | os.PathLike[str] | None = None,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 5.0,
-    ) -> None:
-        self._init_core(prefix=prefix, timeout_s=timeout_s, clock=clock, settled_memory_s=settled_memory_s,
-                        window_margin_s=window_margin_s, balances_max_age_s=balances_max_age_s, journal_max=journal_max,
-                        journal_path=journal_path, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
-        if client is None:
-            client = redis_asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                                  health_check_interval=0)
-        self.client = client
-        self._queue: list[_Call] = []
+    def _default_client(self, url: str, timeout_s: float) -> redis_asyncio.Redis:
+        return redis_asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                            health_check_interval=0)
+
+    def _open(self) -> None:
         self._sender: asyncio.Task[None] | None = None
-        self._connection: Any = None
-        self._reader: Any = None
         self._flusher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
@@ -1023,7 +1005,6 @@ class AsyncRedisLedger(_RedisLedgerCore, AsyncLedger):
             return (await self._run(self._settle_call(reservation_id, charges, token)))[0] == 1
         except StateUnavailable as exc:
             self._journal_add(("settle", reservation_id, token, charges), exc)
-            self._start_flusher()
             return True
 
     async def release(self, reservation_id: str) -> bool:
@@ -1032,7 +1013,6 @@ class AsyncRedisLedger(_RedisLedgerCore, AsyncLedger):
             return (await self._run(self._release_call(reservation_id)))[0] == 1
         except StateUnavailable as exc:
             self._journal_add(("release", reservation_id, "", ()), exc)
-            self._start_flusher()
             return False
 
     async def expire(self, now: float | None = None) -> int:
