@@ -552,3 +552,29 @@ def test_both_asyncio_wire_paths_agree(redis_server: RedisServer, redis_prefix: 
         await ledger.close()
 
     asyncio.run(main())
+
+
+def test_an_asyncio_worker_delivers_a_journal_file_it_inherits(private_server: RedisServer, tmp_path: Path) -> None:
+    """As `RedisLedger` does: entries a predecessor left in `journal_path` are replayed once Redis answers,
+    without waiting for an outage or `close()`."""
+    journal = tmp_path / "ledger.journal"
+    s = scope()
+    worker = RedisLedger(url=private_server.url, timeout_s=0.2, journal_path=journal)
+    private_server.kill()
+    worker.settle("r1", [(s, 11)])
+    worker.close()  # Redis is still down: the entry stays in the file
+    private_server.start()
+
+    async def main() -> None:
+        successor = AsyncRedisLedger(url=private_server.url, journal_path=journal)
+        assert successor.journal_size == 1
+        await successor.balances([scope("other")])  # the worker's first call, on its loop
+        deadline = time.monotonic() + 10
+        while successor.journal_size:
+            assert time.monotonic() < deadline, "the inherited journal was not replayed"
+            await asyncio.sleep(0.02)
+        assert (await successor.balances([s]))[0].spent == 11
+        await successor.close()
+
+    asyncio.run(main())
+    assert journal.read_text() == ""

@@ -1141,7 +1141,10 @@ class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
                 await self._connection.disconnect()  # a reply may still come: never read it as another's
             for call in batch:
                 call.error = exc
-        if self._after_send(batch) and self._journal:
+        recovered = self._after_send(batch)
+        # A journal inherited from `journal_path` starts its replay here: there was no loop to start it on
+        # at construction.
+        if self._journal and (recovered or self._flusher is None):
             self._start_flusher()
 
     async def _deliver(self, batch: list[_Call]) -> None:
