@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,11 +51,12 @@ CPU: dict[str, float] = {}
 """Backend -> client CPU microseconds per operation (all threads of this process)."""
 
 
-def best(ledger: Ledger, threads: int, seconds: float, tag: str, repeat: int) -> float:
-    """The best of `repeat` runs, as timeit does: other load on the machine only ever slows a run."""
+def best(measure: Callable[[str], float], tag: str, repeat: int) -> float:
+    """The best of `repeat` runs of `measure` (`run` or `run_async` but for the tag), as timeit does:
+    other load on the machine only ever slows a run."""
     rates, cpus = [], []
     for attempt in range(repeat):
-        rates.append(run(ledger, threads, seconds, f"{tag}-{attempt}"))
+        rates.append(measure(f"{tag}-{attempt}"))
         cpus.append(CPU.pop(f"{tag}-{attempt}"))
     CPU[tag] = min(cpus)
     return max(rates)
@@ -176,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     rates: dict[str, float] = {}
-    rates["memory"] = best(MemoryLedger(), args.threads, args.seconds, "memory", args.repeat)
+    rates["memory"] = best(partial(run, MemoryLedger(), args.threads, args.seconds), "memory", args.repeat)
 
     if importlib.util.find_spec("policy_engine.ledger.sqlite") is not None:
         from policy_engine.ledger.sqlite import SqliteLedger
 
         with tempfile.TemporaryDirectory() as tmp:
             sqlite = SqliteLedger(Path(tmp) / "ledger.db")
-            rates["sqlite"] = best(sqlite, args.threads, args.seconds, "sqlite", args.repeat)
+            rates["sqlite"] = best(partial(run, sqlite, args.threads, args.seconds), "sqlite", args.repeat)
             sqlite.close()
 
     from policy_engine.ledger.redis import RedisLedger
@@ -198,16 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prefix = f"bench-{time.time_ns()}:"
         single = RedisLedger(url=url, prefix=prefix, timeout_s=5.0)
-        rates["redis, 1 thread"] = best(single, 1, args.seconds, "redis1", args.repeat)
+        rates["redis, 1 thread"] = best(partial(run, single, 1, args.seconds), "redis1", args.repeat)
         single.close()
         shared = RedisLedger(url=url, prefix=prefix, timeout_s=5.0)
         server_cpu, operations = _server_cpu(url), _operations(url, prefix)
-        rates["redis"] = best(shared, args.threads, args.seconds, "redisN", args.repeat)
+        rates["redis"] = best(partial(run, shared, args.threads, args.seconds), "redisN", args.repeat)
         server_us = (_server_cpu(url) - server_cpu) / max(_operations(url, prefix) - operations, 1) * 1e6
         shared.close()
-        runs = [run_async(url, prefix, args.threads, args.seconds, f"redisA-{attempt}") for attempt in range(args.repeat)]
-        CPU["redisA"] = min(CPU.pop(f"redisA-{attempt}") for attempt in range(args.repeat))
-        rates["redis asyncio"] = max(runs)
+        rates["redis asyncio"] = best(partial(run_async, url, prefix, args.threads, args.seconds), "redisA", args.repeat)
     finally:
         if server is not None:
             server.cleanup()
