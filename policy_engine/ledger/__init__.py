@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
-__all__ = ["Scope", "Balance", "Charge", "ReserveResult", "Ledger", "MemoryLedger", "window_bounds", "Window"]
+__all__ = ["Scope", "Balance", "Charge", "ReserveResult", "Ledger", "AsyncLedger", "MemoryLedger", "window_bounds", "Window"]
 
 Window = Literal["hour", "day", "week", "month"]
 
@@ -283,6 +283,3 @@ class AsyncLedger(ABC):
 
     async def close(self) -> None:
         """Release connections or files."""
-
-
-__all__ += ["AsyncLedger"]
