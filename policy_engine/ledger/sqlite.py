@@ -145,6 +145,12 @@ class SqliteLedger(Ledger):
         self._conn, self._pid = conn, os.getpid()
         return conn
 
+    def _forked(self) -> None:
+        # Whatever a parent thread held, queued or was writing at fork time is not the child's to wait for,
+        # whichever call the child makes first; its connection is not the child's either (_connect opens one).
+        self._lock, self._queue_lock, self._queue, self._writing = threading.Lock(), threading.Lock(), [], False
+        self._conn, self._pid = None, os.getpid()
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
@@ -161,7 +167,7 @@ class SqliteLedger(Ledger):
     def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
         now = self._clock()
         if self._pid != os.getpid():
-            self._lock = threading.Lock()  # forked: a parent thread may have held it
+            self._forked()
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN")  # one snapshot for every scope
@@ -183,8 +189,7 @@ class SqliteLedger(Ledger):
         Whoever finds no transaction being written writes one with its own call at once;
         calls that arrive meanwhile queue up and go together in the next transaction."""
         if self._pid != os.getpid():
-            # Forked: whatever a parent thread held or queued at fork time is not ours to wait for.
-            self._lock, self._queue_lock, self._queue, self._writing = threading.Lock(), threading.Lock(), [], False
+            self._forked()
         op = _Op(work, self._clock())
         with self._queue_lock:
             self._queue.append(op)
