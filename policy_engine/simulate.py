@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .catalog import Catalog, ModelEntry, RateCard, UsageCounts, cost_with_rates, load_catalog, parse_usage, to_usd
+from .catalog import Catalog, UsageCounts, cost_of_counts, cost_with_rates, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
 from .errors import PolicyEngineError, PricingError
@@ -50,13 +50,15 @@ from .ledger import MemoryLedger
 from .testing.runner import DEFAULT_TEST_TIME
 from .tokens import estimate_input_tokens
 
+if TYPE_CHECKING:
+    from .decide import _ModelPlan
+
 __all__ = ["DiffReport", "LogError", "Outcome", "Report", "Replayer", "diff", "iter_log", "open_log", "simulate", "START_TIME"]
 
 START_TIME = DEFAULT_TEST_TIME
 """Decision time of the lines before the first one that carries a `ts`."""
 
 _REQUEST_KEY = ',"request":'
-_Rates = tuple[tuple[int, RateCard], ...]
 _CACHE_MAX = 50_000
 
 
@@ -306,17 +308,6 @@ def _json_value(text: str) -> Any:
     return value
 
 
-@dataclass(slots=True)
-class _ModelFacts:
-    """What the replay needs of a model besides the engine's answer, looked up once per model name."""
-
-    entry: ModelEntry | None
-    fast_supported: bool
-    ttft_s: float
-    standard_otps: float
-    fast_otps: float | None
-
-
 class Replayer:
     """Replays log lines in order through one compiled policy with its own fresh state."""
 
@@ -330,8 +321,6 @@ class Replayer:
         self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
         self._requests: dict[str, Any] = {}
         self._minutes: dict[str, int] = {}
-        self._models: dict[str, _ModelFacts] = {}
-        self._rate_tables: dict[tuple[str, str | None], tuple[_Rates | None, _Rates | None]] = {}
         self.report = Report(compiled.name, compiled.version)
 
     # parse -----------------------------------------------------------------------------
@@ -487,28 +476,13 @@ class Replayer:
         # One exact division, as timedelta.total_seconds() does: the very same float.
         return (minute * scale + int(fraction)) / scale
 
-    def _facts(self, name: str) -> _ModelFacts:
-        facts = self._models.get(name)
-        if facts is None:
-            entry = self.catalog.find(name)
-            figures = entry.throughput if entry is not None else None
-            supported = entry is not None and entry.fast.supported
-            facts = _ModelFacts(entry, supported, (figures.ttft_s if figures else None) or 0.0,
-                                (figures.standard_otps if figures else None) or DEFAULT_STANDARD_OTPS,
-                                (figures.fast_otps or None) if figures is not None and supported else None)
-            if len(self._models) >= _CACHE_MAX:
-                self._models.clear()  # model names come from the log
-            self._models[name] = facts
-        return facts
-
     def _settle(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
                 counts: UsageCounts, batch: bool) -> Outcome:
         """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines."""
-        name = decision.model
-        facts = self._models.get(name) or self._facts(name)
-        geo = request.get("inference_geo")
-        if geo == "global":
-            geo = None
+        # The engine's plan for the decision's model and geo: catalog entry, rate tables, throughput.
+        mp = decision._plan
+        if mp is None:  # a rule's `on_error: raise` rejection carries none
+            mp = self.engine._model_plan(decision.model, request.get("inference_geo") or "global")
         speed = decision.speed
         chosen = 0
         if decision.outcome == "rejected":
@@ -522,39 +496,17 @@ class Replayer:
                 self.engine.release(decision)
                 raise LogError(number, f"invalid usage: {exc}") from None
         # The baselines need the line at both speeds; the settlement already priced one of them.
-        std_rates, fast_rates = requested = self._rate_tables.get((name, geo)) or self._rates(name, facts.entry, geo)
-        if counts[6] is not None and counts[6] != geo:
-            # A usage's own inference_geo overrides the request's, as the catalog bills it.
-            std_rates, fast_rates = self._rates(name, facts.entry, counts[6])
-        if speed == "standard":
-            standard = chosen
-        else:
-            standard = cost_with_rates(std_rates, counts) if std_rates is not None else 0
+        standard = chosen if speed == "standard" else _cost(mp, counts, "standard") or 0
         fast = None
-        if facts.fast_supported and not batch and request.get("service_tier") != "priority":
-            fast = chosen if speed == "fast" else cost_with_rates(fast_rates, counts) if fast_rates is not None else None
-        std_s = facts.ttft_s + counts[1] / facts.standard_otps
-        fast_s = facts.ttft_s + counts[1] / facts.fast_otps if fast is not None and facts.fast_otps else None
+        entry = mp.entry
+        if entry is not None and entry.fast.supported and not batch and request.get("service_tier") != "priority":
+            fast = chosen if speed == "fast" else _cost(mp, counts, "fast")
+        std_otps, ttft_s, fast_otps = mp.throughput
+        std_s = ttft_s + counts[1] / std_otps
+        fast_s = ttft_s + counts[1] / fast_otps if fast is not None and fast_otps else None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
         return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
-                       standard, fast, latency, std_s, fast_s, requested[0] is not None)
-
-    def _rates(self, name: str, model: ModelEntry | None, geo: str | None) -> tuple[_Rates | None, _Rates | None]:
-        """The model's (standard, fast) rate tables in `geo`; None where the catalog has no price."""
-        key = (name, geo)
-        tables = self._rate_tables.get(key)
-        if tables is None:
-            found: list[_Rates | None] = []
-            for speed in ("standard", "fast"):
-                try:
-                    found.append(model.rate_table(speed, geo) if model is not None else None)  # type: ignore[arg-type]
-                except PricingError:
-                    found.append(None)
-            tables = (found[0], found[1])
-            if len(self._rate_tables) >= _CACHE_MAX:
-                self._rate_tables.clear()  # model names and geos come from the log
-            self._rate_tables[key] = tables
-        return tables
+                       standard, fast, latency, std_s, fast_s, mp.std_rates is not None)
 
     def _expected_input(self, number: int, request: dict[str, Any]) -> int:
         try:
@@ -585,8 +537,18 @@ class Replayer:
         return report
 
 
-DEFAULT_STANDARD_OTPS = 60.0
-"""Output tokens per second when the catalog gives no figure (the engine assumes the same)."""
+def _cost(mp: _ModelPlan, counts: UsageCounts, speed: str) -> int | None:
+    """`counts` at `speed` on the plan's cards, or at the usage's own inference_geo, which
+    overrides the request's as the catalog bills it; None where the catalog has no price."""
+    if counts[6] is None or counts[6] == mp.geo:
+        rates = mp.std_rates if speed == "standard" else mp.fast_rates
+        return None if rates is None else cost_with_rates(rates, counts)
+    if mp.entry is None:
+        return None
+    try:
+        return cost_of_counts(mp.entry, counts, speed=speed)  # type: ignore[arg-type]
+    except PricingError:
+        return None
 
 
 def _caches(request: dict[str, Any]) -> bool:
