@@ -114,8 +114,9 @@ for _name, _kind, _field in (*((n, _COUNT, f) for n, f in _COUNT_FIELDS.items())
     _SPECS[_name] = _SPECS[_name.encode("ascii")] = (_name, _kind, _field)
 
 
-def _read(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
-    """The `FastRateLimit` fields the fast-mode headers and `retry-after` give, and the malformed names.
+def parse_headers(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
+    """The `FastRateLimit` fields a response's fast-mode headers and `retry-after` give, and the
+    names of malformed headers.
 
     One pass over the headers. httpx (and httpx2) Headers keep (raw key, lower-case key,
     value) bytes: each lower-case key is looked up as it is, and values are read as bytes
@@ -195,11 +196,6 @@ def _parse_rfc3339(raw: str | bytes) -> float:
     return epoch
 
 
-def parse_headers(headers: Mapping[str, str] | Any, now: float) -> tuple[dict[str, Any], list[str]]:
-    """The `FastRateLimit` fields a response's headers give, and the names of malformed headers."""
-    return _read(headers, now)
-
-
 class RateLimitStore:
     """In-process rate-limit state for every account seen."""
 
@@ -228,7 +224,7 @@ class RateLimitStore:
         event; this never raises on header content.
         """
         now = self._clock() if now is None else now
-        values, bad = _read(headers, now)
+        values, bad = parse_headers(headers, now)
         for name in bad:
             telemetry.record_event(_BAD_HEADER_EVENT, {"policy_engine.header": name})
         if not rate_limited:
