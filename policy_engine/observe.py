@@ -46,7 +46,6 @@ class ThroughputObserver:
         self._otps: dict[tuple[str, str], float] = {}
         self._ttft: dict[str, float] = {}
         self._samples: dict[tuple[str, str], int] = {}
-        self._keys: dict[str | None, tuple[ModelEntry | None, str]] = {}
 
     def _mix(self, table: dict[Any, float], key: Any, sample: float) -> None:
         old = table.get(key)
@@ -86,15 +85,7 @@ class ThroughputObserver:
 
     def features(self, model: ModelEntry | None, max_tokens: int, name: str | None = None) -> dict[str, float]:
         """The `throughput` features: observed figures where there are some, else the catalog's."""
-        cached = self._keys.get(name)
-        if cached is not None and cached[0] is model:
-            key = cached[1]
-        else:
-            # `ModelEntry.id` is a pydantic private attribute, microseconds to read: once per entry.
-            key = model.id if model is not None else (name or "")
-            if len(self._keys) >= 4096:
-                self._keys.clear()  # model names come from callers: keep the cache bounded
-            self._keys[name] = (model, key)
+        key = model.id if model is not None else (name or "")
         figures = model.throughput if model is not None else None
         std = self._otps.get((key, "standard")) or (figures.standard_otps if figures else None) or DEFAULT_STANDARD_OTPS
         ttft = self._ttft.get(key)
