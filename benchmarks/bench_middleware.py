@@ -102,8 +102,8 @@ def main() -> int:
         print(f"round {number}: without p50 {r.p50_without:,.0f} us, with p50 {r.p50_with:,.0f} us: "
               f"+{r.added:,.0f} us (ratio {r.ratio:.3f}); client CPU +{r.cpu_added:,.0f} us")
     best = min(rounds, key=lambda r: r.p50_without)
-    print(f"least disturbed round: {rounds.index(best) + 1} (fastest baseline); "
-          f"median over rounds: +{statistics.median(r.added for r in rounds):,.0f} us")
+    print(f"median over rounds: +{statistics.median(r.added for r in rounds):,.0f} us; below, the least disturbed "
+          f"round: {rounds.index(best) + 1} (fastest baseline)")
     print(f"without middleware: p50 {best.p50_without:,.0f} us, p90 {percentile(best.without, 0.9):,.0f} us")
     print(f"with FastModePolicy: p50 {best.p50_with:,.0f} us, p90 {percentile(best.with_policy, 0.9):,.0f} us")
     print(f"client CPU per request: p50 {best.cpu_without:,.0f} us without, {best.cpu_with:,.0f} us with "
