@@ -561,6 +561,7 @@ class Engine:
                             "standard", compiled_rule.name, "rejected", [f"rule {compiled_rule.name} failed to evaluate; on_error is raise"],
                             [], [], model_name, max_tokens, input_tokens, tokens.exact, std_micro, fast_micro,
                             policy.name, compiled.version, None, errors, "on_error", None, mp.fast_beta, epoch)
+                        failed._plan = mp
                         raise RuleEvaluationError(policy.name, compiled_rule.name, failed, exc) from exc
                     if policy.on_error == "standard":
                         speed, rule = "standard", compiled_rule.name
@@ -857,7 +858,7 @@ class Engine:
         counts = parse_usage(usage)
         speed = counts.speed
         # An unpriced model has nothing to charge, and the decision already said so.
-        cost = self._usage_cost(decision, counts, speed) or 0
+        cost = self.usage_cost(decision, counts, speed) or 0
         if decision._settled or decision.reservation_id is None:
             return counts, cost, None
         premium: int | None = None
@@ -872,7 +873,7 @@ class Engine:
             else:
                 if premium is None:
                     # What the response cost over the same usage at standard speed.
-                    standard_cost = self._usage_cost(decision, counts, "standard")
+                    standard_cost = self.usage_cost(decision, counts, "standard")
                     premium = cost if standard_cost is None else cost - standard_cost if cost > standard_cost else 0
                 amount = premium
             if amount:
@@ -889,8 +890,11 @@ class Engine:
         telemetry.record_settlement(decision, settlement)
         return settlement
 
-    def _usage_cost(self, decision: Decision, counts: UsageCounts, speed: str) -> int | None:
-        """What `counts` cost at `speed` for the decision's model and geo; None when that is unpriced."""
+    def usage_cost(self, decision: Decision, counts: UsageCounts, speed: str) -> int | None:
+        """What a parsed usage (`catalog.parse_usage`) costs at `speed` for the decision's model and geo
+        (the usage's own `inference_geo` wins), in micro-dollars; None where the catalog has no price.
+
+        `settle` bills with it; `simulate` prices the other speed of a line with it."""
         mp = decision._plan
         if mp is not None and counts.inference_geo is None:
             rates = mp.fast_rates if speed == "fast" else mp.std_rates  # the cards the decision priced with

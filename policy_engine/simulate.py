@@ -40,18 +40,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from .catalog import Catalog, UsageCounts, cost_of_counts, cost_with_rates, load_catalog, parse_usage, to_usd
+from .catalog import Catalog, UsageCounts, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
-from .errors import PolicyEngineError, PricingError
+from .errors import PolicyEngineError
 from .ledger import MemoryLedger
 from .testing.runner import DEFAULT_TEST_TIME
 from .tokens import estimate_input_tokens
-
-if TYPE_CHECKING:
-    from .decide import _ModelPlan
 
 __all__ = ["DiffReport", "LogError", "Outcome", "Report", "Replayer", "diff", "iter_log", "open_log", "simulate", "START_TIME"]
 
@@ -481,8 +478,6 @@ class Replayer:
         """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines."""
         # The engine's plan for the decision's model and geo: catalog entry, rate tables, throughput.
         mp = decision._plan
-        if mp is None:  # a rule's `on_error: raise` rejection carries none
-            mp = self.engine._model_plan(decision.model, request.get("inference_geo") or "global")
         speed = decision.speed
         chosen = 0
         if decision.outcome == "rejected":
@@ -496,11 +491,11 @@ class Replayer:
                 self.engine.release(decision)
                 raise LogError(number, f"invalid usage: {exc}") from None
         # The baselines need the line at both speeds; the settlement already priced one of them.
-        standard = chosen if speed == "standard" else _cost(mp, counts, "standard") or 0
+        standard = chosen if speed == "standard" else self.engine.usage_cost(decision, counts, "standard") or 0
         fast = None
         entry = mp.entry
         if entry is not None and entry.fast.supported and not batch and request.get("service_tier") != "priority":
-            fast = chosen if speed == "fast" else _cost(mp, counts, "fast")
+            fast = chosen if speed == "fast" else self.engine.usage_cost(decision, counts, "fast")
         std_otps, ttft_s, fast_otps = mp.throughput
         std_s = ttft_s + counts[1] / std_otps
         fast_s = ttft_s + counts[1] / fast_otps if fast is not None and fast_otps else None
@@ -535,20 +530,6 @@ class Replayer:
                 progress(report.lines)
         report.elapsed_s = time.perf_counter() - started
         return report
-
-
-def _cost(mp: _ModelPlan, counts: UsageCounts, speed: str) -> int | None:
-    """`counts` at `speed` on the plan's cards, or at the usage's own inference_geo, which
-    overrides the request's as the catalog bills it; None where the catalog has no price."""
-    if counts[6] is None or counts[6] == mp.geo:
-        rates = mp.std_rates if speed == "standard" else mp.fast_rates
-        return None if rates is None else cost_with_rates(rates, counts)
-    if mp.entry is None:
-        return None
-    try:
-        return cost_of_counts(mp.entry, counts, speed=speed)  # type: ignore[arg-type]
-    except PricingError:
-        return None
 
 
 def _caches(request: dict[str, Any]) -> bool:
