@@ -11,6 +11,11 @@ Everything not named here is private to its module.
 
 from __future__ import annotations
 
+from . import _mypyc
+
+if _mypyc.PURE_PYTHON:
+    _mypyc.prefer_sources()  # before any compiled module is imported
+
 from .catalog import Catalog, load_catalog
 from .decide import FAST_BETA, Decision, Engine, Settlement, load
 from .errors import (

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, SupportsIndex
 
 from . import telemetry
 from .apply import apply_headers, apply_params
@@ -41,6 +41,7 @@ from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
 from .errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
+from ._mypyc import mypyc_attr
 from .features import FEATURE_DOCS, context_features, request_features
 from .ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope, window_bounds
 from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
@@ -153,6 +154,7 @@ class Settlement(NamedTuple):
     cache_read_tokens: int = 0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ConversationStore:
     """Last speed per conversation, for stickiness. In-process; entries expire with the policy's TTL."""
 
@@ -201,7 +203,7 @@ class _Plan:
     variables: dict[str, Any]
     reads: frozenset[str]
     """Top-level feature names some expression of the policy reads: the others are not computed."""
-    budget_keys: tuple[tuple[CompiledBudget, str | None], ...]
+    budget_keys: tuple[tuple[CompiledBudget, Any], ...]
     """Each budget with its key when the key expression is a constant."""
     static_keys: bool
     """Every budget key is a constant: the scopes change only when a calendar period does."""
@@ -223,7 +225,7 @@ def _plan(compiled: CompiledPolicy) -> _Plan:
     # feature and every key evaluation, as they would without these shortcuts.
     instrumented = any(type(p) is not cel.Program for p in programs)
     reads = _ALL_FEATURES if instrumented else frozenset(ref.split(".", 1)[0] for p in programs for ref in p.references)
-    budget_keys = []
+    budget_keys: list[tuple[CompiledBudget, Any]] = []
     for budget in compiled.budgets:
         constant = None
         if not instrumented and not budget.key.references:
@@ -326,7 +328,7 @@ class Engine:
         now: datetime | None = None,
         account: str = "default",
         batch: bool = False,
-        input_tokens: int | None = None,
+        input_tokens: SupportsIndex | None = None,
         policy: str | None = None,
     ) -> Decision:
         """Decide the speed of one Messages API request and reserve its worst-case cost.
@@ -357,7 +359,7 @@ class Engine:
         now: datetime | None = None,
         account: str = "default",
         batch: bool = False,
-        input_tokens: int | None = None,
+        input_tokens: SupportsIndex | None = None,
         policy: str | None = None,
     ) -> Decision:
         """`decide` for async callers: the counter (if any) is awaited, never blocking the loop.
@@ -509,6 +511,7 @@ class Engine:
             else:
                 scopes = self._budget_scopes(plan, activation, epoch, now, errors)
         unavailable: StateUnavailable | None = None
+        balances: Sequence[Balance]
         if scopes and ("budget" in reads or "budgets" in reads):
             # Balances only when an expression reads them: the reservation checks the limits anyway.
             try:
@@ -545,7 +548,8 @@ class Engine:
             activation["conversation"] = ({"last_speed": sticky[0], "cached_prefix_tokens": sticky[1]} if sticky
                                           else {"cached_prefix_tokens": 0})
 
-        speed, rule = policy.default, "default"
+        speed: str = policy.default
+        rule = "default"
         if sticky is not None and plan.sticky_ttl_s is not None:
             speed, rule = sticky[0], "sticky"
             reasons = [f"conversation keeps its {speed} speed (stickiness)"]
@@ -620,6 +624,7 @@ class Engine:
                        errors: list[str]) -> tuple[tuple[CompiledBudget, Scope], ...]:
         scopes = []
         valid_from, valid_until = -_INF, _INF
+        key: Any
         for budget, key in plan.budget_keys:
             if key is None:
                 try:
@@ -995,10 +1000,12 @@ def _rate_table(model: ModelEntry, speed: str, geo: str | None) -> tuple[tuple[i
 
 
 
-def _counted(input_tokens: int) -> TokenEstimate:
+def _counted(input_tokens: SupportsIndex) -> TokenEstimate:
+    # Typed SupportsIndex, not int: compiled code would refuse a float with a TypeError that names
+    # no parameter; the caller gets this InvalidRequest instead.
     if type(input_tokens) is not int or input_tokens < 0:
         raise InvalidRequest(f"input_tokens must be a non-negative int, got {input_tokens!r}")
-    return TokenEstimate(input_tokens, input_tokens, True)
+    return TokenEstimate(input_tokens, input_tokens, True)  # type: ignore[arg-type]
 
 
 def _usd(micro: int) -> str:

@@ -8,6 +8,7 @@ documentation cannot drift from what the type checker accepts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .cel.types import BOOL, DOUBLE, DYN, INT, STRING, TIMESTAMP, CelType, Field, ListType, MapType, ObjectType
 
@@ -208,7 +209,7 @@ def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
             # Slow path: unknown keys, None (absent), subclasses; and every error.
             if not _context_value_ok(key, value, expected):
                 continue
-        elif expected is dict and value and not all(type(k) is str and type(v) is str for k, v in value.items()):  # type: ignore[union-attr]
+        elif expected is dict and value and not all(type(k) is str and type(v) is str for k, v in value.items()):  # type: ignore[attr-defined]
             if not _context_value_ok(key, value, expected):
                 continue
         result[key] = value
@@ -290,9 +291,9 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
             if (type(block) is dict or isinstance(block, Mapping)) and "cache_control" in block:
                 cache_control = True
                 break
-    tools = get("tools") or ()
+    tools: Any = get("tools") or ()
     if not cache_control and tools:
-        for tool in tools:  # type: ignore[union-attr]
+        for tool in tools:
             if (type(tool) is dict or isinstance(tool, Mapping)) and "cache_control" in tool:
                 cache_control = True
                 break
@@ -301,7 +302,7 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
     if thinking and isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive"):
         budget_tokens = thinking.get("budget_tokens", 0)
         thinking_features = {"enabled": True, "budget_tokens": budget_tokens if type(budget_tokens) is int else 0}
-    betas = get("betas")
+    betas: Any = get("betas")
     return {
         "model": model,
         "max_tokens": max_tokens,
@@ -317,7 +318,7 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
         "batch": batch,
         "cache_control": cache_control,
         "message_count": len(messages),
-        "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else [],  # type: ignore[misc]
+        "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else [],
     }
 
 

@@ -83,6 +83,7 @@ from typing import Any
 import httpx
 
 from .errors import PolicyEngineError
+from ._mypyc import mypyc_attr
 
 __all__ = [
     "TokenEstimate",
@@ -111,6 +112,7 @@ class TokenEstimate:
     exact: bool = False
 
 
+@mypyc_attr(native_class=False)  # it inherits from two built-in exceptions, which compiled classes cannot
 class InvalidRequestParams(PolicyEngineError, TypeError, ValueError):
     """The request params have a field of the wrong type; the message names the field."""
 
@@ -424,7 +426,7 @@ def _at(where: tuple[Any, ...]) -> str:
     Paths are built as tuples and only formatted when an error is raised: valid requests
     never pay for the text.
     """
-    out = []
+    out: list[str] = []
     for part in where:
         out.append(f"[{part}]" if type(part) is int else f".{part}" if out else part)
     return "".join(out)

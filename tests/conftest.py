@@ -19,10 +19,24 @@ from typing import Any
 
 import pytest
 
+from policy_engine import _mypyc
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
 NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 """The decision time most tests use: the middle of a UTC day, far from window edges."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stale = _mypyc.stale_modules()
+    if stale:
+        pytest.exit(f"{', '.join(stale)} changed after it was compiled, so the tests would run the old build: "
+                    "run `make test` (it rebuilds), or set POLICY_ENGINE_PURE_PYTHON=1 to test the sources", returncode=4)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    compiled = _mypyc.compiled_modules()
+    return f"policy_engine: {'compiled with mypyc: ' + ', '.join(compiled) if compiled else 'pure Python'}"
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, SupportsIndex
 
 from ._models import ModelEntry
 from ._rates import PICO_PER_MICRO, SPEEDS, RateCard, Speed, tier_card
@@ -55,10 +55,10 @@ def estimate(
     model: ModelEntry,
     *,
     speed: Speed,
-    input_tokens: int,
-    max_tokens: int,
+    input_tokens: SupportsIndex,
+    max_tokens: SupportsIndex,
     cache_control: bool = False,
-    cache_ttl: str = "5m",
+    cache_ttl: Literal["5m", "1h"] = "5m",
     inference_geo: str | None = None,
 ) -> int:
     """Worst-case cost of a request, in integer micro-dollars, before it is sent.
@@ -71,9 +71,9 @@ def estimate(
     Raises PricingError (unknown price, unsupported fast, unknown geo) and UsageError
     (negative or non-int counts, bad ttl).
     """
-    if type(input_tokens) is not int or type(max_tokens) is not int or input_tokens < 0 or max_tokens < 0:
-        _count("input_tokens", input_tokens)
-        _count("max_tokens", max_tokens)
+    # Counts are typed SupportsIndex, not int: compiled code would refuse a float with a TypeError
+    # that names no parameter; the caller gets a UsageError naming it instead.
+    input_tokens, max_tokens = _count("input_tokens", input_tokens), _count("max_tokens", max_tokens)
     if cache_control and cache_ttl != "5m" and cache_ttl != "1h":
         raise UsageError(f"cache_ttl must be '5m' or '1h', got {cache_ttl!r}")
     return estimate_with_rates(model.rate_table(speed, inference_geo), input_tokens, max_tokens, cache_control, cache_ttl)
@@ -121,7 +121,7 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
                 and input_tokens >= 0 and output_tokens >= 0 and creation >= 0 and read >= 0
                 and (speed == "standard" or speed == "fast") and type(speed) is str
                 and (geo is None or type(geo) is str) and get("cache_creation") is None):
-            return UsageCounts(input_tokens, output_tokens, creation, 0, read, speed, geo)
+            return UsageCounts(input_tokens, output_tokens, creation, 0, read, speed, geo)  # type: ignore[arg-type]
     elif usage is None:
         raise UsageError("usage is missing")
     get = _getter(usage)

@@ -23,6 +23,8 @@ from functools import lru_cache
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
+from .._mypyc import mypyc_attr
+
 __all__ = ["Scope", "Balance", "Charge", "ReserveResult", "Ledger", "AsyncLedger", "MemoryLedger", "window_bounds", "Window"]
 
 Window = Literal["hour", "day", "week", "month"]
@@ -70,6 +72,7 @@ class ReserveResult(NamedTuple):
     """Index of the first charge that did not fit."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Ledger(ABC):
     """The interface every backend implements; `tests/test_ledger_conformance.py` holds them to it."""
 
@@ -105,6 +108,7 @@ _Reservation = tuple[tuple[Charge, ...], float]
 """A held reservation: its charges and when it expires (epoch seconds)."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryLedger(Ledger):
     """One process's ledger: a lock around a few dicts. Nothing survives the process."""
 
@@ -253,6 +257,7 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class AsyncLedger(ABC):
     """`Ledger` for asyncio workers: the same methods and semantics, as coroutines.
 
