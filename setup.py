@@ -24,6 +24,11 @@ COMPILED = [
     "policy_engine/ledger/__init__.py",
     "policy_engine/catalog/_cost.py",
     "policy_engine/catalog/_rates.py",
+    "policy_engine/compile.py",
+    "policy_engine/telemetry.py",
+    "policy_engine/ratelimit.py",
+    "policy_engine/observe.py",
+    "policy_engine/apply.py",
 ]
 MODE = os.environ.get("POLICY_ENGINE_COMPILE", "auto").strip().lower()
 if MODE not in ("auto", "1", "0"):

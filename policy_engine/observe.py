@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ._mypyc import mypyc_attr
 from .catalog import ModelEntry
 
 __all__ = ["ThroughputObserver", "DEFAULT_STANDARD_OTPS"]
@@ -34,6 +35,7 @@ DEFAULT_STANDARD_OTPS = 60.0
 _MIN_SECONDS = 1e-3
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ThroughputObserver:
     """Thread-safe EWMAs of output tokens per second (per model and speed) and TTFT (per model)."""
 

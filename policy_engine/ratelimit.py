@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import telemetry
+from ._mypyc import mypyc_attr
 
 __all__ = ["FastRateLimit", "RateLimitStore", "account_id", "parse_headers", "parse_retry_after", "HEADERS"]
 
@@ -186,8 +187,8 @@ def _parse_rfc3339(raw: str | bytes) -> float:
     cached = _reset_cache.get(raw)
     if cached is not None:
         return cached
-    text = raw.decode("latin-1") if type(raw) is bytes else raw
-    value = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))  # type: ignore[union-attr]
+    text: str = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    value = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
     if value.tzinfo is None:  # RFC 3339 requires an offset; a bare time is taken as UTC
         value = value.replace(tzinfo=timezone.utc)
     if len(_reset_cache) >= 256:
@@ -196,6 +197,7 @@ def _parse_rfc3339(raw: str | bytes) -> float:
     return epoch
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # RedisRateLimitStore shares it across processes
 class RateLimitStore:
     """In-process rate-limit state for every account seen."""
 

@@ -1231,7 +1231,7 @@ def _decode_state(reply: Mapping[Any, Any] | Sequence[Any]) -> FastRateLimit:
         if spec is None or value == "":
             continue
         # int fields (limits, remaining counts) stay ints; times are floats.
-        setattr(state, name, int(value) if "int" in str(spec.type) and "." not in value else float(value))
+        setattr(state, name, int(value) if name in _RATELIMIT_COUNTS and "." not in value else float(value))
     return state
 
 
@@ -1285,6 +1285,8 @@ redis.call('PEXPIRE', key, ARGV[3])
 return redis.call('HGETALL', key)
 """
 _RATELIMIT_FIELDS = {f.name: f for f in fields(FastRateLimit)}
+# Named, not read from the field types: a compiled dataclass does not keep them.
+_RATELIMIT_COUNTS = frozenset(("input_tokens_limit", "input_tokens_remaining", "output_tokens_limit", "output_tokens_remaining"))
 
 
 class RedisRateLimitStore(RateLimitStore):
