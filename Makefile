@@ -33,7 +33,8 @@ redis-server:
 test: $(STAMP) redis-server
 	$(BIN)/python -m pytest -q
 	POLICY_ENGINE_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_decide.py tests/test_decide_settle.py \
-	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py
+	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py \
+	  tests/test_ratelimit.py tests/test_observe.py tests/test_simulate.py tests/test_telemetry.py
 
 demo: $(STAMP)
 	$(BIN)/python -m policy_engine.demo

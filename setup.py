@@ -29,6 +29,7 @@ COMPILED = [
     "policy_engine/ratelimit.py",
     "policy_engine/observe.py",
     "policy_engine/apply.py",
+    "policy_engine/simulate.py",
 ]
 MODE = os.environ.get("POLICY_ENGINE_COMPILE", "auto").strip().lower()
 if MODE not in ("auto", "1", "0"):

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
+from operator import truediv
 from typing import IO, Any
 
 from .catalog import Catalog, UsageCounts, load_catalog, parse_usage, to_usd
@@ -100,7 +101,7 @@ def open_log(path: str, stdin: IO[bytes] | None = None) -> IO[bytes]:
             raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned stream
         except OSError as exc:
             raise PolicyEngineError(f"cannot read {path}: {exc.strerror or exc}") from None
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type,type-var]
     if buffered.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
     return buffered
@@ -286,7 +287,7 @@ def _pct(part: int, whole: int) -> str:
 # -- the replay -----------------------------------------------------------------------------
 
 
-_scan_json = json.JSONDecoder().scan_once
+_scan_json: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 """The stdlib's C scanner without `json.loads`'s wrappers: (value, end) of the JSON value at an index.
 
 Not orjson: it saves about 1.4 us a line here, but it reads integers beyond 64 bits as
@@ -470,14 +471,16 @@ class Replayer:
             self._minutes[head] = minute
         if not (fraction.isdigit() and fraction.isascii()) or ts[17] > "5":
             return None
-        # One exact division, as timedelta.total_seconds() does: the very same float.
-        return (minute * scale + int(fraction)) / scale
+        # One exact division, as timedelta.total_seconds() does: the very same float. Through
+        # operator.truediv, since compiled code divides ints as floats, which rounds past 2**53.
+        return truediv(minute * scale + int(fraction), scale)
 
     def _settle(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
                 counts: UsageCounts, batch: bool) -> Outcome:
         """Bill the line at the chosen speed through the engine, and price it at both speeds for the baselines."""
         # The engine's plan for the decision's model and geo: catalog entry, rate tables, throughput.
         mp = decision._plan
+        assert mp is not None  # every decision the engine makes carries its model plan
         speed = decision.speed
         chosen = 0
         if decision.outcome == "rejected":
