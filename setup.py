@@ -30,6 +30,7 @@ COMPILED = [
     "policy_engine/observe.py",
     "policy_engine/apply.py",
     "policy_engine/simulate.py",
+    "policy_engine/integrations/_core.py",
 ]
 MODE = os.environ.get("POLICY_ENGINE_COMPILE", "auto").strip().lower()
 if MODE not in ("auto", "1", "0"):

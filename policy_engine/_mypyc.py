@@ -58,12 +58,15 @@ def prefer_sources() -> None:
 def _builds() -> list[tuple[str, Path, Path]]:
     """(module, compiled file, source file) for every compiled module in this package's directory."""
     found = []
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for built in _PACKAGE.rglob(f"*{suffix}"):
-            source = built.with_name(built.name[: -len(suffix)] + ".py")
-            parts = source.relative_to(_PACKAGE.parent).with_suffix("").parts
-            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found.append((module, built, source))
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES  # the most specific first; ".so" ends them all
+    for built in _PACKAGE.rglob("*"):
+        suffix = next((s for s in suffixes if built.name.endswith(s)), None)
+        if suffix is None:
+            continue
+        source = built.with_name(built.name[: -len(suffix)] + ".py")
+        parts = source.relative_to(_PACKAGE.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found.append((module, built, source))
     return sorted(found)
 
 

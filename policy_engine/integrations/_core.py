@@ -13,8 +13,7 @@ import contextvars
 import json
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from .. import telemetry
@@ -419,67 +418,3 @@ def _seen_output_tokens(lines: list[bytes]) -> int:
                 if isinstance(value, str):
                     parts.append(value)
     return int(estimate_text_tokens("".join(parts)) + 0.999) if parts else 0
-
-
-_HOP_HEADERS = ("content-encoding", "content-length")
-
-
-def decoded_headers(headers: Any) -> Any:
-    """Response headers for a body re-served already decoded: no encoding, no stale length."""
-    headers = headers.copy()
-    for name in _HOP_HEADERS:
-        if name in headers:
-            del headers[name]
-    return headers
-
-
-def tracked_streams(module: Any) -> tuple[type, type]:
-    """Sync and async byte streams (of `httpx` or `httpx2`) that feed a `StreamTracker` on the way.
-
-    The tracker settles when the body ends, when it is closed, and, should the caller just
-    drop the stream, when the stream is garbage-collected.
-    """
-
-    class Tracked(module.SyncByteStream):  # type: ignore[misc,name-defined]
-        def __init__(self, response: Any, tracker: StreamTracker) -> None:
-            self._response = response
-            self._tracker = tracker
-            weakref.finalize(self, tracker.finish)
-
-        def __iter__(self) -> Iterator[bytes]:
-            tracker = self._tracker
-            try:
-                for chunk in self._response.iter_bytes():
-                    tracker.feed(chunk)
-                    yield chunk
-            finally:
-                tracker.finish()
-
-        def close(self) -> None:
-            try:
-                self._response.close()
-            finally:
-                self._tracker.finish()
-
-    class AsyncTracked(module.AsyncByteStream):  # type: ignore[misc,name-defined]
-        def __init__(self, response: Any, tracker: StreamTracker) -> None:
-            self._response = response
-            self._tracker = tracker
-            weakref.finalize(self, tracker.finish)
-
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            tracker = self._tracker
-            try:
-                async for chunk in self._response.aiter_bytes():
-                    tracker.feed(chunk)
-                    yield chunk
-            finally:
-                tracker.finish()
-
-        async def aclose(self) -> None:
-            try:
-                await self._response.aclose()
-            finally:
-                self._tracker.finish()
-
-    return Tracked, AsyncTracked

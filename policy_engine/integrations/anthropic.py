@@ -44,13 +44,12 @@ from ._core import (
     FastModeRateLimited,
     Flight,
     Runtime,
-    decoded_headers,
     endpoint,
     policy_context,
     sdk_will_retry,
     strip_batch_speed,
-    tracked_streams,
 )
+from ._streams import decoded_headers, tracked_streams
 
 __all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context"]
 

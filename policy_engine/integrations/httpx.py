@@ -35,12 +35,11 @@ from ._core import (
     FastModeRateLimited,
     Flight,
     Runtime,
-    decoded_headers,
     endpoint,
     policy_context,
     strip_batch_speed,
-    tracked_streams,
 )
+from ._streams import decoded_headers, tracked_streams
 
 __all__ = ["FastModeTransport", "AsyncFastModeTransport", "FastModeRateLimited", "policy_context"]
 
