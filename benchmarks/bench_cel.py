@@ -100,23 +100,10 @@ def per_call_us(fn, arg, number):
     return t / number * 1e6
 
 
-def build_line() -> str:
-    """Which build of policy_engine runs; exits rather than measure a compiled module older than its source."""
-    from policy_engine import _mypyc  # after the imports above: compiled_modules() names the loaded ones
-
-    stale = _mypyc.stale_modules()
-    if stale:
-        sys.exit(f"{', '.join(stale)} changed after it was compiled, so this would measure the old build: "
-                 "run `make bench` or `make test` (they rebuild), or set POLICY_ENGINE_PURE_PYTHON=1 to measure the sources")
-    compiled = _mypyc.compiled_modules()
-    if compiled:
-        return f"build: compiled with mypyc ({len(compiled)} modules)"
-    why = "POLICY_ENGINE_PURE_PYTHON=1" if _mypyc.PURE_PYTHON else "no compiled modules: no C compiler at install, or POLICY_ENGINE_COMPILE=0"
-    return f"build: pure Python ({why})"
-
-
 def main() -> None:
-    print(build_line(), flush=True)
+    from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
+
+    print(f"build: {_mypyc.checked_build('this would measure')}", flush=True)
     quick = "--quick" in sys.argv
     n_fast, n_celpy = (2_000, 50) if quick else (20_000, 300)
     env = celpy.Environment(runner_class=celpy.InterpretedRunner)

@@ -317,28 +317,15 @@ def _pct(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
 
 
-def build_line() -> str:
-    """Which build of policy_engine runs; exits rather than measure a compiled module older than its source."""
-    from policy_engine import _mypyc  # after the imports above: compiled_modules() names the loaded ones
-
-    stale = _mypyc.stale_modules()
-    if stale:
-        sys.exit(f"{', '.join(stale)} changed after it was compiled, so this would measure the old build: "
-                 "run `make bench` or `make test` (they rebuild), or set POLICY_ENGINE_PURE_PYTHON=1 to measure the sources")
-    compiled = _mypyc.compiled_modules()
-    if compiled:
-        return f"build: compiled with mypyc ({len(compiled)} modules)"
-    why = "POLICY_ENGINE_PURE_PYTHON=1" if _mypyc.PURE_PYTHON else "no compiled modules: no C compiler at install, or POLICY_ENGINE_COMPILE=0"
-    return f"build: pure Python ({why})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
     parser.add_argument("--reps", type=int, default=250, help="passes over the corpus per round for the engine (default 250)")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine pipeline instead")
     args = parser.parse_args()
-    print(build_line(), flush=True)
+    from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
+
+    print(f"build: {_mypyc.checked_build('this would measure')}", flush=True)
 
     from opentelemetry import trace
 

@@ -168,21 +168,6 @@ def _operations(url: str, prefix: str) -> int:
     return total
 
 
-def build_line() -> str:
-    """Which build of policy_engine runs; exits rather than measure a compiled module older than its source."""
-    from policy_engine import _mypyc  # after the imports above: compiled_modules() names the loaded ones
-
-    stale = _mypyc.stale_modules()
-    if stale:
-        sys.exit(f"{', '.join(stale)} changed after it was compiled, so this would measure the old build: "
-                 "run `make bench` or `make test` (they rebuild), or set POLICY_ENGINE_PURE_PYTHON=1 to measure the sources")
-    compiled = _mypyc.compiled_modules()
-    if compiled:
-        return f"build: compiled with mypyc ({len(compiled)} modules)"
-    why = "POLICY_ENGINE_PURE_PYTHON=1" if _mypyc.PURE_PYTHON else "no compiled modules: no C compiler at install, or POLICY_ENGINE_COMPILE=0"
-    return f"build: pure Python ({why})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="per run (default 1.5)")
@@ -190,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=32, help="threads of the one process (default 32)")
     parser.add_argument("--url", help="benchmark this Redis instead of a private loopback redis-server")
     args = parser.parse_args(argv)
-    print(build_line(), flush=True)
+    from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
+
+    print(f"build: {_mypyc.checked_build('this would measure')}", flush=True)
 
     load_before = os.getloadavg()[0]
     rates: dict[str, float] = {}

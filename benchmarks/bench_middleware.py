@@ -60,21 +60,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def build_line() -> str:
-    """Which build of policy_engine runs; exits rather than measure a compiled module older than its source."""
-    from policy_engine import _mypyc  # after the imports above: compiled_modules() names the loaded ones
-
-    stale = _mypyc.stale_modules()
-    if stale:
-        sys.exit(f"{', '.join(stale)} changed after it was compiled, so this would measure the old build: "
-                 "run `make bench` or `make test` (they rebuild), or set POLICY_ENGINE_PURE_PYTHON=1 to measure the sources")
-    compiled = _mypyc.compiled_modules()
-    if compiled:
-        return f"build: compiled with mypyc ({len(compiled)} modules)"
-    why = "POLICY_ENGINE_PURE_PYTHON=1" if _mypyc.PURE_PYTHON else "no compiled modules: no C compiler at install, or POLICY_ENGINE_COMPILE=0"
-    return f"build: pure Python ({why})"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1_000, help="timed requests per client and round (at least 500)")
@@ -85,7 +70,9 @@ def main() -> int:
         parser.error("--requests must be at least 500")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    print(build_line(), flush=True)
+    from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
+
+    print(f"build: {_mypyc.checked_build('this would measure')}", flush=True)
 
     # The emulator runs in its own process: in this one it would compete for the GIL with
     # the client being measured.

@@ -56,23 +56,10 @@ def replay(compiled: object, lines: list[tuple[int, str]]) -> tuple[float, objec
     return report.decided / (time.perf_counter() - started), report
 
 
-def build_line() -> str:
-    """Which build of policy_engine runs; exits rather than measure a compiled module older than its source."""
-    from policy_engine import _mypyc  # after the imports above: compiled_modules() names the loaded ones
-
-    stale = _mypyc.stale_modules()
-    if stale:
-        sys.exit(f"{', '.join(stale)} changed after it was compiled, so this would measure the old build: "
-                 "run `make bench` or `make test` (they rebuild), or set POLICY_ENGINE_PURE_PYTHON=1 to measure the sources")
-    compiled = _mypyc.compiled_modules()
-    if compiled:
-        return f"build: compiled with mypyc ({len(compiled)} modules)"
-    why = "POLICY_ENGINE_PURE_PYTHON=1" if _mypyc.PURE_PYTHON else "no compiled modules: no C compiler at install, or POLICY_ENGINE_COMPILE=0"
-    return f"build: pure Python ({why})"
-
-
 def main() -> int:
-    print(build_line(), flush=True)
+    from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
+
+    print(f"build: {_mypyc.checked_build('this would measure')}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "requests.jsonl.gz")
         with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=1) as out:

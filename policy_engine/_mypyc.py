@@ -28,7 +28,7 @@ except ImportError:  # the usual case at run time: the decorators only matter to
         return lambda cls: cls
 
 
-__all__ = ["mypyc_attr", "PURE_PYTHON", "compiled_modules", "stale_modules"]
+__all__ = ["mypyc_attr", "PURE_PYTHON", "compiled_modules", "stale_modules", "stale_message", "describe_build", "checked_build"]
 
 PURE_PYTHON = os.environ.get("POLICY_ENGINE_PURE_PYTHON", "").strip() not in ("", "0")
 _PACKAGE = Path(__file__).resolve().parent
@@ -80,3 +80,31 @@ def stale_modules() -> list[str]:
     if PURE_PYTHON:
         return []
     return [m for m, built, source in _builds() if source.exists() and source.stat().st_mtime > built.stat().st_mtime]
+
+
+def stale_message(consequence: str) -> str | None:
+    """What to do about stale compiled modules (None when there are none); `consequence` completes
+    "...changed after it was compiled, so {consequence} the old build"."""
+    stale = stale_modules()
+    if not stale:
+        return None
+    return (f"{', '.join(stale)} changed after it was compiled, so {consequence} the old build: run `make test` or "
+            "`make bench` (they rebuild), or set POLICY_ENGINE_PURE_PYTHON=1 to use the sources")
+
+
+def describe_build() -> str:
+    """Which build runs, for test headers and benchmark reports."""
+    compiled = compiled_modules()
+    if compiled:
+        return f"compiled with mypyc ({len(compiled)} modules: {', '.join(m.removeprefix('policy_engine.') for m in compiled)})"
+    why = "POLICY_ENGINE_PURE_PYTHON=1" if PURE_PYTHON else "no compiled modules: no C compiler at install, or POLICY_ENGINE_COMPILE=0"
+    return f"pure Python ({why})"
+
+
+def checked_build(consequence: str) -> str:
+    """`describe_build()`, for a run that must not use stale compiled modules: exits with
+    `stale_message(consequence)` when there are any."""
+    stale = stale_message(consequence)
+    if stale:
+        raise SystemExit(stale)
+    return describe_build()

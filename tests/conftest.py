@@ -28,15 +28,13 @@ NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    stale = _mypyc.stale_modules()
+    stale = _mypyc.stale_message("the tests would run")
     if stale:
-        pytest.exit(f"{', '.join(stale)} changed after it was compiled, so the tests would run the old build: "
-                    "run `make test` (it rebuilds), or set POLICY_ENGINE_PURE_PYTHON=1 to test the sources", returncode=4)
+        pytest.exit(stale, returncode=4)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    compiled = _mypyc.compiled_modules()
-    return f"policy_engine: {'compiled with mypyc: ' + ', '.join(compiled) if compiled else 'pure Python'}"
+    return f"policy_engine: {_mypyc.describe_build()}"
 
 
 @pytest.fixture()
