@@ -8,6 +8,7 @@ second, 1.5 s to first token).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -588,6 +589,20 @@ def test_a_decision_serializes_to_json_for_logs(engine: Engine) -> None:
     assert data["estimate_fast_micro"] == d.estimate_fast_micro and data["reservation_id"] == d.reservation_id
     assert data["policy_version"] == d.policy_version and data["at"] == NOON.timestamp()
     assert not any(k.startswith("_") for k in data)
+
+
+def test_a_decision_is_still_a_dataclass_to_copy_compare_and_rebuild(engine: Engine) -> None:
+    # Its __init__ is written out (so a compiled build compiles it): the dataclass protocol must still hold.
+    d = engine.decide(CHAT, WAITING, now=NOON)
+    copy = dataclasses.replace(d, reasons=[*d.reasons, "logged"])
+    assert copy.to_dict() == {**d.to_dict(), "reasons": [*d.reasons, "logged"]}
+    assert copy._plan is None and copy.reservation_id == d.reservation_id  # private state is not copied
+    rebuilt = Decision(**d.to_dict())
+    assert rebuilt.to_dict() == d.to_dict() and rebuilt == dataclasses.replace(d)
+    without_errors = {k: v for k, v in d.to_dict().items() if k != "errors"}
+    first, second = Decision(**without_errors), Decision(**without_errors)
+    assert first.errors == [] and first.errors is not second.errors  # a fresh list each time, as a default_factory gives
+    assert [f.name for f in dataclasses.fields(Decision) if not f.name.startswith("_")] == list(d.to_dict())
 
 
 def test_a_rejected_decision_serializes_too(engine: Engine) -> None:
