@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from . import cel
 from .errors import Diagnostic, PolicyError
@@ -20,10 +20,10 @@ from .policy import Budget, ExprText, Policy
 
 __all__ = ["CompiledPolicy", "CompiledRule", "CompiledBudget", "compile_policy", "compile_file", "MAX_EXPRESSION_COST", "LazyVars"]
 
-MAX_EXPRESSION_COST = 100_000
+MAX_EXPRESSION_COST: Final = 100_000
 """Static cost bound over which an expression is refused (see `Program.cost`)."""
 
-MICRO_PER_USD = 1_000_000
+MICRO_PER_USD: Final = 1_000_000
 
 _CEL_CODES = {
     "syntax": "PE100",

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple, SupportsIndex
+from typing import Any, Final, NamedTuple, SupportsIndex
 
 from . import telemetry
 from .apply import apply_headers, apply_params
@@ -46,19 +46,19 @@ from .features import FEATURE_DOCS, context_features, request_features
 from .ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope, window_bounds
 from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
 from .ratelimit import RateLimitStore
-from .tokens import InvalidRequestParams, TokenCounter, TokenEstimate, estimate_input_tokens
+from .tokens import InvalidRequestParams, TokenCounter, estimate_bounds
 
 __all__ = ["Engine", "Decision", "Settlement", "ConversationStore", "RuleEvaluationError", "load", "FAST_BETA"]
 
-FAST_BETA = "fast-mode-2026-02-01"
-_INF = float("inf")
-_NO_BUDGET = {"remaining_usd": _INF, "spent_usd": 0.0, "limit_usd": _INF, "fraction_left": 1.0}
-_UNKNOWN_KEY = "<key-error>"
-_ALL_FEATURES = frozenset(FEATURE_DOCS)
-CONVERSATION_MEMORY_S = 3600.0
+FAST_BETA: Final = "fast-mode-2026-02-01"
+_INF: Final = float("inf")
+_NO_BUDGET: Final = {"remaining_usd": _INF, "spent_usd": 0.0, "limit_usd": _INF, "fraction_left": 1.0}
+_UNKNOWN_KEY: Final = "<key-error>"
+_ALL_FEATURES: Final = frozenset(FEATURE_DOCS)
+CONVERSATION_MEMORY_S: Final = 3600.0
 """How long `conversation.*` remembers a conversation when the policy sets no stickiness (the longest prompt-cache TTL)."""
-_ID_PREFIX = f"{os.getpid():x}-{os.urandom(4).hex()}-"
-_reservation_ids = map((_ID_PREFIX + "{}").format, itertools.count(1))
+_ID_PREFIX: Final = f"{os.getpid():x}-{os.urandom(4).hex()}-"
+_reservation_ids: Final = map((_ID_PREFIX + "{}").format, itertools.count(1))
 """Reservation ids, ready-made: one next() per decision (atomic under the GIL, like the count it wraps)."""
 
 
@@ -176,7 +176,7 @@ class RuleEvaluationError(PolicyEngineError):
         super().__init__(f"policy {policy}: rule {rule} failed to evaluate: {cause}")
 
 
-_PUBLIC_FIELDS = tuple(f.name for f in fields(Decision) if not f.name.startswith("_"))
+_PUBLIC_FIELDS: Final = tuple(f.name for f in fields(Decision) if not f.name.startswith("_"))
 
 
 class Settlement(NamedTuple):
@@ -380,14 +380,17 @@ class Engine:
         if self._async_ledger:
             raise _needs_await("decide")
         started = time.perf_counter_ns()
-        if input_tokens is not None:
-            tokens = _counted(input_tokens)
-        else:
-            try:
-                tokens = self.counter.count(params) if self.counter is not None else estimate_input_tokens(params)
-            except InvalidRequestParams as exc:
-                raise InvalidRequest(str(exc)) from None
-        return self._finish(params, context, now, account, batch, tokens, policy, started)
+        try:
+            if input_tokens is not None:
+                upper, exact = _counted(input_tokens), True
+            elif self.counter is None:
+                upper, exact = estimate_bounds(params)[1], False
+            else:
+                counted = self.counter.count(params)
+                upper, exact = counted.upper, counted.exact
+        except InvalidRequestParams as exc:
+            raise InvalidRequest(str(exc)) from None
+        return self._finish(params, context, now, account, batch, upper, exact, policy, started)
 
     async def adecide(
         self,
@@ -407,30 +410,34 @@ class Engine:
         ledger the decision runs in a worker thread so the event loop keeps going.
         """
         started = time.perf_counter_ns()
-        if input_tokens is not None:
-            tokens = _counted(input_tokens)
-        else:
-            try:
-                tokens = await self.counter.acount(params) if self.counter is not None else estimate_input_tokens(params)
-            except InvalidRequestParams as exc:
-                raise InvalidRequest(str(exc)) from None
+        try:
+            if input_tokens is not None:
+                upper, exact = _counted(input_tokens), True
+            elif self.counter is None:
+                upper, exact = estimate_bounds(params)[1], False
+            else:
+                counted = await self.counter.acount(params)
+                upper, exact = counted.upper, counted.exact
+        except InvalidRequestParams as exc:
+            raise InvalidRequest(str(exc)) from None
         if self._async_ledger:
-            return await self._afinish(params, context, now, account, batch, tokens, policy, started)
+            return await self._afinish(params, context, now, account, batch, upper, exact, policy, started)
         if isinstance(self.ledger, MemoryLedger):
-            return self._finish(params, context, now, account, batch, tokens, policy, started)
-        return await asyncio.to_thread(self._finish, params, context, now, account, batch, tokens, policy, started)
+            return self._finish(params, context, now, account, batch, upper, exact, policy, started)
+        return await asyncio.to_thread(self._finish, params, context, now, account, batch, upper, exact, policy, started)
 
     def _finish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None, account: str,
-                batch: bool, tokens: TokenEstimate, policy: str | None, started: int) -> Decision:
+                batch: bool, input_tokens: int, exact: bool, policy: str | None, started: int) -> Decision:
         try:
-            decision = self._decide(params, context, now, account, batch, tokens, self._plan_of(policy))
+            decision = self._decide(params, context, now, account, batch, input_tokens, exact, self._plan_of(policy))
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
         return _concluded(decision, started)
 
     async def _afinish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None,
-                       account: str, batch: bool, tokens: TokenEstimate, policy: str | None, started: int) -> Decision:
+                       account: str, batch: bool, input_tokens: int, exact: bool, policy: str | None,
+                       started: int) -> Decision:
         """`_finish` over an `AsyncLedger`: the same decision, its ledger calls awaited.
 
         `_decide` stops where it would call the ledger: for balances (only when an
@@ -444,7 +451,7 @@ class Engine:
         try:
             while True:
                 try:
-                    decision = self._decide(params, context, now, account, batch, tokens, plan, prefetched)
+                    decision = self._decide(params, context, now, account, batch, input_tokens, exact, plan, prefetched)
                     break
                 except _NeedBalances as need:
                     if prefetched is not None:
@@ -498,7 +505,8 @@ class Engine:
         now: datetime | None,
         account: str,
         batch: bool,
-        tokens: TokenEstimate,
+        input_tokens: int,
+        exact: bool,
         plan: _Plan,
         prefetched: dict[str, Balance] | StateUnavailable | None = None,
     ) -> Decision:
@@ -506,8 +514,7 @@ class Engine:
         policy = compiled.policy
         reads = plan.reads
         epoch = self._clock() if now is None else now.timestamp()
-        input_tokens = tokens.upper
-        request = request_features(params, input_tokens, tokens.exact, batch=batch)
+        request = request_features(params, input_tokens, exact, batch=batch)
         ctx = context_features(context)
         model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]
@@ -601,7 +608,7 @@ class Engine:
                     if policy.on_error == "raise":
                         failed = Decision(
                             "standard", compiled_rule.name, "rejected", [f"rule {compiled_rule.name} failed to evaluate; on_error is raise"],
-                            [], [], model_name, max_tokens, input_tokens, tokens.exact, std_micro, fast_micro,
+                            [], [], model_name, max_tokens, input_tokens, exact, std_micro, fast_micro,
                             policy.name, compiled.version, None, errors, "on_error", None, mp.fast_beta, epoch)
                         failed._plan = mp
                         raise RuleEvaluationError(policy.name, compiled_rule.name, failed, exc) from exc
@@ -617,7 +624,7 @@ class Engine:
             else:
                 reasons.append(f"no rule matched; policy default is {speed}")
 
-        decision = Decision(speed, rule, "allowed", reasons, [], [], model_name, max_tokens, input_tokens, tokens.exact,
+        decision = Decision(speed, rule, "allowed", reasons, [], [], model_name, max_tokens, input_tokens, exact,
                             std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch)
         decision._plan = mp
         if speed == "fast":
@@ -929,7 +936,8 @@ class Engine:
     def _settled(decision: Decision, counts: UsageCounts, cost: int, first: bool) -> Settlement:
         decision._settled = True
         input_tokens, output_tokens, write_5m, write_1h, cache_read, speed, _ = counts
-        settlement = Settlement(cost, speed, input_tokens, output_tokens, first, write_5m + write_1h, cache_read)
+        # tuple.__new__, not Settlement(...): the NamedTuple's __new__ is a Python frame per settlement.
+        settlement = tuple.__new__(Settlement, (cost, speed, input_tokens, output_tokens, first, write_5m + write_1h, cache_read))
         telemetry.record_settlement(decision, settlement)
         return settlement
 
@@ -1038,12 +1046,12 @@ def _rate_table(model: ModelEntry, speed: str, geo: str | None) -> tuple[tuple[i
 
 
 
-def _counted(input_tokens: SupportsIndex) -> TokenEstimate:
+def _counted(input_tokens: SupportsIndex) -> int:
     # Typed SupportsIndex, not int: compiled code would refuse a float with a TypeError that names
     # no parameter; the caller gets this InvalidRequest instead.
     if type(input_tokens) is not int or input_tokens < 0:
         raise InvalidRequest(f"input_tokens must be a non-negative int, got {input_tokens!r}")
-    return TokenEstimate(input_tokens, input_tokens, True)  # type: ignore[arg-type]
+    return input_tokens  # type: ignore[return-value]
 
 
 def _usd(micro: int) -> str:

@@ -8,18 +8,18 @@ documentation cannot drift from what the type checker accepts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from .cel.types import BOOL, DOUBLE, DYN, INT, STRING, TIMESTAMP, CelType, Field, ListType, MapType, ObjectType
 
 __all__ = ["REQUEST", "CONTEXT", "RATELIMIT", "COST", "THROUGHPUT", "CONVERSATION", "BUDGET", "declarations", "CONTEXT_KEYS",
            "FEATURE_DOCS", "FEATURE_SOURCES", "reference_markdown", "context_features", "request_features"]
 
-_LABELS_MAX = 64
-_BETAS_MAX = 32
-_TEXT_MAX = 256
+_LABELS_MAX: Final = 64
+_BETAS_MAX: Final = 32
+_TEXT_MAX: Final = 256
 
-_S = STRING.with_max(_TEXT_MAX)
+_S: Final = STRING.with_max(_TEXT_MAX)
 
 
 def _object(name: str, fields: Mapping[str, tuple[CelType, bool, str]]) -> ObjectType:
@@ -58,7 +58,7 @@ CONTEXT = _object("policy_engine.Context", {
     "priority": (_S, False, "Caller-defined priority, e.g. `high`, `normal`, `low`. Default `normal`."),
     "labels": (MapType(_S, _S, _LABELS_MAX), False, "Free-form string labels. Default empty."),
 })
-CONTEXT_KEYS = tuple(CONTEXT.fields)
+CONTEXT_KEYS: Final = tuple(CONTEXT.fields)
 
 BUDGET = _object("policy_engine.Budget", {
     "remaining_usd": (DOUBLE, False, "Limit minus spent minus reserved in the current window (infinite when no budget applies)."),
@@ -127,7 +127,7 @@ FEATURE_SOURCES: dict[str, str] = {
 """Where each feature comes from; a field without an entry comes from its top-level name's source."""
 
 
-_TYPE_NAMES = {"google.protobuf.Timestamp": "timestamp", "google.protobuf.Duration": "duration"}
+_TYPE_NAMES: Final = {"google.protobuf.Timestamp": "timestamp", "google.protobuf.Duration": "duration"}
 
 
 def _type_name(t: CelType) -> str:
@@ -186,7 +186,7 @@ def declarations(budget_names: Iterable[str] = (), variables: Mapping[str, CelTy
     return decls
 
 
-_CONTEXT_TYPES: dict[str, type] = {
+_CONTEXT_TYPES: Final[dict[str, type]] = {
     "latency_slo_ms": int, "tenant": str, "user": str, "conversation_id": str,
     "interactive": bool, "priority": str, "labels": dict,
 }
@@ -216,7 +216,7 @@ def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
     return result
 
 
-_NO_LABELS: dict[str, str] = {}
+_NO_LABELS: Final[dict[str, str]] = {}
 """Shared by every context without labels; rules only read it."""
 
 
@@ -322,7 +322,7 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
     }
 
 
-_NO_THINKING = {"enabled": False, "budget_tokens": 0}
+_NO_THINKING: Final = {"enabled": False, "budget_tokens": 0}
 """Shared by every request without thinking; features are only read."""
 
 

@@ -22,17 +22,17 @@ duration are too noisy to keep. Until a figure is observed the catalog's stands.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Final
 
 from ._mypyc import mypyc_attr
 from .catalog import ModelEntry
 
 __all__ = ["ThroughputObserver", "DEFAULT_STANDARD_OTPS"]
 
-DEFAULT_STANDARD_OTPS = 60.0
+DEFAULT_STANDARD_OTPS: Final = 60.0
 """Output tokens per second assumed for a model the catalog has no figure for."""
 
-_MIN_SECONDS = 1e-3
+_MIN_SECONDS: Final = 1e-3
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Final
 
 from . import telemetry
 from ._mypyc import mypyc_attr
@@ -50,9 +50,9 @@ _RESET_FIELDS = {
     "anthropic-fast-input-tokens-reset": "input_reset_at",
     "anthropic-fast-output-tokens-reset": "output_reset_at",
 }
-_BAD_HEADER_EVENT = "policy_engine.ratelimit.bad_header"
+_BAD_HEADER_EVENT: Final = "policy_engine.ratelimit.bad_header"
 # The documented limits are per minute: without a reset time, that is the refill rate.
-_WINDOW_S = 60.0
+_WINDOW_S: Final = 60.0
 
 
 def account_id(api_key: str | None = None, workspace: str | None = None) -> str:
@@ -108,7 +108,7 @@ def _replenished(remaining: int | None, limit: int | None, reset_at: float | Non
 
 _COUNT, _RESET, _RETRY_AFTER = 0, 1, 2
 # What each header the store reads is, by lower-case name as str and as bytes (httpx keeps bytes).
-_SPECS: dict[str | bytes, tuple[str, int, str]] = {}
+_SPECS: Final[dict[str | bytes, tuple[str, int, str]]] = {}
 for _name, _kind, _field in (*((n, _COUNT, f) for n, f in _COUNT_FIELDS.items()),
                              *((n, _RESET, f) for n, f in _RESET_FIELDS.items()),
                              ("retry-after", _RETRY_AFTER, "retry_after_until")):
@@ -179,7 +179,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, seconds)
 
 
-_reset_cache: dict[str | bytes, float] = {}
+_reset_cache: Final[dict[str | bytes, float]] = {}
 
 
 def _parse_rfc3339(raw: str | bytes) -> float:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from operator import truediv
-from typing import IO, Any
+from typing import Any, Final, IO
 
 from .catalog import Catalog, UsageCounts, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
@@ -56,8 +56,8 @@ __all__ = ["DiffReport", "LogError", "Outcome", "Report", "Replayer", "diff", "i
 START_TIME = DEFAULT_TEST_TIME
 """Decision time of the lines before the first one that carries a `ts`."""
 
-_REQUEST_KEY = ',"request":'
-_CACHE_MAX = 50_000
+_REQUEST_KEY: Final = ',"request":'
+_CACHE_MAX: Final = 50_000
 
 
 class LogError(PolicyEngineError):
@@ -287,7 +287,7 @@ def _pct(part: int, whole: int) -> str:
 # -- the replay -----------------------------------------------------------------------------
 
 
-_scan_json: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_json: Final[Any] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 """The stdlib's C scanner without `json.loads`'s wrappers: (value, end) of the JSON value at an index.
 
 Not orjson: it saves about 1.4 us a line here, but it reads integers beyond 64 bits as

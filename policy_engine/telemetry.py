@@ -20,7 +20,7 @@ provider cannot be unset).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final, TYPE_CHECKING
 
 from opentelemetry import metrics, trace
 from opentelemetry import trace as _trace_api
@@ -31,17 +31,17 @@ if TYPE_CHECKING:
 
 __all__ = ["record_decision", "record_settlement", "record_event", "TRACER_NAME", "enabled"]
 
-TRACER_NAME = "policy_engine"
+TRACER_NAME: Final = "policy_engine"
 
-_tracer = trace.get_tracer(TRACER_NAME)
-_meter = metrics.get_meter(TRACER_NAME)
+_tracer: Final = trace.get_tracer(TRACER_NAME)
+_meter: Final = metrics.get_meter(TRACER_NAME)
 
-_decisions = _meter.create_counter("policy_engine.decisions", unit="{decision}", description="Decisions by speed, rule and outcome.")
-_downgrades = _meter.create_counter("policy_engine.downgrades", unit="{decision}", description="Fast decisions forced to standard, by reason.")
-_rejects = _meter.create_counter("policy_engine.rejects", unit="{request}", description="Requests refused by a ceiling, by reason.")
-_cost = _meter.create_counter("policy_engine.cost", unit="USD", description="Settled cost by speed.")
-_decide_latency = _meter.create_histogram("policy_engine.decide.duration", unit="s", description="Time spent in decide().")
-_events = _meter.create_counter("policy_engine.events", unit="{event}", description="Operational events (reloads, bad headers, state outages).")
+_decisions: Final = _meter.create_counter("policy_engine.decisions", unit="{decision}", description="Decisions by speed, rule and outcome.")
+_downgrades: Final = _meter.create_counter("policy_engine.downgrades", unit="{decision}", description="Fast decisions forced to standard, by reason.")
+_rejects: Final = _meter.create_counter("policy_engine.rejects", unit="{request}", description="Requests refused by a ceiling, by reason.")
+_cost: Final = _meter.create_counter("policy_engine.cost", unit="USD", description="Settled cost by speed.")
+_decide_latency: Final = _meter.create_histogram("policy_engine.decide.duration", unit="s", description="Time spent in decide().")
+_events: Final = _meter.create_counter("policy_engine.events", unit="{event}", description="Operational events (reloads, bad headers, state outages).")
 
 if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ or "OTEL_PYTHON_METER_PROVIDER" in os.environ:
     # Providers named by environment variable load on the first get_*_provider() call only.

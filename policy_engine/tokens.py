@@ -78,7 +78,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
@@ -89,6 +89,7 @@ __all__ = [
     "TokenEstimate",
     "InvalidRequestParams",
     "estimate_input_tokens",
+    "estimate_bounds",
     "estimate_text_tokens",
     "image_dimensions",
     "image_tokens",
@@ -128,68 +129,68 @@ class InvalidRequestParams(PolicyEngineError, TypeError, ValueError):
 # --------------------------------------------------------------------------- constants
 
 #: Strings longer than this are measured on three windows of SAMPLE_CHARS // 3 characters.
-SAMPLE_CHARS = 6144
+SAMPLE_CHARS: Final = 6144
 #: Multiplier from the text part of ``expected`` to ``upper`` (calibrated on the corpus).
-UPPER_FACTOR = 1.3
+UPPER_FACTOR: Final = 1.3
 #: Absolute slack added to every ``upper`` (covers request framing the proxy cannot see).
-UPPER_SLACK = 12
+UPPER_SLACK: Final = 12
 #: Fixed framing tokens of a request, and per message / per content block.
-REQUEST_OVERHEAD_TOKENS = 4
-MESSAGE_OVERHEAD_TOKENS = 4
-BLOCK_OVERHEAD_TOKENS = 1
+REQUEST_OVERHEAD_TOKENS: Final = 4
+MESSAGE_OVERHEAD_TOKENS: Final = 4
+BLOCK_OVERHEAD_TOKENS: Final = 1
 #: Per tool definition, on top of its JSON.
-TOOL_OVERHEAD_TOKENS = 8
+TOOL_OVERHEAD_TOKENS: Final = 8
 #: The tool-use system prompt Anthropic documents for Claude 4 models, by tool_choice type.
-TOOL_SYSTEM_PROMPT_TOKENS: Mapping[str, int] = {"auto": 346, "none": 346, "any": 313, "tool": 313}
-_TOOL_SYSTEM_PROMPT_UPPER = max(TOOL_SYSTEM_PROMPT_TOKENS.values())
+TOOL_SYSTEM_PROMPT_TOKENS: Final[Mapping[str, int]] = {"auto": 346, "none": 346, "any": 313, "tool": 313}
+_TOOL_SYSTEM_PROMPT_UPPER: Final = max(TOOL_SYSTEM_PROMPT_TOKENS.values())
 #: Anthropic-defined (server / client) tools, by type prefix: approximate definition cost.
-SERVER_TOOL_TOKENS: Mapping[str, int] = {"bash": 245, "text_editor": 700, "str_replace": 700, "computer": 1235}
-SERVER_TOOL_DEFAULT_TOKENS = 500
+SERVER_TOOL_TOKENS: Final[Mapping[str, int]] = {"bash": 245, "text_editor": 700, "str_replace": 700, "computer": 1235}
+SERVER_TOOL_DEFAULT_TOKENS: Final = 500
 #: MCP servers contribute tool definitions we cannot see: expected / upper per server.
-MCP_SERVER_TOKENS = (500, 4000)
+MCP_SERVER_TOKENS: Final = (500, 4000)
 #: Images: tokens = ceil(w * h / 750) after resizing the long edge to IMAGE_MAX_EDGE, capped.
-IMAGE_TOKEN_DIVISOR = 750
-IMAGE_MAX_EDGE = 1568
-IMAGE_MAX_TOKENS = 1600
+IMAGE_TOKEN_DIVISOR: Final = 750
+IMAGE_MAX_EDGE: Final = 1568
+IMAGE_MAX_TOKENS: Final = 1600
 #: PDFs: text tokens per page (expected, upper) plus one page image of IMAGE_MAX_TOKENS.
-PDF_TEXT_TOKENS_PER_PAGE = (1500, 3000)
+PDF_TEXT_TOKENS_PER_PAGE: Final = (1500, 3000)
 #: PDFs whose pages cannot be counted (URL / file sources, compressed object streams).
-PDF_UNKNOWN_PAGES = (5, 100)
-PDF_BYTES_PER_PAGE_GUESS = 50_000
+PDF_UNKNOWN_PAGES: Final = (5, 100)
+PDF_BYTES_PER_PAGE_GUESS: Final = 50_000
 
 # Linear model: tokens = sum(coef * feature), features from _text_features().
 # Fitted offline on the corpus texts: iteratively reweighted least squares on relative error.
-_COEF = (
+_COEF: Final = (
     # letters, digits, capitals, punctuation, spaces, double spaces, newlines+tabs, backslashes, dense alnum,
     # 2-byte Latin, 2-byte Cyrillic, other 2-byte, 3-byte U+0800-0FFF, other 3-byte (CJK ...), 4-byte, constant
     0.1017, 0.5793, 0.4312, 0.8641, 0.4325, -0.455, 0.6038, 0.9871, 0.1026,
     2.8667, 0.6125, 1.0445, 1.3681, 1.0037, 2.7714, 0.3974,
 )
 
-_DIGITS = b"0123456789"
-_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_ALNUM = _DIGITS + _UPPER + b"abcdefghijklmnopqrstuvwxyz"
-_NOT_DIGIT_OR_UPPER = bytes(b for b in range(256) if b not in _DIGITS + _UPPER)
+_DIGITS: Final = b"0123456789"
+_UPPER: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ALNUM: Final = _DIGITS + _UPPER + b"abcdefghijklmnopqrstuvwxyz"
+_NOT_DIGIT_OR_UPPER: Final = bytes(b for b in range(256) if b not in _DIGITS + _UPPER)
 
 
 #: ASCII strings up to this length use a 3-feature model (one translate, one count): the hot path of chats.
-SHORT_CHARS = 256
+SHORT_CHARS: Final = 256
 # alphanumerics, punctuation + newlines, spaces, constant; fitted on the corpus's short ASCII texts.
-_SHORT_COEF = (0.1105, 1.0125, 0.4185, 0.6662)
+_SHORT_COEF: Final = (0.1105, 1.0125, 0.4185, 0.6662)
 
 
 #: Strings of SHORT_CHARS..CACHE_MAX_CHARS characters are memoised by content (hash and length):
 #: conversations re-send their history and agents their tool definitions on every request.
-CACHE_MAX_CHARS = SAMPLE_CHARS
-CACHE_ENTRIES = 8192
-_text_cache: dict[tuple[int, int], float] = {}
+CACHE_MAX_CHARS: Final = SAMPLE_CHARS
+CACHE_ENTRIES: Final = 8192
+_text_cache: Final[dict[tuple[int, int], float]] = {}
 
 #: Longer strings (documents, long turns) are memoised by identity instead: hashing them would
 #: cost more than their sampled estimate, while a document asked about again is usually the
 #: very same object. The cache holds the strings it measured (so their ids are not reused
 #: meanwhile), about LONG_CACHE_CHARS characters at most, then starts afresh.
-LONG_CACHE_CHARS = 8_000_000
-_long_cache: dict[int, tuple[str, float]] = {}
+LONG_CACHE_CHARS: Final = 8_000_000
+_long_cache: Final[dict[int, tuple[str, float]]] = {}
 _long_cache_chars = 0
 
 
@@ -317,7 +318,7 @@ class _Bytes:
         return raw[start : start + n]
 
 
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_SOF: Final = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 def _dims(src: Any) -> tuple[int, int] | None:
@@ -405,7 +406,7 @@ class _Acc:
         self.fixed_upper += upper
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 """Built once: json.dumps() with non-default options builds a new encoder on every call."""
 
 
@@ -510,12 +511,12 @@ def _add_tool_result_content(acc: _Acc, content: Any, where: tuple[Any, ...]) ->
         acc.text += estimate_text_tokens(_json_text(content))
 
 
-_EMPTY: dict[str, Any] = {}
+_EMPTY: Final[dict[str, Any]] = {}
 """What a tool_use block without `input`, or a request without `tool_choice`, is read as (never mutated)."""
 
 #: tool_use inputs measured, by identity: (input, tokens of its JSON).
-_input_cache: dict[int, tuple[Any, float]] = {}
-INPUT_CACHE_ENTRIES = 4096
+_input_cache: Final[dict[int, tuple[Any, float]]] = {}
+INPUT_CACHE_ENTRIES: Final = 4096
 
 
 def _tool_input_tokens(value: Any) -> float:
@@ -577,8 +578,8 @@ def _add_blocks(acc: _Acc, blocks: Any, where: tuple[Any, ...]) -> None:
 
 
 #: Tool definitions measured, by identity: (definition, name, description, input_schema, tokens).
-_tool_cache: dict[int, tuple[Any, Any, Any, Any, float]] = {}
-TOOL_CACHE_ENTRIES = 1024
+_tool_cache: Final[dict[int, tuple[Any, Any, Any, Any, float]]] = {}
+TOOL_CACHE_ENTRIES: Final = 1024
 
 
 def _tool_definition_tokens(t: Mapping[str, Any]) -> float:
@@ -640,6 +641,16 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
     Raises:
         InvalidRequestParams: a field has the wrong type; the message names the field.
     """
+    expected, upper = estimate_bounds(params)
+    return TokenEstimate(expected, upper, False)
+
+
+def estimate_bounds(params: Mapping[str, Any]) -> tuple[int, int]:
+    """`estimate_input_tokens` as a plain (expected, upper) pair, for the engine's hot path.
+
+    Compiled, the pair is returned unboxed, while a frozen TokenEstimate costs more to
+    build than the lookups of a cached conversation do.
+    """
     if type(params) is not dict and not isinstance(params, Mapping):
         raise InvalidRequestParams(f"params must be a mapping, got {type(params).__name__}")
     acc = _Acc()
@@ -696,13 +707,13 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> TokenEstimate:
     text = acc.text
     expected = round(text) + acc.fixed
     upper = math.ceil(text * UPPER_FACTOR) + acc.fixed_upper + UPPER_SLACK
-    return TokenEstimate(expected, upper if upper > expected else expected, False)
+    return expected, upper if upper > expected else expected
 
 
 # --------------------------------------------------------------------------- exact counting
 
 #: The request fields POST /v1/messages/count_tokens accepts.
-COUNT_TOKENS_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers")
+COUNT_TOKENS_FIELDS: Final = ("model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers")
 
 
 class TokenCounter:

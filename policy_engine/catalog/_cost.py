@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Literal, NamedTuple, SupportsIndex
+from typing import Any, Final, Literal, NamedTuple, SupportsIndex
 
 from ._models import ModelEntry
 from ._rates import PICO_PER_MICRO, SPEEDS, RateCard, Speed, tier_card
 
-MICRO_PER_USD = 1_000_000
+MICRO_PER_USD: Final = 1_000_000
 
 
 class UsageError(ValueError):
@@ -110,6 +110,8 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
     less than cache_creation_input_tokens, the difference is billed at the 5-minute rate
     too, so a cost is never under-counted.
     """
+    # Built with tuple.__new__, not UsageCounts(...): the NamedTuple's own __new__ is a Python
+    # frame, which compiled code would pay on every response.
     if type(usage) is dict:
         # The common shape (a plain dict of ints, no TTL split) in one pass of type checks;
         # anything else, including every malformed usage, takes the general path below.
@@ -121,7 +123,7 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
                 and input_tokens >= 0 and output_tokens >= 0 and creation >= 0 and read >= 0
                 and (speed == "standard" or speed == "fast") and type(speed) is str
                 and (geo is None or type(geo) is str) and get("cache_creation") is None):
-            return UsageCounts(input_tokens, output_tokens, creation, 0, read, speed, geo)  # type: ignore[arg-type]
+            return tuple.__new__(UsageCounts, (input_tokens, output_tokens, creation, 0, read, speed, geo))
     elif usage is None:
         raise UsageError("usage is missing")
     get = _getter(usage)
@@ -149,7 +151,7 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
     geo = get("inference_geo")
     if geo is not None and not isinstance(geo, str):
         raise UsageError(f"usage.inference_geo must be a string, got {type(geo).__name__} {geo!r}")
-    return UsageCounts(input_tokens, output_tokens, write_5m, write_1h, read, speed, geo)
+    return tuple.__new__(UsageCounts, (input_tokens, output_tokens, write_5m, write_1h, read, speed, geo))
 
 
 def actual(model: ModelEntry, usage: Mapping[str, Any] | object, *, inference_geo: str | None = None) -> int:

@@ -11,18 +11,18 @@ from __future__ import annotations
 import decimal
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal
+from typing import Final, Literal
 
 Speed = Literal["standard", "fast"]
-SPEEDS: tuple[Speed, ...] = ("standard", "fast")
+SPEEDS: Final[tuple[Speed, ...]] = ("standard", "fast")
 
-PICO_PER_USD_PER_MTOK = 1_000_000
+PICO_PER_USD_PER_MTOK: Final = 1_000_000
 """1 $/MTok = 1_000_000 pico-dollars per token."""
 
-PICO_PER_MICRO = 1_000_000
+PICO_PER_MICRO: Final = 1_000_000
 """1 micro-dollar = 1_000_000 pico-dollars."""
 
-_EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
+_EXACT: Final = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
 
 
 @dataclass(frozen=True, slots=True)

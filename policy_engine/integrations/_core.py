@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from .. import telemetry
 from ..apply import merge_beta
@@ -31,9 +31,9 @@ __all__ = ["Runtime", "Flight", "StreamTracker", "FastModeRateLimited", "policy_
 ContextSource = Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None
 Action = Literal["done", "fallback", "retry", "fail"]
 
-_MESSAGES = "/v1/messages"
-_BATCHES = "/v1/messages/batches"
-_context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("policy_engine_context", default=None)
+_MESSAGES: Final = "/v1/messages"
+_BATCHES: Final = "/v1/messages/batches"
+_context: Final[contextvars.ContextVar[Mapping[str, Any] | None]] = contextvars.ContextVar("policy_engine_context", default=None)
 
 
 class FastModeRateLimited(PolicyEngineError):
