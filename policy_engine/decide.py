@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import operator
 import os
 import threading
 import time
@@ -55,6 +56,8 @@ _INF: Final = float("inf")
 _NO_BUDGET: Final = {"remaining_usd": _INF, "spent_usd": 0.0, "limit_usd": _INF, "fraction_left": 1.0}
 _UNKNOWN_KEY: Final = "<key-error>"
 _ALL_FEATURES: Final = frozenset(FEATURE_DOCS)
+# Not a lambda in _decide: compiled, a lambda there makes every call build a closure environment.
+_FRACTION_LEFT: Final = operator.itemgetter("fraction_left")
 CONVERSATION_MEMORY_S: Final = 3600.0
 """How long `conversation.*` remembers a conversation when the policy sets no stickiness (the longest prompt-cache TTL)."""
 _ID_PREFIX: Final = f"{os.getpid():x}-{os.urandom(4).hex()}-"
@@ -210,10 +213,15 @@ class ConversationStore:
     def put(self, key: str, speed: str, prefix_tokens: int, now: float) -> None:
         with self._lock:
             if len(self._entries) >= self._max and key not in self._entries:
-                # Drop the oldest tenth: cheaper than an LRU on every request, and stale entries go first.
-                for old in sorted(self._entries, key=lambda k: self._entries[k][2])[: self._max // 10 or 1]:
-                    del self._entries[old]
+                self._evict_oldest()
             self._entries[key] = (speed, prefix_tokens, now)
+
+    def _evict_oldest(self) -> None:
+        # Drop the oldest tenth: cheaper than an LRU on every request, and stale entries go first.
+        # (Its own method: compiled, the lambda would make every put() build a closure environment.)
+        entries = self._entries
+        for old in sorted(entries, key=lambda k: entries[k][2])[: self._max // 10 or 1]:
+            del entries[old]
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,7 +582,7 @@ class Engine:
                 balances = [Balance(0, 0, s.limit) for _, s in scopes]
             budget_features = {b.spec.name: _budget_features(bal) for (b, _), bal in zip(scopes, balances)}
             activation["budgets"] = budget_features
-            activation["budget"] = min(budget_features.values(), key=lambda f: f["fraction_left"])
+            activation["budget"] = min(budget_features.values(), key=_FRACTION_LEFT)
         elif "budget" in reads or "budgets" in reads:
             activation["budgets"] = {}
             activation["budget"] = _NO_BUDGET

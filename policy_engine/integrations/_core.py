@@ -302,11 +302,15 @@ class Runtime:
         if flight is None or not self._finish(flight):
             return
         decision = flight.decision
-        if isinstance(usage, Mapping):
+        if type(usage) is dict:
             if usage.get("speed") is None:
                 usage = {**usage, "speed": flight.speed}
-        elif usage is not None and getattr(usage, "speed", None) is None:
-            usage = {**usage.model_dump(), "speed": flight.speed} if hasattr(usage, "model_dump") else None
+        elif usage is not None and getattr(usage, "speed", None) is None:  # the SDK's Usage says its speed
+            if isinstance(usage, Mapping):
+                if usage.get("speed") is None:
+                    usage = {**usage, "speed": flight.speed}
+            else:
+                usage = {**usage.model_dump(), "speed": flight.speed} if hasattr(usage, "model_dump") else None
         try:
             settlement = self.engine.settle(decision, usage)
         except UsageError as exc:

@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx2
-from anthropic._compat import model_copy
 from anthropic._constants import DEFAULT_MAX_RETRIES
 from anthropic._exceptions import APIConnectionError, APIStatusError
 from anthropic._middleware import AsyncCallNext, CallNext, Middleware
@@ -124,7 +123,7 @@ class FastModePolicy(Middleware):
         """The response to hand back, and whether its body still has to be settled."""
         if flight is None:
             return response, False
-        if not response.http_response.is_success:
+        if not 200 <= response.http_response.status_code < 300:  # is_success, without its property chain
             self._error_response(request, flight, response)
             return response, False
         if request.stream:
@@ -241,9 +240,8 @@ def _derive(request: APIRequest, body: Any, headers: Mapping[str, Any]) -> APIRe
     """
     if body is request.json and headers is request.headers:
         return request
-    options = model_copy(request.options)
-    options.json_data = body
-    options.headers = dict(headers)
+    # `update` sets the two fields in the copy's __dict__, not through pydantic's __setattr__ twice.
+    options = request.options.model_copy(update={"json_data": body, "headers": dict(headers)})
     return APIRequest(options=options, cast_to=request.cast_to, stream=request.stream, stream_cls=request.stream_cls,
                       retries_taken=request.retries_taken)
 
