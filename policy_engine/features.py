@@ -318,12 +318,14 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
         "batch": batch,
         "cache_control": cache_control,
         "message_count": len(messages),
-        "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else [],
+        "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else _NO_BETAS,
     }
 
 
 _NO_THINKING: Final = {"enabled": False, "budget_tokens": 0}
 """Shared by every request without thinking; features are only read."""
+_NO_BETAS: Final[list[str]] = []
+"""Shared by every request without betas, likewise."""
 
 
 def _invalid_request(message: str) -> Exception:

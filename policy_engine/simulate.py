@@ -68,7 +68,7 @@ class LogError(PolicyEngineError):
         super().__init__(f"line {line}: {message}")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Outcome:
     """What the policy did with one log line, and what that cost."""
 
@@ -86,6 +86,23 @@ class Outcome:
     standard_latency_s: float
     fast_latency_s: float | None
     priced: bool
+
+    # Written out: the __init__ @dataclass generates is interpreted code, one call per log line.
+    def __init__(self, line: int, speed: str, rule: str, outcome: str, forced_by: str | None, cost_micro: int,
+                 standard_micro: int, fast_micro: int | None, latency_s: float, standard_latency_s: float,
+                 fast_latency_s: float | None, priced: bool) -> None:
+        self.line = line
+        self.speed = speed
+        self.rule = rule
+        self.outcome = outcome
+        self.forced_by = forced_by
+        self.cost_micro = cost_micro
+        self.standard_micro = standard_micro
+        self.fast_micro = fast_micro
+        self.latency_s = latency_s
+        self.standard_latency_s = standard_latency_s
+        self.fast_latency_s = fast_latency_s
+        self.priced = priced
 
 
 # -- reading the log ------------------------------------------------------------------------
@@ -487,8 +504,11 @@ class Replayer:
             speed = "rejected"
         else:
             usage["speed"] = speed
+            # Settled from the counts parsed (at standard) before deciding: parse_usage passes them through.
+            billed = counts if speed == "standard" else tuple.__new__(
+                UsageCounts, (counts[0], counts[1], counts[2], counts[3], counts[4], speed, counts[6]))
             try:
-                chosen = self.engine.settle(decision, usage).cost_micro
+                chosen = self.engine.settle(decision, billed).cost_micro
             except ValueError as exc:
                 # settle records nothing for a malformed usage; the reservation must not hold budget either.
                 self.engine.release(decision)

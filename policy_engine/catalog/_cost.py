@@ -109,7 +109,11 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
     Cache writes without a split are billed at the 5-minute rate. If the split adds up to
     less than cache_creation_input_tokens, the difference is billed at the 5-minute rate
     too, so a cost is never under-counted.
+
+    A `UsageCounts` (what this returns) is returned as it is.
     """
+    if type(usage) is UsageCounts:
+        return usage
     # Built with tuple.__new__, not UsageCounts(...): the NamedTuple's own __new__ is a Python
     # frame, which compiled code would pay on every response.
     if type(usage) is dict:
