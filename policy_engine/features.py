@@ -197,19 +197,37 @@ def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
 
     Raises `InvalidContext` (an `InvalidRequest`) naming the key, the expected and the given type.
     """
-    result: dict[str, object] = {"interactive": False, "priority": "normal", "labels": _NO_LABELS}
     if not context:
-        return result
+        return {"interactive": False, "priority": "normal", "labels": _NO_LABELS}
     if type(context) is not dict and not isinstance(context, Mapping):
         raise _invalid_context(f"context must be a mapping, got {type(context).__name__}")
+    # Typed dict, so compiled code iterates it in place rather than through items() tuples.
+    given: dict[Any, object] = context if type(context) is dict else dict(context)
     types = _CONTEXT_TYPES
-    for key, value in context.items():
-        expected = types.get(key)  # type: ignore[arg-type]
-        if expected is None or value is None or type(value) is not expected:
-            # Slow path: unknown keys, None (absent), subclasses; and every error.
-            if not _context_value_ok(key, value, expected):
-                continue
-        elif expected is dict and value and not all(type(k) is str and type(v) is str for k, v in value.items()):  # type: ignore[attr-defined]
+    for key, value in given.items():
+        expected = types.get(key)
+        if expected is None or value is None or type(value) is not expected or (
+                expected is dict and value and not _all_strings(value)):  # type: ignore[arg-type]
+            return _checked_context(given)  # unknown keys, None (absent), subclasses; and every error
+    # Every entry is valid as given: the defaults, then the entries, in one C-level merge.
+    return {"interactive": False, "priority": "normal", "labels": _NO_LABELS, **given}
+
+
+def _all_strings(labels: dict[object, object]) -> bool:
+    for k, v in labels.items():
+        if type(k) is not str or type(v) is not str:
+            return False
+    return True
+
+
+def _checked_context(given: dict[Any, object]) -> dict[str, object]:
+    """`context_features` entry by entry, for a context the fast path could not take as it is."""
+    result: dict[str, object] = {"interactive": False, "priority": "normal", "labels": _NO_LABELS}
+    types = _CONTEXT_TYPES
+    for key, value in given.items():
+        expected = types.get(key)
+        if expected is None or value is None or type(value) is not expected or (
+                expected is dict and value and not _all_strings(value)):  # type: ignore[arg-type]
             if not _context_value_ok(key, value, expected):
                 continue
         result[key] = value
