@@ -388,17 +388,34 @@ class Engine:
         if self._async_ledger:
             raise _needs_await("decide")
         started = time.perf_counter_ns()
+        upper, exact = self._input_tokens(params, input_tokens)
+        return self._finish(params, context, now, account, batch, upper, exact, policy, started)
+
+    def _input_tokens(self, params: Mapping[str, Any], input_tokens: SupportsIndex | None) -> tuple[int, bool]:
+        """(upper bound, exact) of the request's input tokens: the caller's count, the counter's, or the estimate."""
         try:
             if input_tokens is not None:
-                upper, exact = _counted(input_tokens), True
-            elif self.counter is None:
-                upper, exact = estimate_bounds(params)[1], False
-            else:
-                counted = self.counter.count(params)
-                upper, exact = counted.upper, counted.exact
+                return _counted(input_tokens), True
+            if self.counter is None:
+                return estimate_bounds(params)[1], False
+            counted = self.counter.count(params)
+            return counted.upper, counted.exact
         except InvalidRequestParams as exc:
             raise InvalidRequest(str(exc)) from None
-        return self._finish(params, context, now, account, batch, upper, exact, policy, started)
+
+    def _decide_scanned(self, params: Mapping[str, Any], scanned: Mapping[str, object], context: Mapping[str, Any] | None,
+                        now: datetime | None, account: str, batch: bool, input_tokens: int | None) -> Decision:
+        """`decide` for params whose `request_features(params, 0, False)` the caller already holds.
+
+        For the replay (simulate), whose parsed requests recur as the very same objects and are
+        never changed: the same decision, without scanning every message again. Callers whose
+        params may change between calls use `decide`.
+        """
+        if self._async_ledger:
+            raise _needs_await("decide")
+        started = time.perf_counter_ns()
+        upper, exact = self._input_tokens(params, input_tokens)
+        return self._finish(params, context, now, account, batch, upper, exact, None, started, scanned)
 
     async def adecide(
         self,
@@ -435,9 +452,11 @@ class Engine:
         return await asyncio.to_thread(self._finish, params, context, now, account, batch, upper, exact, policy, started)
 
     def _finish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None, account: str,
-                batch: bool, input_tokens: int, exact: bool, policy: str | None, started: int) -> Decision:
+                batch: bool, input_tokens: int, exact: bool, policy: str | None, started: int,
+                scanned: Mapping[str, object] | None = None) -> Decision:
         try:
-            decision = self._decide(params, context, now, account, batch, input_tokens, exact, self._plan_of(policy))
+            decision = self._decide(params, context, now, account, batch, input_tokens, exact, self._plan_of(policy),
+                                    scanned=scanned)
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
@@ -517,12 +536,16 @@ class Engine:
         exact: bool,
         plan: _Plan,
         prefetched: dict[str, Balance] | StateUnavailable | None = None,
+        scanned: Mapping[str, object] | None = None,
     ) -> Decision:
         compiled = plan.compiled
         policy = compiled.policy
         reads = plan.reads
         epoch = self._clock() if now is None else now.timestamp()
-        request = request_features(params, input_tokens, exact, batch=batch)
+        if scanned is None:
+            request = request_features(params, input_tokens, exact, batch=batch)
+        else:  # what request_features found in these params before, with this call's own counts
+            request = {**scanned, "input_tokens": input_tokens, "input_tokens_exact": exact, "batch": batch}
         ctx = context_features(context)
         model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]

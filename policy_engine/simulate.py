@@ -20,11 +20,13 @@ rate_limited guardrail, as a live engine fed by the middleware would. A log that
 puts `request` last (as scripts/gen_requests.py writes it) parses faster: identical
 requests are then parsed once.
 
-Every line is decided and settled by a real `Engine` through its public API
-(`decide`, `settle`, `release`) with the policy's compiled programs, so the replay
-cannot disagree with production. What the replay adds: a `MemoryLedger` on the
-replay's clock, request parsing shared by identical requests, both prices of every
-line for the baselines, and the report. Its own per-line work is kept small next to
+Every line is decided and settled by a real `Engine` with the policy's compiled
+programs, so the replay cannot disagree with production: `settle` and `release` as
+they are, and `decide` through `Engine._decide_scanned`, the same decision given the
+request's `request_features`, which the replay computes once per distinct request (its
+parsed requests are shared and never change). What the replay adds: a `MemoryLedger`
+on the replay's clock, request parsing and scanning shared by identical requests, both
+prices of every line for the baselines, and the report. Its own per-line work is kept small next to
 the engine's (benchmarks/bench_simulate.py).
 """
 
@@ -47,6 +49,7 @@ from .catalog import Catalog, UsageCounts, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
 from .errors import PolicyEngineError
+from .features import request_features
 from .ledger import MemoryLedger
 from .testing.runner import DEFAULT_TEST_TIME
 from .tokens import estimate_input_tokens
@@ -335,6 +338,7 @@ class Replayer:
         self.ledger = MemoryLedger(clock=lambda: self._epoch, settled_memory_s=0.0)
         self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
         self._requests: dict[str, Any] = {}
+        self._scans: dict[int, tuple[dict[str, Any], dict[str, object]]] = {}
         self._minutes: dict[str, int] = {}
         self.report = Report(compiled.name, compiled.version)
 
@@ -413,9 +417,10 @@ class Replayer:
                 counts = parse_usage(usage)
             except ValueError as exc:
                 raise LogError(number, f"invalid usage: {exc}") from None
+        scanned = None
         try:
-            decision = self.engine.decide(request, context, now=self._now, account=account, batch=batch,
-                                          input_tokens=given)
+            scanned = self._scanned(request)
+            decision = self.engine._decide_scanned(request, scanned, context, self._now, account, batch, given)
         except PolicyEngineError as exc:
             # A ceiling's CeilingExceeded and on_error: raise's RuleEvaluationError carry the
             # (rejected) decision; anything else means the line itself is bad.
@@ -430,8 +435,8 @@ class Replayer:
             # Billed as the estimate expects: the expected prompt (as cache writes when the request
             # caches, which is how the estimate prices it) and max_tokens of output.
             expected = given if given is not None else self._expected_input(number, request)
-            usage = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if _caches(request)
-                     else {"input_tokens": expected})
+            caches = scanned is not None and scanned["cache_control"]
+            usage = {"input_tokens": 0, "cache_creation_input_tokens": expected} if caches else {"input_tokens": expected}
             usage["output_tokens"] = decision.max_tokens
             counts = parse_usage(usage)
         else:
@@ -442,6 +447,18 @@ class Replayer:
             # and the rate_limited guardrail; a 429's retry-after only when the line says it was one.
             self.engine.ratelimits.record(account, headers, rate_limited=record.get("status") == 429, now=self._epoch)
         return outcome
+
+    def _scanned(self, request: dict[str, Any]) -> dict[str, object]:
+        """`request_features(request, 0, False)`, once per request object. `parse` hands out the
+        same object for every line with the same request text, and nothing changes it after."""
+        hit = self._scans.get(id(request))
+        if hit is not None and hit[0] is request:
+            return hit[1]
+        scanned = request_features(request, 0, False)
+        if len(self._scans) >= _CACHE_MAX:
+            self._scans.clear()
+        self._scans[id(request)] = (request, scanned)  # holding the request keeps its id from being reused
+        return scanned
 
     def _advance(self, number: int, ts: Any) -> None:
         if type(ts) is str:
@@ -553,16 +570,6 @@ class Replayer:
                 progress(report.lines)
         report.elapsed_s = time.perf_counter() - started
         return report
-
-
-def _caches(request: dict[str, Any]) -> bool:
-    """Whether the request sets cache_control anywhere (the estimate then prices input as cache writes)."""
-    from .features import request_features
-
-    try:
-        return bool(request_features(request, 0, False)["cache_control"])
-    except PolicyEngineError:
-        return False
 
 
 def simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog: Catalog | None = None,
