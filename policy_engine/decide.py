@@ -435,16 +435,14 @@ class Engine:
         ledger the decision runs in a worker thread so the event loop keeps going.
         """
         started = time.perf_counter_ns()
-        try:
-            if input_tokens is not None:
-                upper, exact = _counted(input_tokens), True
-            elif self.counter is None:
-                upper, exact = estimate_bounds(params)[1], False
-            else:
+        if input_tokens is not None or self.counter is None:
+            upper, exact = self._input_tokens(params, input_tokens)
+        else:
+            try:
                 counted = await self.counter.acount(params)
-                upper, exact = counted.upper, counted.exact
-        except InvalidRequestParams as exc:
-            raise InvalidRequest(str(exc)) from None
+            except InvalidRequestParams as exc:
+                raise InvalidRequest(str(exc)) from None
+            upper, exact = counted.upper, counted.exact
         if self._async_ledger:
             return await self._afinish(params, context, now, account, batch, upper, exact, policy, started)
         if isinstance(self.ledger, MemoryLedger):

@@ -335,8 +335,10 @@ class Replayer:
         self._now: datetime | None = START_TIME
         self._epoch = START_TIME.timestamp()
         # Reservations are settled at once, so nothing needs remembering past the replay's clock.
-        self.ledger = MemoryLedger(clock=lambda: self._epoch, settled_memory_s=0.0)
-        self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=lambda: self._epoch)
+        # The replay's clock is a compiled method, not a lambda: the engine and the ledger read it
+        # three times a line, and a lambda would be an interpreted call each time.
+        self.ledger = MemoryLedger(clock=self._clock, settled_memory_s=0.0)
+        self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=self._clock)
         self._requests: dict[str, Any] = {}
         self._scans: dict[int, tuple[dict[str, Any], dict[str, object]]] = {}
         self._minutes: dict[str, int] = {}
@@ -447,6 +449,9 @@ class Replayer:
             # and the rate_limited guardrail; a 429's retry-after only when the line says it was one.
             self.engine.ratelimits.record(account, headers, rate_limited=record.get("status") == 429, now=self._epoch)
         return outcome
+
+    def _clock(self) -> float:
+        return self._epoch
 
     def _scanned(self, request: dict[str, Any]) -> dict[str, object]:
         """`request_features(request, 0, False)`, once per request object. `parse` hands out the
