@@ -205,18 +205,20 @@ def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
     given: dict[Any, object] = context if type(context) is dict else dict(context)
     types = _CONTEXT_TYPES
     for key, value in given.items():
-        expected = types.get(key)
-        if expected is None or value is None or type(value) is not expected or (
-                expected is dict and value and not _all_strings(value)):  # type: ignore[arg-type]
+        if not _as_given(types.get(key), value):
             return _checked_context(given)  # unknown keys, None (absent), subclasses; and every error
     # Every entry is valid as given: the defaults, then the entries, in one C-level merge.
     return {"interactive": False, "priority": "normal", "labels": _NO_LABELS, **given}
 
 
-def _all_strings(labels: dict[object, object]) -> bool:
-    for k, v in labels.items():
-        if type(k) is not str or type(v) is not str:
-            return False
+def _as_given(expected: type | None, value: object) -> bool:
+    """A context value of exactly its key's type (labels: strings to strings), taken without further checks."""
+    if expected is None or value is None or type(value) is not expected:
+        return False
+    if expected is dict and type(value) is dict and value:  # the second test narrows: a typed, in-place iteration
+        for k, v in value.items():
+            if type(k) is not str or type(v) is not str:
+                return False
     return True
 
 
@@ -226,10 +228,8 @@ def _checked_context(given: dict[Any, object]) -> dict[str, object]:
     types = _CONTEXT_TYPES
     for key, value in given.items():
         expected = types.get(key)
-        if expected is None or value is None or type(value) is not expected or (
-                expected is dict and value and not _all_strings(value)):  # type: ignore[arg-type]
-            if not _context_value_ok(key, value, expected):
-                continue
+        if not _as_given(expected, value) and not _context_value_ok(key, value, expected):
+            continue
         result[key] = value
     return result
 

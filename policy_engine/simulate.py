@@ -419,9 +419,8 @@ class Replayer:
                 counts = parse_usage(usage)
             except ValueError as exc:
                 raise LogError(number, f"invalid usage: {exc}") from None
-        scanned = None
         try:
-            scanned = self._scanned(request)
+            scanned = self._scanned(request)  # bound below: when this raises, so does the line
             decision = self.engine._decide_scanned(request, scanned, context, self._now, account, batch, given)
         except PolicyEngineError as exc:
             # A ceiling's CeilingExceeded and on_error: raise's RuleEvaluationError carry the
@@ -437,8 +436,8 @@ class Replayer:
             # Billed as the estimate expects: the expected prompt (as cache writes when the request
             # caches, which is how the estimate prices it) and max_tokens of output.
             expected = given if given is not None else self._expected_input(number, request)
-            caches = scanned is not None and scanned["cache_control"]
-            usage = {"input_tokens": 0, "cache_creation_input_tokens": expected} if caches else {"input_tokens": expected}
+            usage = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if scanned["cache_control"]
+                     else {"input_tokens": expected})
             usage["output_tokens"] = decision.max_tokens
             counts = parse_usage(usage)
         else:
