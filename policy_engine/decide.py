@@ -26,6 +26,8 @@ from typing import Any, Final, NamedTuple, SupportsIndex
 from . import telemetry
 from .apply import apply_headers, apply_params
 from .catalog import (
+    FAST_MODE_BETA,
+    PLATFORMS,
     Catalog,
     ModelEntry,
     RateCard,
@@ -51,7 +53,8 @@ from .tokens import InvalidRequestParams, TokenCounter, estimate_bounds
 
 __all__ = ["Engine", "Decision", "Settlement", "ConversationStore", "RuleEvaluationError", "load", "FAST_BETA"]
 
-FAST_BETA: Final = "fast-mode-2026-02-01"
+FAST_BETA: Final = FAST_MODE_BETA
+"""The beta header fast mode launched with; the catalog says which models still need it."""
 _INF: Final = float("inf")
 _NO_BUDGET: Final = {"remaining_usd": _INF, "spent_usd": 0.0, "limit_usd": _INF, "fraction_left": 1.0}
 _UNKNOWN_KEY: Final = "<key-error>"
@@ -89,8 +92,13 @@ class Decision:
     forced_by: str | None
     """The guardrail or ceiling that changed the speed (or rejected), for metrics."""
     sticky_switch: dict[str, Any] | None
-    fast_beta: str
+    fast_beta: str | None
+    """The `anthropic-beta` value fast requests to this model carry; None: fast mode needs no beta."""
     at: float
+    platform: str
+    """Where the request goes: `claude_api`, `bedrock`, `vertex` or `foundry`."""
+    fast_model: str | None
+    """Where fast mode is a separate model id (Microsoft Foundry): the id fast requests are sent to, without `speed`."""
     _budget_charges: tuple[tuple[CompiledBudget, Scope], ...] = field(init=False)
     _plan: _ModelPlan | None = field(init=False)
     """The model plan the decision priced with: settle prices the response with the same cards."""
@@ -112,8 +120,9 @@ class Decision:
                  model: str, max_tokens: int, input_tokens: int, input_tokens_exact: bool,
                  estimate_standard_micro: int | None, estimate_fast_micro: int | None, policy_name: str,
                  policy_version: str, reservation_id: str | None = None, errors: list[str] | None = None,
-                 forced_by: str | None = None, sticky_switch: dict[str, Any] | None = None, fast_beta: str = FAST_BETA,
-                 at: float = 0.0) -> None:
+                 forced_by: str | None = None, sticky_switch: dict[str, Any] | None = None,
+                 fast_beta: str | None = FAST_BETA, at: float = 0.0, platform: str = "claude_api",
+                 fast_model: str | None = None) -> None:
         self.speed = speed
         self.rule = rule
         self.outcome = outcome
@@ -134,6 +143,8 @@ class Decision:
         self.sticky_switch = sticky_switch
         self.fast_beta = fast_beta
         self.at = at
+        self.platform = platform
+        self.fast_model = fast_model
         self._budget_charges = ()
         self._plan = None
         self._settled = False
@@ -148,8 +159,16 @@ class Decision:
         return self.estimate_fast_micro if self.speed == "fast" else self.estimate_standard_micro
 
     def apply(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """New Messages API params: fast adds `speed` and the beta; standard removes `speed`."""
-        return apply_params(params, self.speed, self.fast_beta)
+        """New Messages API params: fast adds `speed` and the beta (or, on Foundry, names the fast model);
+        standard removes `speed` (and names the standard model)."""
+        return apply_params(params, self.speed, self.fast_beta, self._wire_models())
+
+    def _wire_models(self) -> tuple[str, str] | None:
+        """(standard id, fast id) where the platform asks for fast mode by model id, else None."""
+        mp = self._plan
+        if self.fast_model is None or mp is None or mp.entry is None:
+            return None
+        return (mp.entry.wire_id, self.fast_model)
 
     def apply_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The same for raw HTTP: merges the beta into `anthropic-beta` (the body's `speed` is `apply`'s job)."""
@@ -234,9 +253,17 @@ class _ModelPlan:
     """The catalog's standard cards for the geo (`ModelEntry.rate_table`); None: no standard price."""
     fast_rates: tuple[tuple[int, RateCard], ...] | None
     """The fast cards; None: fast is unsupported or unpriced."""
-    fast_beta: str
+    fast_beta: str | None
     throughput: tuple[float, float, float | None]
     """(standard otps, ttft s, fast otps or None): the catalog's figures, with defaults."""
+    platform: str
+    fast_from: float
+    fast_until: float
+    """Fast mode works from `fast_from` until before `fast_until` (POSIX s); an empty window when unsupported."""
+    fast_model: str | None
+    """The separate fast model id, on platforms that ask for fast mode by id."""
+    features: dict[str, Any]
+    """The `model` features that do not depend on the time."""
     throughput_features: dict[int, dict[str, float]] = field(default_factory=dict)
     """`throughput` features by max_tokens: they depend on nothing else (rules only read them)."""
 
@@ -315,9 +342,14 @@ class Engine:
         throughput: ThroughputObserver | None = None,
         ledger_path: str | os.PathLike[str] | None = None,
         counter: TokenCounter | None = None,
+        platform: str = "claude_api",
     ) -> None:
         if not policies:
             raise ValueError("an Engine needs at least one policy")
+        if platform not in PLATFORMS:
+            raise ValueError(f"unknown platform {platform!r}; expected one of {', '.join(PLATFORMS)}")
+        self.platform = platform
+        """Where requests go unless `decide(platform=...)` says otherwise: prices and fast mode are that platform's."""
         self._policies = {p.name: p for p in policies}
         if len(self._policies) != len(policies):
             raise ValueError("two policy files have the same name")
@@ -342,7 +374,7 @@ class Engine:
         self._clock = clock
         # Caches of derived, immutable facts (the catalog and policies never change under an
         # Engine). Plain dicts: a race only computes the same value twice.
-        self._models: dict[tuple[str, str], _ModelPlan] = {}
+        self._models: dict[tuple[str, str, str], _ModelPlan] = {}
         self._windows: dict[tuple[str, str], tuple[float, float, str]] = {}
         self._scopes: dict[tuple[str, str, str], Scope] = {}
         self._static_scopes: dict[str, tuple[float, float, tuple[tuple[CompiledBudget, Scope], ...]]] = {}
@@ -376,20 +408,22 @@ class Engine:
         batch: bool = False,
         input_tokens: SupportsIndex | None = None,
         policy: str | None = None,
+        platform: str | None = None,
     ) -> Decision:
         """Decide the speed of one Messages API request and reserve its worst-case cost.
 
         `input_tokens` is an exact count when the caller has one (else the Engine's counter
         counts it, or it is estimated); `batch` says the request goes through the Message
-        Batches API; `account` keys the fast rate-limit state. Raises `CeilingExceeded` when
-        a ceiling rejects the request, `InvalidRequest` for malformed params or context,
+        Batches API; `account` keys the fast rate-limit state; `platform` is where the request
+        goes (default: the Engine's). Raises `CeilingExceeded` when a ceiling rejects the
+        request, `InvalidRequest` for malformed params or context or an unknown platform,
         `RuleEvaluationError` when a rule fails under `on_error: raise`.
         """
         if self._async_ledger:
             raise _needs_await("decide")
         started = time.perf_counter_ns()
         upper, exact = self._input_tokens(params, input_tokens)
-        return self._finish(params, context, now, account, batch, upper, exact, policy, started)
+        return self._finish(params, context, now, account, batch, upper, exact, policy, started, platform=platform)
 
     def _input_tokens(self, params: Mapping[str, Any], input_tokens: SupportsIndex | None) -> tuple[int, bool]:
         """(upper bound, exact) of the request's input tokens: the caller's count, the counter's, or the estimate."""
@@ -427,6 +461,7 @@ class Engine:
         batch: bool = False,
         input_tokens: SupportsIndex | None = None,
         policy: str | None = None,
+        platform: str | None = None,
     ) -> Decision:
         """`decide` for async callers: the counter (if any) is awaited, never blocking the loop.
 
@@ -444,17 +479,18 @@ class Engine:
                 raise InvalidRequest(str(exc)) from None
             upper, exact = counted.upper, counted.exact
         if self._async_ledger:
-            return await self._afinish(params, context, now, account, batch, upper, exact, policy, started)
+            return await self._afinish(params, context, now, account, batch, upper, exact, policy, started, platform)
         if isinstance(self.ledger, MemoryLedger):
-            return self._finish(params, context, now, account, batch, upper, exact, policy, started)
-        return await asyncio.to_thread(self._finish, params, context, now, account, batch, upper, exact, policy, started)
+            return self._finish(params, context, now, account, batch, upper, exact, policy, started, platform=platform)
+        return await asyncio.to_thread(self._finish, params, context, now, account, batch, upper, exact, policy, started,
+                                       None, platform)
 
     def _finish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None, account: str,
                 batch: bool, input_tokens: int, exact: bool, policy: str | None, started: int,
-                scanned: Mapping[str, object] | None = None) -> Decision:
+                scanned: Mapping[str, object] | None = None, platform: str | None = None) -> Decision:
         try:
             decision = self._decide(params, context, now, account, batch, input_tokens, exact, self._plan_of(policy),
-                                    scanned=scanned)
+                                    scanned=scanned, platform=platform)
         except RuleEvaluationError as exc:
             telemetry.record_decision(exc.decision, started, time.perf_counter_ns(), exc)
             raise
@@ -462,7 +498,7 @@ class Engine:
 
     async def _afinish(self, params: Mapping[str, Any], context: Mapping[str, Any] | None, now: datetime | None,
                        account: str, batch: bool, input_tokens: int, exact: bool, policy: str | None,
-                       started: int) -> Decision:
+                       started: int, platform: str | None = None) -> Decision:
         """`_finish` over an `AsyncLedger`: the same decision, its ledger calls awaited.
 
         `_decide` stops where it would call the ledger: for balances (only when an
@@ -476,7 +512,8 @@ class Engine:
         try:
             while True:
                 try:
-                    decision = self._decide(params, context, now, account, batch, input_tokens, exact, plan, prefetched)
+                    decision = self._decide(params, context, now, account, batch, input_tokens, exact, plan, prefetched,
+                                            platform=platform)
                     break
                 except _NeedBalances as need:
                     if prefetched is not None:
@@ -498,26 +535,34 @@ class Engine:
             raise
         return _concluded(decision, started)
 
-    def _model_plan(self, name: str, geo: str) -> _ModelPlan:
-        key = (name, geo)
+    def _model_plan(self, name: str, geo: str, platform: str) -> _ModelPlan:
+        key = (name, geo, platform)
         found = self._models.get(key)
         if found is not None:
             return found
-        entry = self.catalog.find(name)
+        if platform not in PLATFORMS:
+            raise InvalidRequest(f"unknown platform {platform!r}; expected one of {', '.join(PLATFORMS)}")
+        entry = self.catalog.find(name, platform=platform)
         geo_key = None if geo == "global" else geo
         std_rates = fast_rates = None
-        beta = FAST_BETA
+        beta: str | None = None
         std_otps, ttft, fast_otps = DEFAULT_STANDARD_OTPS, 0.0, None
+        fast_from, fast_until = _INF, _INF
+        fast_model = None
         if entry is not None:
             std_rates = _rate_table(entry, "standard", geo_key)
             fast_rates = _rate_table(entry, "fast", geo_key) if entry.fast.supported else None
-            beta = entry.fast.beta_header or FAST_BETA
+            beta = entry.fast.beta_header
+            if entry.fast.supported:
+                fast_from, fast_until = entry.fast.window()
+                fast_model = entry.fast_model_id
             figures = entry.throughput
             if figures is not None:
                 std_otps = figures.standard_otps or DEFAULT_STANDARD_OTPS
                 ttft = figures.ttft_s or 0.0
                 fast_otps = (figures.fast_otps or None) if entry.fast.supported else None
-        found = _ModelPlan(entry, geo_key, std_rates, fast_rates, beta, (std_otps, ttft, fast_otps))
+        found = _ModelPlan(entry, geo_key, std_rates, fast_rates, beta, (std_otps, ttft, fast_otps), platform,
+                           fast_from, fast_until, fast_model, _model_features(entry, name, std_rates, fast_rates))
         if len(self._models) > 4096:
             self._models.clear()  # model names come from callers: keep the cache bounded
         self._models[key] = found
@@ -535,20 +580,24 @@ class Engine:
         plan: _Plan,
         prefetched: dict[str, Balance] | StateUnavailable | None = None,
         scanned: Mapping[str, object] | None = None,
+        platform: str | None = None,
     ) -> Decision:
         compiled = plan.compiled
         policy = compiled.policy
         reads = plan.reads
         epoch = self._clock() if now is None else now.timestamp()
+        if platform is None:
+            platform = self.platform
         if scanned is None:
-            request = request_features(params, input_tokens, exact, batch=batch)
+            request = request_features(params, input_tokens, exact, batch=batch, platform=platform)
         else:  # what request_features found in these params before, with this call's own counts
-            request = {**scanned, "input_tokens": input_tokens, "input_tokens_exact": exact, "batch": batch}
+            request = {**scanned, "input_tokens": input_tokens, "input_tokens_exact": exact, "batch": batch,
+                       "platform": platform}
         ctx = context_features(context)
         model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]
         geo: str = request["inference_geo"]  # type: ignore[assignment]
-        mp = self._models.get((model_name, geo)) or self._model_plan(model_name, geo)
+        mp = self._models.get((model_name, geo, platform)) or self._model_plan(model_name, geo, platform)
         model = mp.entry
         cache_control: bool = request["cache_control"]  # type: ignore[assignment]
         std_micro = fast_micro = None
@@ -558,6 +607,8 @@ class Engine:
             fast_micro = estimate_with_rates(mp.fast_rates, input_tokens, max_tokens, cache_control)
 
         activation: dict[str, Any] = {"request": request, "context": ctx}
+        if "model" in reads:
+            activation["model"] = _timed_model_features(mp, epoch)
         if "cost" in reads:
             activation["cost"] = _cost_features(std_micro, fast_micro)
         if "throughput" in reads:
@@ -638,7 +689,8 @@ class Engine:
                         failed = Decision(
                             "standard", compiled_rule.name, "rejected", [f"rule {compiled_rule.name} failed to evaluate; on_error is raise"],
                             [], [], model_name, max_tokens, input_tokens, exact, std_micro, fast_micro,
-                            policy.name, compiled.version, None, errors, "on_error", None, mp.fast_beta, epoch)
+                            policy.name, compiled.version, None, errors, "on_error", None, mp.fast_beta, epoch,
+                            platform, mp.fast_model)
                         failed._plan = mp
                         raise RuleEvaluationError(policy.name, compiled_rule.name, failed, exc) from exc
                     if policy.on_error == "standard":
@@ -654,7 +706,8 @@ class Engine:
                 reasons.append(f"no rule matched; policy default is {speed}")
 
         decision = Decision(speed, rule, "allowed", reasons, [], [], model_name, max_tokens, input_tokens, exact,
-                            std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch)
+                            std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch,
+                            platform, mp.fast_model)
         decision._plan = mp
         if speed == "fast":
             self._guardrails(decision, mp, request, account, input_tokens, epoch)
@@ -745,7 +798,11 @@ class Engine:
         if model is None:
             applied.append(("unsupported_model", f"{decision.model} is not in the catalog, so fast mode cannot be assumed"))
         elif not model.fast.supported:
-            applied.append(("unsupported_model", f"{decision.model} does not support fast mode"))
+            where = "" if mp.platform == "claude_api" else f" on {mp.platform}"
+            applied.append(("unsupported_model", f"{decision.model} does not support fast mode{where}"))
+        elif not mp.fast_from <= now < mp.fast_until:
+            state, why = model.fast.status(now)
+            applied.append(("unsupported_model" if state == "not_yet" else "retired", f"{decision.model}: {why}"))
         elif decision.estimate_fast_micro is None:
             applied.append(("unpriced", f"the catalog has no fast price for {decision.model}, so its cost cannot be bounded"))
         if request["batch"] and not (model is not None and model.fast.fast_with_batch):
@@ -979,7 +1036,7 @@ class Engine:
         if mp is not None and counts.inference_geo is None:
             rates = mp.fast_rates if speed == "fast" else mp.std_rates  # the cards the decision priced with
             return None if rates is None else cost_with_rates(rates, counts)
-        model = mp.entry if mp is not None else self.catalog.find(decision.model)
+        model = mp.entry if mp is not None else self.catalog.find(decision.model, platform=decision.platform)
         if model is None:
             return None
         try:
@@ -1034,6 +1091,26 @@ def load(
     if catalog is not None and not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog)
     return Engine(compiled, catalog, **engine_options)
+
+
+def _model_features(entry: ModelEntry | None, name: str, std: tuple[tuple[int, RateCard], ...] | None,
+                    fast: tuple[tuple[int, RateCard], ...] | None) -> dict[str, Any]:
+    """The `model` features of a model plan that hold at any time."""
+    if entry is None:
+        return {"id": name, "known": False, "family": "", "fast_priced": False, "fast_needs_beta": False}
+    features: dict[str, Any] = {"id": entry.id, "known": True, "family": entry.family or "",
+                                "fast_priced": fast is not None, "fast_needs_beta": entry.fast.beta_header is not None}
+    if std is not None and fast is not None and std[-1][1].output > 0:
+        features["fast_multiplier"] = fast[-1][1].output / std[-1][1].output
+    return features
+
+
+def _timed_model_features(mp: _ModelPlan, epoch: float) -> dict[str, Any]:
+    """The `model` features at `epoch`: availability and days to retirement."""
+    features = {**mp.features, "fast_available": mp.fast_from <= epoch < mp.fast_until}
+    if mp.fast_until != _INF:
+        features["fast_retires_in_days"] = (mp.fast_until - epoch) / 86400.0
+    return features
 
 
 def _budget_features(balance: Balance) -> dict[str, float]:

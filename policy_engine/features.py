@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from .cel.types import BOOL, DOUBLE, DYN, INT, STRING, TIMESTAMP, CelType, Field, ListType, MapType, ObjectType
 
-__all__ = ["REQUEST", "CONTEXT", "RATELIMIT", "COST", "THROUGHPUT", "CONVERSATION", "BUDGET", "declarations", "CONTEXT_KEYS",
+__all__ = ["REQUEST", "MODEL", "CONTEXT", "RATELIMIT", "COST", "THROUGHPUT", "CONVERSATION", "BUDGET", "declarations", "CONTEXT_KEYS",
            "FEATURE_DOCS", "FEATURE_SOURCES", "reference_markdown", "context_features", "request_features"]
 
 _LABELS_MAX: Final = 64
@@ -47,6 +47,20 @@ REQUEST = _object("policy_engine.Request", {
     "cache_control": (BOOL, False, "Some block (system, tools, messages) or the request sets `cache_control`."),
     "message_count": (INT, False, "Number of entries in `messages`."),
     "betas": (ListType(_S, _BETAS_MAX), False, "The `betas` list of the params (how the SDK sends `anthropic-beta`)."),
+    "platform": (_S, False, "Where the request goes: `claude_api`, `bedrock`, `vertex` or `foundry`."),
+})
+
+MODEL = _object("policy_engine.Model", {
+    "id": (_S, False, "The catalog's id of the requested model (the name as sent when the catalog does not know it)."),
+    "known": (BOOL, False, "The catalog knows the model on this platform."),
+    "family": (_S, False, "`opus`, `sonnet`, `haiku`, `fable`, `mythos`, ...; empty when unknown."),
+    "fast_available": (BOOL, False, "Fast mode works for this model on this platform at the decision time (supported, "
+                                    "available and not retired)."),
+    "fast_priced": (BOOL, False, "The catalog can price this model at fast speed on this platform."),
+    "fast_multiplier": (DOUBLE, True, "Fast over standard price (output rate, lowest tier), when both are priced."),
+    "fast_needs_beta": (BOOL, False, "Fast requests carry a beta header (`fast-mode-2026-02-01`) on this model."),
+    "fast_retires_in_days": (DOUBLE, True, "Days from the decision time until fast mode is retired (negative after); "
+                                           "absent when no retirement is known."),
 })
 
 CONTEXT = _object("policy_engine.Context", {
@@ -97,6 +111,7 @@ CONVERSATION = _object("policy_engine.Conversation", {
 
 FEATURE_DOCS: dict[str, tuple[CelType, str]] = {
     "request": (REQUEST, "Derived from the Messages API parameters."),
+    "model": (MODEL, "What the catalog says of the requested model on the request's platform, at the decision time."),
     "context": (CONTEXT, "Supplied by the caller: `engine.decide(params, context={...})`."),
     "budget": (BUDGET, "The tightest budget that applies (lowest `fraction_left`)."),
     "budgets": (DYN, "`budgets.<name>`: each budget of the policy, with the fields of `budget`."),
@@ -114,6 +129,8 @@ FEATURE_SOURCES: dict[str, str] = {
     "request.input_tokens_exact": "as `request.input_tokens`",
     "request.batch": "`decide(..., batch=True)`",
     "request.betas": "`params['betas']`",
+    "request.platform": "`decide(platform=...)`, else the Engine's `platform`; the SDK middleware passes its client's",
+    "model": "the catalog (`policy_engine/catalog/catalog.yaml`, or yours), for the request's model and platform",
     "context": "the `context` given to `decide()`",
     "budget": "the ledger: the current calendar window of each budget, for the request's key",
     "budgets": "the ledger, as `budget`",
@@ -265,7 +282,7 @@ def _context_value_ok(key: object, value: object, expected: type | None) -> bool
 
 
 def request_features(params: Mapping[str, object], input_tokens: int, exact: bool, *, batch: bool = False,
-                     extra_betas: Iterable[str] = ()) -> dict[str, object]:
+                     extra_betas: Iterable[str] = (), platform: str = "claude_api") -> dict[str, object]:
     """The `request` features of one Messages API call (validated enough to decide on).
 
     Raises `InvalidRequest` for params that are not a mapping, a missing model, a
@@ -337,6 +354,7 @@ def request_features(params: Mapping[str, object], input_tokens: int, exact: boo
         "cache_control": cache_control,
         "message_count": len(messages),
         "betas": [*betas, *extra_betas] if extra_betas else list(betas) if betas else _NO_BETAS,
+        "platform": platform,
     }
 
 

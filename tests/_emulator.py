@@ -53,4 +53,4 @@ def emulator() -> Iterator[Emulator]:
 
 
 def messages_params(text: str = "Hello there", **extra: Any) -> dict[str, Any]:
-    return {"model": "claude-opus-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": text}], **extra}
+    return {"model": "claude-opus-5", "max_tokens": 64, "messages": [{"role": "user", "content": text}], **extra}

@@ -23,7 +23,7 @@ from policy_engine.ledger.redis import AsyncRedisLedger, RedisLedger
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "policies" / "default.yaml"
 
-FAST_CHAT = {"model": "claude-opus-4-6", "max_tokens": 4096, "messages": [{"role": "user", "content": "Hello"}]}
+FAST_CHAT = {"model": "claude-opus-5", "max_tokens": 4096, "messages": [{"role": "user", "content": "Hello"}]}
 WAITING = {"interactive": True, "latency_slo_ms": 1000}
 USAGE = {"input_tokens": 20, "output_tokens": 900, "speed": "fast"}
 
@@ -79,8 +79,8 @@ def test_sync_calls_on_an_async_ledger_say_what_to_call(redis_server: RedisServe
 
 def test_budget_outcomes_fit_downgrade_and_reject(tmp_path: Path, redis_server: RedisServer, redis_prefix: str) -> None:
     # fast_spend fits one fast worst case and downgrades the next; all_spend rejects past $0.50.
-    policy = fleet_policy(tmp_path / "fleet.yaml", fast_usd=0.2, all_usd=0.5)
-    params = {"model": "claude-opus-4-6", "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
+    policy = fleet_policy(tmp_path / "fleet.yaml", fast_usd=0.07, all_usd=0.5)  # a fast worst case is ~$0.05
+    params = {"model": "claude-opus-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
 
     async def main() -> None:
         engine = load(policy, ledger=AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix))
@@ -121,14 +121,14 @@ def test_rules_read_balances_awaited_from_the_shared_ledger(tmp_path: Path, redi
     policy = tmp_path / "balance.yaml"
     policy.write_text(BALANCE_POLICY)
     threaded_engine = load(policy, ledger=RedisLedger(url=redis_server.url, prefix=redis_prefix, balances_max_age_s=0))
-    params = {"model": "claude-opus-4-6", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+    params = {"model": "claude-opus-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
 
     async def main() -> None:
         engine = load(policy, ledger=AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix, balances_max_age_s=0))
         assert (await engine.adecide(params)).rule == "plenty-left"
-        # Another worker of the fleet spends $1.50 of the premium budget.
+        # Another worker of the fleet spends $1.20 of the premium budget (fast is 2x: the premium is the standard cost).
         spender = threaded_engine.decide(params)
-        threaded_engine.settle(spender, {"input_tokens": 10_000, "output_tokens": 8_000, "speed": "fast"})
+        threaded_engine.settle(spender, {"input_tokens": 40_000, "output_tokens": 40_000, "speed": "fast"})
         after = await engine.adecide(params)
         assert (after.speed, after.rule) == ("standard", "default")
         await engine.ledger.close()

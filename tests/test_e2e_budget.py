@@ -42,7 +42,7 @@ REQUESTS = 1_000
 def request(rng: random.Random, index: int) -> dict[str, Any]:
     words = " ".join(rng.choice(("alpha", "beta", "gamma", "delta", "42", "!")) for _ in range(rng.randint(1, 40)))
     params: dict[str, Any] = {
-        "model": "claude-opus-4-6",
+        "model": "claude-opus-5",
         "max_tokens": rng.choice((16, 32, 64)),
         "messages": [{"role": "user", "content": f"request {index}: {words}"}],
         "extra_headers": {"x-emulator-output-tokens": str(rng.randint(1, 64))},
@@ -146,5 +146,5 @@ def test_a_budget_too_small_for_any_request_sends_nothing(emulator: Emulator, tm
     path.write_text(POLICY.replace("limit_usd: 0.75", f"limit_usd: {limit}"))
     client = anthropic.Anthropic(base_url=emulator.url, api_key="k", middleware=[FastModePolicy(load(path))])
     with pytest.raises(CeilingExceeded):
-        client.messages.create(model="claude-opus-4-6", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+        client.messages.create(model="claude-opus-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
     assert emulator.requests() == []

@@ -18,7 +18,7 @@ from policy_engine.ratelimit import account_id
 from policy_engine.testing.emulator import Emulator
 from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
 
-OPUS = load_catalog().model("claude-opus-4-6")
+OPUS = load_catalog().model("claude-opus-5")
 BUDGET = """
 budgets:
   - name: daily
@@ -97,7 +97,7 @@ def test_fast_reaches_the_wire_and_settles_at_the_fast_price(raw: Raw, emulator:
     [sent] = emulator.requests()
     assert sent["body"]["speed"] == "fast"
     assert sent["headers"]["anthropic-beta"] == "files-api-2025-04-14,fast-mode-2026-02-01"
-    assert spent(engine) == actual(OPUS, body["usage"]) == 6 * 30 + 16 * 150 and reserved(engine) == 0
+    assert spent(engine) == actual(OPUS, body["usage"]) == 6 * 10 + 16 * 50 and reserved(engine) == 0
     state = engine.ratelimits.get(account_id(api_key="sk-raw"))  # keyed by the hashed x-api-key
     assert state is not None and state.input_tokens_limit == emulator.fast_input_tokens_per_minute
 
@@ -173,7 +173,7 @@ def test_batches_lose_speed_and_count_tokens_passes_through(raw: Raw, emulator: 
     batch = {"requests": [{"custom_id": "a", "params": messages_params(speed="fast")}]}
     status, body = raw.post("/v1/messages/batches", batch, {"anthropic-beta": "fast-mode-2026-02-01"})
     assert status == 200 and body["type"] == "message_batch"
-    status, body = raw.post("/v1/messages/count_tokens", {"model": "claude-opus-4-6", "messages": [
+    status, body = raw.post("/v1/messages/count_tokens", {"model": "claude-opus-5", "messages": [
         {"role": "user", "content": "x"}], "speed": "fast"}, {"anthropic-beta": "fast-mode-2026-02-01"})
     assert status == 200 and body == {"input_tokens": 4}
     assert emulator.requests()[1]["body"]["speed"] == "fast"  # untouched

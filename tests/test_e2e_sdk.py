@@ -24,7 +24,7 @@ from policy_engine.testing.emulator import Emulator
 from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
 
 CATALOG = load_catalog()
-OPUS = CATALOG.model("claude-opus-4-6")
+OPUS = CATALOG.model("claude-opus-5")
 BUDGET = """
 budgets:
   - name: daily
@@ -137,7 +137,7 @@ def test_a_fast_decision_reaches_the_wire_and_settles_at_the_fast_price(client: 
     assert "fast-mode-2026-02-01" in sent["headers"]["anthropic-beta"].split(",")
     usage = emulator.billed()[0]
     fast_price = actual(OPUS, usage)
-    assert fast_price == (6 * 30 + 16 * 150)  # 6 input and 16 output tokens at $30 / $150 per MTok
+    assert fast_price == (6 * 10 + 16 * 50)  # 6 input and 16 output tokens at $10 / $50 per MTok
     assert spent(engine) == fast_price and reserved(engine) == 0
     [settle] = spans(telemetry, "policy_engine.settle")
     assert settle.attributes["policy_engine.speed.actual"] == "fast"
@@ -230,7 +230,7 @@ def test_exhausted_sdk_retries_release_the_reservation(client: Client, emulator:
 
 def test_a_client_error_releases_at_once(client: Client, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
     with pytest.raises(anthropic.NotFoundError):
-        client.create(**messages_params(model="claude-opus-4-6-nonexistent"))
+        client.create(**messages_params(model="claude-opus-5-nonexistent"))
     assert reserved(engine) == 0 and spent(engine) == 0
 
 
@@ -252,7 +252,7 @@ def test_streaming_settles_from_message_start_and_the_final_delta(client: Client
     assert events[-1].type == "message_stop"
     assert spent(engine) == billed(emulator) == actual(OPUS, emulator.billed()[0]) and reserved(engine) == 0
     observer = engine.throughput
-    assert observer is not None and observer.samples("claude-opus-4-6", "fast") == 1
+    assert observer is not None and observer.samples("claude-opus-5", "fast") == 1
 
 
 def test_observed_speeds_show_fast_at_2_5x(emulator: Emulator, tmp_path: Path) -> None:  # noqa: F811
@@ -261,17 +261,17 @@ def test_observed_speeds_show_fast_at_2_5x(emulator: Emulator, tmp_path: Path) -
     engine = engine_for(tmp_path, BUDGET, throughput=observer)
     client = anthropic.Anthropic(base_url=emulator.url, api_key=API_KEY, middleware=[FastModePolicy(engine)])
     # A new connection's first response is held back by TCP acknowledgement timing: open it first.
-    client.messages.count_tokens(model="claude-opus-4-6", messages=[{"role": "user", "content": "warm up"}])
+    client.messages.count_tokens(model="claude-opus-5", messages=[{"role": "user", "content": "warm up"}])
     for _ in range(3):
-        for model in ("claude-opus-4-6", "claude-sonnet-4-6"):  # sonnet: standard only
+        for model in ("claude-opus-5", "claude-sonnet-4-6"):  # sonnet: standard only
             with client.messages.stream(**messages_params(model=model, max_tokens=100)) as stream:
                 stream.get_final_message()
     assert engine.throughput is observer
-    fast, standard = observer.otps("claude-opus-4-6", "fast"), observer.otps("claude-sonnet-4-6", "standard")
+    fast, standard = observer.otps("claude-opus-5", "fast"), observer.otps("claude-sonnet-4-6", "standard")
     assert fast is not None and standard is not None
     assert 1.8 <= fast / standard <= 3.2, (fast, standard)
-    assert observer.features(CATALOG.model("claude-opus-4-6"), 100)["fast_otps"] == fast
-    assert 0 < observer.ttft("claude-opus-4-6") < 0.1  # type: ignore[operator]
+    assert observer.features(CATALOG.model("claude-opus-5"), 100)["fast_otps"] == fast
+    assert 0 < observer.ttft("claude-opus-5") < 0.1  # type: ignore[operator]
 
 
 def test_an_abandoned_stream_settles_with_what_was_seen(client: Client, emulator: Emulator, engine: Engine,  # noqa: F811
@@ -324,7 +324,7 @@ def test_a_reject_raises_before_anything_is_sent(client: Client, emulator: Emula
 
 def test_other_endpoints_pass_through_untouched(client: Client, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
     tokens = client.raw("post", "/v1/messages/count_tokens", cast_to=httpx2.Response,
-                        body={"model": "claude-opus-4-6", "messages": [{"role": "user", "content": "a b c"}]})
+                        body={"model": "claude-opus-5", "messages": [{"role": "user", "content": "a b c"}]})
     assert tokens.json() == {"input_tokens": 6}
     models = client.raw("get", "/v1/models", cast_to=httpx2.Response)
     assert models.json()["data"]

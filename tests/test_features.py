@@ -24,7 +24,7 @@ from policy_engine.features import (
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
 NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
-OPUS = "claude-opus-4-6"
+OPUS = "claude-opus-5"
 CHAT: dict[str, Any] = {"model": OPUS, "max_tokens": 4096, "messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -69,6 +69,7 @@ def test_request_features_of_a_full_request() -> None:
         "thinking": {"enabled": True, "budget_tokens": 1024}, "service_tier": "standard_only",
         "inference_geo": "us", "batch": True, "cache_control": False, "message_count": 3,
         "betas": ["files-api-2025-04-14"],
+        "platform": "claude_api",
     }
 
 
@@ -111,7 +112,7 @@ def test_request_features_through_cel(probe: Any) -> None:
             "(request.input_tokens_exact ? 'exact' : 'estimated') + ' ' + (request.stream ? 'stream' : 'once') + ' ' + "
             "string(request.message_count) + ' ' + string(size(request.betas)) + ' ' + request.service_tier")
     assert probe(expr, {**CHAT, "stream": True, "betas": ["a", "b"]}, input_tokens=77) == (
-        "claude-opus-4-6 4096 77 exact stream 1 2 auto")
+        "claude-opus-5 4096 77 exact stream 1 2 auto")
     estimated = probe("string(request.input_tokens) + (request.input_tokens_exact ? '!' : '~')")
     assert estimated.endswith("~") and int(estimated[:-1]) > 0
 
@@ -147,12 +148,12 @@ def test_context_through_cel(probe: Any) -> None:
 
 def test_cost_features_are_the_catalog_worst_cases(probe: Any) -> None:
     expr = "string(cost.standard_usd) + ' ' + string(cost.fast_usd) + ' ' + string(cost.premium_usd)"
-    # 1000 input + 4096 output tokens: standard $0.1074, fast $0.6444, premium $0.537.
-    assert [float(x) for x in probe(expr, input_tokens=1000).split()] == pytest.approx([0.1074, 0.6444, 0.537])
+    # 1000 input + 4096 output tokens: standard $0.1074, fast $0.2148 (2x), premium $0.1074.
+    assert [float(x) for x in probe(expr, input_tokens=1000).split()] == pytest.approx([0.1074, 0.2148, 0.1074])
     # Unpriced or unsupported: the fields are absent, and has() says so.
     absent = "(has(cost.standard_usd) ? 's' : '-') + (has(cost.fast_usd) ? 'f' : '-') + (has(cost.premium_usd) ? 'p' : '-')"
     assert probe(absent) == "sfp"
-    assert probe(absent, {**CHAT, "model": "claude-opus-4-8"}) == "---"
+    assert probe(absent, {**CHAT, "model": "claude-mythos-5-2"}) == "---"  # fast mode, but no standard price
     assert probe(absent, {**CHAT, "model": "claude-unknown"}) == "---"
 
 
@@ -160,7 +161,7 @@ def test_throughput_features(probe: Any) -> None:
     expr = ("string(throughput.standard_otps) + ' ' + string(throughput.fast_otps) + ' ' + string(throughput.ttft_s) + "
             "' ' + string(throughput.est_standard_s) + ' ' + string(throughput.est_fast_s)")
     values = [float(x) for x in probe(expr, {**CHAT, "max_tokens": 3000}).split()]
-    assert values == pytest.approx([60.0, 150.0, 1.5, 1.5 + 50.0, 1.5 + 20.0])
+    assert values == pytest.approx([60.0, 120.0, 1.5, 1.5 + 50.0, 1.5 + 25.0])
     no_fast = "(has(throughput.fast_otps) ? 'fast' : 'no-fast') + (has(throughput.est_fast_s) ? '' : ' no-est')"
     assert probe(no_fast, {**CHAT, "model": "claude-sonnet-4-6"}) == "no-fast no-est"
 

@@ -20,16 +20,16 @@ import pytest
 
 from _redis import RedisServer, fleet_policy
 
-OPUS = "claude-opus-4-6"
+OPUS = "claude-opus-5"
 REQUEST: dict[str, Any] = {"model": OPUS, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hello"}]}
 
 
 def limits(requests: int) -> tuple[int, int]:
     """Budgets (micro-dollars) that `requests` requests exhaust: fast about halfway, everything near the end.
 
-    Half the requests want fast (worst case $0.1503, about $0.075 actual), the rest cost about $0.0125.
+    Half the requests want fast (worst case $0.0501, about $0.025 actual), the rest cost about $0.0125.
     """
-    return requests * 20_000, requests * 27_000
+    return requests * 6_700, requests * 12_000
 
 
 PROCESSES, THREADS, REQUESTS = 4, 8, 2_000
@@ -231,7 +231,7 @@ def test_redis_killed_and_restarted_mid_run(durable_redis_store: RedisServer, tm
     processes, threads, requests = 2, 4, 800
     # Fast runs out about halfway; the budget for all spend stays out of the way (standard requests
     # during the outage are not blocked, so it would be passed by what they cost: asserted below).
-    budgets = (40_000_000, 10_000_000_000)
+    budgets = (13_000_000, 10_000_000_000)
     shared = policy(tmp_path, 0, budgets)
     reports = run_workers("redis", durable_redis_store.url, shared, processes, threads, requests, pace_s=0.001, during=outage)
     assert sum(r["unavailable"] for r in reports) > 0  # requests ran through the outage, decided standard

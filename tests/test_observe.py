@@ -11,15 +11,15 @@ from policy_engine.decide import load
 from policy_engine.observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
 
 CATALOG = load_catalog()
-OPUS = CATALOG.model("claude-opus-4-6")
-PARAMS = {"model": "claude-opus-4-6", "max_tokens": 1_000, "messages": [{"role": "user", "content": "hi"}]}
+OPUS = CATALOG.model("claude-opus-5")
+PARAMS = {"model": "claude-opus-5", "max_tokens": 1_000, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_without_observations_the_catalog_figures_stand() -> None:
     observer = ThroughputObserver()
     assert observer.features(OPUS, 600) == {
-        "standard_otps": 60.0, "ttft_s": 1.5, "est_standard_s": 11.5, "fast_otps": 150.0, "est_fast_s": 5.5}
-    assert observer.otps("claude-opus-4-6", "fast") is None and observer.ttft("claude-opus-4-6") is None
+        "standard_otps": 60.0, "ttft_s": 1.5, "est_standard_s": 11.5, "fast_otps": 120.0, "est_fast_s": 6.5}
+    assert observer.otps("claude-opus-5", "fast") is None and observer.ttft("claude-opus-5") is None
 
 
 def test_unknown_models_get_the_default_and_no_fast_figures() -> None:
@@ -36,13 +36,13 @@ def test_unsupported_models_never_show_fast_figures() -> None:
 
 def test_streams_feed_an_ewma_per_model_and_speed() -> None:
     observer = ThroughputObserver(alpha=0.5)
-    observer.observe_stream("claude-opus-4-6", "fast", 200, ttft_s=0.4, generation_s=1.0)
-    assert observer.otps("claude-opus-4-6", "fast") == 200.0 and observer.ttft("claude-opus-4-6") == 0.4
-    observer.observe_stream("claude-opus-4-6", "fast", 100, ttft_s=0.6, generation_s=1.0)
-    assert observer.otps("claude-opus-4-6", "fast") == 150.0  # half way to the new sample
-    assert observer.ttft("claude-opus-4-6") == 0.5
-    assert observer.otps("claude-opus-4-6", "standard") is None
-    assert observer.samples("claude-opus-4-6", "fast") == 2
+    observer.observe_stream("claude-opus-5", "fast", 200, ttft_s=0.4, generation_s=1.0)
+    assert observer.otps("claude-opus-5", "fast") == 200.0 and observer.ttft("claude-opus-5") == 0.4
+    observer.observe_stream("claude-opus-5", "fast", 100, ttft_s=0.6, generation_s=1.0)
+    assert observer.otps("claude-opus-5", "fast") == 150.0  # half way to the new sample
+    assert observer.ttft("claude-opus-5") == 0.5
+    assert observer.otps("claude-opus-5", "standard") is None
+    assert observer.samples("claude-opus-5", "fast") == 2
     features = observer.features(OPUS, 300)
     assert features["fast_otps"] == 150.0 and features["est_fast_s"] == 0.5 + 2.0
     assert features["standard_otps"] == 60.0  # not observed yet: the catalog's
@@ -50,7 +50,7 @@ def test_streams_feed_an_ewma_per_model_and_speed() -> None:
 
 def test_features_follow_the_entry_a_name_resolves_to_not_the_name() -> None:
     observer = ThroughputObserver(alpha=1.0)
-    observer.observe_stream("claude-opus-4-6", "fast", 300, ttft_s=0.5, generation_s=1.0)
+    observer.observe_stream("claude-opus-5", "fast", 300, ttft_s=0.5, generation_s=1.0)
     assert observer.features(OPUS, 300, "team-model")["fast_otps"] == 300.0
     # The same request name resolved to another entry (say, after a catalog reload): that entry's figures.
     sonnet = CATALOG.model("claude-sonnet-4-6")
@@ -93,9 +93,9 @@ def test_decisions_use_observed_speeds(tmp_path: Path) -> None:
     observer = ThroughputObserver(alpha=1.0)
     engine = load(policy, throughput=observer)
     context = {"latency_slo_ms": 3_000}
-    # Catalog: 1.5 s + 1,000 / 150 = 8.2 s, over the 3 s SLO.
+    # Catalog: 1.5 s + 1,000 / 120 = 9.8 s, over the 3 s SLO.
     assert engine.decide(PARAMS, context).speed == "standard"
-    observer.observe_stream("claude-opus-4-6", "fast", 1_000, ttft_s=0.5, generation_s=2.0)
+    observer.observe_stream("claude-opus-5", "fast", 1_000, ttft_s=0.5, generation_s=2.0)
     # Observed: 0.5 s + 1,000 / 500 = 2.5 s.
     decision = engine.decide(PARAMS, context)
     assert (decision.speed, decision.rule) == ("fast", "fast-meets-slo")

@@ -22,11 +22,11 @@ from policy_engine.errors import StateUnavailable
 from policy_engine.ledger import Scope
 from policy_engine.ledger.redis import AsyncRedisLedger, RedisLedger
 
-OPUS = "claude-opus-4-6"
+OPUS = "claude-opus-5"
 HELLO: dict[str, Any] = {"model": OPUS, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hello"}]}
 FAST_USAGE = {"input_tokens": 10, "output_tokens": 200, "speed": "fast"}
 STANDARD_USAGE = {"input_tokens": 10, "output_tokens": 200, "speed": "standard"}
-FAST_COST = 10 * 30 + 200 * 150  # micro-dollars: $30 / $150 per MTok in/out at fast speed
+FAST_COST = 10 * 10 + 200 * 50  # micro-dollars: $10 / $50 per MTok in/out at fast speed
 STANDARD_COST = 10 * 5 + 200 * 25
 
 

@@ -29,7 +29,7 @@ rules:
     when: context.interactive
     speed: fast
 """
-REQUEST: dict[str, Any] = {"model": "claude-opus-4-6", "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
+REQUEST: dict[str, Any] = {"model": "claude-opus-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from policy_engine.errors import PolicyError
 from policy_engine.ledger import MemoryLedger
 from policy_engine.reload import ReloadingEngine
 
-REQUEST: dict[str, Any] = {"model": "claude-opus-4-6", "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
+REQUEST: dict[str, Any] = {"model": "claude-opus-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]}
 FAST_USAGE = {"input_tokens": 10, "output_tokens": 100, "speed": "fast"}
 
 
@@ -83,7 +83,7 @@ def test_reload_swaps_in_a_changed_file_and_keeps_the_state(path: Path) -> None:
         # A decision of the old version settles into the same ledger after the swap.
         assert engine.settle(before, FAST_USAGE).first
         [scope] = [s for _, s in before._budget_charges]
-        assert ledger.balances([scope])[0].spent == 10 * 30 + 100 * 150
+        assert ledger.balances([scope])[0].spent == 10 * 10 + 100 * 50
 
 
 def test_default_state_objects_pass_to_the_new_version(path: Path) -> None:

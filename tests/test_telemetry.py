@@ -21,7 +21,7 @@ from policy_engine.errors import CeilingExceeded
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
 NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
-OPUS = "claude-opus-4-6"
+OPUS = "claude-opus-5"
 SECRET = "PROMPT-SECRET: the merger closes on Friday"
 API_KEY = "sk-ant-api03-THIS-IS-NOT-A-REAL-KEY"
 PARAMS: dict[str, Any] = {"model": OPUS, "max_tokens": 4096, "system": f"system {SECRET}",
@@ -53,7 +53,7 @@ def test_a_decision_span_carries_the_decision(engine: Engine, telemetry: Any) ->
         "policy_engine.input_tokens.estimated": 1000,
         "policy_engine.input_tokens.exact": True,
         "policy_engine.cost.estimate_standard_usd": pytest.approx(0.1074),
-        "policy_engine.cost.estimate_fast_usd": pytest.approx(0.6444),
+        "policy_engine.cost.estimate_fast_usd": pytest.approx(0.2148),
         "policy_engine.reservation_id": d.reservation_id,
     }
     assert span.end_time > span.start_time
@@ -63,14 +63,14 @@ def test_guardrails_and_ceilings_are_span_attributes(engine: Engine, telemetry: 
     engine.ratelimits.update("default", now=NOON.timestamp(), output_tokens_remaining=0)
     engine.decide(PARAMS, WAITING, now=NOON, batch=True)
     engine.decide({**PARAMS, "max_tokens": 10_000}, {"interactive": True, "latency_slo_ms": 60_000},
-                  now=NOON, input_tokens=250_000, account="other")
+                  now=NOON, input_tokens=1_000_000, account="other")
     guarded, ceiling = telemetry.spans("policy_engine.decide")
     assert guarded.attributes["policy_engine.guardrails"] == ("batch", "rate_limited")
     assert guarded.attributes["policy_engine.forced_by"] == "batch"
     assert guarded.attributes["policy_engine.outcome"] == "downgraded"
     assert "policy_engine.ceilings" not in guarded.attributes
     assert ceiling.attributes["policy_engine.ceilings"] == ("per_request",)
-    assert ceiling.attributes["policy_engine.cost.estimate_fast_usd"] == 17.25
+    assert ceiling.attributes["policy_engine.cost.estimate_fast_usd"] == 10.5  # 1M in at $10 + 10K out at $50
     assert ceiling.attributes["policy_engine.speed"] == "standard"
 
 
@@ -113,8 +113,8 @@ def test_a_settlement_span_carries_usage_and_actual_cost(engine: Engine, telemet
     engine.settle(d, FAST_USAGE)
     decide_span, first, second = telemetry.spans()
     assert (first.name, second.name) == ("policy_engine.settle", "policy_engine.settle")
-    # fast: 12 x $30 + 100 x $37.50 + 1000 x $3 + 300 x $150 per MTok
-    cost = (12 * 30 + 100 * 37.5 + 1000 * 3 + 300 * 150) / 1e6
+    # fast: 12 x $10 + 100 x $12.50 + 1000 x $1 + 300 x $50 per MTok
+    cost = (12 * 10 + 100 * 12.5 + 1000 * 1 + 300 * 50) / 1e6
     expected = {
         "gen_ai.usage.input_tokens": 12 + 100 + 1000,
         "gen_ai.usage.output_tokens": 300,
@@ -211,7 +211,7 @@ def test_cost_metric_by_speed_counts_each_settlement_once(engine: Engine, teleme
         engine.settle(d, usage)
         engine.settle(d, usage)  # a second settle records no cost
     costs = {p.attributes["policy_engine.speed"]: p.value for p in telemetry.metrics()["policy_engine.cost"]}
-    fast = (12 * 30 + 100 * 37.5 + 1000 * 3 + 300 * 150) / 1e6
+    fast = (12 * 10 + 100 * 12.5 + 1000 * 1 + 300 * 50) / 1e6
     standard = (12 * 5 + 100 * 6.25 + 1000 * 0.5 + 300 * 25) / 1e6
     assert costs == {"fast": pytest.approx(2 * fast), "standard": pytest.approx(standard)}
 
@@ -222,7 +222,7 @@ def test_an_sdk_configured_after_import_is_used(tmp_path: Path) -> None:
         from policy_engine.decide import load
         from policy_engine import telemetry
         engine = load({str(DEFAULT_POLICY)!r})
-        params = {{"model": "claude-opus-4-6", "max_tokens": 4096, "messages": [{{"role": "user", "content": "hi"}}]}}
+        params = {{"model": "claude-opus-5", "max_tokens": 4096, "messages": [{{"role": "user", "content": "hi"}}]}}
         engine.decide(params, {{"interactive": True, "latency_slo_ms": 1000}})
         assert not telemetry.enabled()
         from opentelemetry import trace

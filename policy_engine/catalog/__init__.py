@@ -29,6 +29,9 @@ from ._cost import (
 )
 from ._load import DEFAULT_CATALOG_PATH, load_catalog
 from ._models import (
+    FAST_MODE_BETA,
+    PLATFORMS,
+    AfterRetirement,
     BatchPricing,
     CacheMultipliers,
     Catalog,
@@ -36,6 +39,9 @@ from ._models import (
     FastMode,
     FastPricing,
     ModelEntry,
+    ModelPlatform,
+    PlatformEntry,
+    PlatformId,
     PriceTier,
     ProviderEntry,
     SourceKind,
@@ -46,6 +52,12 @@ from ._rates import PICO_PER_MICRO, PICO_PER_USD_PER_MTOK, SPEEDS, RateCard, Spe
 
 __all__ = [
     "DEFAULT_CATALOG_PATH",
+    "FAST_MODE_BETA",
+    "PLATFORMS",
+    "AfterRetirement",
+    "ModelPlatform",
+    "PlatformEntry",
+    "PlatformId",
     "MICRO_PER_USD",
     "PICO_PER_MICRO",
     "PICO_PER_USD_PER_MTOK",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, timezone
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -13,6 +13,13 @@ from policy_engine.errors import PricingError, did_you_mean
 from ._rates import SPEEDS, RateCard, Speed, pico_per_token, tier_card
 
 SourceKind = Literal["primary", "secondary", "unverified", "assumption"]
+PlatformId = Literal["claude_api", "bedrock", "vertex", "foundry"]
+"""Where requests go: the Claude API itself, or a cloud that resells it (the SDK's
+`Anthropic`, `AnthropicBedrock`, `AnthropicVertex` and `AnthropicFoundry` clients)."""
+PLATFORMS: tuple[PlatformId, ...] = ("claude_api", "bedrock", "vertex", "foundry")
+AfterRetirement = Literal["error", "standard"]
+FAST_MODE_BETA = "fast-mode-2026-02-01"
+"""The beta header fast mode needed at launch; catalog v1 files imply it for every fast model."""
 
 Price = Annotated[
     Decimal,
@@ -39,6 +46,13 @@ class _Sourced(_Strict):
         description=(
             "How much to trust `source`: primary (the provider's own page), secondary (a public page "
             "found later), unverified (third-party report), assumption (a default of ours)."
+        ),
+    )
+    conflicts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Where sources disagree: each other figure and its source. The block holds the higher "
+            "figure, so that a budget never under-counts."
         ),
     )
 
@@ -95,11 +109,31 @@ class FastPricing(_Sourced):
 
 
 class FastMode(_Strict):
-    """Whether and how a model supports `speed: "fast"`."""
+    """Whether and how a model supports `speed: "fast"`, and over which dates."""
 
-    supported: bool = Field(description='Whether the model accepts `speed: "fast"`.')
+    supported: bool = Field(description='Whether the model accepts `speed: "fast"` (on some dates at least).')
     beta_header: str | None = Field(
-        default=None, description="Value to send in `anthropic-beta` with fast requests, e.g. fast-mode-2026-02-01."
+        default=None,
+        description=(
+            "Value to send in `anthropic-beta` with fast requests, e.g. fast-mode-2026-02-01; null: fast mode "
+            "is generally available and needs no beta header (catalog v1 files imply fast-mode-2026-02-01)."
+        ),
+    )
+    available_from: date | None = Field(
+        default=None, description="First UTC day fast mode works on this model; null: since before the catalog knew it."
+    )
+    retired_on: date | None = Field(
+        default=None, description="First UTC day fast mode no longer works on this model; null: no retirement known."
+    )
+    after_retirement: AfterRetirement | None = Field(
+        default=None,
+        description=(
+            "What a fast request does from `retired_on`: `error` (the API refuses it) or `standard` (served and "
+            "billed at standard speed). Required with `retired_on`."
+        ),
+    )
+    retirement_source: str | None = Field(
+        default=None, description="Where the retirement date and behaviour come from (default: `source`)."
     )
     fast_with_batch: bool = Field(default=False, description="Whether fast mode is available with the Batch API.")
     fast_with_priority_tier: bool = Field(
@@ -109,8 +143,115 @@ class FastMode(_Strict):
     unverified: str | None = Field(
         default=None, description="Unverified reports about fast pricing, for humans only; never used as a price."
     )
+    quota: str | None = Field(default=None, description="How fast requests are rate-limited here, for humans.")
     as_of: date | None = Field(default=None, description="Date the support claim was known current.")
     source: str | None = Field(default=None, description="Where the support claim comes from.")
+    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source` (as for prices).")
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> FastMode:
+        if self.retired_on is not None:
+            if self.after_retirement is None:
+                raise ValueError(
+                    "a retirement needs its behaviour: add `after_retirement: error` (the API refuses fast requests) "
+                    "or `after_retirement: standard` (they are served and billed at standard)"
+                )
+            if self.available_from is not None and self.retired_on <= self.available_from:
+                raise ValueError(
+                    f"the fast-mode window ends ({self.retired_on}) before it starts ({self.available_from}): "
+                    "`retired_on` must be after `available_from`"
+                )
+        elif self.after_retirement is not None:
+            raise ValueError("`after_retirement` needs `retired_on`, the first day fast mode no longer works")
+        return self
+
+    def window(self) -> tuple[float, float]:
+        """(first, last+1) POSIX seconds of fast availability: -inf/inf where no date is known."""
+        return (_epoch(self.available_from, float("-inf")), _epoch(self.retired_on, float("inf")))
+
+    def status(self, at: float) -> tuple[str, str]:
+        """(state, why) at POSIX time `at`: `available`, `unsupported`, `not_yet`, `retired_error` or
+        `retired_standard`, with a sentence naming the date and the source for all but `available`."""
+        if not self.supported:
+            return "unsupported", "does not support fast mode"
+        start, end = self.window()
+        if at < start:
+            return "not_yet", f"fast mode is available from {self.available_from} ({self.source or 'catalog'})"
+        if at >= end:
+            source = self.retirement_source or self.source or "catalog"
+            if self.after_retirement == "standard":
+                return "retired_standard", (f"fast mode was retired on {self.retired_on}: fast requests are served and "
+                                            f"billed at standard, so the premium buys nothing ({source})")
+            return "retired_error", f"fast mode was retired on {self.retired_on}: fast requests return an error ({source})"
+        return "available", ""
+
+
+def _epoch(day: date | None, default: float) -> float:
+    if day is None:
+        return default
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()
+
+
+def _scaled(tier: dict[str, Any], m: Decimal) -> dict[str, Any]:
+    return {**tier, "input": tier["input"] * m, "output": tier["output"] * m}
+
+
+class PlatformEntry(_Strict):
+    """One platform requests can go through, and how fast mode is asked for there."""
+
+    display_name: str = Field(description="Human name, e.g. Amazon Bedrock.")
+    fast_request: Literal["speed", "model_id"] = Field(
+        default="speed",
+        description='How a request asks for fast mode: `speed` (`speed: "fast"` in the body) or `model_id` (a '
+                    "separate fast model id, sent without `speed`: Microsoft Foundry).",
+    )
+    beta_header_name: str = Field(default="anthropic-beta", description="Header that carries beta names.")
+    rate_limit_headers: str | None = Field(
+        default=None, description="Prefix of the fast rate-limit response headers, e.g. `anthropic-fast-`; null: none known."
+    )
+    data_residency: bool = Field(
+        default=False, description="Whether `inference_geo` (and its multipliers) applies on this platform."
+    )
+    price_multiplier: Multiplier = Field(
+        default=Decimal(1), description="Factor on every catalog rate for requests through this platform."
+    )
+    quota: str | None = Field(default=None, description="How fast requests are rate-limited here, for humans.")
+    notes: str | None = Field(default=None, description="Free text for humans.")
+    as_of: date | None = Field(default=None, description="Date the facts were known current.")
+    source: str | None = Field(default=None, description="Where the facts come from.")
+    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source`.")
+
+    @model_validator(mode="after")
+    def _priced_with_source(self) -> PlatformEntry:
+        if self.price_multiplier != 1 and not self.source:
+            raise ValueError("a platform's `price_multiplier` is a price: give its `source` and `as_of`")
+        return self
+
+
+class ModelPlatform(_Strict):
+    """How one model is offered on one platform (other than the Claude API, which the model's own
+    blocks describe). Absent blocks inherit the model's."""
+
+    model_id: str = Field(min_length=1, description="The model's id on this platform.")
+    aliases: list[str] = Field(default_factory=list, description="Other ids of the model on this platform.")
+    fast: FastMode | None = Field(
+        default=None, description="Fast mode on this platform; absent: as on the Claude API. Use `{supported: false}` for none."
+    )
+    fast_model_id: str | None = Field(
+        default=None, description="Id of the separate fast variant (platforms whose `fast_request` is `model_id`)."
+    )
+    price_multiplier: Multiplier | None = Field(
+        default=None, description="Factor on every rate of this model here; absent: the platform's."
+    )
+    as_of: date | None = Field(default=None, description="Date the facts were known current.")
+    source: str | None = Field(default=None, description="Where the facts come from.")
+    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source`.")
+
+    @model_validator(mode="after")
+    def _priced_with_source(self) -> ModelPlatform:
+        if self.price_multiplier is not None and not self.source:
+            raise ValueError("a `price_multiplier` is a price: give its `source` and `as_of`")
+        return self
 
 
 class CacheMultipliers(_Sourced):
@@ -151,6 +292,7 @@ class ModelEntry(_Strict):
     """One model of one provider: limits, prices, multipliers and throughput defaults."""
 
     display_name: str | None = Field(default=None, description="Human name, e.g. Claude Opus 4.6.")
+    family: str | None = Field(default=None, description="Model family, e.g. opus, sonnet, haiku, fable, mythos.")
     aliases: list[str] = Field(default_factory=list, description="Other names that resolve to this model.")
     context_window: TokenCount | None = Field(default=None, description="Context window in tokens; null = unknown.")
     max_output_tokens: TokenCount | None = Field(default=None, description="Largest max_tokens; null = unknown.")
@@ -165,9 +307,16 @@ class ModelEntry(_Strict):
     batch: BatchPricing | None = Field(default=None, description="Batch API discount; null = unknown.")
     throughput: Throughput | None = Field(default=None, description="Latency defaults (assumptions).")
     notes: str | None = Field(default=None, description="Free text for humans.")
+    platforms: dict[PlatformId, ModelPlatform] = Field(
+        default_factory=dict,
+        description="The model on other platforms than the Claude API (which the blocks above describe), by platform id.",
+    )
 
     _id: str = PrivateAttr(default="?")
     _provider: str = PrivateAttr(default="?")
+    _platform: str = PrivateAttr(default="claude_api")
+    _wire_id: str | None = PrivateAttr(default=None)
+    _fast_model_id: str | None = PrivateAttr(default=None)
     _cards: dict[tuple[str, str | None], tuple[tuple[int, RateCard], ...]] = PrivateAttr(default_factory=dict)
     _unavailable: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -179,6 +328,46 @@ class ModelEntry(_Strict):
     @property
     def provider(self) -> str:
         return self._provider
+
+    @property
+    def platform(self) -> str:
+        """The platform this entry prices (`claude_api` for the model's own blocks)."""
+        return self.__pydantic_private__["_platform"]
+
+    @property
+    def wire_id(self) -> str:
+        """The model's id on its platform (the catalog id on the Claude API)."""
+        return self.__pydantic_private__["_wire_id"] or self.__pydantic_private__["_id"]
+
+    @property
+    def fast_model_id(self) -> str | None:
+        """The separate fast variant's id, where the platform asks for fast mode by model id."""
+        return self.__pydantic_private__["_fast_model_id"]
+
+    def on_platform(self, platform: PlatformEntry, platform_id: str) -> ModelEntry | None:
+        """This model as offered on `platform`: its blocks with the platform's fast mode and prices.
+
+        None when the model lists no entry for that platform (it is not offered there)."""
+        offer = self.platforms.get(platform_id)  # type: ignore[call-overload]
+        if offer is None:
+            return None
+        data = self.model_dump(exclude={"platforms"}, exclude_none=False)
+        if offer.fast is not None:
+            data["fast"] = offer.fast.model_dump()
+        m = offer.price_multiplier if offer.price_multiplier is not None else platform.price_multiplier
+        if m != 1:
+            if data["standard"] is not None:
+                data["standard"]["tiers"] = [_scaled(t, m) for t in data["standard"]["tiers"]]
+            pricing = data["fast"].get("pricing")
+            if pricing is not None and pricing.get("tiers") is not None:
+                pricing["tiers"] = [_scaled(t, m) for t in pricing["tiers"]]
+        if not platform.data_residency:
+            data["data_residency"] = None
+        data["aliases"] = [*offer.aliases, *([offer.fast_model_id] if offer.fast_model_id else [])]
+        variant = ModelEntry.model_validate(data)
+        variant._id, variant._provider, variant._platform = self._id, self._provider, platform_id
+        variant._wire_id, variant._fast_model_id = offer.model_id, offer.fast_model_id
+        return variant
 
     @model_validator(mode="after")
     def _build_rate_cards(self) -> ModelEntry:
@@ -300,11 +489,37 @@ class ProviderEntry(_Strict):
 
 
 class Catalog(_Strict):
-    """Providers, their models and prices. Load with `load_catalog()`."""
+    """Platforms, providers, their models and prices. Load with `load_catalog()`."""
 
-    version: Literal[1] = Field(default=1, description="Catalog format version.")
+    version: Literal[1, 2] = Field(default=2, description="Catalog format version (1 still loads).")
     currency: Literal["USD"] = Field(default="USD", description="Currency of every price.")
+    platforms: dict[PlatformId, PlatformEntry] = Field(
+        default_factory=dict, description="How each platform asks for fast mode, and its price multiplier."
+    )
     providers: dict[str, ProviderEntry] = Field(default_factory=dict, description="Providers by id, e.g. anthropic.")
+
+    _offers: dict[tuple[str, str], dict[str, ModelEntry]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v1_betas(cls, data: Any) -> Any:
+        """Catalog v1 had no generally available fast mode: every fast model implied the launch beta.
+        (The caller's data is not modified: the mappings on the way to each fast block are copied.)"""
+        if not isinstance(data, dict) or data.get("version", 2) != 1 or not isinstance(data.get("providers"), dict):
+            return data
+
+        def with_beta(model: Any) -> Any:
+            fast = model.get("fast") if isinstance(model, dict) else None
+            if isinstance(fast, dict) and fast.get("supported") and "beta_header" not in fast:
+                return {**model, "fast": {**fast, "beta_header": FAST_MODE_BETA}}
+            return model
+
+        providers = {}
+        for name, provider in data["providers"].items():
+            if isinstance(provider, dict) and isinstance(provider.get("models"), dict):
+                provider = {**provider, "models": {k: with_beta(m) for k, m in provider["models"].items()}}
+            providers[name] = provider
+        return {**data, "providers": providers}
 
     @model_validator(mode="after")
     def _name_models(self) -> Catalog:
@@ -312,15 +527,36 @@ class Catalog(_Strict):
             for model_id, entry in provider.models.items():
                 entry._id = model_id
                 entry._provider = provider_id
+            self._offers[(provider_id, "claude_api")] = provider.__pydantic_private__["_index"]
+            for platform_id in PLATFORMS[1:]:
+                self._offers[(provider_id, platform_id)] = self._platform_index(provider, platform_id)
         return self
 
-    def find(self, name: str, provider: str = "anthropic") -> ModelEntry | None:
-        """The model called `name` (id or alias) at `provider`, or None."""
-        p = self.providers.get(provider)
-        return None if p is None else p.__pydantic_private__["_index"].get(name)
+    def _platform_index(self, provider: ProviderEntry, platform_id: str) -> dict[str, ModelEntry]:
+        platform = self.platforms.get(platform_id) or PlatformEntry(display_name=platform_id)  # type: ignore[call-overload]
+        index: dict[str, ModelEntry] = {}
+        for entry in provider.models.values():
+            variant = entry.on_platform(platform, platform_id)
+            if variant is None:
+                continue
+            for name in (entry._id, variant.wire_id, *variant.aliases):
+                index.setdefault(name, variant)
+        return index
 
-    def model(self, name: str, provider: str = "anthropic") -> ModelEntry:
-        """The model called `name` (id or alias) at `provider`; PricingError with a hint if unknown."""
+    def platform(self, platform_id: str) -> PlatformEntry:
+        """What the catalog says of a platform (a bare default entry when it says nothing)."""
+        found = self.platforms.get(platform_id)  # type: ignore[call-overload]
+        if found is None and platform_id not in PLATFORMS:
+            raise PricingError(_unknown_platform(platform_id))
+        return found or PlatformEntry(display_name=platform_id)
+
+    def find(self, name: str, provider: str = "anthropic", platform: str = "claude_api") -> ModelEntry | None:
+        """The model called `name` (id, alias or platform id) at `provider` on `platform`, or None."""
+        index = self.__pydantic_private__["_offers"].get((provider, platform))
+        return None if index is None else index.get(name)
+
+    def model(self, name: str, provider: str = "anthropic", platform: str = "claude_api") -> ModelEntry:
+        """The model called `name` at `provider` on `platform`; PricingError with a hint if unknown."""
         p = self.providers.get(provider)
         if p is None:
             hint = did_you_mean(provider, list(self.providers))
@@ -328,11 +564,20 @@ class Catalog(_Strict):
                 f"unknown provider {provider!r} in the catalog" + (f"; {hint}" if hint else "")
                 + f" (known: {', '.join(sorted(self.providers)) or 'none'})"
             )
-        entry = p.__pydantic_private__["_index"].get(name)
+        if platform not in PLATFORMS:
+            raise PricingError(_unknown_platform(platform))
+        entry = self.find(name, provider, platform)
         if entry is None:
-            hint = did_you_mean(name, list(p._index))
+            index = self.__pydantic_private__["_offers"][(provider, platform)]
+            hint = did_you_mean(name, list(index))
+            where = "" if platform == "claude_api" else f" on platform {platform!r}"
             raise PricingError(
-                f"unknown model {name!r} for provider {provider!r}" + (f"; {hint}" if hint else "")
+                f"unknown model {name!r} for provider {provider!r}{where}" + (f"; {hint}" if hint else "")
                 + " (add it to your catalog file to price it)"
             )
         return entry
+
+
+def _unknown_platform(platform_id: str) -> str:
+    hint = did_you_mean(platform_id, list(PLATFORMS))
+    return f"unknown platform {platform_id!r}" + (f"; {hint}" if hint else "") + f" (known: {', '.join(PLATFORMS)})"

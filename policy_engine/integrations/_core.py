@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal
 
 from .. import telemetry
-from ..apply import merge_beta
+from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine
 from ..errors import InvalidRequest, PolicyEngineError
@@ -133,6 +133,7 @@ class Runtime:
         fast_retries: int = 2,
         max_retry_wait_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
+        platform: str | None = None,
     ) -> None:
         if isinstance(engine.ledger, AsyncLedger):
             # Streams settle and failed attempts release from synchronous code paths too.
@@ -143,6 +144,8 @@ class Runtime:
         self.engine = engine
         self.context = context
         self.policy = policy
+        self.platform = platform or engine.platform
+        """The platform decisions are made for: prices and fast availability are that platform's."""
         self.fixed_account = account
         self.account = account or "default"
         if observe and engine.throughput is None:
@@ -183,7 +186,8 @@ class Runtime:
         if betas:
             params = {**body, "betas": [b.strip() for b in betas.split(",") if b.strip()]}
         try:
-            decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy)
+            decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy,
+                                          platform=self.platform)
         except InvalidRequest as exc:
             telemetry.record_event("policy_engine.undecidable_request", {"policy_engine.error": str(exc)[:200]})
             return None
@@ -205,18 +209,23 @@ class Runtime:
             del self._flights[key]
 
     def wire_body(self, flight: Flight | None, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The body to send: `speed: "fast"` for fast, no `speed` at all otherwise."""
-        if flight is not None and flight.speed == "fast":
-            return {**body, "speed": "fast"}
+        """The body to send: `speed: "fast"` for fast, no `speed` at all otherwise (on a platform that
+        asks for fast mode by model id, the fast or the standard model's id instead)."""
+        if flight is not None:
+            models = flight.decision._wire_models()
+            if models is not None:
+                return apply_params(body, flight.speed, None, models)
+            if flight.speed == "fast":
+                return {**body, "speed": "fast"}
         if "speed" in body:
             return {k: v for k, v in body.items() if k != "speed"}
         return body if isinstance(body, dict) else dict(body)
 
     def wire_beta(self, flight: Flight | None, current: str | None) -> str | None:
         """The `anthropic-beta` value to send (the caller's, plus the fast beta when fast)."""
-        if flight is None or flight.speed != "fast":
+        beta = None if flight is None or flight.speed != "fast" else flight.decision.fast_beta
+        if beta is None:
             return current
-        beta = flight.decision.fast_beta
         merged = self._merged_betas.get((current, beta))
         if merged is None:
             merged = merge_beta(current, beta)
@@ -287,10 +296,17 @@ class Runtime:
         if flight is not None and self._finish(flight):
             self.engine.release(flight.decision)
 
+    def learn_platform(self, platform: str) -> None:
+        """The client turned out to talk to `platform`: decide for it from now on (and say so once)."""
+        if platform != self.platform:
+            telemetry.record_event("policy_engine.platform_mismatch", {"policy_engine.platform": self.platform,
+                                                                       "policy_engine.client_platform": platform})
+            self.platform = platform
+
     def model_key(self, name: str) -> str:
         key = self._model_keys.get(name)
         if key is None:
-            entry = self.engine.catalog.find(name)
+            entry = self.engine.catalog.find(name, platform=self.platform)
             key = self._model_keys[name] = entry.id if entry is not None else name
         return key
 

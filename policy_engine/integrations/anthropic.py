@@ -18,6 +18,13 @@ idempotency key: retries reuse it, and one logical request makes one reservation
 one settlement. A fast-mode 429 follows the policy's `on_fast_rate_limited`. A rejected
 request raises `CeilingExceeded` before anything is sent. Batches never go fast
 (`speed` is removed from their requests); count_tokens and other endpoints pass through.
+
+On Amazon Bedrock, Google Cloud Vertex AI and Microsoft Foundry, decisions use that
+platform's catalog entries (model ids, fast availability, prices): build the middleware
+with `FastModePolicy.attach(client, engine)`, which reads the platform off the client, or
+pass `platform=` yourself. A middleware that finds its client on another platform than the
+one it decided for switches to the client's from the next request on, and records a
+`policy_engine.platform_mismatch` event.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ._core import (
 )
 from ._streams import decoded_headers, tracked_streams
 
-__all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context"]
+__all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context", "platform_of"]
 
 try:  # newer SDKs let any error opt into the retry loop
     from anthropic._exceptions import RetryableError as _RetryableError
@@ -79,13 +86,24 @@ class FastModePolicy(Middleware):
         observe: bool = True,
         fast_retries: int = 2,
         max_retry_wait_s: float = 30.0,
+        platform: str | None = None,
     ) -> None:
         self.engine = engine
         self.runtime = Runtime(engine, context=context, policy=policy, account=account, observe=observe,
-                               fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
+                               fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s, platform=platform)
+        self._platforms: dict[type, str] = {}
         self._default_max_retries = DEFAULT_MAX_RETRIES
         # Async callers keep the event loop free of ledger I/O unless the ledger is in memory.
         self._offload = not isinstance(engine.ledger, MemoryLedger)
+
+    @classmethod
+    def attach(cls, client: Any, engine: Engine, **options: Any) -> Any:
+        """A copy of `client` whose middleware ends with a FastModePolicy for the client's platform.
+
+        `options` are FastModePolicy's (`context`, `policy`, ...). Works for every client class
+        of the SDK, sync or async: Anthropic, AnthropicBedrock, AnthropicVertex, AnthropicFoundry."""
+        options.setdefault("platform", platform_of(client))
+        return client.with_options(middleware=[*client.middleware, cls(engine, **options)])
 
     # -- shared by both clients ----------------------------------------------------------
 
@@ -115,6 +133,11 @@ class FastModePolicy(Middleware):
     def _next(self, flight: Flight | None, response: APIResponse[Any] | AsyncAPIResponse[Any]) -> tuple[str, float]:
         http = response.http_response
         client = response._client
+        platform = self._platforms.get(type(client))
+        if platform is None:
+            platform = self._platforms[type(client)] = platform_of(client)
+        if platform != self.runtime.platform:
+            self.runtime.learn_platform(platform)
         # The client's key, not the sent headers: a case-insensitive header scan costs more.
         credential = getattr(client, "api_key", None) or getattr(client, "auth_token", None)
         return self.runtime.after_response(flight, http.status_code, http.headers, credential)
@@ -222,6 +245,23 @@ class FastModePolicy(Middleware):
                 cause = cause.__cause__
         if not retry:
             self.runtime.release(flight)
+
+
+def platform_of(client: Any) -> str:
+    """The catalog platform an anthropic SDK client sends its requests to.
+
+    `claude_api` for `Anthropic` (and the Claude Platform clients on AWS and Google Cloud,
+    which are the Claude API), `bedrock`, `vertex` or `foundry` for those clients."""
+    import anthropic
+
+    kinds = (("bedrock", ("AnthropicBedrock", "AsyncAnthropicBedrock", "AnthropicBedrockMantle", "AsyncAnthropicBedrockMantle")),
+             ("vertex", ("AnthropicVertex", "AsyncAnthropicVertex")),
+             ("foundry", ("AnthropicFoundry", "AsyncAnthropicFoundry")))
+    for platform, names in kinds:
+        classes = tuple(c for c in (getattr(anthropic, n, None) for n in names) if isinstance(c, type))
+        if classes and isinstance(client, classes):
+            return platform
+    return "claude_api"
 
 
 def _beta(headers: Mapping[str, Any]) -> tuple[str, str | None]:
