@@ -270,7 +270,7 @@ class HandWritten:
         elif tokens > 150_000 and max_tokens <= 1024:
             speed, rule = "standard", "input-bound"
         elif params["model"].startswith("claude-opus") and "latency_slo_ms" in context and standard_ms > context["latency_slo_ms"]:
-            speed, rule = "fast", "interactive-opus-misses-slo"
+            speed, rule = "fast", "interactive-misses-slo"
         else:
             speed, rule = "standard", "default"
         if speed == "fast" and fast > 10_000_000:

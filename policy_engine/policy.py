@@ -172,6 +172,11 @@ class Expectation(_Model):
     )
     reasons: list[str] = Field(default_factory=list, description="Substrings that must each appear in some reason.")
     guardrails: list[str] | None = Field(default=None, description="Exactly these guardrails applied.")
+    beta: bool | None = Field(
+        default=None,
+        description="The request goes out fast WITH the fast-mode beta header (true) or without it (false: standard, "
+                    "or fast where fast mode is generally available).",
+    )
 
 
 class TestCase(_Model):
@@ -183,6 +188,9 @@ class TestCase(_Model):
     context: dict[str, Any] = Field(default_factory=dict, description="The caller's context (tenant, latency SLO, ...).")
     state: TestState = Field(default_factory=TestState, description="Budget, rate-limit and conversation state before the request.")
     now: datetime | None = Field(default=None, description="Decision time (RFC 3339); defaults to 2026-01-01T12:00:00Z.")
+    platform: Literal["claude_api", "bedrock", "vertex", "foundry"] = Field(
+        default="claude_api", description="Where the request goes: prices and fast mode are that platform's."
+    )
     expect: Expectation = Field(description="What the decision must be.")
 
 

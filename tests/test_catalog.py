@@ -50,9 +50,10 @@ def test_packaged_file_starts_with_the_schema_modeline() -> None:
 
 
 def test_packaged_catalog_validates_and_holds_the_expected_models(catalog: Catalog) -> None:
-    assert catalog.version == 1 and catalog.currency == "USD"
+    assert catalog.version == 2 and catalog.currency == "USD"
     models = catalog.providers["anthropic"].models
-    assert {OPUS, *LATER_OPUS, "claude-sonnet-4-6"} <= set(models)
+    assert {OPUS, *LATER_OPUS, "claude-sonnet-4-6", "claude-fable-5-2", "claude-mythos-5-2", "claude-opus-4-7"} <= set(models)
+    assert set(catalog.platforms) == {"claude_api", "bedrock", "vertex", "foundry"}
     # loading again returns the shared, immutable instance
     assert load_catalog() is catalog
 
@@ -72,7 +73,8 @@ def _sourced_blocks(node: object, path: tuple = ()):
 def test_every_price_in_the_packaged_file_has_as_of_and_source() -> None:
     data = yaml.safe_load(DEFAULT_CATALOG_PATH.read_text())
     blocks = list(_sourced_blocks(data))
-    assert len(blocks) == 9  # opus-4-6: standard, fast.pricing, cache, data_residency, batch; + 4 geo blocks
+    priced = {path[3] for path, _ in blocks if path[:3] == ("providers", "anthropic", "models")}
+    assert {"claude-opus-5-5", "claude-opus-5", "claude-fable-5-2", "claude-sonnet-5-5", OPUS} <= priced
     for path, block in blocks:
         assert isinstance(block.get("as_of"), date), path
         assert isinstance(block.get("source"), str) and block["source"].strip(), path
@@ -82,6 +84,8 @@ def test_every_price_in_the_packaged_file_has_as_of_and_source() -> None:
 def test_opus_4_6_is_fully_sourced(opus: ModelEntry) -> None:
     assert opus.display_name == "Claude Opus 4.6"
     assert opus.fast.supported and opus.fast.beta_header == "fast-mode-2026-02-01"
+    # fast requests now run at standard speed and price
+    assert (opus.fast.retired_on, opus.fast.after_retirement) == (date(2026, 11, 22), "standard")
     assert opus.fast.fast_with_batch is False and opus.fast.fast_with_priority_tier is False
     assert opus.fast.pricing is not None and opus.fast.pricing.source_kind == "primary"
     assert [(t.above_input_tokens, t.input, t.output) for t in opus.fast.pricing.tiers or []] == [
@@ -89,7 +93,7 @@ def test_opus_4_6_is_fully_sourced(opus: ModelEntry) -> None:
         (200_000, Decimal(60), Decimal(225)),
     ]
     # standard: one sourced tier only, no invented long-context rate
-    assert opus.standard is not None and opus.standard.source_kind == "secondary"
+    assert opus.standard is not None and opus.standard.source_kind == "primary"
     assert [(t.above_input_tokens, t.input, t.output) for t in opus.standard.tiers] == [(0, Decimal(5), Decimal(25))]
     assert opus.cache is not None
     assert (opus.cache.write_5m, opus.cache.write_1h, opus.cache.read) == (Decimal("1.25"), Decimal(2), Decimal("0.1"))
@@ -100,15 +104,30 @@ def test_opus_4_6_is_fully_sourced(opus: ModelEntry) -> None:
     assert (t.standard_otps, t.fast_otps, t.ttft_s) == (60, 150, 1.5)
 
 
-def test_later_opus_models_support_fast_with_unknown_prices(catalog: Catalog) -> None:
+def test_later_opus_models_are_fast_at_2x_over_the_full_context(catalog: Catalog) -> None:
     for name in LATER_OPUS:
         m = catalog.model(name)
         assert m.fast.supported is True
-        assert m.fast.pricing is None and m.standard is None  # unknown, not guessed
+        assert m.fast.pricing is not None and m.fast.pricing.multiplier == 2
+        assert m.fast.pricing.source_kind == "unverified"  # the factor is a third party's: it says so
+        standard, fast = m.rates("standard", 300_000), m.rates("fast", 300_000)
+        # every token type, cache included, over 200K too
+        assert (fast.input, fast.output, fast.cache_write_5m, fast.cache_write_1h, fast.cache_read) == (
+            2 * standard.input, 2 * standard.output, 2 * standard.cache_write_5m, 2 * standard.cache_write_1h,
+            2 * standard.cache_read)
+    # generally available without the beta on Opus 5.5; the launch beta on Opus 5 and 4.8
+    assert catalog.model("claude-opus-5-5").fast.beta_header is None
+    assert catalog.model("claude-opus-5").fast.beta_header == "fast-mode-2026-02-01"
+    assert catalog.model("claude-opus-4-8").fast.retired_on == date(2026, 12, 1)
+    assert catalog.model("claude-opus-4-8").fast.after_retirement == "error"
+
+
+def test_a_price_no_source_gives_stays_unknown(catalog: Catalog) -> None:
+    for name in ("claude-mythos-5-2", "claude-sonnet-4-6", "claude-haiku-5-5"):
+        m = catalog.model(name)
+        assert m.standard is None
         with pytest.raises(PricingError, match="unknown"):
-            m.rates("fast", 1000)
-    # the third-party 2x figure is a note for humans, not a price
-    assert "2x" in (catalog.model("claude-opus-4-8").fast.unverified or "")
+            m.rates("standard", 1000)
 
 
 def test_sonnet_is_a_realistic_unsupported_model(catalog: Catalog) -> None:

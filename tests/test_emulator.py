@@ -214,7 +214,7 @@ def test_the_control_endpoints(emulator: Emulator, http: httpx.Client) -> None: 
     assert received[0]["headers"]["x-api-key"] == "<redacted>"
     assert received[0]["body"]["messages"][0]["content"] == "secret prompt"
     assert received[0]["usage"]["output_tokens"] == 16
-    assert http.get("/_emulator/usage").json()["billed"][0]["model"] == "claude-opus-4-6"
+    assert http.get("/_emulator/usage").json()["billed"][0]["model"] == "claude-opus-5"
     assert http.post("/_emulator/faults", json={"status": 529, "times": 1}).status_code == 200
     assert post(http, messages_params()).status_code == 529
     assert http.post("/_emulator/configure", json={"output_tokens": 3}).status_code == 200

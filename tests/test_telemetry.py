@@ -47,7 +47,7 @@ def test_a_decision_span_carries_the_decision(engine: Engine, telemetry: Any) ->
         "gen_ai.request.max_tokens": 4096,
         "policy_engine.policy.name": "default",
         "policy_engine.policy.version": d.policy_version,
-        "policy_engine.rule": "interactive-opus-misses-slo",
+        "policy_engine.rule": "interactive-misses-slo",
         "policy_engine.speed": "fast",
         "policy_engine.outcome": "allowed",
         "policy_engine.input_tokens.estimated": 1000,
@@ -125,7 +125,7 @@ def test_a_settlement_span_carries_usage_and_actual_cost(engine: Engine, telemet
         "policy_engine.settled.first": True,
         "gen_ai.request.model": OPUS,
         "policy_engine.policy.name": "default",
-        "policy_engine.rule": "interactive-opus-misses-slo",
+        "policy_engine.rule": "interactive-misses-slo",
     }
     assert {k: first.attributes[k] for k in expected} == expected
     assert second.attributes["policy_engine.settled.first"] is False
@@ -182,10 +182,10 @@ def test_decision_metrics_by_speed_rule_and_outcome(engine: Engine, telemetry: A
                              ("policy_engine.outcome", outcome))))
 
     assert decisions == {
-        key("fast", "interactive-opus-misses-slo", "allowed"): 2,
+        key("fast", "interactive-misses-slo", "allowed"): 2,
         key("standard", "nobody-waiting", "allowed"): 1,
-        key("standard", "interactive-opus-misses-slo", "downgraded"): 1,
-        key("fast", "interactive-opus-misses-slo", "rejected"): 1,
+        key("standard", "interactive-misses-slo", "downgraded"): 1,
+        key("fast", "interactive-misses-slo", "rejected"): 1,
     }
     downgrades = {k: p.value for k, p in _points(points, "policy_engine.downgrades").items()}
     assert downgrades == {tuple(sorted((*base, ("policy_engine.reason", "batch")))): 1}

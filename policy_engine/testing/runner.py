@@ -105,7 +105,8 @@ def run_case(compiled: CompiledPolicy, case: TestCase, catalog: Catalog, index: 
     request = dict(case.request)
     batch = bool(request.pop("batch", False))
     try:
-        decision = engine.decide(request, case.context, now=now, batch=batch, input_tokens=case.input_tokens)
+        decision = engine.decide(request, case.context, now=now, batch=batch, input_tokens=case.input_tokens,
+                                 platform=case.platform)
     except CeilingExceeded as exc:
         decision = exc.decision  # type: ignore[attr-defined]
     except InvalidRequest as exc:
@@ -126,6 +127,8 @@ def run_case(compiled: CompiledPolicy, case: TestCase, catalog: Catalog, index: 
         ("rule", expect.rule, decision.rule),
         ("outcome", expect.outcome, decision.outcome),
     ]
+    if expect.beta is not None:
+        checks.append(("beta", expect.beta, _sends_beta(decision)))
     for what, wanted, got in checks:
         if wanted is not None and wanted != got:
             result.failures.append(f"{what}: expected {wanted!r}, got {got!r}")
@@ -238,15 +241,20 @@ def run_traced(compiled: CompiledPolicy, case: TestCase, catalog: Catalog, index
     return result, Trace(activation, {i: value for i, _, value in log if i != KEY_PROBE})
 
 
+def _sends_beta(decision: Decision) -> bool:
+    """The request goes out fast with the fast-mode beta header (not on a fast model id)."""
+    return decision.speed == "fast" and decision.fast_beta is not None and decision.fast_model is None
+
+
 def expectation_diff(result: CaseResult, case: TestCase) -> list[str]:
     """The expectation against the decision, field by field: `-` expected, `+` got, ` ` agreed."""
     decision = result.decision
     if decision is None:
         return list(result.failures)
     got = {"speed": decision.speed if decision.outcome != "rejected" else None, "rule": decision.rule,
-           "outcome": decision.outcome, "guardrails": sorted(decision.guardrails)}
+           "outcome": decision.outcome, "guardrails": sorted(decision.guardrails), "beta": _sends_beta(decision)}
     lines = []
-    for key in ("speed", "rule", "outcome", "guardrails"):
+    for key in ("speed", "rule", "outcome", "guardrails", "beta"):
         wanted = getattr(case.expect, key)
         if wanted is None:
             continue
