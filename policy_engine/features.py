@@ -47,7 +47,7 @@ REQUEST = _object("policy_engine.Request", {
     "cache_control": (BOOL, False, "Some block (system, tools, messages) or the request sets `cache_control`."),
     "message_count": (INT, False, "Number of entries in `messages`."),
     "betas": (ListType(_S, _BETAS_MAX), False, "The `betas` list of the params (how the SDK sends `anthropic-beta`)."),
-    "platform": (_S, False, "Where the request goes: `claude_api`, `bedrock`, `vertex` or `foundry`."),
+    "platform": (_S, False, "Where the request goes: `claude_api`, `claude_platform_aws`, `bedrock`, `vertex` or `foundry`."),
 })
 
 MODEL = _object("policy_engine.Model", {

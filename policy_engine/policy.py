@@ -187,8 +187,8 @@ class TestCase(_Model):
     input_tokens: int | None = Field(default=None, ge=0, description="Pretend the input was counted exactly at this many tokens.")
     context: dict[str, Any] = Field(default_factory=dict, description="The caller's context (tenant, latency SLO, ...).")
     state: TestState = Field(default_factory=TestState, description="Budget, rate-limit and conversation state before the request.")
-    now: datetime | None = Field(default=None, description="Decision time (RFC 3339); defaults to 2026-01-01T12:00:00Z.")
-    platform: Literal["claude_api", "bedrock", "vertex", "foundry"] = Field(
+    now: datetime | None = Field(default=None, description="Decision time (RFC 3339); defaults to 2026-12-01T12:00:00Z.")
+    platform: Literal["claude_api", "claude_platform_aws", "bedrock", "vertex", "foundry"] = Field(
         default="claude_api", description="Where the request goes: prices and fast mode are that platform's."
     )
     expect: Expectation = Field(description="What the decision must be.")

@@ -23,7 +23,7 @@ from policy_engine import _mypyc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
-NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
 """The decision time most tests use: the middle of a UTC day, far from window edges."""
 
 

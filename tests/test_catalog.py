@@ -53,7 +53,7 @@ def test_packaged_catalog_validates_and_holds_the_expected_models(catalog: Catal
     assert catalog.version == 2 and catalog.currency == "USD"
     models = catalog.providers["anthropic"].models
     assert {OPUS, *LATER_OPUS, "claude-sonnet-4-6", "claude-fable-5-2", "claude-mythos-5-2", "claude-opus-4-7"} <= set(models)
-    assert set(catalog.platforms) == {"claude_api", "bedrock", "vertex", "foundry"}
+    assert set(catalog.platforms) == {"claude_api", "claude_platform_aws", "bedrock", "vertex", "foundry"}
     # loading again returns the shared, immutable instance
     assert load_catalog() is catalog
 
@@ -85,7 +85,7 @@ def test_opus_4_6_is_fully_sourced(opus: ModelEntry) -> None:
     assert opus.display_name == "Claude Opus 4.6"
     assert opus.fast.supported and opus.fast.beta_header == "fast-mode-2026-02-01"
     # fast requests now run at standard speed and price
-    assert (opus.fast.retired_on, opus.fast.after_retirement) == (date(2026, 11, 22), "standard")
+    assert (opus.fast.retired_on, opus.fast.after_retirement) == (date(2026, 6, 29), "standard")
     assert opus.fast.fast_with_batch is False and opus.fast.fast_with_priority_tier is False
     assert opus.fast.pricing is not None and opus.fast.pricing.source_kind == "primary"
     assert [(t.above_input_tokens, t.input, t.output) for t in opus.fast.pricing.tiers or []] == [
@@ -109,7 +109,7 @@ def test_later_opus_models_are_fast_at_2x_over_the_full_context(catalog: Catalog
         m = catalog.model(name)
         assert m.fast.supported is True
         assert m.fast.pricing is not None and m.fast.pricing.multiplier == 2
-        assert m.fast.pricing.source_kind == "unverified"  # the factor is a third party's: it says so
+        assert m.fast.pricing.source_kind in ("primary", "secondary")  # read on Anthropic's page, or a copy of it
         standard, fast = m.rates("standard", 300_000), m.rates("fast", 300_000)
         # every token type, cache included, over 200K too
         assert (fast.input, fast.output, fast.cache_write_5m, fast.cache_write_1h, fast.cache_read) == (
@@ -123,11 +123,13 @@ def test_later_opus_models_are_fast_at_2x_over_the_full_context(catalog: Catalog
 
 
 def test_a_price_no_source_gives_stays_unknown(catalog: Catalog) -> None:
-    for name in ("claude-mythos-5-2", "claude-sonnet-4-6", "claude-haiku-5-5"):
-        m = catalog.model(name)
-        assert m.standard is None
-        with pytest.raises(PricingError, match="unknown"):
-            m.rates("standard", 1000)
+    assert catalog.model("claude-mythos-preview").standard is None
+    with pytest.raises(PricingError, match="standard price is unknown"):
+        catalog.model("claude-mythos-preview").rates("standard", 1000)
+    mythos = catalog.model("claude-mythos-5-2")  # fast mode, but no page gives its fast price
+    assert mythos.fast.supported and mythos.fast.pricing is None
+    with pytest.raises(PricingError, match="fast-mode price is unknown"):
+        mythos.rates("fast", 1000)
 
 
 def test_sonnet_is_a_realistic_unsupported_model(catalog: Catalog) -> None:
@@ -135,8 +137,8 @@ def test_sonnet_is_a_realistic_unsupported_model(catalog: Catalog) -> None:
     assert sonnet.fast.supported is False
     with pytest.raises(PricingError, match='does not support fast mode'):
         sonnet.rates("fast", 10)
-    with pytest.raises(PricingError, match="standard price is unknown"):
-        estimate(sonnet, speed="standard", input_tokens=10, max_tokens=10)
+    # the gap the February catalog had: Sonnet 4.6 is priced on Anthropic's own pages now
+    assert estimate(sonnet, speed="standard", input_tokens=1_000_000, max_tokens=1_000_000) == 18_000_000
 
 
 def test_models_are_frozen(opus: ModelEntry) -> None:

@@ -249,7 +249,7 @@ def test_diff_reads_the_old_policy_from_a_git_revision(tmp_path: Path, capsys: p
     policy.write_text(policy.read_text().replace('when: "!context.interactive"', 'when: "false"'))
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps({"context": {"interactive": False, "latency_slo_ms": 1000}, "input_tokens": 100,
-                               "request": {"model": "claude-opus-4-6", "max_tokens": 4096, "messages": []}}) + "\n")
+                               "request": {"model": "claude-opus-5-5", "max_tokens": 4096, "messages": []}}) + "\n")
     monkeypatch.chdir(repo)
     status, out, _ = _run(["diff", "main:policies/default.yaml", "policies/default.yaml", "--requests", str(log)], capsys)
     assert status == 0

@@ -148,8 +148,7 @@ def test_unknown_price_and_unsupported_fast() -> None:
     with pytest.raises(PricingError) as info:
         estimate(catalog.model("claude-mythos-5-2"), speed="fast", input_tokens=1, max_tokens=1)
     assert str(info.value) == (
-        "cannot price anthropic/claude-mythos-5-2 at fast speed: "
-        "its fast price is a multiplier of the standard price, which is unknown"
+        "cannot price anthropic/claude-mythos-5-2 at fast speed: its fast-mode price is unknown (`fast.pricing: null`)"
     )
     with pytest.raises(PricingError, match="claude-sonnet-4-6 at fast speed: it does not support fast mode"):
         actual(catalog.model("claude-sonnet-4-6"), {"input_tokens": 1, "output_tokens": 1, "speed": "fast"})

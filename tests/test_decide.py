@@ -24,7 +24,7 @@ from policy_engine.ledger import MemoryLedger, Scope, window_bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
-NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 
 OPUS = "claude-opus-4-6"
 CHAT: dict[str, Any] = {"model": OPUS, "max_tokens": 4096, "messages": [{"role": "user", "content": "Refactor this module"}]}
@@ -166,7 +166,7 @@ providers:
 
 def test_guardrail_unpriced_fast_model(eager: Engine) -> None:
     # Mythos 5.2 supports fast mode, but no source prices it: its cost cannot be bounded.
-    d = eager.decide({**CHAT, "model": "claude-mythos-5-2"}, WAITING, now=NOON)
+    d = eager.decide({**CHAT, "model": "claude-mythos-5-2"}, WAITING, now=datetime(2026, 12, 3, tzinfo=timezone.utc))
     _assert_guarded(d, "unpriced")
     assert d.estimate_fast_micro is None
 

@@ -22,7 +22,7 @@ from policy_engine.tokens import TokenCounter, estimate_input_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
-NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 PARAMS: dict[str, Any] = {
     "model": "claude-opus-4-6", "max_tokens": 4096,
     "system": "You review pull requests for a payments team.",

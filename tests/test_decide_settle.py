@@ -23,7 +23,7 @@ from policy_engine.ledger import MemoryLedger, Scope, window_bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
-NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 OPUS = "claude-opus-4-6"
 HELLO: dict[str, Any] = {"model": OPUS, "max_tokens": 4096, "messages": [{"role": "user", "content": "Hello"}]}
 WAITING = {"interactive": True, "latency_slo_ms": 20_000, "tenant": "acme"}

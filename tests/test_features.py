@@ -23,7 +23,7 @@ from policy_engine.features import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
-NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
 OPUS = "claude-opus-5"
 CHAT: dict[str, Any] = {"model": OPUS, "max_tokens": 4096, "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -153,7 +153,8 @@ def test_cost_features_are_the_catalog_worst_cases(probe: Any) -> None:
     # Unpriced or unsupported: the fields are absent, and has() says so.
     absent = "(has(cost.standard_usd) ? 's' : '-') + (has(cost.fast_usd) ? 'f' : '-') + (has(cost.premium_usd) ? 'p' : '-')"
     assert probe(absent) == "sfp"
-    assert probe(absent, {**CHAT, "model": "claude-mythos-5-2"}) == "---"  # fast mode, but no standard price
+    assert probe(absent, {**CHAT, "model": "claude-mythos-5-2"}) == "s--"  # fast mode, but no fast price
+    assert probe(absent, {**CHAT, "model": "claude-mythos-preview"}) == "---"  # no price at all
     assert probe(absent, {**CHAT, "model": "claude-unknown"}) == "---"
 
 
@@ -193,7 +194,7 @@ def test_ratelimit_fields_are_absent_until_known(policy_variant: Any) -> None:
 
 def test_now_is_the_decision_time(probe: Any) -> None:
     expr = "string(now.getHours()) + ' ' + string(now.getHours('America/New_York')) + ' ' + string(now.getDayOfWeek())"
-    assert probe(expr) == "12 7 4"  # 2026-01-01 is a Thursday (getDayOfWeek: Sunday = 0)
+    assert probe(expr) == "12 7 4"  # 2026-12-03 is a Thursday (getDayOfWeek: Sunday = 0)
 
 
 def test_conversation_features_without_stickiness(policy_variant: Any) -> None:

@@ -57,7 +57,7 @@ LOG = [
      "usage": {"input_tokens": 1000, "output_tokens": 500}, "request": OPUS},
     # 5. no ts (keeps the previous one); a model without fast mode: downgraded by the guardrail, unpriced.
     {"context": {"interactive": True}, "input_tokens": 10, "usage": {"input_tokens": 10, "output_tokens": 10},
-     "request": dict(OPUS, model="claude-sonnet-4-6")},
+     "request": dict(OPUS, model="claude-mythos-preview")},
 ]
 
 
@@ -112,7 +112,7 @@ def test_rejects_are_counted_and_cost_nothing(tmp_path: Path) -> None:
     data = report.to_dict()
     assert data["speed_mix"] == {"fast": 0, "standard": 1, "rejected": 4}
     assert data["rejects"] == {"per_request": 4}
-    assert data["cost"]["total_usd"] == "0.000000"  # the only request sent is the unpriced Sonnet one
+    assert data["cost"]["total_usd"] == "0.000000"  # the only request sent is the unpriced Mythos Preview one
 
 
 def test_replay_agrees_with_the_public_engine(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from policy_engine.errors import CeilingExceeded
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
-NOON = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
 OPUS = "claude-opus-5"
 SECRET = "PROMPT-SECRET: the merger closes on Friday"
 API_KEY = "sk-ant-api03-THIS-IS-NOT-A-REAL-KEY"

@@ -13,10 +13,11 @@ from policy_engine.errors import PricingError, did_you_mean
 from ._rates import SPEEDS, RateCard, Speed, pico_per_token, tier_card
 
 SourceKind = Literal["primary", "secondary", "unverified", "assumption"]
-PlatformId = Literal["claude_api", "bedrock", "vertex", "foundry"]
-"""Where requests go: the Claude API itself, or a cloud that resells it (the SDK's
-`Anthropic`, `AnthropicBedrock`, `AnthropicVertex` and `AnthropicFoundry` clients)."""
-PLATFORMS: tuple[PlatformId, ...] = ("claude_api", "bedrock", "vertex", "foundry")
+PlatformId = Literal["claude_api", "claude_platform_aws", "bedrock", "vertex", "foundry"]
+"""Where requests go: the Claude API itself (the SDK's `Anthropic`), Claude Platform on AWS
+(`AnthropicAWS`), or a cloud that resells it (`AnthropicBedrock`, `AnthropicVertex`,
+`AnthropicFoundry`)."""
+PLATFORMS: tuple[PlatformId, ...] = ("claude_api", "claude_platform_aws", "bedrock", "vertex", "foundry")
 AfterRetirement = Literal["error", "standard"]
 FAST_MODE_BETA = "fast-mode-2026-02-01"
 """The beta header fast mode needed at launch; catalog v1 files imply it for every fast model."""
@@ -215,6 +216,14 @@ class PlatformEntry(_Strict):
     price_multiplier: Multiplier = Field(
         default=Decimal(1), description="Factor on every catalog rate for requests through this platform."
     )
+    all_models: bool = Field(
+        default=False,
+        description="Every catalog model is offered here under its Claude API id and blocks (a model's own "
+                    "`platforms.<id>` entry still overrides); false: only the models that list this platform.",
+    )
+    fast_mode: bool = Field(
+        default=True, description="Whether fast mode exists on this platform at all; false overrides every model."
+    )
     quota: str | None = Field(default=None, description="How fast requests are rate-limited here, for humans.")
     notes: str | None = Field(default=None, description="Free text for humans.")
     as_of: date | None = Field(default=None, description="Date the facts were known current.")
@@ -350,9 +359,14 @@ class ModelEntry(_Strict):
         None when the model lists no entry for that platform (it is not offered there)."""
         offer = self.platforms.get(platform_id)  # type: ignore[call-overload]
         if offer is None:
-            return None
+            if not platform.all_models:
+                return None
+            offer = ModelPlatform(model_id=self._id)
         data = self.model_dump(exclude={"platforms"}, exclude_none=False)
-        if offer.fast is not None:
+        if not platform.fast_mode:
+            data["fast"] = {"supported": False, "as_of": platform.as_of, "source": platform.source,
+                            "source_kind": platform.source_kind}
+        elif offer.fast is not None:
             data["fast"] = offer.fast.model_dump()
         m = offer.price_multiplier if offer.price_multiplier is not None else platform.price_multiplier
         if m != 1:

@@ -220,7 +220,7 @@ def setup_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request", required=True, metavar="FILE", help="Messages API parameters (JSON or YAML; - for stdin)")
     p.add_argument("--context", metavar="FILE", help="the caller's context (JSON or YAML)")
     p.add_argument("--state", metavar="FILE", help="budget / rate-limit / conversation state (JSON or YAML)")
-    p.add_argument("--now", metavar="TIME", help="decision time, RFC 3339 (default 2026-01-01T12:00:00Z)")
+    p.add_argument("--now", metavar="TIME", help="decision time, RFC 3339 (default 2026-12-01T12:00:00Z)")
     p.add_argument("--input-tokens", type=int, metavar="N", help="exact input token count (default: estimated)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     _add_catalog(p)

@@ -250,11 +250,13 @@ class FastModePolicy(Middleware):
 def platform_of(client: Any) -> str:
     """The catalog platform an anthropic SDK client sends its requests to.
 
-    `claude_api` for `Anthropic` (and the Claude Platform clients on AWS and Google Cloud,
-    which are the Claude API), `bedrock`, `vertex` or `foundry` for those clients."""
+    `claude_api` for `Anthropic` (and `AnthropicGoogleCloud`, the Claude API run by Anthropic
+    on Google Cloud), `claude_platform_aws` for `AnthropicAWS`, and `bedrock`, `vertex` or
+    `foundry` for those clients."""
     import anthropic
 
-    kinds = (("bedrock", ("AnthropicBedrock", "AsyncAnthropicBedrock", "AnthropicBedrockMantle", "AsyncAnthropicBedrockMantle")),
+    kinds = (("claude_platform_aws", ("AnthropicAWS", "AsyncAnthropicAWS")),
+             ("bedrock", ("AnthropicBedrock", "AsyncAnthropicBedrock", "AnthropicBedrockMantle", "AsyncAnthropicBedrockMantle")),
              ("vertex", ("AnthropicVertex", "AsyncAnthropicVertex")),
              ("foundry", ("AnthropicFoundry", "AsyncAnthropicFoundry")))
     for platform, names in kinds:

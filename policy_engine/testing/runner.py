@@ -23,7 +23,7 @@ from ..ratelimit import RateLimitStore
 
 __all__ = ["CaseResult", "run_case", "run_policy_tests", "DEFAULT_TEST_TIME"]
 
-DEFAULT_TEST_TIME = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+DEFAULT_TEST_TIME = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 _MICRO = 1_000_000
 
 
