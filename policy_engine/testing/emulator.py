@@ -9,9 +9,13 @@
 It is a real HTTP server on 127.0.0.1 (stdlib only) that reproduces the documented
 behaviour fast mode depends on:
 
-* validation: `speed` must be `fast` or `standard`; `speed: "fast"` needs the
-  `fast-mode-2026-02-01` beta in `anthropic-beta`, a model whose catalog entry supports
-  fast mode, and no Priority Tier; the Message Batches API refuses fast requests;
+* validation: `speed` must be `fast` or `standard`; `speed: "fast"` needs a model whose
+  catalog entry supports fast mode at the time of the request (after a retirement the
+  catalog's behaviour: an error, or served and billed at standard), the beta in
+  `anthropic-beta` where the catalog says the model needs one (`fast-mode-2026-02-01`),
+  and no Priority Tier; the Message Batches API refuses fast requests; `platform=` serves
+  another platform's model ids (on Microsoft Foundry, fast is the `-fast` model id and a
+  `speed` field is refused);
 * fast-mode token buckets (input and output tokens per minute, replenished
   continuously), reported in the six `anthropic-fast-*` headers, and a 429 with
   `retry-after` when a fast request does not fit;
@@ -43,11 +47,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..catalog import Catalog, load_catalog
+from ..catalog import FAST_MODE_BETA, PLATFORMS, Catalog, load_catalog
 
 __all__ = ["Emulator", "running", "count_text_tokens", "count_request_tokens", "FAST_BETA", "main"]
 
-FAST_BETA = "fast-mode-2026-02-01"
+FAST_BETA = FAST_MODE_BETA
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _MESSAGE_OVERHEAD = 3
 _IMAGE_TOKENS = 85
@@ -199,8 +203,10 @@ class Emulator:
         min_cache_tokens: int = 1_024,
         priority_tier: bool = False,
         require_api_key: bool = True,
+        platform: str = "claude_api",
     ) -> None:
         self.catalog = catalog or load_catalog()
+        self.platform = platform
         self._host, self._port = host, port
         self.standard_otps = standard_otps
         self.fast_ratio = fast_ratio
@@ -321,7 +327,7 @@ class Emulator:
         messages = params.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _ApiError(400, "messages: at least one message is required")
-        entry = self.catalog.find(model)
+        entry = self.catalog.find(model, platform=self.platform)
         if entry is None:
             raise _ApiError(404, f"model: {model}")
         speed = params.get("speed", "standard")
@@ -329,15 +335,24 @@ class Emulator:
             speed = "standard"
         if speed not in ("standard", "fast"):
             raise _ApiError(400, f"speed: Input should be 'standard' or 'fast', got {speed!r}")
+        if entry.fast_model_id is not None and "speed" in params:
+            raise _ApiError(400, f"speed: not supported on {self.platform}; send fast requests to {entry.fast_model_id}")
+        if model == entry.fast_model_id:
+            speed = "fast"  # the deployment sets the speed
         if speed == "fast":
             if batch:
                 raise _ApiError(400, "speed: fast mode is not available with the Batch API")
-            betas = {b.strip() for b in headers.get("anthropic-beta", "").split(",")}
-            beta = entry.fast.beta_header or FAST_BETA
-            if beta not in betas:
-                raise _ApiError(400, f"speed: 'fast' requires the anthropic-beta header {beta}")
             if not entry.fast.supported:
                 raise _ApiError(400, f"speed: fast mode is not supported for model {model}")
+            state, why = entry.fast.status(time.time())
+            if state in ("not_yet", "retired_error"):
+                raise _ApiError(400, f"speed: {why}")
+            betas = {b.strip() for b in headers.get("anthropic-beta", "").split(",")}
+            beta = entry.fast.beta_header
+            if beta is not None and entry.fast_model_id is None and beta not in betas:
+                raise _ApiError(400, f"speed: 'fast' requires the anthropic-beta header {beta}")
+            if state == "retired_standard":
+                return model, "standard"  # served, and billed, at standard speed
             tier = params.get("service_tier") or "auto"
             if tier == "priority" or (self.priority_tier and tier == "auto"):
                 raise _ApiError(400, "speed: fast mode is not available with Priority Tier")
@@ -683,10 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standard-otps", type=float, default=60.0, help="standard output tokens per second")
     parser.add_argument("--fast-input-tpm", type=int, default=10_000_000, help="fast input tokens per minute")
     parser.add_argument("--fast-output-tpm", type=int, default=1_000_000, help="fast output tokens per minute")
+    parser.add_argument("--platform", default="claude_api", choices=PLATFORMS,
+                        help="whose model ids and fast mode to serve (default: the Claude API)")
     args = parser.parse_args(argv)
     emulator = Emulator(port=args.port, standard_otps=args.standard_otps,
                         fast_input_tokens_per_minute=args.fast_input_tpm,
-                        fast_output_tokens_per_minute=args.fast_output_tpm)
+                        fast_output_tokens_per_minute=args.fast_output_tpm, platform=args.platform)
     emulator.start()
     print(f"emulator listening on {emulator.url} (Ctrl-C to stop)", flush=True)
     try:
