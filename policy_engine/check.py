@@ -17,19 +17,30 @@ reported unreachable only when an earlier rule provably matches whenever it does
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from . import cel
-from .catalog import Catalog, load_catalog
+from .catalog import Catalog, ModelEntry, load_catalog
 from .cel.ast import Call, Cond, Ident, ListLit, Lit, Node, Select, parse_with_issues
 from .compile import MAX_EXPRESSION_COST, CompiledPolicy, compile_policy
 from .errors import Diagnostic, PolicyError, did_you_mean
 from .load import Document, parse_policy
+
+RETIREMENT_WARNING_DAYS: Final = 30
+"""PE222 warns this many days before a model's fast mode is retired (`lint --retirement-days`)."""
+_RETIRED_HINT: Final = ("decide on `model.fast_available` (and `model.fast_retires_in_days`) instead, and move tests to a "
+                        "current model; the engine never sends a retired model fast")
+_MODEL_FEATURE_HINT: Final = ("say what the rule needs of the model: `model.fast_available`, `model.family == 'opus'`, "
+                              "`model.fast_multiplier <= 2.0`, `has(model.fast_retires_in_days)`; the catalog then keeps "
+                              "the policy right when models launch and retire")
+
 
 __all__ = ["LintResult", "lint_any", "lint_file", "lint_test_file", "lint_paths", "policy_files", "render", "CODES", "GUARDRAILS", "exit_status"]
 
@@ -56,6 +67,9 @@ CODES: dict[str, tuple[str, str]] = {
     "PE210": ("warning", "rule chooses fast but a guardrail always forces standard"),
     "PE220": ("error", "model not in the catalog"),
     "PE221": ("warning", "model has no price in the catalog"),
+    "PE222": ("warning", "model's fast mode is retired, or retires soon"),
+    "PE223": ("warning", "request.model compared with a literal where a model feature would say the same"),
+    "PE224": ("error", "catalog price without its source or as_of"),
     "PE230": ("warning", "budget key can be empty or fail to evaluate"),
     "PE240": ("warning", "variable is never used"),
     "PE301": ("warning", "policy has no tests"),
@@ -109,7 +123,7 @@ def policy_files(paths: Sequence[str], *, tests: bool = False) -> list[Path]:
 
 
 def lint_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, max_cost: int = MAX_EXPRESSION_COST,
-              run_tests: bool = True) -> LintResult:
+              run_tests: bool = True, retirement_days: int = RETIREMENT_WARNING_DAYS) -> LintResult:
     """Every finding for one policy file."""
     name = str(path)
     try:
@@ -124,7 +138,7 @@ def lint_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, m
         return result
     result.compiled = compiled
     catalog = catalog or load_catalog()
-    analysis = _Analysis(compiled, document, catalog)
+    analysis = _Analysis(compiled, document, catalog, retirement_days)
     result.diagnostics.extend(analysis.rules())
     result.diagnostics.extend(analysis.models())
     result.diagnostics.extend(analysis.budget_keys())
@@ -402,7 +416,10 @@ def _atom(node: Node, source: str) -> _Conj:
 
 
 class _Analysis:
-    def __init__(self, compiled: CompiledPolicy, document: Document, catalog: Catalog) -> None:
+    def __init__(self, compiled: CompiledPolicy, document: Document, catalog: Catalog,
+                 retirement_days: int = RETIREMENT_WARNING_DAYS, today: float | None = None) -> None:
+        self.retirement_days = retirement_days
+        self.today = time.time() if today is None else today
         self.compiled = compiled
         self.policy = compiled.policy
         self.document = document
@@ -517,6 +534,8 @@ class _Analysis:
                     continue
                 seen.add((path, lit.offset))
                 name = lit.value
+                yield self.at(path, lit.offset, "PE223", f"the policy names a model ('{name}') where the catalog could "
+                              "decide", _MODEL_FEATURE_HINT, end=lit.end)
                 if prefix:
                     if not any(n.startswith(name) for n in known):
                         yield self.at(path, lit.offset, "PE220", f"no model in the catalog starts with '{name}'",
@@ -537,6 +556,33 @@ class _Analysis:
                                   f"model '{name}' has no {' or '.join(missing)} price in the catalog: its cost cannot be "
                                   "estimated, so ceilings and budgets cannot bound it",
                                   "give it a price in your catalog file", end=lit.end)
+                retiring = self._retiring(entry)
+                if retiring is not None:
+                    yield self.at(path, lit.offset, "PE222", f"model '{name}': {retiring}", _RETIRED_HINT, end=lit.end)
+        for index, case in enumerate(self.policy.tests):
+            name = case.request.get("model")
+            # A test that pins its own `now` tests that moment on purpose (a retirement date, say).
+            if not isinstance(name, str) or case.now is not None:
+                continue
+            entry = self.catalog.find(name, platform=case.platform)
+            retiring = self._retiring(entry) if entry is not None else None
+            if retiring is not None:
+                yield self.at(("tests", index, "request", "model"), None, "PE222",
+                              f"test '{case.name}' uses model '{name}': {retiring}", _RETIRED_HINT)
+
+    def _retiring(self, entry: ModelEntry) -> str | None:
+        """Why `entry`'s fast mode is gone or going within `retirement_days`, naming the date and source; else None."""
+        fast = entry.fast
+        if not fast.supported or fast.retired_on is None:
+            return None
+        days = (fast.window()[1] - self.today) / 86400.0
+        if days > self.retirement_days:
+            return None
+        source = fast.retirement_source or fast.source or "the catalog"
+        if days <= 0:
+            return f"fast mode was retired on {fast.retired_on} ({source})"
+        then = "fast requests will return an error" if fast.after_retirement == "error" else "fast requests will run at standard"
+        return f"fast mode retires on {fast.retired_on}, in {math.ceil(days)} days: {then} ({source})"
 
     # budgets ----------------------------------------------------------------------------
 

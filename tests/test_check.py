@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from policy_engine.catalog import load_catalog
 from policy_engine.check import CODES, lint_file, lint_paths, render
+from policy_engine.errors import PolicyError
 from policy_engine.cli import main
 
 LINT = Path(__file__).parent / "data" / "lint"
@@ -22,8 +25,9 @@ EXPECTED: dict[str, set[tuple[str, int, int]]] = {
     "04_cel_error.yaml": {("PE101", 5, 19)},
     "05_unreachable_always.yaml": {("PE301", 2, 1), ("PE201", 7, 11)},
     "06_unreachable_subsumed.yaml": {("PE301", 2, 1), ("PE202", 7, 11), ("PE203", 11, 11)},
-    "07_guardrail_blocked.yaml": {("PE301", 2, 1), ("PE210", 6, 12), ("PE210", 9, 12)},
+    "07_guardrail_blocked.yaml": {("PE301", 2, 1), ("PE223", 5, 28), ("PE210", 6, 12), ("PE210", 9, 12)},
     "08_models.yaml": {("PE240", 4, 3), ("PE302", 6, 11), ("PE220", 7, 28), ("PE210", 8, 12), ("PE221", 10, 48),
+                       ("PE223", 7, 28), ("PE223", 10, 29), ("PE223", 10, 48),
                        ("PE303", 15, 20), ("PE304", 17, 14)},
     "09_budget_key.yaml": {("PE301", 2, 1), ("PE230", 5, 10), ("PE230", 9, 50)},
     "10_cost_limit.yaml": {("PE104", 5, 11)},
@@ -46,7 +50,7 @@ def test_the_directory_yields_every_finding_in_one_run(capsys: pytest.CaptureFix
     found = {(Path(d["file"]).name, d["code"], d["line"], d["col"]) for d in data["diagnostics"]}
     assert found == {(f, *c) for f, codes in EXPECTED.items() for c in codes}
     assert status == 1
-    assert data["summary"] == {"files": 10, "errors": 12, "warnings": 12}
+    assert data["summary"] == {"files": 10, "errors": 12, "warnings": 16}
 
 
 def test_caret_excerpt_points_at_the_misspelt_field() -> None:
@@ -143,3 +147,82 @@ def test_test_files_are_linted_as_test_files(tmp_path: Path, capsys: pytest.Capt
     bad.write_text("tests:\n  - name: t\n    request: {}\n    expect: {}\n")
     assert main(["lint", str(bad)]) == 1
     assert "orphan.yaml, does not exist" in capsys.readouterr().out
+
+
+# --- models and their dates (catalog v2) -------------------------------------------------------
+
+RETIRING_POLICY = """\
+version: 1
+name: retiring
+default: standard
+rules:
+  - name: old-opus
+    when: request.model == "claude-opus-4-8"
+    speed: fast
+tests:
+  - name: on the default date
+    request: {model: claude-opus-4-8, max_tokens: 10, messages: []}
+    expect: {speed: standard}
+  - name: pinned to its last day on purpose
+    now: "2026-11-30T12:00:00Z"
+    request: {model: claude-opus-4-8, max_tokens: 10, messages: []}
+    expect: {speed: fast}
+"""
+
+
+def test_a_model_whose_fast_mode_is_retired_is_named_with_its_date_and_source(tmp_path: Path) -> None:
+    path = tmp_path / "retiring.yaml"
+    path.write_text(RETIRING_POLICY)
+    found = [d for d in lint_file(path).diagnostics if d.code == "PE222"]
+    assert [(d.line, d.col) for d in found] == [(6, 28), (10, 22)]  # the rule, and the test without its own `now`
+    assert "fast mode was retired on 2026-12-01" in found[0].message and "code.claude.com" in found[0].message
+    assert found[0].severity == "warning" and "model.fast_available" in (found[0].hint or "")
+
+
+def test_a_retirement_within_the_warning_window_is_announced(tmp_path: Path) -> None:
+    soon = (datetime.now(timezone.utc) + timedelta(days=10)).date()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(f"""\
+version: 2
+providers:
+  anthropic:
+    models:
+      claude-opus-5:
+        fast: {{supported: true, retired_on: {soon}, after_retirement: standard, source: "our account team"}}
+""")
+    path = tmp_path / "p.yaml"
+    path.write_text('version: 1\nname: p\ndefault: standard\nrules:\n  - name: r\n'
+                    '    when: request.model == "claude-opus-5"\n    speed: fast\n')
+    [warning] = [d for d in lint_file(path, load_catalog(catalog)).diagnostics if d.code == "PE222"]
+    assert f"fast mode retires on {soon}, in 10 days: fast requests will run at standard (our account team)" in warning.message
+    assert not [d for d in lint_file(path, load_catalog(catalog), retirement_days=5).diagnostics if d.code == "PE222"]
+
+
+def test_catalog_errors_are_positioned_with_a_hint(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("""\
+version: 2
+providers:
+  anthropic:
+    models:
+      my-model:
+        standard:
+          tiers: [{above_input_tokens: 0, input: 3, output: 15}]
+        fast:
+          supported: true
+          available_from: 2026-05-01
+          retired_on: 2026-04-01
+          after_retirement: error
+      other:
+        standard: null
+        fast: {supported: true, retired_on: 2026-04-01}
+        platforms:
+          azure: {model_id: x}
+""")
+    with pytest.raises(PolicyError) as raised:
+        load_catalog(catalog)
+    found = {(d.line, d.code): d for d in raised.value.diagnostics}
+    assert found[(7, "PE224")].hint and "source" in found[(7, "PE224")].message  # a price without its source
+    assert "ends (2026-04-01) before it starts (2026-05-01)" in found[(9, "PE011")].message
+    assert "a retirement needs its behaviour" in found[(15, "PE011")].message
+    assert "'claude_api', 'claude_platform_aws', 'bedrock', 'vertex' or 'foundry'" in found[(17, "PE011")].message

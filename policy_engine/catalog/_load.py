@@ -48,7 +48,25 @@ def _default_document() -> Document:
 
 @lru_cache(maxsize=1)
 def _default_catalog() -> Catalog:
-    return validate(_default_document(), Catalog)
+    return _validated(_default_document())
+
+
+_PROVENANCE = ("missing required key 'source'", "missing required key 'as_of'")
+
+
+def _validated(document: Document) -> Catalog:
+    """`validate`, with a price that lacks its provenance reported as such (PE224)."""
+    try:
+        return validate(document, Catalog)
+    except PolicyError as exc:
+        diagnostics = [
+            dataclasses.replace(d, code="PE224", message=d.message.replace("missing required key", "price without its")
+                                + ": every price needs the page or contract it comes from, and the day it was read",
+                                hint="add `source: <where the figure comes from>` and `as_of: YYYY-MM-DD` to the block")
+            if d.code == "PE012" and d.message.startswith(_PROVENANCE) else d
+            for d in exc.diagnostics
+        ]
+        raise PolicyError(diagnostics, exc.sources) from None
 
 
 def load_catalog(path: str | os.PathLike[str] | None = None, *, extend: bool = True) -> Catalog:
@@ -71,7 +89,7 @@ def load_catalog(path: str | os.PathLike[str] | None = None, *, extend: bool = T
         return _default_catalog()
     user = read_yaml(path)
     if not extend:
-        return validate(user, Catalog)
+        return _validated(user)
     if not isinstance(user.data, dict):
         line, col = user.locate(())
         raise PolicyError(
@@ -79,4 +97,4 @@ def load_catalog(path: str | os.PathLike[str] | None = None, *, extend: bool = T
             {user.file: user.source},
         )
     merged = dataclasses.replace(user, data=_merge(_default_document().data, user.data))
-    return validate(merged, Catalog)
+    return _validated(merged)

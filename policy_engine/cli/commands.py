@@ -50,8 +50,9 @@ def setup_lint(p: argparse.ArgumentParser) -> None:
     """Check policy files: YAML, schema, CEL, and the semantic and test analyses.
 
     Finds unreachable rules, rules a guardrail always blocks, models the catalog cannot
-    price, budget keys that can be empty, expressions over the cost limit, and rules no
-    test reaches. Exit 0 when clean, 1 on errors (or warnings with --strict), 2 on usage
+    price, models named where a model feature would decide, models whose fast mode is
+    retired or retiring, budget keys that can be empty, expressions over the cost limit,
+    and rules no test reaches. Exit 0 when clean, 1 on errors (or warnings with --strict), 2 on usage
     errors. Directories are searched for *.yaml / *.yml (files ending _test.yaml are test
     files, not policies)."""
     p.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
@@ -59,6 +60,8 @@ def setup_lint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
     p.add_argument("--no-tests", action="store_true", help="skip running the embedded tests (no PE302/PE304)")
     p.add_argument("--max-cost", type=int, metavar="N", help="expression cost limit (default: the engine's)")
+    p.add_argument("--retirement-days", type=int, metavar="N", default=30,
+                   help="warn (PE222) when a named model's fast mode retires within N days (default 30)")
     _add_catalog(p)
     p.set_defaults(run=run_lint)
 
@@ -72,7 +75,8 @@ def run_lint(args: argparse.Namespace) -> int:
     if not files:
         raise UsageError("no policy files found in " + ", ".join(args.paths))
     max_cost = args.max_cost if args.max_cost is not None else MAX_EXPRESSION_COST
-    results = [lint_any(f, catalog, max_cost=max_cost, run_tests=not args.no_tests) for f in files]
+    results = [lint_any(f, catalog, max_cost=max_cost, run_tests=not args.no_tests, retirement_days=args.retirement_days)
+               for f in files]
     _write(render(results, args.format))
     return exit_status(results, args.strict)
 
