@@ -19,25 +19,33 @@ from .testing.runner import run_policy_tests
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 REQUESTS = [
-    ("chat, a person waiting, tight SLO", {
-        "model": "claude-opus-4-6", "max_tokens": 4096, "stream": True,
+    ("chat on Opus 5.5, a person waiting, tight SLO (fast, no beta header)", {
+        "model": "claude-opus-5-5", "max_tokens": 4096, "stream": True,
         "messages": [{"role": "user", "content": "Refactor this module to use dependency injection."}],
     }, {"interactive": True, "latency_slo_ms": 20_000, "tenant": "acme", "conversation_id": "c-1"}),
     ("same conversation, next turn (sticky)", {
-        "model": "claude-opus-4-6", "max_tokens": 512,
+        "model": "claude-opus-5-5", "max_tokens": 512,
         "messages": [{"role": "user", "content": "Now add tests."}],
     }, {"interactive": True, "latency_slo_ms": 60_000, "tenant": "acme", "conversation_id": "c-1"}),
+    ("an agent on Opus 5 (fast, with the fast-mode beta header)", {
+        "model": "claude-opus-5", "max_tokens": 8192,
+        "messages": [{"role": "user", "content": "Fix the failing test."}],
+    }, {"interactive": True, "latency_slo_ms": 30_000, "tenant": "acme"}),
+    ("Opus 4.8, whose fast mode was retired on 2026-12-01", {
+        "model": "claude-opus-4-8", "max_tokens": 4096,
+        "messages": [{"role": "user", "content": "Refactor this module."}],
+    }, {"interactive": True, "latency_slo_ms": 20_000}),
     ("nightly batch summarization", {
-        "model": "claude-opus-4-6", "max_tokens": 4096,
+        "model": "claude-opus-5-5", "max_tokens": 4096,
         "messages": [{"role": "user", "content": "Summarize yesterday's tickets."}],
     }, {"interactive": False, "tenant": "acme"}),
-    ("a model without fast mode", {
-        "model": "claude-sonnet-4-6", "max_tokens": 2048,
+    ("a model without fast mode (Sonnet 5.5)", {
+        "model": "claude-sonnet-5-5", "max_tokens": 2048,
         "messages": [{"role": "user", "content": "Hello"}],
     }, {"interactive": True, "latency_slo_ms": 1_000}),
-    ("an enormous request", {
-        "model": "claude-opus-4-6", "max_tokens": 128_000,
-        "messages": [{"role": "user", "content": "Write the whole book. " * 20_000}],
+    ("an enormous request: the $10 per-request ceiling keeps it standard", {
+        "model": "claude-opus-5-5", "max_tokens": 128_000,
+        "messages": [{"role": "user", "content": "Write the whole book. " * 150_000}],
     }, {"interactive": True, "latency_slo_ms": 1_000}),
 ]
 
@@ -103,7 +111,7 @@ def _sdk_round_trip() -> int:
         ]
         for title, context, stream in calls:
             with policy_context(**context):
-                params = {"model": "claude-opus-4-6", "max_tokens": 2048,
+                params = {"model": "claude-opus-5-5", "max_tokens": 2048,
                           "messages": [{"role": "user", "content": "Explain fast mode in one paragraph."}]}
                 if stream:
                     with client.messages.stream(**params) as events:

@@ -11,11 +11,11 @@ is meant to look like one organization's traffic over a day and a half:
 * agents: tool-using loops of 3-15 steps, some with extended thinking;
 * batch: offline Message Batches work at night;
 * several tenants (one untagged share), a few Priority Tier and US-residency requests,
-  and a share of a model without fast mode.
+  and today's model mix (`MODELS`): models with and without fast mode, one retired.
 
 A log line is a compact JSON object; only `request` is required:
 
-    {"ts": "2026-03-02T09:15:02.250Z", "context": {...}, "input_tokens": 5120, "batch": true,
+    {"ts": "2026-12-01T09:15:02.250Z", "context": {...}, "input_tokens": 5120, "batch": true,
      "usage": {"input_tokens": 120, "cache_read_input_tokens": 5000, "output_tokens": 811},
      "request": {...Messages API params...}}
 
@@ -38,11 +38,21 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-START = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc)
+START = datetime(2026, 12, 1, 0, 0, tzinfo=timezone.utc)
 TENANTS = [("acme", 0.34, "fast"), ("globex", 0.24, "standard"), ("initech", 0.14, "standard"),
            ("umbrella", 0.1, "standard"), ("hooli", 0.12, "fast"), (None, 0.06, None)]
 KINDS = [("chat", 0.40), ("document", 0.15), ("agent", 0.25), ("batch", 0.20)]
-OPUS, SONNET = "claude-opus-4-6", "claude-sonnet-4-6"
+# Today's model mix, by kind of work (December 2026): mostly Opus 5.5, Opus 5 where a team
+# has not moved yet, Sonnet and Haiku where speed of answer matters less than price, a little
+# Fable 5.2, and stragglers still on Opus 4.8, whose fast mode was retired on 2026-12-01.
+MODELS = {
+    "agent": [("claude-opus-5-5", 0.6), ("claude-opus-5", 0.2), ("claude-fable-5-2", 0.1), ("claude-opus-4-8", 0.05),
+              ("claude-sonnet-5-5", 0.05)],
+    "chat": [("claude-opus-5-5", 0.45), ("claude-sonnet-5-5", 0.25), ("claude-opus-5", 0.1), ("claude-haiku-5-5", 0.1),
+             ("claude-fable-5-2", 0.05), ("claude-opus-4-8", 0.05)],
+    "document": [("claude-opus-5-5", 0.7), ("claude-sonnet-5-5", 0.2), ("claude-fable-5-2", 0.1)],
+    "batch": [("claude-sonnet-5-5", 0.4), ("claude-haiku-5-5", 0.3), ("claude-opus-5-5", 0.3)],
+}
 _SEP = (",", ":")
 
 
@@ -89,7 +99,7 @@ def _session(rng: random.Random, kind: str, serial: int, hours: float) -> Iterat
     context = _tenant(rng)
     if kind == "batch":
         at = _when(rng, hours, night=True)
-        model = OPUS if rng.random() < 0.8 else SONNET
+        model = _pick(rng, MODELS["batch"])
         max_tokens = rng.choice([1024, 2048, 4096])
         prompt = rng.randint(500, 8000)
         request = {"model": model, "max_tokens": max_tokens, "messages": _messages(1)}
@@ -106,7 +116,7 @@ def _session(rng: random.Random, kind: str, serial: int, hours: float) -> Iterat
         block: dict[str, Any] = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "."}}
         if cache:
             block["cache_control"] = {"type": "ephemeral"}
-        request = {"model": OPUS, "max_tokens": max_tokens, "messages": _messages(1, [block])}
+        request = {"model": _pick(rng, MODELS["document"]), "max_tokens": max_tokens, "messages": _messages(1, [block])}
         interactive = rng.random() < 0.5
         ctx = {**context, "interactive": interactive}
         if interactive and rng.random() < 0.6:
@@ -117,7 +127,7 @@ def _session(rng: random.Random, kind: str, serial: int, hours: float) -> Iterat
         yield at, {"request": request, "context": ctx, "input_tokens": prompt, "usage": usage}
         return
 
-    model = OPUS if kind == "agent" or rng.random() < 0.9 else SONNET
+    model = _pick(rng, MODELS[kind])
     steps = rng.randint(3, 15) if kind == "agent" else rng.randint(1, 8)
     interactive = rng.random() < (0.7 if kind == "agent" else 0.95)
     ctx: dict[str, Any] = {**context, "interactive": interactive, "conversation_id": f"{kind[0]}-{serial}"}

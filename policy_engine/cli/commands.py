@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from ..errors import PolicyEngineError, PolicyError
 from . import EXIT_FINDINGS, EXIT_OK, UsageError
+from .catalog import setup_catalog
 
 FORMATS_LINT = ("text", "json", "sarif", "github")
 FORMATS_REPORT = ("text", "json", "markdown")
@@ -451,4 +452,5 @@ VERBS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "fmt": setup_fmt,
     "schema": setup_schema,
     "check": setup_check,
+    "catalog": setup_catalog,
 }
