@@ -88,3 +88,30 @@ def test_diff_lists_changes_and_replays_their_cost(tmp_path: Path, capsys: pytes
     assert replay["new_fast"] < replay["old_fast"]  # Opus 5 lost fast mode
     status, out, _ = _run(argv, capsys)
     assert status == 0 and "claude-opus-5-5: fast price: $8/$40 -> $12/$60" in out and "replay of" in out
+
+
+def test_the_readme_carries_the_generated_catalog_tables() -> None:
+    from policy_engine.catalog import load_catalog
+    from policy_engine.cli.catalog import reference_markdown
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- catalog:start -->", "<!-- catalog:end -->"
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip("\n") == reference_markdown(load_catalog()).strip("\n"), (
+        "README.md's catalog tables are stale: paste `policy-engine catalog show --format markdown` between the markers")
+    rows = reference_markdown(load_catalog()).splitlines()
+    priced = [r for r in rows if "per MTok" in r or "fast price" in r]
+    kinds = [r.split(" | ")[4].strip(" |") for r in priced]  # the kind column, before any conflict note
+    assert priced and all(k.startswith(("primary", "secondary", "unverified", "assumption", "—")) for k in kinds), kinds
+
+
+def test_the_readme_override_example_loads(tmp_path: Path) -> None:
+    from policy_engine.catalog import load_catalog
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**Overriding.**", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "prices.yaml"
+    path.write_text(example)
+    catalog = load_catalog(path)
+    assert catalog.model("claude-opus-5-5", platform="foundry").fast_model_id == "opus-55-fast-eastus"
+    assert catalog.model("claude-fable-5-2", platform="vertex").rates("standard", 10).input == 8_000_000

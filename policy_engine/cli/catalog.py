@@ -35,7 +35,8 @@ def setup_catalog(p: argparse.ArgumentParser) -> None:
                                                                "vertex or foundry")
     show.add_argument("--at", metavar="DATE", help="decision date for fast availability (YYYY-MM-DD; default today)")
     show.add_argument("--catalog", metavar="FILE", help="catalog file extending the packaged one")
-    show.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    show.add_argument("--format", choices=("text", "json", "markdown"), default="text",
+                      help="output format (default text; markdown: the README's catalog tables, every model)")
     show.set_defaults(run=run_show)
     check = verbs.add_parser("check", help="validate a user catalog file",
                              description="Validate a catalog file merged onto the packaged one (or alone with "
@@ -219,12 +220,97 @@ def run_show(args: argparse.Namespace) -> int:
     else:
         entries = sorted({id(e): e for e in catalog.__pydantic_private__["_offers"][("anthropic", args.platform)].values()}
                          .values(), key=lambda e: e.id)
+    if args.format == "markdown":
+        print(reference_markdown(catalog), end="")
+        return EXIT_OK
     described = [describe(e, at) for e in entries]
     if args.format == "json":
         print(json.dumps(described[0] if args.model else described, indent=2))
     else:
         print("\n\n".join(_text(d) for d in described))
     return EXIT_OK
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _source_cells(block: Any) -> str:
+    kind = block.source_kind or "unrated"
+    extra = "".join(f"<br>conflict: {_cell(c)}" for c in getattr(block, "conflicts", []) or [])
+    return f"{_cell(block.source)} ({block.as_of}) | {kind}{extra}"
+
+
+def _tiers(tiers: Any) -> str:
+    return "; ".join(f"${t.input} / ${t.output}" + (f" above {t.above_input_tokens:,} tokens" if t.above_input_tokens else "")
+                     for t in tiers)
+
+
+def _fast_cell(fast: Any, fast_model_id: str | None) -> str:
+    if not fast.supported:
+        return "no fast mode"
+    how = f"as `{fast_model_id}`, no `speed`" if fast_model_id else (f"beta `{fast.beta_header}`" if fast.beta_header
+                                                                      else "no beta header")
+    window = f"from {fast.available_from}" if fast.available_from else ""
+    if fast.retired_on:
+        window += f"{' ' if window else ''}until {fast.retired_on}, then {fast.after_retirement}"
+    return how + (f"; {window}" if window else "")
+
+
+def reference_markdown(catalog: Any) -> str:
+    """The README's catalog tables: every model's figures, then every platform's offers, each with its
+    source and source_kind (generated, so the README cannot drift from the packaged catalog)."""
+    rows = ["| model | figure | value | source (as of) | kind |", "|---|---|---|---|---|"]
+    models = catalog.providers["anthropic"].models
+    for model_id, entry in models.items():
+        first = f"`{model_id}`"
+
+        def add(figure: str, value: str, block: Any) -> None:
+            nonlocal first
+            sourced = _source_cells(block) if block is not None and getattr(block, "source", None) else "— | —"
+            rows.append(f"| {first} | {figure} | {_cell(value)} | {sourced} |")
+            first = ""
+
+        add("fast mode", _fast_cell(entry.fast, None), entry.fast)
+        if entry.fast.retired_on and entry.fast.retirement_source:
+            rows.append(f"|  | retirement | {entry.fast.retired_on}: {entry.fast.after_retirement} | "
+                        f"{_cell(entry.fast.retirement_source)} | {entry.fast.source_kind or 'unrated'} |")
+        if entry.standard is None:
+            add("standard", "unknown: no source gives it", None)
+        else:
+            add("standard in / out per MTok", _tiers(entry.standard.tiers), entry.standard)
+        pricing = entry.fast.pricing
+        if entry.fast.supported:
+            if pricing is None:
+                add("fast price", "unknown: no source gives it", None)
+            else:
+                value = (f"{pricing.multiplier}x standard, full context, cache included" if pricing.multiplier is not None
+                         else _tiers(pricing.tiers))
+                add("fast price", value, pricing)
+        if entry.cache is not None:
+            c = entry.cache
+            add("cache 5m / 1h / read", f"{c.write_5m}x / {c.write_1h}x / {c.read}x input", c)
+        if entry.data_residency is not None:
+            add("inference_geo", ", ".join(f"{k} {v}x" for k, v in entry.data_residency.multipliers.items()),
+                entry.data_residency)
+        if entry.batch is not None:
+            add("Batch API", f"{float(entry.batch.discount) * 100:g}% off", entry.batch)
+    rows += ["", "| platform | how fast is asked | price multiplier | models offered (id there; fast) | source (as of) | kind |",
+             "|---|---|---|---|---|---|"]
+    for platform_id, platform in catalog.platforms.items():
+        offers = catalog.__pydantic_private__["_offers"][("anthropic", platform_id)]
+        listed = {e.id: e for e in offers.values()}
+        if platform.all_models:
+            models_cell = "every model, under its Claude API id" + ("; no fast mode" if not platform.fast_mode else "")
+        else:
+            models_cell = "; ".join(f"`{e.wire_id}`" + (f": {_fast_cell(e.fast, e.fast_model_id)}" if e.fast.supported else "")
+                                    for e in listed.values())
+        how = "separate `-fast` model id" if platform.fast_request == "model_id" else "`speed: \"fast\"`"
+        if not platform.fast_mode:
+            how = "no fast mode"
+        rows.append(f"| `{platform_id}` ({platform.display_name}) | {how} | {platform.price_multiplier}x | {_cell(models_cell)} | "
+                    f"{_cell(platform.source)} ({platform.as_of}) | {platform.source_kind or 'unrated'} |")
+    return "\n".join(rows) + "\n"
 
 
 # -- check ------------------------------------------------------------------------------------
