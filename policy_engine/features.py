@@ -32,7 +32,7 @@ THINKING = _object("policy_engine.Thinking", {
 })
 
 REQUEST = _object("policy_engine.Request", {
-    "model": (_S, False, "`model` as sent, e.g. `claude-opus-4-6`."),
+    "model": (_S, False, "`model` as sent, e.g. `claude-opus-5-5`. Prefer the `model.*` features: they follow the catalog."),
     "max_tokens": (INT, False, "`max_tokens`: the most output tokens the response may have."),
     "input_tokens": (INT, False, "Input tokens: counted exactly when a counter is configured, else estimated (an upper bound)."),
     "input_tokens_exact": (BOOL, False, "True when `input_tokens` was counted, not estimated."),
