@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .catalog import Catalog, load_catalog
-from .catalog import to_usd
+from .catalog import Catalog, load_catalog, to_usd
 from .compile import CompiledPolicy
 from .errors import PolicyEngineError
 from .ledger import Charge, MemoryLedger
 from .simulate import DiffReport, Outcome, Replayer, Report, diff
 
-__all__ = ["RecordingLedger", "ReportError", "Timeline", "require_plotly", "render_diff", "render_simulate",
-           "run_diff", "run_simulate", "mermaid_chart"]
+__all__ = ["RecordingLedger", "ReportError", "Timeline", "diff_markdown", "mermaid_chart", "render_diff",
+           "render_simulate", "replay_diff", "replay_simulate", "require_plotly", "run_diff", "run_simulate",
+           "simulate_markdown"]
 
 MAX_KEYS = 8
 """Keys drawn per budget (those that came closest to the limit); the page says how many more there are."""
@@ -164,41 +164,57 @@ def _timeline(compiled: CompiledPolicy, catalog: Catalog) -> tuple[Replayer, Tim
 # -- running -------------------------------------------------------------------------------
 
 
-def run_simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], fmt: str, catalog: Catalog | None = None,
-                 progress: Callable[[int], None] | None = None) -> tuple[Report, str]:
-    """Replay and render in `fmt` (text, json, markdown or html)."""
-    catalog = catalog or load_catalog()
-    if fmt == "html":
-        require_plotly()
-    if fmt not in ("markdown", "html"):
-        report = Replayer(compiled, catalog).run(lines, progress=progress)
-        return report, report.render(fmt)
-    replayer, timeline = _timeline(compiled, catalog)
-    report = replayer.run(lines, on_outcome=timeline.add, progress=progress)
-    if fmt == "markdown":
-        return report, report.render_markdown() + "\n" + mermaid_chart(timeline)
-    return report, render_simulate(report, timeline)
+def replay_simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog: Catalog | None = None,
+                    progress: Callable[[int], None] | None = None) -> tuple[Report, Timeline]:
+    """Replay `lines` through `compiled`, keeping the timeline the charts draw."""
+    replayer, timeline = _timeline(compiled, catalog or load_catalog())
+    return replayer.run(lines, on_outcome=timeline.add, progress=progress), timeline
 
 
-def run_diff(old: CompiledPolicy, new: CompiledPolicy, lines: Iterable[tuple[int, str]], fmt: str,
-             catalog: Catalog | None = None, progress: Callable[[int], None] | None = None) -> tuple[DiffReport, str]:
-    """Replay through both policies and render in `fmt` (text, json, markdown or html)."""
+def replay_diff(old: CompiledPolicy, new: CompiledPolicy, lines: Iterable[tuple[int, str]],
+                catalog: Catalog | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[DiffReport, Timeline, Timeline]:
+    """Replay `lines` through both policies, keeping each one's timeline."""
     catalog = catalog or load_catalog()
-    if fmt == "html":
-        require_plotly()
-    if fmt not in ("markdown", "html"):
-        result = diff(old, new, lines, catalog, progress=progress)
-        return result, result.render(fmt)
     (a, ta), (b, tb) = _timeline(old, catalog), _timeline(new, catalog)
 
     def both(first: Outcome, second: Outcome) -> None:
         ta.add(first)
         tb.add(second)
 
-    result = diff(a, b, lines, catalog, progress=progress, on_outcome=both)
-    if fmt == "markdown":
-        return result, result.render_markdown() + "\n" + mermaid_chart(tb, old=ta)
-    return result, render_diff(result, ta, tb)
+    return diff(a, b, lines, catalog, progress=progress, on_outcome=both), ta, tb
+
+
+def simulate_markdown(report: Report, timeline: Timeline) -> str:
+    return report.render_markdown() + "\n" + mermaid_chart(timeline)
+
+
+def diff_markdown(result: DiffReport, old: Timeline, new: Timeline) -> str:
+    return result.render_markdown() + "\n" + mermaid_chart(new, old=old)
+
+
+def run_simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], fmt: str, catalog: Catalog | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[Report, str]:
+    """Replay and render in `fmt` (text, json, markdown or html); only markdown and html keep a timeline."""
+    if fmt == "html":
+        require_plotly()
+    if fmt not in ("markdown", "html"):
+        report = Replayer(compiled, catalog or load_catalog()).run(lines, progress=progress)
+        return report, report.render(fmt)
+    report, timeline = replay_simulate(compiled, lines, catalog, progress)
+    return report, (simulate_markdown if fmt == "markdown" else render_simulate)(report, timeline)
+
+
+def run_diff(old: CompiledPolicy, new: CompiledPolicy, lines: Iterable[tuple[int, str]], fmt: str,
+             catalog: Catalog | None = None, progress: Callable[[int], None] | None = None) -> tuple[DiffReport, str]:
+    """Replay through both policies and render in `fmt` (text, json, markdown or html)."""
+    if fmt == "html":
+        require_plotly()
+    if fmt not in ("markdown", "html"):
+        result = diff(old, new, lines, catalog or load_catalog(), progress=progress)
+        return result, result.render(fmt)
+    result, ta, tb = replay_diff(old, new, lines, catalog, progress)
+    return result, (diff_markdown if fmt == "markdown" else render_diff)(result, ta, tb)
 
 
 # -- figures shared by both pages ----------------------------------------------------------
