@@ -26,6 +26,7 @@ import pytest
 from policy_engine.cli import main
 from policy_engine.compile import compile_file
 from policy_engine.simulate import Outcome, Replayer, iter_log, open_log
+from tests._report import report_policy as _policy
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = ROOT / "data" / "requests.jsonl.gz"
@@ -35,41 +36,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-default-apps", "--disable-extensions"]
-
-POLICY = """\
-version: 1
-name: report-test
-default: standard
-on_error: standard
-rules:
-  - name: interactive-fast
-    when: has(context.interactive) && context.interactive
-    speed: fast
-    reason: someone is waiting
-  - name: batch-standard
-    when: "true"
-    speed: standard
-    reason: nobody is waiting
-budgets:
-  - name: tenant_premium
-    key: "has(context.tenant) ? context.tenant : 'untagged'"
-    window: hour
-    limit_usd: {premium}
-    counts: premium
-    on_exceed: downgrade
-  - name: org_daily
-    window: day
-    limit_usd: {daily}
-    counts: all
-    on_exceed: reject
-"""
-
-
-def _policy(tmp_path: Path, name: str, premium: int = 5, daily: int = 400) -> Path:
-    path = tmp_path / name
-    path.write_text(POLICY.format(premium=premium, daily=daily), encoding="utf-8")
-    return path
-
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     status = main(argv)

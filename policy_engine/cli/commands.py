@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from ..errors import PolicyEngineError, PolicyError
 from . import EXIT_FINDINGS, EXIT_OK, UsageError
+from .review import setup_review
 
 FORMATS_LINT = ("text", "json", "sarif", "github")
 FORMATS_REPORT = ("text", "json", "markdown", "html")
@@ -467,4 +468,5 @@ VERBS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "fmt": setup_fmt,
     "schema": setup_schema,
     "check": setup_check,
+    "review": setup_review,
 }
