@@ -25,7 +25,7 @@ from .catalog import Catalog, load_catalog, to_usd
 from .compile import CompiledPolicy
 from .errors import PolicyEngineError
 from .ledger import Charge, MemoryLedger
-from .simulate import DiffReport, Outcome, Replayer, Report, diff
+from .simulate import DiffReport, Outcome, Replayer, Report, _pct, _signed, _signed_s, diff
 
 __all__ = ["RecordingLedger", "ReportError", "Timeline", "diff_markdown", "mermaid_chart", "render_diff",
            "render_simulate", "replay_diff", "replay_simulate", "require_plotly", "run_diff", "run_simulate",
@@ -438,10 +438,6 @@ def _summary(page: _Page, report: Report) -> None:
         page.text(f'<p class="note">{report.invalid} invalid log lines were skipped.</p>')
 
 
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "0.0%"
-
-
 def _charts(page: _Page, sides: Sequence[tuple[str, Timeline]], reports: Sequence[tuple[str, Report]]) -> None:
     go = page.go
     names = list(dict.fromkeys(name for _, t in sides for name in t.budgets))
@@ -473,8 +469,6 @@ def render_simulate(report: Report, timeline: Timeline) -> str:
 
 def render_diff(result: DiffReport, old: Timeline, new: Timeline) -> str:
     """The diff page: old against new in every chart, and the decisions that change."""
-    from .simulate import _signed, _signed_s
-
     o, n = result.old, result.new
     page = _Page(f"Policy change: {o.policy} @{o.version} -> {n.policy} @{n.version}")
     page.text(f"<h1>Policy change: <code>{html.escape(o.policy)}</code> @{html.escape(o.version)} → "
