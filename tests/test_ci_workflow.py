@@ -96,6 +96,8 @@ def test_the_workflow_has_the_shape_a_safe_one_needs() -> None:
     # Lint and tests may fail without stopping the review; the verdict fails the job last.
     for step_id in ("lint", "test", "review"):
         assert _step(step_id)["continue-on-error"] is True
+    for step_id in ("test", "review"):  # ... but nothing runs on a failed install
+        assert "steps.install.outcome == 'success'" in _step(step_id)["if"]
     verdict = job["steps"][-1]
     assert verdict["name"] == "verdict" and verdict["if"] == "${{ !cancelled() }}"
     assert {"LINT", "TESTS", "REVIEW"} <= set(verdict["env"])
