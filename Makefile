@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench schemas clean redis-server
+.PHONY: test demo bench schemas clean redis-server chromium shellcheck release-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,20 +21,38 @@ $(STAMP): pyproject.toml setup.py $(COMPILED) | $(BIN)/python
 	POLICY_ENGINE_COMPILE=1 $(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The Redis tests run a private redis-server; install it the way CI's fresh machine can.
+# $(call apt-install,COMMAND,PACKAGE): install Debian's PACKAGE unless COMMAND is on the PATH,
+# the way CI's fresh machine can (as root, or through sudo without a password).
+apt-install = command -v $(1) >/dev/null 2>&1 || { \
+	  echo "installing $(2) (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null) \
+	  || (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null); }
+
+# The Redis tests run a private redis-server.
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (apt-get)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-	  || (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); }
+	@$(call apt-install,redis-server,redis-server)
+
+# The HTML report tests open the pages in Debian's headless Chromium (no browser download).
+chromium:
+	@$(call apt-install,chromium,chromium)
+
+# actionlint checks the example workflow's scripts with shellcheck when it is installed.
+shellcheck:
+	@$(call apt-install,shellcheck,shellcheck)
+
+# sdist + wheel as a release builds them, each installed into a fresh venv and run from there,
+# also built without a C compiler (scripts/check_release.sh).
+release-check: $(STAMP)
+	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/check_release.sh
 
 # Every test against the compiled build (what installs get), then the decision path's own tests
 # against its pure-Python sources (what an install without a C compiler gets): both must agree.
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server chromium shellcheck
 	$(BIN)/python -m pytest -q
 	POLICY_ENGINE_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_decide.py tests/test_decide_settle.py \
 	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py \
 	  tests/test_ratelimit.py tests/test_observe.py tests/test_simulate.py tests/test_telemetry.py
+	$(MAKE) --no-print-directory release-check
 
 demo: $(STAMP)
 	$(BIN)/python -m policy_engine.demo

@@ -89,11 +89,13 @@ class Outcome:
     standard_latency_s: float
     fast_latency_s: float | None
     priced: bool
+    at: float
+    """The line's decision time, epoch seconds (the replay's clock)."""
 
     # Written out: the __init__ @dataclass generates is interpreted code, one call per log line.
     def __init__(self, line: int, speed: str, rule: str, outcome: str, forced_by: str | None, cost_micro: int,
                  standard_micro: int, fast_micro: int | None, latency_s: float, standard_latency_s: float,
-                 fast_latency_s: float | None, priced: bool) -> None:
+                 fast_latency_s: float | None, priced: bool, at: float = 0.0) -> None:
         self.line = line
         self.speed = speed
         self.rule = rule
@@ -106,6 +108,7 @@ class Outcome:
         self.standard_latency_s = standard_latency_s
         self.fast_latency_s = fast_latency_s
         self.priced = priced
+        self.at = at
 
 
 # -- reading the log ------------------------------------------------------------------------
@@ -238,6 +241,10 @@ class Report:
              _seconds(std.latency_s - self.all_fast.latency_s)),
         ]
 
+    def _by_rule(self) -> list[tuple[str, Counter[str]]]:
+        """Rules by how many requests they decided, most first (ties by name)."""
+        return sorted(self.rules.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+
     def render_text(self) -> str:
         d = self.decided
         lines = [f"policy {self.policy} @{self.version}: {d} requests decided"
@@ -253,7 +260,7 @@ class Report:
             if counter:
                 lines.append(f"{title} by reason: " + ", ".join(f"{k} {v}" for k, v in counter.most_common()))
         lines.append("by rule:")
-        for rule, counts in sorted(self.rules.items(), key=lambda kv: -sum(kv[1].values())):
+        for rule, counts in self._by_rule():
             lines.append(f"  {rule:32} " + "  ".join(f"{s} {counts[s]}" for s in ("fast", "standard", "rejected") if counts.get(s)))
         lines.extend(f"invalid: {e}" for e in self.errors)
         return "\n".join(lines) + "\n"
@@ -271,6 +278,9 @@ class Report:
             out += ["", "| | reason | requests |", "|---|---|---:|"]
             out += [f"| downgrade | `{k}` | {v} |" for k, v in self.downgrades.most_common()]
             out += [f"| reject | `{k}` | {v} |" for k, v in self.rejects.most_common()]
+        out += ["", "| rule | fast | standard | rejected |", "|---|---:|---:|---:|"]
+        out += [f"| `{rule}` | " + " | ".join(str(counts.get(s, 0)) for s in ("fast", "standard", "rejected")) + " |"
+                for rule, counts in self._by_rule()]
         notes = []
         if self.unpriced:
             notes.append(f"{self.unpriced} requests use a model the catalog cannot price; they count as $0.")
@@ -329,7 +339,10 @@ def _json_value(text: str) -> Any:
 class Replayer:
     """Replays log lines in order through one compiled policy with its own fresh state."""
 
-    def __init__(self, compiled: CompiledPolicy, catalog: Catalog | None = None) -> None:
+    def __init__(self, compiled: CompiledPolicy, catalog: Catalog | None = None,
+                 ledger: Callable[..., MemoryLedger] = MemoryLedger) -> None:
+        """`ledger` makes the replay's ledger (called with the replay's `clock` and `settled_memory_s`):
+        a MemoryLedger subclass can watch what the engine records, as the HTML report does."""
         self.compiled = compiled
         self.catalog = catalog or load_catalog()
         self._now: datetime | None = START_TIME
@@ -337,7 +350,7 @@ class Replayer:
         # Reservations are settled at once, so nothing needs remembering past the replay's clock.
         # The replay's clock is a compiled method, not a lambda: the engine and the ledger read it
         # three times a line, and a lambda would be an interpreted call each time.
-        self.ledger = MemoryLedger(clock=self._clock, settled_memory_s=0.0)
+        self.ledger = ledger(clock=self._clock, settled_memory_s=0.0)
         self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=self._clock)
         self._requests: dict[str, Any] = {}
         self._scans: dict[int, tuple[dict[str, Any], dict[str, object]]] = {}
@@ -545,7 +558,7 @@ class Replayer:
         fast_s = ttft_s + counts[1] / fast_otps if fast is not None and fast_otps else None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
         return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
-                       standard, fast, latency, std_s, fast_s, mp.std_rates is not None)
+                       standard, fast, latency, std_s, fast_s, mp.std_rates is not None, self._epoch)
 
     def _expected_input(self, number: int, request: dict[str, Any]) -> int:
         try:
@@ -688,11 +701,16 @@ def _signed_s(seconds: float) -> str:
     return ("+" if seconds > 0 else "") + _seconds(seconds)
 
 
-def diff(old: CompiledPolicy, new: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog: Catalog | None = None,
-         progress: Callable[[int], None] | None = None) -> DiffReport:
-    """Replay `lines` through both policies, each with its own state, and pair their decisions."""
+def diff(old: CompiledPolicy | Replayer, new: CompiledPolicy | Replayer, lines: Iterable[tuple[int, str]],
+         catalog: Catalog | None = None, progress: Callable[[int], None] | None = None,
+         on_outcome: Callable[[Outcome, Outcome], None] | None = None) -> DiffReport:
+    """Replay `lines` through both policies, each with its own state, and pair their decisions.
+
+    OLD and NEW are compiled policies, or replayers made for them (to choose their ledgers);
+    `on_outcome` sees each line's pair of outcomes, old first."""
     catalog = catalog or load_catalog()
-    a, b = Replayer(old, catalog), Replayer(new, catalog)
+    a = old if isinstance(old, Replayer) else Replayer(old, catalog)
+    b = new if isinstance(new, Replayer) else Replayer(new, catalog)
     result = DiffReport(a.report, b.report)
     started = time.perf_counter()
     for number, text in lines:
@@ -709,6 +727,8 @@ def diff(old: CompiledPolicy, new: CompiledPolicy, lines: Iterable[tuple[int, st
         a.report.add(first)
         b.report.add(second)
         result.add(first, second)
+        if on_outcome is not None:
+            on_outcome(first, second)
         if progress is not None and not a.report.lines & 1023:
             progress(a.report.lines)
     a.report.elapsed_s = b.report.elapsed_s = time.perf_counter() - started

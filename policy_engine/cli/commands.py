@@ -16,9 +16,10 @@ from typing import IO, Any
 from ..errors import PolicyEngineError, PolicyError
 from . import EXIT_FINDINGS, EXIT_OK, UsageError
 from .catalog import setup_catalog
+from .review import setup_review
 
 FORMATS_LINT = ("text", "json", "sarif", "github")
-FORMATS_REPORT = ("text", "json", "markdown")
+FORMATS_REPORT = ("text", "json", "markdown", "html")
 
 
 def _catalog(args: argparse.Namespace) -> Any:
@@ -308,6 +309,17 @@ def _compiled(spec: str) -> Any:
     return compile_file(spec, text=shown.stdout)
 
 
+def _report_available(fmt: str) -> None:
+    """--format html needs the `report` extra: say so before a long replay, as a usage error."""
+    from ..report import ReportError, require_plotly
+
+    if fmt == "html":
+        try:
+            require_plotly()
+        except ReportError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def setup_simulate(p: argparse.ArgumentParser) -> None:
     """Replay a request log through a policy and report what it would decide and cost.
 
@@ -316,7 +328,10 @@ def setup_simulate(p: argparse.ArgumentParser) -> None:
     `input_tokens`, `batch`, `usage` (else billed as the estimate expects), and `account`
     with the response's `headers` (and `status`) to replay fast rate-limit state. Reports
     the speed mix, cost and fast premium, latency saved, downgrades and rejects by
-    reason, and the all-standard and all-fast baselines."""
+    reason, and the all-standard and all-fast baselines. --format markdown adds a chart of
+    the spend per hour (mermaid, as GitHub renders it); --format html writes one
+    self-contained page of charts (needs the `report` extra: pip install
+    'policy-engine[report]')."""
     p.add_argument("policy", metavar="POLICY", help="policy file (or git rev:path)")
     p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
     p.add_argument("--format", choices=FORMATS_REPORT, default="text", help="output format (default text)")
@@ -327,15 +342,17 @@ def setup_simulate(p: argparse.ArgumentParser) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from ..simulate import Replayer, iter_log
+    from ..report import run_simulate as replay
+    from ..simulate import iter_log
 
+    _report_available(args.format)
     compiled = _compiled(args.policy)
     catalog = _catalog(args)
     with _open_requests(args.requests) as stream:
         progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
-        report = Replayer(compiled, catalog).run(iter_log(stream), progress=progress)
+        report, text = replay(compiled, iter_log(stream), args.format, catalog, progress=progress)
         progress.done()
-    _write(report.render(args.format))
+    _write(text)
     if report.invalid:
         print(f"policy-engine simulate: {report.invalid} invalid log lines skipped (first: {report.errors[0]})",
               file=sys.stderr)
@@ -347,7 +364,9 @@ def setup_diff(p: argparse.ArgumentParser) -> None:
 
     Shows the decisions that change, grouped by (old -> new speed, rule), with cost and
     latency deltas. OLD and NEW are files or git revisions (`main:policies/default.yaml`);
-    --format markdown gives a pull-request comment."""
+    --format markdown gives a pull-request comment, with a chart of the spend per hour;
+    --format html one self-contained page charting old against new (needs the `report`
+    extra)."""
     p.add_argument("old", metavar="OLD", help="old policy: a file or git rev:path")
     p.add_argument("new", metavar="NEW", help="new policy: a file or git rev:path")
     p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
@@ -358,15 +377,17 @@ def setup_diff(p: argparse.ArgumentParser) -> None:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    from ..simulate import diff, iter_log
+    from ..report import run_diff as replay
+    from ..simulate import iter_log
 
+    _report_available(args.format)
     old, new = _compiled(args.old), _compiled(args.new)
     catalog = _catalog(args)
     with _open_requests(args.requests) as stream:
         progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
-        result = diff(old, new, iter_log(stream), catalog, progress=progress)
+        result, text = replay(old, new, iter_log(stream), args.format, catalog, progress=progress)
         progress.done()
-    _write(result.render(args.format))
+    _write(text)
     return EXIT_OK
 
 
@@ -453,4 +474,5 @@ VERBS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "schema": setup_schema,
     "check": setup_check,
     "catalog": setup_catalog,
+    "review": setup_review,
 }
