@@ -192,7 +192,7 @@ def _test_failure(document: Document, file: str, index: int, outcome: Any, targe
     """PE304 for a case whose input cannot be decided, PE305 for one whose decision is not the expected one."""
     invalid = outcome.decision is None
     code = "PE304" if invalid else "PE305"
-    line, col = document.locate(("tests", index, "request" if invalid else "expect"))
+    line, col = document.locate(("tests", index, "request")) if invalid else document.locate(("tests", index, "expect"), key=True)
     against = f" against {target}" if target else ""
     what = outcome.failures[0] if invalid else "; ".join(outcome.failures[:-1])
     hint = None if invalid else outcome.failures[-1] + "; `policy-engine test` shows the diff"

@@ -59,10 +59,10 @@ def _item_spans(text: str) -> dict[int, int]:
     for key, value in root.value:
         if isinstance(key, yaml.ScalarNode) and key.value in _ITEMS and isinstance(value, yaml.SequenceNode):
             for item in value.value:
-                end = item.end_mark
-                # A block item ends at the start of the next line: its last line is the one before.
-                last = end.line if end.column > 0 else end.line - 1
-                spans[item.start_mark.line + 1] = max(last + 1, item.start_mark.line + 1)
+                # A block item's end mark is where the next token starts: its last line is the
+                # last one with text before that (comments between items belong to neither).
+                body = text[item.start_mark.index:item.end_mark.index].rstrip()
+                spans[item.start_mark.line + 1] = item.start_mark.line + 1 + body.count("\n")
     return spans
 
 

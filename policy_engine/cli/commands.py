@@ -131,7 +131,7 @@ def run_lint(args: argparse.Namespace) -> int:
 
     catalog = _catalog(args)
     paths = _paths(args)
-    files = _files(paths)
+    files = list(dict.fromkeys(_files(paths) + _files(paths, tests=True)))
     if not files:
         raise UsageError("no policy files found in " + ", ".join(paths))
     max_cost = args.max_cost if args.max_cost is not None else MAX_EXPRESSION_COST
