@@ -29,16 +29,16 @@ def junit(report: dict[str, Any]) -> str:
     errors = report.get("errors", [])
     total_time = sum(c["time_s"] for p in report["policies"] for c in p["cases"])
     root = ET.Element("testsuites", name="policy-engine test", tests=str(cases_total + len(errors)),
-                      failures=str(report["failed"]), errors=str(len(errors)), time=f"{total_time:.6f}")
+                      failures=str(report["failed"]), errors=str(len(errors)), time=f"{total_time:.3f}")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     for entry in report["policies"]:
         cases = entry["cases"]
         suite = ET.SubElement(root, "testsuite", name=entry["policy"], tests=str(len(cases)),
                               failures=str(sum(not c["passed"] for c in cases)), errors="0", skipped="0",
-                              time=f"{sum(c['time_s'] for c in cases):.6f}", timestamp=stamp, file=entry["file"])
+                              time=f"{sum(c['time_s'] for c in cases):.3f}", timestamp=stamp, file=entry["file"])
         for case in cases:
             element = ET.SubElement(suite, "testcase", name=case["name"], classname=entry["file"],
-                                    time=f"{case['time_s']:.6f}")
+                                    time=f"{case['time_s']:.3f}")
             if not case["passed"]:
                 failure = ET.SubElement(element, "failure", type="expectation",
                                         message=f"{case['where']}: {case['failures'][0] if case['failures'] else 'failed'}")
@@ -112,9 +112,13 @@ def cobertura(coverages: Sequence[tuple[str, Any]], root: str) -> str:
     ET.SubElement(ET.SubElement(top, "sources"), "source").text = os.path.abspath(root)
     packages = ET.SubElement(top, "packages")
     by_dir: dict[str, list[tuple[str, Any]]] = {}
+    base = os.path.abspath(root)
     for path, coverage in coverages:
-        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-        by_dir.setdefault(os.path.dirname(relative).replace(os.sep, ".") or ".", []).append((relative, coverage))
+        full = os.path.abspath(path)
+        # Inside the root, relative to <source>; outside it, absolute (readers take either).
+        shown = os.path.relpath(full, base) if os.path.commonpath([full, base]) == base else full
+        package = os.path.dirname(shown).strip(os.sep).replace(os.sep, ".") or "."
+        by_dir.setdefault(package, []).append((shown, coverage))
     for package_name, members in by_dir.items():
         p_lines = [all_lines[_orig(coverages, c)] for _, c in members]
         p_valid = sum(len(v) for v in p_lines)
