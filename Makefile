@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench schemas clean redis-server
+.PHONY: test demo bench schemas clean redis-server lcov
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,16 @@ redis-server:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); }
 
+# The coverage-format tests read `test --format lcov` back with lcov's own tools.
+lcov:
+	@command -v genhtml >/dev/null 2>&1 || { \
+	  echo "installing lcov (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lcov >/dev/null) \
+	  || (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lcov >/dev/null); }
+
 # Every test against the compiled build (what installs get), then the decision path's own tests
 # against its pure-Python sources (what an install without a C compiler gets): both must agree.
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server lcov
 	$(BIN)/python -m pytest -q
 	POLICY_ENGINE_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_decide.py tests/test_decide_settle.py \
 	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py \

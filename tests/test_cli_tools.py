@@ -90,3 +90,18 @@ def test_bench_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert _run(["bench", str(DEFAULT), "--requests", str(tmp_path / "missing.jsonl")], capsys)[0] == 2
     assert _run(["bench", str(tmp_path / "missing.yaml")], capsys)[0] == 2
     assert _run(["bench", str(DEFAULT), "--limit", "0"], capsys)[0] == 2
+
+
+def test_the_readme_documents_every_verb_and_option() -> None:
+    import argparse
+
+    from policy_engine.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    [verbs] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in verbs.choices.items():
+        assert f"`{name}" in readme, name
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in readme, f"{name} {option}"
