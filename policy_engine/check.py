@@ -817,6 +817,7 @@ def _rule(code: str) -> dict[str, Any]:
 
 def _sarif(results: Sequence[LintResult], root: str | os.PathLike[str] | None = None) -> str:
     from . import __version__
+    from .diagnostic_help import readme_uri
 
     base = Path(os.path.abspath(root or os.getcwd()))
     used = sorted(set(CODES) | {d.code for _, d in _all(results)})
@@ -839,17 +840,11 @@ def _sarif(results: Sequence[LintResult], root: str | os.PathLike[str] | None = 
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
         "runs": [{"tool": {"driver": {"name": "policy-engine", "version": __version__, "rules": rules,
-                                      "informationUri": help_uri_base()}},
+                                      "informationUri": readme_uri()}},
                   "originalUriBaseIds": {SRCROOT: {"uri": base.as_uri() + "/"}},
                   "results": sarif_results}],
     }
     return json.dumps(log, indent=2) + "\n"
-
-
-def help_uri_base() -> str:
-    from .diagnostic_help import help_uri
-
-    return help_uri("").removesuffix("#")
 
 
 def _escape_data(text: str) -> str:

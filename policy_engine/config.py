@@ -26,7 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import Diagnostic, PolicyError, did_you_mean
 
@@ -62,8 +62,18 @@ class RepoConfig(BaseModel):
     severity: dict[str, Literal["error", "warning", "info", "off"]] = Field(
         default_factory=dict, description="Severity per diagnostic code; `off` drops the code's findings.")
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    file: str | None = Field(default=None, exclude=True, description="Where the settings came from (set by the loader).")
-    root: str | None = Field(default=None, exclude=True, description="The directory the settings' paths are relative to.")
+    _file: str | None = PrivateAttr(default=None)
+    _root: str | None = PrivateAttr(default=None)
+
+    @property
+    def file(self) -> str | None:
+        """Where the settings came from; None for the defaults."""
+        return self._file
+
+    @property
+    def root(self) -> str | None:
+        """The directory the settings' paths are relative to; None for the defaults."""
+        return self._root
 
     @field_validator("severity")
     @classmethod
@@ -87,16 +97,23 @@ class RepoConfig(BaseModel):
 
 def _pyproject_table(path: Path) -> dict[str, Any] | None:
     try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([Diagnostic(str(path), 1, 1, "PE001", f"cannot read: {exc}")]) from None
+    if "policy-engine" not in text:
+        return None  # not ours: no need to parse it
+    try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
-            return None
+            if "[tool.policy-engine" not in text:
+                return None
+            raise PolicyError([Diagnostic(str(path), 1, 1, "PE001", "reading [tool.policy-engine] needs Python 3.11 or the "
+                                          "tomli package (pip install tomli), or a .policy-engine.yaml")]) from None
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([Diagnostic(str(path), 1, 1, "PE001", f"cannot read: {exc}")]) from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line, col = getattr(exc, "lineno", 1) or 1, getattr(exc, "colno", 1) or 1
         raise PolicyError([Diagnostic(str(path), line, col, "PE001", f"TOML syntax error: {exc}")]) from None
@@ -124,31 +141,21 @@ def load_config(path: str | os.PathLike[str]) -> RepoConfig:
     from .load import read_yaml, validate
 
     path = Path(path)
-    root = str(path.parent) if str(path.parent) else "."
     if path.name == "pyproject.toml":
         table = _pyproject_table(path)
         if table is None:
             raise PolicyError([Diagnostic(str(path), 1, 1, "PE012", "no [tool.policy-engine] table")])
         try:
-            return RepoConfig.model_validate({**table, "file": str(path), "root": root})
-        except Exception as exc:  # pydantic.ValidationError: no positions in TOML, the key path says where
-            from pydantic import ValidationError
-
-            if not isinstance(exc, ValidationError):
+            config = RepoConfig.model_validate(table)
+        except ValidationError as exc:  # TOML keeps no positions: the key path says where
+            raise PolicyError([Diagnostic(str(path), 1, 1, "PE011", f"[tool.policy-engine] {'.'.join(map(str, e['loc']))}: {e['msg']}")
+                               for e in exc.errors(include_url=False)]) from None
+    else:
+        try:
+            config = validate(read_yaml(path), RepoConfig)
+        except PolicyError as exc:
+            if not all(d.code == "PE005" for d in exc.diagnostics):
                 raise
-            problems = [Diagnostic(str(path), 1, 1, "PE011", f"[tool.policy-engine] {'.'.join(map(str, e['loc']))}: {e['msg']}")
-                        for e in exc.errors(include_url=False)]
-            raise PolicyError(problems) from None
-    try:
-        document = read_yaml(path)
-    except PolicyError as exc:
-        if all(d.code == "PE005" for d in exc.diagnostics):
-            return RepoConfig(file=str(path), root=root)  # an empty settings file: every default
-        raise
-    if isinstance(document.data, dict):
-        for reserved in ("file", "root"):
-            if reserved in document.data:
-                raise PolicyError([document.diagnostic((reserved,), "PE010", f"unknown key '{reserved}'", key=True)],
-                                  {str(path): document.source})
-        document.data = {**document.data, "file": str(path), "root": root}
-    return validate(document, RepoConfig)
+            config = RepoConfig()  # an empty settings file: every default
+    config._file, config._root = str(path), str(path.parent)
+    return config

@@ -7,7 +7,9 @@ and the README's "Diagnostic codes" table is generated from both.
 
 from __future__ import annotations
 
-__all__ = ["HELP", "help_uri", "README_URL", "codes_markdown"]
+import functools
+
+__all__ = ["HELP", "help_uri", "readme_uri", "README_URL", "codes_markdown"]
 
 README_URL = "https://github.com/anthropics/policy-engine/blob/main/README.md"
 """Where the README is published when the installed distribution names no Documentation URL."""
@@ -89,14 +91,16 @@ HELP: dict[str, tuple[str, str]] = {
 """Code -> (full description, help in markdown)."""
 
 
-def _readme() -> str:
+@functools.lru_cache(maxsize=1)
+def readme_uri() -> str:
+    """The published README: the installed distribution's Documentation URL, else README_URL."""
     try:
         from importlib.metadata import PackageNotFoundError, metadata
 
         for entry in metadata("policy-engine").get_all("Project-URL") or ():
             label, _, url = entry.partition(",")
             if label.strip().lower() in ("documentation", "docs"):
-                return url.strip()
+                return str(url).strip()
     except PackageNotFoundError:  # running from a source tree that is not installed
         pass
     return README_URL
@@ -104,7 +108,7 @@ def _readme() -> str:
 
 def help_uri(code: str) -> str:
     """The README's entry for a code (its row in "Diagnostic codes")."""
-    return f"{_readme()}#{code.lower()}"
+    return f"{readme_uri()}#{code.lower()}"
 
 
 def codes_markdown() -> str:

@@ -248,7 +248,7 @@ def test_diff_reports_every_threshold_it_checks(tmp_path: Path, small_log: Path,
 
 def test_diff_thresholds_come_from_the_settings_file(tmp_path: Path, small_log: Path, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    old, new = _policy(tmp_path, "old.yaml"), _policy(tmp_path, "new.yaml", speed="fast")
+    _policy(tmp_path, "old.yaml"), _policy(tmp_path, "new.yaml", speed="fast")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".policy-engine.yaml").write_text("thresholds:\n  max_cost_increase_usd: 1\n")
     monkeypatch.chdir(tmp_path)

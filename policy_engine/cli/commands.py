@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -216,16 +217,16 @@ def _suites(paths: list[str]) -> tuple[dict[str, list[tuple[Any, str]]], list[st
                 test_files.append(sibling)
     suites: dict[str, list[tuple[Any, str]]] = {}
     problems: list[str] = []
-    for path in policies:
-        suites.setdefault(os.path.normpath(path), [])
-    for path in dict.fromkeys(os.path.normpath(f) for f in test_files):
+    for policy in policies:
+        suites.setdefault(os.path.normpath(policy), [])
+    for name in dict.fromkeys(os.path.normpath(f) for f in test_files):
         try:
-            tests, document, target = load_test_file(path)
+            tests, document, target = load_test_file(name)
         except PolicyError as exc:
             problems.append(exc.format())
             continue
         for index, case in enumerate(tests.tests):
-            suites.setdefault(os.path.normpath(target), []).append((case, f"{path}:{document.locate(('tests', index))[0]}"))
+            suites.setdefault(os.path.normpath(target), []).append((case, f"{name}:{document.locate(('tests', index))[0]}"))
     return suites, problems
 
 
@@ -338,6 +339,12 @@ def setup_explain(p: argparse.ArgumentParser) -> None:
     Message Batches request); --context the caller's context; --state the budget,
     rate-limit and conversation state, as a test case's `state:`."""
     p.add_argument("policy", metavar="POLICY", help="policy file")
+    add_decision_inputs(p)
+    p.set_defaults(run=run_explain)
+
+
+def add_decision_inputs(p: argparse.ArgumentParser) -> None:
+    """The options that describe one request to decide (explain, eval), and --format and --catalog."""
     p.add_argument("--request", required=True, metavar="FILE", help="Messages API parameters (JSON or YAML; - for stdin)")
     p.add_argument("--context", metavar="FILE", help="the caller's context (JSON or YAML)")
     p.add_argument("--state", metavar="FILE", help="budget / rate-limit / conversation state (JSON or YAML)")
@@ -345,7 +352,6 @@ def setup_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-tokens", type=int, metavar="N", help="exact input token count (default: estimated)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     _add_catalog(p)
-    p.set_defaults(run=run_explain)
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -403,6 +409,22 @@ def _open_requests(path: str) -> IO[bytes]:
         return open_log(path)
     except PolicyEngineError as exc:
         raise UsageError(str(exc)) from None
+
+
+def log_time(ts: Any) -> datetime | None:
+    """A log line's `ts` (RFC 3339, `Z` allowed, or epoch seconds) as an aware datetime; None if it is neither."""
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        try:
+            return datetime.fromtimestamp(ts, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(ts, str):
+        try:
+            when = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts)
+        except ValueError:
+            return None
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return None
 
 
 def _compiled(spec: str) -> Any:

@@ -96,58 +96,52 @@ def _rate(part: int, whole: int) -> str:
 
 
 def cobertura(coverages: Sequence[tuple[str, Any]], root: str) -> str:
-    """Cobertura XML (coverage-04.dtd): a class per policy file, a method per rule."""
+    """Cobertura XML (coverage-04.dtd): a package per directory, a class per policy file, a method per rule."""
     from .. import __version__
 
-    all_lines = {path: _lines(c) for path, c in coverages}
-    lines_valid = sum(len(v) for v in all_lines.values())
-    lines_covered = sum(h > 0 for v in all_lines.values() for h, _, _ in v.values())
-    branches_valid = sum(len(c.items) for _, c in coverages)
-    branches_covered = sum(c.covered for _, c in coverages)
-    top = ET.Element("coverage", {
-        "line-rate": _rate(lines_covered, lines_valid), "branch-rate": _rate(branches_covered, branches_valid),
-        "lines-covered": str(lines_covered), "lines-valid": str(lines_valid),
-        "branches-covered": str(branches_covered), "branches-valid": str(branches_valid),
-        "complexity": "0", "version": __version__, "timestamp": str(int(time.time() * 1000))})
-    ET.SubElement(ET.SubElement(top, "sources"), "source").text = os.path.abspath(root)
-    packages = ET.SubElement(top, "packages")
-    by_dir: dict[str, list[tuple[str, Any]]] = {}
     base = os.path.abspath(root)
+    packages: dict[str, list[tuple[str, Any, dict[int, tuple[int, int, int]]]]] = {}
     for path, coverage in coverages:
         full = os.path.abspath(path)
         # Inside the root, relative to <source>; outside it, absolute (readers take either).
         shown = os.path.relpath(full, base) if os.path.commonpath([full, base]) == base else full
-        package = os.path.dirname(shown).strip(os.sep).replace(os.sep, ".") or "."
-        by_dir.setdefault(package, []).append((shown, coverage))
-    for package_name, members in by_dir.items():
-        p_lines = [all_lines[_orig(coverages, c)] for _, c in members]
-        p_valid = sum(len(v) for v in p_lines)
-        p_covered = sum(h > 0 for v in p_lines for h, _, _ in v.values())
-        p_bvalid = sum(len(c.items) for _, c in members)
-        p_bcovered = sum(c.covered for _, c in members)
-        package = ET.SubElement(packages, "package", {
-            "name": package_name, "line-rate": _rate(p_covered, p_valid), "branch-rate": _rate(p_bcovered, p_bvalid),
-            "complexity": "0"})
+        name = os.path.dirname(shown).strip(os.sep).replace(os.sep, ".") or "."
+        packages.setdefault(name, []).append((shown.replace(os.sep, "/"), coverage, _lines(coverage)))
+
+    def rates(members: list[tuple[str, Any, dict[int, tuple[int, int, int]]]]) -> dict[str, str]:
+        lines = [hits for _, _, by_line in members for hits, _, _ in by_line.values()]
+        branches = sum(len(c.items) for _, c, _ in members)
+        covered = sum(c.covered for _, c, _ in members)
+        return {"line-rate": _rate(sum(h > 0 for h in lines), len(lines)), "branch-rate": _rate(covered, branches),
+                "lines-covered": str(sum(h > 0 for h in lines)), "lines-valid": str(len(lines)),
+                "branches-covered": str(covered), "branches-valid": str(branches)}
+
+    every = [m for members in packages.values() for m in members]
+    top = ET.Element("coverage", {**rates(every), "complexity": "0", "version": __version__,
+                                  "timestamp": str(int(time.time() * 1000))})
+    ET.SubElement(ET.SubElement(top, "sources"), "source").text = base
+    package_list = ET.SubElement(top, "packages")
+    for name, members in packages.items():
+        figures = rates(members)
+        package = ET.SubElement(package_list, "package", {"name": name, "line-rate": figures["line-rate"],
+                                                          "branch-rate": figures["branch-rate"], "complexity": "0"})
         classes = ET.SubElement(package, "classes")
-        for relative, coverage in members:
-            lines = all_lines[_orig(coverages, coverage)]
-            covered_lines = sum(h > 0 for h, _, _ in lines.values())
-            cls = ET.SubElement(classes, "class", {
-                "name": coverage.compiled.name, "filename": relative.replace(os.sep, "/"),
-                "line-rate": _rate(covered_lines, len(lines)), "branch-rate": _rate(coverage.covered, len(coverage.items)),
-                "complexity": "0"})
+        for shown, coverage, by_line in members:
+            figures = rates([(shown, coverage, by_line)])
+            cls = ET.SubElement(classes, "class", {"name": coverage.compiled.name, "filename": shown,
+                                                   "line-rate": figures["line-rate"], "branch-rate": figures["branch-rate"],
+                                                   "complexity": "0"})
             methods = ET.SubElement(cls, "methods")
             for yes, no in _pairs(coverage):
                 if yes.what != "matched":
                     continue
                 rule_items = [i for i in coverage.items if i.rule == yes.rule]
-                hit = sum(i.covered for i in rule_items)
                 method = ET.SubElement(methods, "method", {
                     "name": yes.rule, "signature": "", "line-rate": "1" if yes.hits + no.hits else "0",
-                    "branch-rate": _rate(hit, len(rule_items)), "complexity": "0"})
+                    "branch-rate": _rate(sum(i.covered for i in rule_items), len(rule_items)), "complexity": "0"})
                 ET.SubElement(ET.SubElement(method, "lines"), "line", number=str(yes.line), hits=str(yes.hits + no.hits))
             line_elements = ET.SubElement(cls, "lines")
-            for number, (hits, covered, total) in lines.items():
+            for number, (hits, covered, total) in by_line.items():
                 percent = 100 * covered // total
                 line = ET.SubElement(line_elements, "line", {
                     "number": str(number), "hits": str(hits), "branch": "true",
@@ -155,7 +149,3 @@ def cobertura(coverages: Sequence[tuple[str, Any]], root: str) -> str:
                 ET.SubElement(ET.SubElement(line, "conditions"), "condition", number="0", type="jump", coverage=f"{percent}%")
     doctype = '<!DOCTYPE coverage SYSTEM "http://cobertura.sourceforge.net/xml/coverage-04.dtd">\n'
     return _xml(top, doctype)
-
-
-def _orig(coverages: Sequence[tuple[str, Any]], coverage: Any) -> str:
-    return next(path for path, c in coverages if c is coverage)

@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
@@ -84,14 +83,10 @@ class LogSpan:
 
 
 def _epoch(text: str | None, number: str | None) -> float | None:
-    if number is not None:
-        return float(number)
-    assert text is not None
-    try:
-        when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
-    except ValueError:
-        return None
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    from .commands import log_time
+
+    when = log_time(float(number) if number is not None else text)
+    return None if when is None else when.timestamp()
 
 
 @dataclass

@@ -38,16 +38,10 @@ def setup_eval(p: argparse.ArgumentParser) -> None:
     Exit 0 when it evaluates, 1 when it does not compile or its evaluation fails (the
     message says where), 2 on usage errors (bad options, unreadable files)."""
     p.add_argument("expression", metavar="EXPR", help="a CEL expression, e.g. 'request.input_tokens > 10000'")
-    p.add_argument("--request", required=True, metavar="FILE", help="Messages API parameters (JSON or YAML; - for stdin)")
-    p.add_argument("--context", metavar="FILE", help="the caller's context (JSON or YAML)")
-    p.add_argument("--state", metavar="FILE", help="budget / rate-limit / conversation state (JSON or YAML)")
     p.add_argument("--policy", metavar="POLICY", help="policy whose budgets and variables the expression may read")
-    p.add_argument("--now", metavar="TIME", help="decision time, RFC 3339 (default 2026-01-01T12:00:00Z)")
-    p.add_argument("--input-tokens", type=int, metavar="N", help="exact input token count (default: estimated)")
-    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
-    from .commands import _add_catalog
+    from .commands import add_decision_inputs
 
-    _add_catalog(p)
+    add_decision_inputs(p)
     p.set_defaults(run=run_eval)
 
 
@@ -163,11 +157,11 @@ Call = Callable[[], Any]
 
 
 def _log_calls(compiled: Any, catalog: Any, path: str, limit: int | None) -> tuple[list[Call], int]:
-    """A decide call per valid log line (one engine, reservations released), and the invalid lines."""
+    """A decide call per log line (one engine, reservations released), and the count of lines that are not records."""
     from ..decide import Engine
     from ..ledger import MemoryLedger
     from ..simulate import LogError, Replayer, iter_log
-    from .commands import _open_requests
+    from .commands import _open_requests, log_time
 
     engine = Engine([compiled], catalog, ledger=MemoryLedger())
     parser = Replayer(compiled, catalog)
@@ -186,29 +180,9 @@ def _log_calls(compiled: Any, catalog: Any, path: str, limit: int | None) -> tup
             if not isinstance(request, dict) or (context is not None and not isinstance(context, dict)):
                 invalid += 1
                 continue
-            now = _when(record.get("ts"))
             tokens = record.get("input_tokens") if type(record.get("input_tokens")) is int else None
-            batch = record.get("batch") is True
-            call = _decider(engine, request, context, now, batch, tokens)
-            try:
-                call()
-            except PolicyEngineError:
-                invalid += 1
-                continue
-            calls.append(call)
+            calls.append(_decider(engine, request, context, log_time(record.get("ts")), record.get("batch") is True, tokens))
     return calls, invalid
-
-
-def _when(ts: Any) -> datetime | None:
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-        return datetime.fromtimestamp(ts, timezone.utc)
-    if isinstance(ts, str):
-        try:
-            when = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts)
-        except ValueError:
-            return None
-        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-    return None
 
 
 def _decider(engine: Any, request: dict[str, Any], context: Any, now: datetime | None, batch: bool,
@@ -229,20 +203,25 @@ def _test_calls(compiled: Any, catalog: Any) -> tuple[list[Call], int]:
     from ..testing.runner import DEFAULT_TEST_TIME, _engine_for
 
     calls: list[Call] = []
-    invalid = 0
     for case in compiled.policy.tests:
         now = case.now or DEFAULT_TEST_TIME
         now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
         request = dict(case.request)
         batch = bool(request.pop("batch", False))
-        call = _decider(_engine_for(compiled, case, catalog, now), request, case.context, now, batch, case.input_tokens)
+        calls.append(_decider(_engine_for(compiled, case, catalog, now), request, case.context, now, batch, case.input_tokens))
+    return calls, 0
+
+
+def _decidable(calls: list[Call]) -> tuple[list[Call], int]:
+    """The calls whose request the engine can decide (tried once each), and how many it cannot."""
+    kept = []
+    for call in calls:
         try:
             call()
         except PolicyEngineError:
-            invalid += 1
             continue
-        calls.append(call)
-    return calls, invalid
+        kept.append(call)
+    return kept, len(calls) - len(kept)
 
 
 def _rounds(calls: list[Call], samples: int) -> Iterator[Call]:
@@ -264,8 +243,10 @@ def run_bench(args: argparse.Namespace) -> int:
     compiled = _compiled(args.policy)
     catalog = _catalog(args)
     source = args.requests or "the policy's tests"
-    calls, invalid = (_log_calls(compiled, catalog, args.requests, args.limit) if args.requests
-                      else _test_calls(compiled, catalog))
+    candidates, invalid = (_log_calls(compiled, catalog, args.requests, args.limit) if args.requests
+                           else _test_calls(compiled, catalog))
+    calls, undecidable = _decidable(candidates)
+    invalid += undecidable
     if not calls:
         print(f"policy-engine bench: no request in {source} could be decided ({invalid} invalid)", file=sys.stderr)
         return EXIT_FINDINGS
