@@ -765,6 +765,11 @@ def _all(results: Sequence[LintResult]) -> Iterator[tuple[LintResult, Diagnostic
             yield result, diagnostic
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 rule`, `2 rules`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _summary(results: Sequence[LintResult]) -> dict[str, int]:
     return {"files": len(results), "errors": sum(r.errors for r in results), "warnings": sum(r.warnings for r in results)}
 
@@ -772,8 +777,7 @@ def _summary(results: Sequence[LintResult]) -> dict[str, int]:
 def _text(results: Sequence[LintResult]) -> str:
     out = [d.format(r.source) for r, d in _all(results)]
     s = _summary(results)
-    out.append(f"{s['files']} file{'s' if s['files'] != 1 else ''} checked: {s['errors']} error{'s' if s['errors'] != 1 else ''}, "
-               f"{s['warnings']} warning{'s' if s['warnings'] != 1 else ''}")
+    out.append(f"{plural(s['files'], 'file')} checked: {plural(s['errors'], 'error')}, {plural(s['warnings'], 'warning')}")
     return "\n".join(out) + "\n"
 
 
@@ -866,5 +870,5 @@ def _github(results: Sequence[LintResult]) -> str:
         message = d.message + (f" (hint: {d.hint})" if d.hint else "")
         out.append(f"::{level} {props}::{_escape_data(message)}")
     s = _summary(results)
-    out.append(f"policy-engine lint: {s['files']} files, {s['errors']} errors, {s['warnings']} warnings")
+    out.append(f"policy-engine lint: {plural(s['files'], 'file')}, {plural(s['errors'], 'error')}, {plural(s['warnings'], 'warning')}")
     return "\n".join(out) + "\n"

@@ -402,3 +402,13 @@ def test_explain_refuses_a_state_budget_the_policy_lacks(tmp_path: Path, capsys:
     status, _, err = _run(["explain", str(ROOT / "examples" / ".." / "policies" / "default.yaml"), "--request",
                            str(ROOT / "examples" / "request.json"), "--state", str(state)], capsys)
     assert status == 2 and "--state sets budget 'daily_fast_premiun'" in err and "did you mean 'daily_fast_premium'?" in err
+
+
+def test_counts_and_coverage_gaps_read_as_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _policy(tmp_path)
+    status, out, _ = _run(["lint", str(path), "--format", "github"], capsys)
+    assert status == 0 and out.endswith("policy-engine lint: 1 file, 0 errors, 0 warnings\n")
+    status, out, _ = _run(["test", str(path), "--coverage"], capsys)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "name: interactive" in text)
+    assert f"{path}:{line}:11: rule interactive: no test case where it does not match" in out
+    assert "never" not in out

@@ -95,11 +95,6 @@ def _files(paths: list[str], *, tests: bool = False) -> list[Path]:
         raise UsageError(f"no such file or directory: {exc.args[0]}") from None
 
 
-def plural(count: int, noun: str) -> str:
-    """`1 rule`, `2 rules`."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _write(text: str, out: IO[str] | None = None) -> None:
     (out or sys.stdout).write(text)
 
@@ -155,6 +150,7 @@ def setup_check(p: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from ..check import plural
     from ..compile import compile_file
 
     status = EXIT_OK

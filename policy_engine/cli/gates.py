@@ -159,10 +159,12 @@ def evaluate(result: Any, span: LogSpan, args: argparse.Namespace, settings: Any
 
 def render(gates: list[Gate], fmt: str, body: str) -> tuple[str, str]:
     """(stdout, stderr): the report with the thresholds added in its own format."""
+    from ..check import plural
+
     if not gates:
         return body, ""
     crossed = [g for g in gates if g.crossed]
-    verdict = (f"FAIL: {len(crossed)} threshold{'s' if len(crossed) != 1 else ''} crossed: "
+    verdict = (f"FAIL: {plural(len(crossed), 'threshold')} crossed: "
                + ", ".join(g.option for g in crossed)) if crossed else "thresholds: all met"
     if fmt == "json":
         data = json.loads(body)
