@@ -293,25 +293,20 @@ def run_test(args: argparse.Namespace) -> int:
     below = threshold is not None and percent + 1e-9 < threshold
     if below:
         report["threshold"] = threshold
-    if args.format == "json":
-        _write(json.dumps(report, indent=2) + "\n")
-    elif args.format == "junit":
-        _write(formats.junit(report))
-    elif args.format in ("lcov", "cobertura"):
-        _write(formats.lcov(coverages) if args.format == "lcov" else formats.cobertura(coverages, _root(args)))
-    if args.format != "text":
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        if below:
-            print(f"FAIL: coverage {percent:.1f}% is below the threshold of {threshold:g}%", file=sys.stderr)
-    else:
-        for problem in problems:
-            print(problem, file=sys.stderr)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    verdict = f"FAIL: coverage {percent:.1f}% is below the threshold of {threshold:g}%" if below else None
+    if args.format == "text":
         lines.append("-" * 40)
         lines.append(f"PASS: {passed}/{passed + failed}" + (f"   coverage: {percent:.1f}%" if coverage_on else ""))
-        if below:
-            lines.append(f"FAIL: coverage {percent:.1f}% is below the threshold of {threshold:g}%")
+        lines += [verdict] if verdict else []
         _write("\n".join(lines) + "\n")
+    else:
+        _write({"json": lambda: json.dumps(report, indent=2) + "\n", "junit": lambda: formats.junit(report),
+                "lcov": lambda: formats.lcov(coverages),
+                "cobertura": lambda: formats.cobertura(coverages, _root(args))}[args.format]())
+        if verdict:
+            print(verdict, file=sys.stderr)  # the report itself is for a machine
     return EXIT_FINDINGS if failed or problems or below else EXIT_OK
 
 
