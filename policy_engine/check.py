@@ -93,14 +93,16 @@ def is_test_file(path: Path) -> bool:
 def policy_files(paths: Sequence[str], *, tests: bool = False) -> list[Path]:
     """Files named on the command line, and the YAML files under named directories.
 
-    Directories yield policy files, or `*_test.yaml` files with `tests=True`; a file
-    named explicitly is always kept. Raises FileNotFoundError for a missing path.
+    Directories yield policy files, or `*_test.yaml` files with `tests=True`, leaving out
+    hidden files and directories; a file named explicitly is always kept. Raises FileNotFoundError for a missing path.
     """
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+            # Hidden files and directories (.policy-engine.yaml, .github/, .venv/, ...) are not policies.
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             files.extend(p for p in found if is_test_file(p) == tests)
         elif path.exists():
             files.append(path)

@@ -412,3 +412,15 @@ def test_counts_and_coverage_gaps_read_as_words(tmp_path: Path, capsys: pytest.C
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "name: interactive" in text)
     assert f"{path}:{line}:11: rule interactive: no test case where it does not match" in out
     assert "never" not in out
+
+
+def test_directories_leave_out_hidden_files_such_as_the_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".policy-engine.yaml").write_text("severity: {PE301: warning}\n")
+    (tmp_path / ".github" / "workflows").mkdir(parents=True)
+    (tmp_path / ".github" / "workflows" / "ci.yml").write_text("on: push\n")
+    _policy(tmp_path / "policies")
+    monkeypatch.chdir(tmp_path)
+    status, out, _ = _run(["lint", "."], capsys)
+    assert status == 0 and out == "1 file checked: 0 errors, 0 warnings\n"
