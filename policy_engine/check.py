@@ -803,7 +803,7 @@ def _artifact(path: str, root: Path) -> dict[str, str]:
     """An RFC 3986 artifactLocation: relative to %SRCROOT% inside the repository, else a file:// URI."""
     from urllib.parse import quote
 
-    absolute = Path(os.path.abspath(path))
+    absolute = Path(os.path.realpath(path))
     try:
         relative = absolute.relative_to(root)
     except ValueError:
@@ -825,7 +825,7 @@ def _sarif(results: Sequence[LintResult], root: str | os.PathLike[str] | None = 
     from . import __version__
     from .diagnostic_help import readme_uri
 
-    base = Path(os.path.abspath(root or os.getcwd()))
+    base = Path(os.path.realpath(root or os.getcwd()))
     used = sorted(set(CODES) | {d.code for _, d in _all(results)})
     rules = [_rule(code) if code in CODES else {"id": code, "name": code, "shortDescription": {"text": code}}
              for code in used]
