@@ -85,7 +85,7 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 
 def test_every_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for verb in ("lint", "test", "explain", "simulate", "diff", "fmt", "schema"):
+    for verb in ("lint", "test", "explain", "eval", "simulate", "diff", "bench", "fmt", "schema", "check"):
         status, out, _ = _run([verb, "--help"], capsys)
         assert status == 0 and out.startswith("usage: policy-engine " + verb)
 
