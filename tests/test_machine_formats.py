@@ -169,6 +169,10 @@ def test_sarif_validates_against_the_2_1_0_schema_with_help_for_every_rule(tmp_p
     locations = [r["locations"][0]["physicalLocation"]["artifactLocation"] for r in run["results"]]
     inside = [loc for loc in locations if loc.get("uriBaseId") == "%SRCROOT%"]
     assert inside and all(loc["uri"] == "dir%20with%20space/%C3%BCn%C3%AF/x%20%231.yaml" for loc in inside)
+    from rfc3986_validator import validate_rfc3986  # the draft-04 checker does not check uri-reference
+
+    assert all(validate_rfc3986(loc["uri"], rule="URI_reference") for loc in locations)
+    assert not validate_rfc3986("dir with space/x #1.yaml", rule="URI_reference")  # the check can fail
     absolute = [loc for loc in locations if "uriBaseId" not in loc]
     assert absolute and all(loc["uri"] == (outside / "y.yaml").resolve().as_uri() for loc in absolute)
     assert unquote(urlparse(absolute[0]["uri"]).path) == str((outside / "y.yaml").resolve())
