@@ -120,3 +120,25 @@ def codes_markdown() -> str:
         full, fix = (text.replace("|", "\\|") for text in HELP[code])
         rows.append(f'| <a id="{code.lower()}"></a>{code} | {severity} | {full} | {fix} |')
     return "\n".join(rows) + "\n"
+
+
+START, END = "<!-- diagnostic-codes:start -->\n", "<!-- diagnostic-codes:end -->"
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the table between the README's diagnostic-codes markers; True when it changed."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    updated = head + START + codes_markdown() + END + tail
+    if updated != text:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(updated)
+    return updated != text
+
+
+if __name__ == "__main__":  # python -m policy_engine.diagnostic_help README.md
+    import sys
+
+    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")

@@ -197,8 +197,8 @@ def test_the_readme_has_an_entry_for_every_code_the_help_links_to() -> None:
     from policy_engine.diagnostic_help import HELP, codes_markdown
 
     readme = (ROOT / "README.md").read_text()
-    assert set(HELP) == set(CODES)
+    assert set(HELP) == set(CODES), "every code in check.CODES needs its entry in diagnostic_help.HELP"
     table = readme.split("<!-- diagnostic-codes:start -->", 1)[1].split("<!-- diagnostic-codes:end -->", 1)[0]
-    assert table.strip("\n") == codes_markdown().strip("\n")
+    assert table.strip("\n") == codes_markdown().strip("\n"), "run: python -m policy_engine.diagnostic_help README.md"
     for code in CODES:
         assert f'<a id="{code.lower()}"></a>{code}' in table
