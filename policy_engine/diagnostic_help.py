@@ -117,7 +117,7 @@ def codes_markdown() -> str:
 
     rows = ["| code | severity | finding | what to do |", "|---|---|---|---|"]
     for code, (severity, summary) in CODES.items():
-        full, fix = (text.replace("|", "\\|") for text in HELP[code])
+        full, fix = (text.replace("|", "\\|") for text in HELP.get(code, (summary + ".", "")))
         rows.append(f'| <a id="{code.lower()}"></a>{code} | {severity} | {full} | {fix} |')
     return "\n".join(rows) + "\n"
 
