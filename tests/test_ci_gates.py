@@ -288,6 +288,8 @@ def test_settings_set_paths_catalog_severities_and_coverage(tmp_path: Path, caps
     assert status == 1 and "below the threshold of 100%" in out
     assert _run(["test", "--threshold", "0"], capsys)[0] == 0  # the command line wins
     assert _run(["lint", "--no-config", "gate.yaml"], capsys)[0] == 0  # PE302 is a warning again
+    assert _run(["fmt", "--check"], capsys)[0] == 0 and _run(["check"], capsys)[0] == 0  # the settings' paths too
+    assert _run(["fmt", "--check", "--no-config"], capsys)[0] == 2  # no PATH and no settings
     # The user catalog: a missing one is a usage error, a broken one is reported by its name.
     (tmp_path / ".policy-engine.yaml").write_text("paths: [policies/]\ncatalog: catalog/house.yaml\n")
     status, _, err = _run(["lint"], capsys)

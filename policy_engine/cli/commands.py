@@ -513,10 +513,13 @@ def run_diff(args: argparse.Namespace) -> int:
 def setup_fmt(p: argparse.ArgumentParser) -> None:
     """Normalize key order and indentation of policy files, keeping every comment.
 
-    Rewrites files in place; --check only reports the files that would change (exit 1),
-    --diff prints the changes. A file is never rewritten unless the result parses to the
-    same data with the same comments."""
-    p.add_argument("paths", nargs="+", metavar="PATH", help="policy or test files, or directories")
+    Rewrites files in place (the fix); --check only reports the files that would change
+    (exit 1), --diff prints the changes. Plain values YAML 1.1 readers would retype (times,
+    yes/no, on/off, octal-looking numbers) are quoted where the policy stays the same. A
+    file is never rewritten unless the result parses to the same data with the same
+    comments. Exit 0 when done (or nothing to change), 1 when --check/--diff found changes
+    or a file is not YAML, 2 on usage errors."""
+    p.add_argument("paths", nargs="*", metavar="PATH", help="policy or test files, or directories (default: the settings' paths)")
     p.add_argument("--check", action="store_true", help="exit 1 when a file would change; write nothing")
     p.add_argument("--diff", action="store_true", help="print a unified diff of the changes; write nothing")
     p.set_defaults(run=run_fmt)
@@ -528,7 +531,8 @@ def run_fmt(args: argparse.Namespace) -> int:
     from ..fmt import format_text
 
     status = EXIT_OK
-    files = _files(args.paths) + _files(args.paths, tests=True)
+    paths = _paths(args)
+    files = _files(paths) + _files(paths, tests=True)
     for path in dict.fromkeys(files):
         try:
             original = path.read_text(encoding="utf-8")
