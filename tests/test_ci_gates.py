@@ -201,21 +201,22 @@ def small_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _span_days(log: Path) -> float:
-    stamps = [json.loads(line)["ts"] for line in log.read_text().splitlines()]
+    with gzip.open(log, "rt") if log.suffix == ".gz" else open(log) as lines:
+        stamps = [json.loads(line)["ts"] for line in lines]
     seconds = [datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() for s in stamps]
     return (max(seconds) - min(seconds)) / 86400
 
 
-def test_diff_fails_above_a_cost_per_day_threshold_and_passes_below(tmp_path: Path, small_log: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_diff_fails_above_a_cost_per_day_threshold_and_passes_below(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = SAMPLE_LOG  # the whole committed sample log (10,000 lines over 36 hours)
     old, new = _policy(tmp_path, "old.yaml"), _policy(tmp_path, "new.yaml", speed="fast")
-    status, out, _ = _run(["diff", str(old), str(new), "--requests", str(small_log), "--format", "json"], capsys)
+    status, out, _ = _run(["diff", str(old), str(new), "--requests", str(log), "--format", "json"], capsys)
     assert status == 0  # no threshold, no gate
     report = json.loads(out)
     delta = float(report["cost_delta_usd"])
-    per_day = delta / _span_days(small_log)
+    per_day = delta / _span_days(log)
     assert per_day > 5
-    argv = ["diff", str(old), str(new), "--requests", str(small_log), "--max-cost-increase-usd-per-day"]
+    argv = ["diff", str(old), str(new), "--requests", str(log), "--max-cost-increase-usd-per-day"]
     status, out, _ = _run([*argv, "5"], capsys)
     assert status == 1
     assert "CROSSED  --max-cost-increase-usd-per-day" in out
@@ -224,7 +225,7 @@ def test_diff_fails_above_a_cost_per_day_threshold_and_passes_below(tmp_path: Pa
     status, out, _ = _run([*argv, f"{per_day + 1:.2f}"], capsys)
     assert status == 0 and "thresholds: all met" in out
     # The same change does not cross the threshold when it is a change of nothing.
-    assert _run(["diff", str(old), str(old), "--requests", str(small_log), "--max-cost-increase-usd-per-day", "5"], capsys)[0] == 0
+    assert _run(["diff", str(old), str(old), "--requests", str(log), "--max-cost-increase-usd-per-day", "5"], capsys)[0] == 0
 
 
 def test_diff_reports_every_threshold_it_checks(tmp_path: Path, small_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
