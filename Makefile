@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench schemas clean redis-server chromium shellcheck release-check
+.PHONY: test demo bench schemas clean redis-server chromium shellcheck lcov release-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,13 @@ shellcheck:
 release-check: $(STAMP)
 	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/check_release.sh
 
+# The coverage-format tests read `test --format lcov` back with lcov's own tools.
+lcov:
+	@$(call apt-install,genhtml,lcov)
+
 # Every test against the compiled build (what installs get), then the decision path's own tests
 # against its pure-Python sources (what an install without a C compiler gets): both must agree.
-test: $(STAMP) redis-server chromium shellcheck
+test: $(STAMP) redis-server chromium shellcheck lcov
 	$(BIN)/python -m pytest -q
 	POLICY_ENGINE_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_decide.py tests/test_decide_settle.py \
 	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py \

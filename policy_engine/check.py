@@ -52,6 +52,7 @@ CODES: dict[str, tuple[str, str]] = {
     "PE003": ("error", "file too large, alias bomb or nesting too deep"),
     "PE004": ("error", "file is not valid UTF-8"),
     "PE005": ("error", "file is empty"),
+    "PE006": ("warning", "unquoted value that YAML 1.1 and YAML 1.2 readers type differently"),
     "PE010": ("error", "unknown key"),
     "PE011": ("error", "invalid value"),
     "PE012": ("error", "missing required key"),
@@ -76,6 +77,9 @@ CODES: dict[str, tuple[str, str]] = {
     "PE302": ("warning", "no test reaches this rule"),
     "PE303": ("error", "test expects a rule, guardrail or budget the policy does not have"),
     "PE304": ("error", "test case input is invalid"),
+    "PE305": ("error", "test case fails: the decision is not what it expects"),
+    "PE401": ("warning", "suppression comment silences nothing"),
+    "PE402": ("error", "suppression comment names no code"),
 }
 """Every code `lint` can report: default severity and a one-line summary (SARIF rules, README table)."""
 
@@ -103,14 +107,16 @@ def is_test_file(path: Path) -> bool:
 def policy_files(paths: Sequence[str], *, tests: bool = False) -> list[Path]:
     """Files named on the command line, and the YAML files under named directories.
 
-    Directories yield policy files, or `*_test.yaml` files with `tests=True`; a file
-    named explicitly is always kept. Raises FileNotFoundError for a missing path.
+    Directories yield policy files, or `*_test.yaml` files with `tests=True`, leaving out
+    hidden files and directories; a file named explicitly is always kept. Raises FileNotFoundError for a missing path.
     """
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+            # Hidden files and directories (.policy-engine.yaml, .github/, .venv/, ...) are not policies.
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             files.extend(p for p in found if is_test_file(p) == tests)
         elif path.exists():
             files.append(path)
@@ -123,9 +129,25 @@ def policy_files(paths: Sequence[str], *, tests: bool = False) -> list[Path]:
 
 
 def lint_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, max_cost: int = MAX_EXPRESSION_COST,
-              run_tests: bool = True, retirement_days: int = RETIREMENT_WARNING_DAYS) -> LintResult:
-    """Every finding for one policy file."""
-    name = str(path)
+              run_tests: bool = True, severities: dict[str, str] | None = None,
+              retirement_days: int = RETIREMENT_WARNING_DAYS) -> LintResult:
+    """Every finding for one policy file, after its inline suppressions and the `severities` overrides."""
+    return _finish(_lint_policy(str(path), catalog, max_cost, run_tests, retirement_days), severities)
+
+
+def _finish(result: LintResult, severities: dict[str, str] | None) -> LintResult:
+    from .suppress import apply
+    from .yaml11 import hazards
+
+    if result.source is not None:
+        result.diagnostics.extend(
+            Diagnostic(result.file, h.line, h.col, "PE006", h.message, h.hint, "warning", end_line=h.line, end_col=h.end_col)
+            for h in hazards(result.source))
+    result.diagnostics = apply(result.file, result.source, result.diagnostics, severities)
+    return result
+
+
+def _lint_policy(name: str, catalog: Catalog | None, max_cost: int, run_tests: bool, retirement_days: int) -> LintResult:
     try:
         policy, document = parse_policy(name)
     except PolicyError as exc:
@@ -148,13 +170,18 @@ def lint_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, m
     return result
 
 
-def lint_test_file(path: str | os.PathLike[str]) -> LintResult:
-    """A `*_test.yaml` file: its schema, and that the policy it names exists."""
-    from .testing.runner import load_test_file
+def lint_test_file(path: str | os.PathLike[str], catalog: Catalog | None = None, *, run_tests: bool = True,
+                   severities: dict[str, str] | None = None, **_: Any) -> LintResult:
+    """A `*_test.yaml` file: its schema, that the policy it names exists, and that its cases pass (PE305)."""
+    return _finish(_lint_tests(str(path), catalog, run_tests), severities)
 
-    name = str(path)
+
+def _lint_tests(name: str, catalog: Catalog | None, run_tests: bool) -> LintResult:
+    from .compile import compile_file
+    from .testing.runner import load_test_file, run_case
+
     try:
-        _, document, target = load_test_file(name)
+        tests, document, target = load_test_file(name)
     except PolicyError as exc:
         return LintResult(name, exc.sources.get(name), list(exc.diagnostics))
     result = LintResult(name, document.source)
@@ -163,11 +190,34 @@ def lint_test_file(path: str | os.PathLike[str]) -> LintResult:
         line, col = document.locate(where)
         result.diagnostics.append(Diagnostic(name, line, col, "PE001", f"the policy under test, {target}, does not exist",
                                              "name it with `policy:` (relative to this file)"))
+        return result
+    if not run_tests:
+        return result
+    try:
+        compiled = compile_file(target)
+    except PolicyError:
+        return result  # the policy's own findings are reported where it is linted
+    catalog = catalog or load_catalog()
+    for index, case in enumerate(tests.tests):
+        outcome = run_case(compiled, case, catalog, index)
+        if not outcome.passed:
+            result.diagnostics.append(_test_failure(document, name, index, outcome, target))
     return result
 
 
+def _test_failure(document: Document, file: str, index: int, outcome: Any, target: str | None = None) -> Diagnostic:
+    """PE304 for a case whose input cannot be decided, PE305 for one whose decision is not the expected one."""
+    invalid = outcome.decision is None
+    code = "PE304" if invalid else "PE305"
+    line, col = document.locate(("tests", index, "request")) if invalid else document.locate(("tests", index, "expect"), key=True)
+    against = f" against {target}" if target else ""
+    what = outcome.failures[0] if invalid else "; ".join(outcome.failures[:-1])
+    hint = None if invalid else outcome.failures[-1] + "; `policy-engine test` shows the diff"
+    return Diagnostic(file, line, col, code, f"test '{outcome.name}' fails{against}: {what}", hint, CODES[code][0])  # type: ignore[arg-type]
+
+
 def lint_any(path: Path, catalog: Catalog | None = None, **options: Any) -> LintResult:
-    return lint_test_file(path) if is_test_file(path) else lint_file(path, catalog, **options)
+    return lint_test_file(path, catalog, **options) if is_test_file(path) else lint_file(path, catalog, **options)
 
 
 def lint_paths(paths: Sequence[str], catalog: Catalog | None = None, **options: Any) -> list[LintResult]:
@@ -632,14 +682,17 @@ class _Analysis:
             return
         rules = [r.name for r in policy.rules]
         budgets = [b.name for b in policy.budgets]
+        impossible: set[int] = set()  # cases PE303 already reports: their failure says nothing new
         for index, case in enumerate(policy.tests):
             wanted = case.expect.rule
             if wanted is not None and wanted not in (*rules, "default", "sticky"):
+                impossible.add(index)
                 yield self.at(("tests", index, "expect", "rule"), None, "PE303",
                               f"test '{case.name}' expects rule '{wanted}', which the policy does not have",
                               did_you_mean(wanted, [*rules, "default", "sticky"]))
             for g_index, name in enumerate(case.expect.guardrails or ()):
                 if name not in GUARDRAILS:
+                    impossible.add(index)
                     yield self.at(("tests", index, "expect", "guardrails", g_index), None, "PE303",
                                   f"test '{case.name}' expects guardrail '{name}', which does not exist",
                                   did_you_mean(name, GUARDRAILS) or "guardrails: " + ", ".join(GUARDRAILS))
@@ -655,9 +708,8 @@ class _Analysis:
         results = run_policy_tests(self.compiled, self.catalog)
         reached = {r.decision.rule for r in results if r.decision is not None}
         for result in results:
-            if result.decision is None and result.failures:
-                yield self.at(("tests", result.index, "request"), None, "PE304",
-                              f"test '{result.name}': {result.failures[0]}")
+            if not result.passed and (result.index not in impossible or result.decision is None):
+                yield _test_failure(self.document, self.file, result.index, result)
         for index, rule in enumerate(policy.rules):
             if rule.name not in reached:
                 yield self.at(("rules", index, "name"), None, "PE302", f"no test reaches rule '{rule.name}'",
@@ -748,14 +800,23 @@ def _key_risks(node: Node, guarded: frozenset[str], out: list[tuple[Node, str]])
 # -- output formats -------------------------------------------------------------------------
 
 
-def render(results: Sequence[LintResult], fmt: str) -> str:
-    return {"text": _text, "json": _json, "sarif": _sarif, "github": _github}[fmt](results)
+def render(results: Sequence[LintResult], fmt: str, *, root: str | os.PathLike[str] | None = None) -> str:
+    """The findings as text, json, sarif or github annotations. `root` is the repository root SARIF
+    URIs are relative to (default: the working directory)."""
+    if fmt == "sarif":
+        return _sarif(results, root)
+    return {"text": _text, "json": _json, "github": _github}[fmt](results)
 
 
 def _all(results: Sequence[LintResult]) -> Iterator[tuple[LintResult, Diagnostic]]:
     for result in results:
         for diagnostic in result.diagnostics:
             yield result, diagnostic
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 rule`, `2 rules`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _summary(results: Sequence[LintResult]) -> dict[str, int]:
@@ -765,8 +826,7 @@ def _summary(results: Sequence[LintResult]) -> dict[str, int]:
 def _text(results: Sequence[LintResult]) -> str:
     out = [d.format(r.source) for r, d in _all(results)]
     s = _summary(results)
-    out.append(f"{s['files']} file{'s' if s['files'] != 1 else ''} checked: {s['errors']} error{'s' if s['errors'] != 1 else ''}, "
-               f"{s['warnings']} warning{'s' if s['warnings'] != 1 else ''}")
+    out.append(f"{plural(s['files'], 'file')} checked: {plural(s['errors'], 'error')}, {plural(s['warnings'], 'warning')}")
     return "\n".join(out) + "\n"
 
 
@@ -783,12 +843,39 @@ def _uri(path: str) -> str:
     return Path(path).as_posix().removeprefix("./")
 
 
-def _sarif(results: Sequence[LintResult]) -> str:
-    from . import __version__
+SRCROOT = "%SRCROOT%"
 
-    used = sorted({d.code for _, d in _all(results)} | set(CODES))
-    rules = [{"id": code, "name": code, "shortDescription": {"text": CODES.get(code, ("error", code))[1]},
-              "defaultConfiguration": {"level": _SARIF_LEVEL[CODES.get(code, ("error", ""))[0]]}} for code in used]
+
+def _artifact(path: str, root: Path) -> dict[str, str]:
+    """An RFC 3986 artifactLocation: relative to %SRCROOT% inside the repository, else a file:// URI."""
+    from urllib.parse import quote
+
+    absolute = Path(os.path.realpath(path))
+    try:
+        relative = absolute.relative_to(root)
+    except ValueError:
+        return {"uri": absolute.as_uri()}
+    return {"uri": quote(relative.as_posix(), safe="/"), "uriBaseId": SRCROOT}
+
+
+def _rule(code: str) -> dict[str, Any]:
+    from .diagnostic_help import HELP, help_uri
+
+    severity, summary = CODES[code]
+    full, fix = HELP.get(code, (summary + ".", "See the README's diagnostic codes."))  # a test requires every entry
+    return {"id": code, "name": code, "shortDescription": {"text": summary}, "fullDescription": {"text": full},
+            "help": {"text": f"{full} {fix}", "markdown": f"**{code}: {summary}**\n\n{full}\n\n{fix}"},
+            "helpUri": help_uri(code), "defaultConfiguration": {"level": _SARIF_LEVEL[severity]}}
+
+
+def _sarif(results: Sequence[LintResult], root: str | os.PathLike[str] | None = None) -> str:
+    from . import __version__
+    from .diagnostic_help import readme_uri
+
+    base = Path(os.path.realpath(root or os.getcwd()))
+    used = sorted(set(CODES) | {d.code for _, d in _all(results)})
+    rules = [_rule(code) if code in CODES else {"id": code, "name": code, "shortDescription": {"text": code}}
+             for code in used]
     index = {code: i for i, code in enumerate(used)}
     sarif_results = []
     for _, d in _all(results):
@@ -800,12 +887,14 @@ def _sarif(results: Sequence[LintResult]) -> str:
         sarif_results.append({
             "ruleId": d.code, "ruleIndex": index[d.code], "level": _SARIF_LEVEL[d.severity],
             "message": {"text": message},
-            "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(d.file)}, "region": region}}],
+            "locations": [{"physicalLocation": {"artifactLocation": _artifact(d.file, base), "region": region}}],
         })
     log = {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
-        "runs": [{"tool": {"driver": {"name": "policy-engine", "version": __version__, "rules": rules}},
+        "runs": [{"tool": {"driver": {"name": "policy-engine", "version": __version__, "rules": rules,
+                                      "informationUri": readme_uri()}},
+                  "originalUriBaseIds": {SRCROOT: {"uri": base.as_uri() + "/"}},
                   "results": sarif_results}],
     }
     return json.dumps(log, indent=2) + "\n"
@@ -830,5 +919,5 @@ def _github(results: Sequence[LintResult]) -> str:
         message = d.message + (f" (hint: {d.hint})" if d.hint else "")
         out.append(f"::{level} {props}::{_escape_data(message)}")
     s = _summary(results)
-    out.append(f"policy-engine lint: {s['files']} files, {s['errors']} errors, {s['warnings']} warnings")
+    out.append(f"policy-engine lint: {plural(s['files'], 'file')}, {plural(s['errors'], 'error')}, {plural(s['warnings'], 'warning')}")
     return "\n".join(out) + "\n"

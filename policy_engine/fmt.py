@@ -9,7 +9,10 @@ comments come out byte-for-byte as written, only shifted. What is normalized:
 * key order of the policy format's mappings (top level, rules, budgets, ceilings,
   stickiness, tests and their expectations; free-form maps keep their order);
 * two spaces per level, sequences indented under their key;
-* trailing spaces, runs of blank lines, the final newline.
+* trailing spaces, runs of blank lines, the final newline;
+* plain scalars YAML 1.1 and 1.2 readers type differently (`2026-03-02T15:00:00Z`, `yes`,
+  `0777`; see `yaml11`) are quoted wherever the file then still validates to the same
+  policy or tests.
 
 The result is checked before it is returned: it must load to the same data with the
 same comment and text lines; otherwise the text is returned unchanged, so `fmt` can
@@ -24,6 +27,7 @@ import yaml
 
 from .errors import PolicyError
 from .load import read_yaml
+from .yaml11 import quote
 
 __all__ = ["format_text", "KEY_ORDERS"]
 
@@ -210,6 +214,10 @@ def format_text(text: str, name: str = "<policy>") -> str:
         return text
     if root is None or not isinstance(root, yaml.MappingNode) or root.flow_style:
         return text
+    quoted = quote(text, lambda a, b: _same_model(name, a, b))
+    if quoted != text:
+        text = quoted
+        root = yaml.compose(text, Loader=_LOADER)
     formatter = _Formatter(text, name.endswith(("_test.yaml", "_test.yml")))
     total = len(formatter.lines)
     first = root.value[0][0].start_mark.line if root.value else 0
@@ -230,3 +238,16 @@ def _same(before: str, after: str) -> bool:
         return False
     return _content_lines(before) == _content_lines(after)
 
+
+
+def _same_model(name: str, before: str, after: str) -> bool:
+    """Whether two texts of one policy (or test) file validate to the same model."""
+    from .load import validate
+    from .policy import Policy
+    from .testing.runner import TestFile
+
+    model = TestFile if name.endswith(("_test.yaml", "_test.yml")) else Policy
+    try:
+        return validate(read_yaml(name, text=before), model) == validate(read_yaml(name, text=after), model)
+    except PolicyError:
+        return False

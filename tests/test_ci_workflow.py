@@ -138,7 +138,7 @@ def pull_request(tmp_path_factory: pytest.TempPathFactory) -> Path:
             log.write(line)
     report_policy(dev / "policies", "shared.yaml", policy_name="shared")
     report_policy(dev / "policies", Path(ODD).name, policy_name="odd")
-    report_policy(dev / "policies", "retired.yaml", policy_name="retired")
+    report_policy(dev / "policies", "withdrawn.yaml", policy_name="withdrawn")
     _git(dev, "add", "-A")
     _git(dev, "commit", "-q", "-m", "policies")
     _git(dev, "push", "-q", "origin", "main")
@@ -146,7 +146,7 @@ def pull_request(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report_policy(dev / "policies", "shared.yaml", premium=50, policy_name="shared")
     report_policy(dev / "policies", Path(ODD).name, daily=100, policy_name="odd")
     report_policy(dev / "policies", "added.yaml", policy_name="added")
-    (dev / "policies" / "retired.yaml").unlink()
+    (dev / "policies" / "withdrawn.yaml").unlink()
     _git(dev, "add", "-A")
     _git(dev, "commit", "-q", "-m", "change policies")
     # main moves on meanwhile; GitHub tests the merge of the branch into it (refs/pull/N/merge).
@@ -184,7 +184,7 @@ def test_the_review_script_in_a_clone_of_a_bare_origin(pull_request: Path) -> No
     assert "#### `policies/shared.yaml`" in comment and "### Policy change: `shared`" in comment
     assert f"#### `{ODD}`" in comment and "### Policy change: `odd`" in comment
     assert "#### `policies/added.yaml` (new policy)" in comment
-    assert "retired" not in comment and "README" not in comment
+    assert "withdrawn" not in comment and "README" not in comment
     assert comment.count("```mermaid") == 5  # three simulate charts, two diff charts
     assert not (ci / "pwned").exists() and not list(ci.rglob("pwned"))
     assert "https://github.example/o/r/actions/runs/7 (artifact policy-reports)" in comment

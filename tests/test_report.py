@@ -86,7 +86,7 @@ def test_simulate_markdown_has_the_by_rule_table_and_a_spend_chart(tmp_path: Pat
 
 
 def test_diff_markdown_charts_old_against_new(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    old, new = _policy(tmp_path, "old.yaml"), _policy(tmp_path, "new.yaml", premium=20)
+    old, new = _policy(tmp_path, "old.yaml"), _policy(tmp_path, "new.yaml", premium=20, daily=600)
     status, out, _ = _cli(["diff", str(old), str(new), "--requests", str(LOG), "--format", "json"], capsys)
     data = json.loads(out)
     status, markdown, _ = _cli(["diff", str(old), str(new), "--requests", str(LOG), "--format", "markdown"], capsys)
@@ -101,7 +101,7 @@ def test_diff_markdown_charts_old_against_new(tmp_path: Path, capsys: pytest.Cap
 def test_mermaid_chart_merges_hours_past_48_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Four lines over 30 days: one column per day (12 hours would make 60), and the empty days are zero.
     policy = _policy(tmp_path, "p.yaml")
-    request = {"model": "claude-opus-4-6", "max_tokens": 4000, "messages": [{"role": "user", "content": "hi"}]}
+    request = {"model": "claude-opus-5-5", "max_tokens": 4000, "messages": [{"role": "user", "content": "hi"}]}
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"ts": ts, "request": request, "input_tokens": 10}) + "\n"
                            for ts in ("2026-03-01T01:00:00Z", "2026-03-01T05:00:00Z", "2026-03-10T10:00:00Z",
@@ -283,11 +283,11 @@ def test_diff_html_in_headless_chromium(tmp_path: Path, capsys: pytest.CaptureFi
 def test_html_escapes_what_the_log_says(tmp_path: Path, capsys: pytest.CaptureFixture[str], browser: Any) -> None:
     # A budget key comes from the caller's context: markup in it is text on the page, never markup.
     policy = _policy(tmp_path, "p.yaml")
-    request = {"model": "claude-opus-4-6", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}
+    request = {"model": "claude-opus-5-5", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}
     evil = "</script><img src=x onerror=alert(1)>"
     log = tmp_path / "log.jsonl.gz"
     with gzip.open(log, "wt") as f:
-        f.write(json.dumps({"ts": "2026-03-02T10:00:00Z", "request": request, "input_tokens": 20,
+        f.write(json.dumps({"ts": "2026-12-02T10:00:00Z", "request": request, "input_tokens": 20,
                             "context": {"tenant": evil, "interactive": True}}) + "\n")
     status, page_html, err = _cli(["simulate", str(policy), "--requests", str(log), "--format", "html"], capsys)
     assert status == 0, err

@@ -33,9 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _verbs() -> dict[str, Callable[[argparse.ArgumentParser], None]]:
-    from . import commands
+    from . import commands, tools
 
-    return commands.VERBS
+    return {**commands.VERBS, **tools.VERBS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
     for name, setup in _verbs().items():
-        setup(verbs.add_parser(name, **_help(setup)))
+        verb = verbs.add_parser(name, **_help(setup))
+        setup(verb)
+        _add_settings(verb)
     return parser
+
+
+def _add_settings(verb: argparse.ArgumentParser) -> None:
+    group = verb.add_argument_group("settings")
+    group.add_argument("--config", metavar="FILE",
+                       help="settings file (default: .policy-engine.yaml or pyproject.toml's [tool.policy-engine], "
+                            "searched from here up to the repository root)")
+    group.add_argument("--no-config", action="store_true", help="ignore any settings file")
 
 
 def _help(setup: Callable[..., None]) -> dict[str, str]:

@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
 from ..errors import PolicyEngineError, PolicyError
-from . import EXIT_FINDINGS, EXIT_OK, UsageError
+from . import EXIT_FINDINGS, EXIT_OK, UsageError, gates
 from .catalog import setup_catalog
 from .review import setup_review
 
@@ -22,14 +23,69 @@ FORMATS_LINT = ("text", "json", "sarif", "github")
 FORMATS_REPORT = ("text", "json", "markdown", "html")
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    """The repository's settings (`.policy-engine.yaml` or `[tool.policy-engine]`), read once per command."""
+    cached = getattr(args, "_settings", None)
+    if cached is not None:
+        return cached
+    from ..config import RepoConfig, find_config, load_config
+
+    explicit = getattr(args, "config", None)
+    try:
+        if getattr(args, "no_config", False):
+            settings = RepoConfig()
+        elif explicit:
+            if not os.path.isfile(explicit):
+                raise UsageError(f"no such settings file: {explicit}")
+            settings = load_config(explicit)
+        else:
+            found = find_config()
+            settings = load_config(found) if found is not None else RepoConfig()
+    except PolicyError as exc:
+        raise UsageError(f"invalid settings file:\n{exc.format()}") from None
+    args._settings = settings
+    return settings
+
+
 def _catalog(args: argparse.Namespace) -> Any:
     from ..catalog import load_catalog
 
-    return load_catalog(args.catalog) if getattr(args, "catalog", None) else load_catalog()
+    path = getattr(args, "catalog", None)
+    if not path:
+        settings = _settings(args)
+        path = settings.resolve(settings.catalog) if settings.catalog else None
+    if not path:
+        return load_catalog()
+    if not os.path.isfile(path):
+        raise UsageError(f"no such catalog file: {path}")
+    return load_catalog(path)
 
 
 def _add_catalog(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--catalog", metavar="FILE", help="catalog file extending the packaged models and prices")
+    parser.add_argument("--catalog", metavar="FILE",
+                        help="catalog file extending the packaged models and prices (default: `catalog:` of the settings file)")
+
+
+def _paths(args: argparse.Namespace) -> list[str]:
+    """The PATHs given, else the settings file's `paths:`."""
+    if args.paths:
+        return list(args.paths)
+    settings = _settings(args)
+    if settings.paths:
+        return [settings.resolve(p) for p in settings.paths]
+    raise UsageError("no PATH given, and no `paths:` in a .policy-engine.yaml (or [tool.policy-engine]) settings file")
+
+
+def _root(args: argparse.Namespace) -> str:
+    """The repository root SARIF URIs are relative to: the settings file's directory, else git's top level."""
+    settings = _settings(args)
+    if settings.root is not None:
+        return str(settings.root)
+    try:
+        shown = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return os.getcwd()
+    return shown.stdout.strip() if shown.returncode == 0 and shown.stdout.strip() else os.getcwd()
 
 
 def _files(paths: list[str], *, tests: bool = False) -> list[Path]:
@@ -54,13 +110,15 @@ def setup_lint(p: argparse.ArgumentParser) -> None:
     Finds unreachable rules, rules a guardrail always blocks, models the catalog cannot
     price, models named where a model feature would decide, models whose fast mode is
     retired or retiring, budget keys that can be empty, expressions over the cost limit,
-    and rules no test reaches. Exit 0 when clean, 1 on errors (or warnings with --strict), 2 on usage
-    errors. Directories are searched for *.yaml / *.yml (files ending _test.yaml are test
-    files, not policies)."""
-    p.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
+    rules no test reaches, and test cases that fail (PE305, also for *_test.yaml files).
+    Exit 0 when clean, 1 on errors (or warnings with --strict), 2 on usage errors.
+    Directories are searched for *.yaml / *.yml (files ending _test.yaml are test files,
+    not policies). `# policy-engine: ignore[CODE]` on a line (or above a rule) silences that
+    finding there; severities per code come from the settings file."""
+    p.add_argument("paths", nargs="*", metavar="PATH", help="policy files or directories (default: the settings' paths)")
     p.add_argument("--format", choices=FORMATS_LINT, default="text", help="output format (default text)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
-    p.add_argument("--no-tests", action="store_true", help="skip running the embedded tests (no PE302/PE304)")
+    p.add_argument("--no-tests", action="store_true", help="skip running the tests (no PE302/PE304/PE305)")
     p.add_argument("--max-cost", type=int, metavar="N", help="expression cost limit (default: the engine's)")
     p.add_argument("--retirement-days", type=int, metavar="N", default=30,
                    help="warn (PE222) when a named model's fast mode retires within N days (default 30)")
@@ -73,13 +131,15 @@ def run_lint(args: argparse.Namespace) -> int:
     from ..compile import MAX_EXPRESSION_COST
 
     catalog = _catalog(args)
-    files = _files(args.paths)
+    paths = _paths(args)
+    files = list(dict.fromkeys(_files(paths) + _files(paths, tests=True)))
     if not files:
-        raise UsageError("no policy files found in " + ", ".join(args.paths))
+        raise UsageError("no policy files found in " + ", ".join(paths))
     max_cost = args.max_cost if args.max_cost is not None else MAX_EXPRESSION_COST
-    results = [lint_any(f, catalog, max_cost=max_cost, run_tests=not args.no_tests, retirement_days=args.retirement_days)
-               for f in files]
-    _write(render(results, args.format))
+    severities = dict(_settings(args).severity)
+    results = [lint_any(f, catalog, max_cost=max_cost, run_tests=not args.no_tests, severities=severities,
+                        retirement_days=args.retirement_days) for f in files]
+    _write(render(results, args.format, root=_root(args) if args.format == "sarif" else None))
     return exit_status(results, args.strict)
 
 
@@ -87,16 +147,24 @@ def run_lint(args: argparse.Namespace) -> int:
 
 
 def setup_check(p: argparse.ArgumentParser) -> None:
-    """Load and validate policy files (schema and CEL only; `lint` does more)."""
-    p.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
+    """Load and validate policy files (schema and CEL only; `lint` does more).
+
+    Exit 0 when every file is valid, 1 when one is not, 2 on usage errors (a missing path,
+    a directory holding no policy)."""
+    p.add_argument("paths", nargs="*", metavar="PATH", help="policy files or directories (default: the settings' paths)")
     p.set_defaults(run=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from ..check import plural
     from ..compile import compile_file
 
     status = EXIT_OK
-    for path in _files(args.paths):
+    paths = _paths(args)
+    files = _files(paths)
+    if not files:
+        raise UsageError("no policy files found in " + ", ".join(paths))
+    for path in files:
         try:
             compiled = compile_file(str(path))
         except PolicyError as exc:
@@ -104,60 +172,86 @@ def run_check(args: argparse.Namespace) -> int:
             status = EXIT_FINDINGS
             continue
         policy = compiled.policy
-        print(f"{path}: ok ({policy.name}: {len(policy.rules)} rules, {len(policy.budgets)} budgets, {len(policy.tests)} tests)")
+        print(f"{path}: ok ({policy.name}: {plural(len(policy.rules), 'rule')}, {plural(len(policy.budgets), 'budget')}, "
+              f"{plural(len(policy.tests), 'test')})")
     return status
 
 
 # -- test -----------------------------------------------------------------------------------
 
 
+FORMATS_TEST = ("text", "json", "junit", "lcov", "cobertura")
+
+
 def setup_test(p: argparse.ArgumentParser) -> None:
     """Run the policies' embedded tests and *_test.yaml files.
 
     A *_test.yaml file holds `tests:` (cases as in a policy) and optionally `policy:` (the
-    file under test, relative to it; default: its name without _test). A failure prints
-    the expectation against the decision, `-` expected and `+` got. --coverage lists rule
-    outcomes (matched / not matched) and && / || operand outcomes (true / false) no test
-    exercises; --threshold fails below a coverage percentage."""
-    p.add_argument("paths", nargs="+", metavar="PATH", help="policy files, test files or directories")
-    p.add_argument("--coverage", action="store_true", help="report rule and branch coverage")
+    file under test, relative to it; default: its name without _test). A policy named on
+    the command line brings its <name>_test.yaml along. A failure prints the expectation
+    against the decision, `-` expected and `+` got. --coverage lists rule outcomes
+    (matched / not matched) and && / || operand outcomes (true / false) no test exercises;
+    --threshold fails below a coverage percentage (default: `thresholds.coverage` of the
+    settings file). --format junit writes JUnit XML; lcov and cobertura write the coverage
+    (rules as functions, outcomes as branches, at their YAML lines). Exit 0 when every case
+    passes (and coverage meets the threshold), 1 otherwise, 2 on usage errors."""
+    p.add_argument("paths", nargs="*", metavar="PATH", help="policy files, test files or directories (default: the settings' paths)")
+    p.add_argument("--coverage", action="store_true", help="report rule and branch coverage (implied by lcov and cobertura)")
     p.add_argument("--threshold", type=float, metavar="PERCENT", help="fail when coverage is below PERCENT (implies --coverage)")
-    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--format", choices=FORMATS_TEST, default="text", help="output format (default text)")
     p.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     _add_catalog(p)
     p.set_defaults(run=run_test)
 
 
-def run_test(args: argparse.Namespace) -> int:
+def _suites(paths: list[str]) -> tuple[dict[str, list[tuple[Any, str]]], list[str]]:
+    """Policy file -> the cases of its *_test.yaml files (with file:line), and the files that failed to load."""
     from ..check import is_test_file
-    from ..compile import compile_file
-    from ..testing.runner import Coverage, expectation_diff, load_test_file, run_traced
+    from ..testing.runner import load_test_file
 
-    if args.threshold is not None and not 0 <= args.threshold <= 100:
-        raise UsageError("--threshold is a percentage between 0 and 100")
-    coverage_on = args.coverage or args.threshold is not None
-    catalog = _catalog(args)
-    explicit = [Path(p) for p in args.paths if Path(p).is_file()]
-    policies = [f for f in _files(args.paths) if not is_test_file(f)]
-    test_files = [f for f in _files(args.paths, tests=True) if is_test_file(f)] + [f for f in explicit if is_test_file(f)]
-    test_files = list(dict.fromkeys(test_files))
-    suites: dict[str, list[tuple[Any, str, tuple[Any, ...]]]] = {}
+    explicit = [Path(p) for p in paths if Path(p).is_file()]
+    policies = [f for f in _files(paths) if not is_test_file(f)]
+    test_files = [f for f in _files(paths, tests=True) if is_test_file(f)] + [f for f in explicit if is_test_file(f)]
+    for policy in explicit:
+        if not is_test_file(policy):
+            sibling = policy.with_name(policy.stem + "_test" + policy.suffix)
+            if sibling.is_file():
+                test_files.append(sibling)
+    suites: dict[str, list[tuple[Any, str]]] = {}
     problems: list[str] = []
-    for path in policies:
-        suites.setdefault(os.path.normpath(path), [])
-    for path in test_files:
+    for policy in policies:
+        suites.setdefault(os.path.normpath(policy), [])
+    for name in dict.fromkeys(os.path.normpath(f) for f in test_files):
         try:
-            tests, document, target = load_test_file(str(path))
+            tests, document, target = load_test_file(name)
         except PolicyError as exc:
             problems.append(exc.format())
             continue
         for index, case in enumerate(tests.tests):
-            suites.setdefault(os.path.normpath(target), []).append((case, f"{path}:{document.locate(('tests', index))[0]}", ()))
+            suites.setdefault(os.path.normpath(target), []).append((case, f"{name}:{document.locate(('tests', index))[0]}"))
+    return suites, problems
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from ..compile import compile_file
+    from ..testing.runner import Coverage, expectation_diff, run_traced
+    from . import formats
+
+    threshold = args.threshold
+    if threshold is None:
+        threshold = _settings(args).thresholds.coverage
+    if threshold is not None and not 0 <= threshold <= 100:
+        raise UsageError("--threshold is a percentage between 0 and 100")
+    coverage_on = args.coverage or threshold is not None or args.format in ("lcov", "cobertura")
+    catalog = _catalog(args)
+    paths = _paths(args)
+    suites, problems = _suites(paths)
     if not suites and not problems:
-        raise UsageError("no policy or test files found in " + ", ".join(args.paths))
+        raise UsageError("no policy or test files found in " + ", ".join(paths))
     passed = failed = 0
     report: dict[str, Any] = {"policies": [], "passed": 0, "failed": 0}
     lines: list[str] = []
+    coverages: list[tuple[str, Any]] = []
     total_items = total_covered = 0
     for policy_path, extra in suites.items():
         try:
@@ -167,15 +261,18 @@ def run_test(args: argparse.Namespace) -> int:
             continue
         document = compiled.document
         cases = [(case, f"{policy_path}:{document.locate(('tests', i))[0]}") for i, case in enumerate(compiled.policy.tests)]
-        cases += [(case, where) for case, where, _ in extra]
+        cases += extra
         coverage = Coverage(compiled) if coverage_on else None
         entry: dict[str, Any] = {"file": policy_path, "policy": compiled.name, "cases": []}
         for index, (case, where) in enumerate(cases):
+            started = time.perf_counter()
             result, trace = run_traced(compiled, case, catalog, index)
+            elapsed = time.perf_counter() - started
             if coverage is not None:
                 coverage.record(trace)
+            diff_lines = [] if result.passed else expectation_diff(result, case)
             entry["cases"].append({"name": case.name, "where": where, "passed": result.passed,
-                                   "failures": result.failures})
+                                   "failures": result.failures, "diff": diff_lines, "time_s": round(elapsed, 6)})
             if result.passed:
                 passed += 1
                 if args.verbose:
@@ -183,8 +280,9 @@ def run_test(args: argparse.Namespace) -> int:
             else:
                 failed += 1
                 lines.append(f"FAIL {where}: {case.name}")
-                lines += [f"    {line}" for line in expectation_diff(result, case)]
+                lines += [f"    {line}" for line in diff_lines]
         if coverage is not None:
+            coverages.append((policy_path, coverage))
             total_items += len(coverage.items)
             total_covered += coverage.covered
             entry["coverage"] = {"percent": round(coverage.percent, 1), "covered": coverage.covered,
@@ -192,24 +290,39 @@ def run_test(args: argparse.Namespace) -> int:
                                  "missing": [{"rule": m.rule, "outcome": m.what, "line": m.line, "col": m.col}
                                              for m in coverage.missing()]}
             lines.append(f"coverage {policy_path}: {coverage.percent:.1f}% ({coverage.covered}/{len(coverage.items)})")
-            lines += [f"    {policy_path}:{m.line}:{m.col}: rule {m.rule}: never {m.what}" for m in coverage.missing()]
+            lines += [f"    {policy_path}:{m.line}:{m.col}: rule {m.rule}: {_never(m.what)}" for m in coverage.missing()]
         report["policies"].append(entry)
     percent = 100.0 * total_covered / total_items if total_items else 100.0
     report.update(passed=passed, failed=failed, errors=problems)
     if coverage_on:
         report["coverage"] = round(percent, 1)
-    below = args.threshold is not None and percent + 1e-9 < args.threshold
-    if args.format == "json":
-        _write(json.dumps(report, indent=2) + "\n")
-    else:
-        for problem in problems:
-            print(problem, file=sys.stderr)
+    below = threshold is not None and percent + 1e-9 < threshold
+    if below:
+        report["threshold"] = threshold
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    verdict = f"FAIL: coverage {percent:.1f}% is below the threshold of {threshold:g}%" if below else None
+    if args.format == "text":
         lines.append("-" * 40)
         lines.append(f"PASS: {passed}/{passed + failed}" + (f"   coverage: {percent:.1f}%" if coverage_on else ""))
-        if below:
-            lines.append(f"FAIL: coverage {percent:.1f}% is below the threshold of {args.threshold:g}%")
+        lines += [verdict] if verdict else []
         _write("\n".join(lines) + "\n")
+    else:
+        _write({"json": lambda: json.dumps(report, indent=2) + "\n", "junit": lambda: formats.junit(report),
+                "lcov": lambda: formats.lcov(coverages),
+                "cobertura": lambda: formats.cobertura(coverages, _root(args))}[args.format]())
+        if verdict:
+            print(verdict, file=sys.stderr)  # the report itself is for a machine
     return EXIT_FINDINGS if failed or problems or below else EXIT_OK
+
+
+def _never(what: str) -> str:
+    """A coverage gap in words: no case makes the rule match, not match, or the operand true or false."""
+    if what == "matched":
+        return "no test case where it matches"
+    if what == "not matched":
+        return "no test case where it does not match"
+    return f"no test case where {what}"
 
 
 # -- explain --------------------------------------------------------------------------------
@@ -223,6 +336,12 @@ def setup_explain(p: argparse.ArgumentParser) -> None:
     Message Batches request); --context the caller's context; --state the budget,
     rate-limit and conversation state, as a test case's `state:`."""
     p.add_argument("policy", metavar="POLICY", help="policy file")
+    add_decision_inputs(p)
+    p.set_defaults(run=run_explain)
+
+
+def add_decision_inputs(p: argparse.ArgumentParser) -> None:
+    """The options that describe one request to decide (explain, eval), and --format and --catalog."""
     p.add_argument("--request", required=True, metavar="FILE", help="Messages API parameters (JSON or YAML; - for stdin)")
     p.add_argument("--context", metavar="FILE", help="the caller's context (JSON or YAML)")
     p.add_argument("--state", metavar="FILE", help="budget / rate-limit / conversation state (JSON or YAML)")
@@ -230,7 +349,6 @@ def setup_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-tokens", type=int, metavar="N", help="exact input token count (default: estimated)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     _add_catalog(p)
-    p.set_defaults(run=run_explain)
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -288,6 +406,22 @@ def _open_requests(path: str) -> IO[bytes]:
         return open_log(path)
     except PolicyEngineError as exc:
         raise UsageError(str(exc)) from None
+
+
+def log_time(ts: Any) -> datetime | None:
+    """A log line's `ts` (RFC 3339, `Z` allowed, or epoch seconds) as an aware datetime; None if it is neither."""
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        try:
+            return datetime.fromtimestamp(ts, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(ts, str):
+        try:
+            when = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts)
+        except ValueError:
+            return None
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return None
 
 
 def _compiled(spec: str) -> Any:
@@ -366,13 +500,16 @@ def setup_diff(p: argparse.ArgumentParser) -> None:
     latency deltas. OLD and NEW are files or git revisions (`main:policies/default.yaml`);
     --format markdown gives a pull-request comment, with a chart of the spend per hour;
     --format html one self-contained page charting old against new (needs the `report`
-    extra)."""
+    extra). Thresholds (options below, or the settings file's `thresholds:`) turn it into a
+    gate: exit 1 when the change crosses one, and the report says which; exit 0 otherwise,
+    2 on usage errors."""
     p.add_argument("old", metavar="OLD", help="old policy: a file or git rev:path")
     p.add_argument("new", metavar="NEW", help="new policy: a file or git rev:path")
     p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
     p.add_argument("--format", choices=FORMATS_REPORT, default="text", help="output format (default text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_catalog(p)
+    gates.add_options(p)
     p.set_defaults(run=run_diff)
 
 
@@ -385,10 +522,15 @@ def run_diff(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     with _open_requests(args.requests) as stream:
         progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
-        result, text = replay(old, new, iter_log(stream), args.format, catalog, progress=progress)
+        span = gates.LogSpan(iter_log(stream))
+        result, text = replay(old, new, span, args.format, catalog, progress=progress)
         progress.done()
-    _write(text)
-    return EXIT_OK
+    found = gates.evaluate(result, span, args, _settings(args))
+    out, err = gates.render(found, args.format, text)
+    _write(out)
+    if err:
+        print(err, end="", file=sys.stderr)
+    return EXIT_FINDINGS if any(g.crossed for g in found) else EXIT_OK
 
 
 # -- fmt ------------------------------------------------------------------------------------
@@ -397,10 +539,13 @@ def run_diff(args: argparse.Namespace) -> int:
 def setup_fmt(p: argparse.ArgumentParser) -> None:
     """Normalize key order and indentation of policy files, keeping every comment.
 
-    Rewrites files in place; --check only reports the files that would change (exit 1),
-    --diff prints the changes. A file is never rewritten unless the result parses to the
-    same data with the same comments."""
-    p.add_argument("paths", nargs="+", metavar="PATH", help="policy or test files, or directories")
+    Rewrites files in place (the fix); --check only reports the files that would change
+    (exit 1), --diff prints the changes. Plain values YAML 1.1 readers would retype (times,
+    yes/no, on/off, octal-looking numbers) are quoted where the policy stays the same. A
+    file is never rewritten unless the result parses to the same data with the same
+    comments. Exit 0 when done (or nothing to change), 1 when --check/--diff found changes
+    or a file is not YAML, 2 on usage errors."""
+    p.add_argument("paths", nargs="*", metavar="PATH", help="policy or test files, or directories (default: the settings' paths)")
     p.add_argument("--check", action="store_true", help="exit 1 when a file would change; write nothing")
     p.add_argument("--diff", action="store_true", help="print a unified diff of the changes; write nothing")
     p.set_defaults(run=run_fmt)
@@ -412,7 +557,8 @@ def run_fmt(args: argparse.Namespace) -> int:
     from ..fmt import format_text
 
     status = EXIT_OK
-    files = _files(args.paths) + _files(args.paths, tests=True)
+    paths = _paths(args)
+    files = _files(paths) + _files(paths, tests=True)
     for path in dict.fromkeys(files):
         try:
             original = path.read_text(encoding="utf-8")

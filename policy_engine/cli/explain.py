@@ -75,27 +75,48 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def explain(args: argparse.Namespace) -> int:
-    from ..catalog import format_usd, load_catalog
-    from ..compile import compile_file
+def case_from_args(args: argparse.Namespace) -> Any:
+    """The --request, --context, --state, --now and --input-tokens options as one test case."""
     from ..policy import TestCase
-    from ..testing.runner import run_traced
 
     request = _read(args.request, "request")
     context = _read(args.context, "context") if args.context else {}
     state = _read(args.state, "state") if args.state else {}
-    raw: dict[str, Any] = {"name": "explain", "request": request, "context": context, "state": state, "expect": {}}
+    raw: dict[str, Any] = {"name": args.verb, "request": request, "context": context, "state": state, "expect": {}}
     if args.now:
         raw["now"] = args.now
     if args.input_tokens is not None:
         raw["input_tokens"] = args.input_tokens
     try:
-        case = TestCase.model_validate(raw)
+        return TestCase.model_validate(raw)
     except pydantic.ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
         raise UsageError(f"invalid input: {problems}") from None
+
+
+def check_state(compiled: Any, case: Any, where: str) -> None:
+    """A --state budget the policy does not have would be silently ignored: refuse it (exit 2)."""
+    from ..errors import did_you_mean
+
+    names = [b.spec.name for b in compiled.budgets]
+    for name in case.state.budgets:
+        if name not in names:
+            hint = did_you_mean(name, names)
+            have = f"its budgets: {', '.join(names)}" if names else "it has no budgets"
+            raise UsageError(f"--state sets budget '{name}', which policy {compiled.name} ({where}) does not have; "
+                             f"{hint or have}")
+
+
+def explain(args: argparse.Namespace) -> int:
+    from ..catalog import format_usd
+    from ..compile import compile_file
+    from ..testing.runner import run_traced
+    from .commands import _catalog
+
+    case = case_from_args(args)
     compiled = compile_file(args.policy)
-    catalog = load_catalog(args.catalog) if args.catalog else load_catalog()
+    check_state(compiled, case, args.policy)
+    catalog = _catalog(args)
     result, trace = run_traced(compiled, case, catalog)
     decision = result.decision
     if decision is None:

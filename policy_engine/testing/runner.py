@@ -15,7 +15,7 @@ from ..catalog import Catalog, load_catalog
 from ..compile import CompiledPolicy
 from ..decide import ConversationStore, Decision, Engine
 from ..cel import CelError
-from ..errors import CeilingExceeded, InvalidRequest, PolicyEngineError
+from ..errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError
 from ..load import Document
 from ..ledger import Balance, Charge, MemoryLedger, ReserveResult, Scope
 from ..policy import TestCase
@@ -174,11 +174,30 @@ def load_test_file(path: str) -> tuple[TestFile, Document, str]:
     from ..load import read_yaml, validate
 
     document = read_yaml(path)
-    tests = validate(document, TestFile)
+    try:
+        tests = validate(document, TestFile)
+    except PolicyError as exc:
+        raise _named_like_a_test(exc, document) from None
     base = os.path.basename(path)
     stem = base[: -len("_test.yaml")] if base.endswith("_test.yaml") else base[: -len("_test.yml")]
     target = tests.policy or f"{stem}.yaml"
     return tests, document, os.path.join(os.path.dirname(path), target)
+
+
+_POLICY_KEYS = frozenset(("version", "name", "rules", "default", "budgets", "variables", "ceilings"))
+
+
+def _named_like_a_test(exc: PolicyError, document: Document) -> PolicyError:
+    """A policy saved as `*_test.yaml` is read as a test file: say that the name is the cause."""
+    data = document.data
+    if not (isinstance(data, dict) and _POLICY_KEYS & set(data)):
+        return exc
+    hint = (f"{document.file} is read as a test file because its name ends in _test.yaml; a policy needs "
+            "another name (e.g. without _test), a test file holds only `policy:` and `tests:`")
+    import dataclasses
+
+    return PolicyError([dataclasses.replace(d, hint=hint) if d.code == "PE010" else d for d in exc.diagnostics],
+                       exc.sources)
 
 
 # -- tracing: which rules a case evaluated, on which activation ------------------------------
@@ -284,6 +303,12 @@ class CoverageItem:
     line: int
     col: int
     covered: bool = False
+    hits: int = 0
+    """How many test cases produced this outcome."""
+
+    def hit(self) -> None:
+        self.covered = True
+        self.hits += 1
 
 
 class _Branch:
@@ -355,7 +380,7 @@ class Coverage:
             pair = self._rule_items.get(index)
             if pair is None or isinstance(value, Exception):
                 continue
-            pair[0 if value else 1].covered = True
+            pair[0 if value else 1].hit()
             tree = self._trees.get(index)
             if tree is not None and trace.activation is not None:
                 _evaluate(tree, trace.activation)
@@ -391,5 +416,5 @@ def _evaluate(node: Any, activation: Any) -> bool | None:
         value = program.evaluate(activation)
     except CelError:
         return None
-    pair[0 if value else 1].covered = True
+    pair[0 if value else 1].hit()
     return bool(value)
