@@ -103,14 +103,17 @@ def compile(  # noqa: A001 - public API name
     expect: CelType | None = None,
     max_cost: int | None = None,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    container: str = "",
 ) -> Program:
     """Parse, type-check and compile ``source`` into a :class:`Program`.
 
     Raises :class:`CelSyntaxError` or :class:`CelTypeError` listing every issue found.
-    ``max_iterations`` bounds the comprehension iterations of one evaluation.
+    ``max_iterations`` bounds the comprehension iterations of one evaluation. ``container``
+    is cel-spec's namespace for name resolution: in container ``a.b``, ``x`` refers to the
+    first of ``a.b.x``, ``a.x``, ``x`` that is declared (``.x`` always means ``x``).
     """
     try:
-        return _compile(source, declarations, expect, max_cost, max_iterations)
+        return _compile(source, declarations, expect, max_cost, max_iterations, container)
     except RecursionError:
         line, col = line_col(source, 0)
         raise CelSyntaxError([CelIssue(0, line, col, "expression is nested too deeply", "syntax")], source) from None
@@ -122,9 +125,10 @@ def _compile(
     expect: CelType | None,
     max_cost: int | None,
     max_iterations: int,
+    container: str = "",
 ) -> Program:
     node, semantic = parse_with_issues(source)
-    comp = Compiler(source, declarations, max_iterations)
+    comp = Compiler(source, declarations, max_iterations, container)
     comp.issues.extend(semantic)
     result = comp.check(node)
     start = len(source) - len(source.lstrip())
@@ -143,25 +147,13 @@ def _compile(
     if comp.issues:
         issues = sorted(comp.issues, key=lambda i: i.offset)
         raise CelTypeError(issues, source)
-    body = comp.gen(node)
-    if check_result is not None:
-        body = f"_check_result({body}, {check_result!r})"
     refs = frozenset(comp.paths.values())
-    lines = ["def _cel(act):"]
-    if comp.globals:
-        lines.append("    try:")
-        for name, py in sorted(comp.globals.items()):
-            lines.append(f"        {py} = act[{name!r}]")
-        lines.append("    except KeyError as e:")
-        lines.append("        raise _missing(e) from None")
-    lines.append("    try:")
-    if comp.uses_iter:
-        lines.append("        _n = [0]")
-    lines.append(f"        return {body}")
-    lines.append("    except _CelEvaluationError:")
-    lines.append("        raise")
-    lines.append("    except Exception as e:")
-    lines.append("        raise _translate(e) from None")
+    lazy = sorted(set(comp.globals) - comp.strict_globals)
+    lines = _function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None)
+    if lazy:  # variables read only where they are used, for when the activation lacks one
+        comp.lazy_mode = True
+        eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
+        lines += _function("_cel_lazy", comp, node, check_result, eager, None)
     py_source = "\n".join(lines) + "\n"
     namespace: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
     namespace.update(comp.consts)
@@ -171,6 +163,30 @@ def _compile(
     code = builtins.compile(py_source, f"<cel: {source[:60]!r}>", "exec")
     exec(code, namespace)  # noqa: S102 - generated from a checked AST only
     return Program(source, result, cost, refs, py_source, namespace["_cel"])
+
+
+def _function(name: str, comp: Compiler, node: Any, check_result: str | None,
+              eager: Mapping[str, str], fallback: str | None) -> list[str]:
+    """The lines of one generated function: read the `eager` variables, evaluate the body."""
+    body = comp.gen(node)
+    if check_result is not None:
+        body = f"_check_result({body}, {check_result!r})"
+    lines = [f"def {name}(act):"]
+    if eager:
+        lines.append("    try:")
+        for cel_name, py in sorted(eager.items()):
+            lines.append(f"        {py} = act[{cel_name!r}]")
+        lines.append("    except KeyError as e:")
+        lines.append(f"        return {fallback}(act)" if fallback else "        raise _missing(e) from None")
+    lines.append("    try:")
+    if comp.uses_iter:
+        lines.append("        _n = [0]")
+    lines.append(f"        return {body}")
+    lines.append("    except _CelEvaluationError:")
+    lines.append("        raise")
+    lines.append("    except Exception as e:")
+    lines.append("        raise _translate(e) from None")
+    return lines
 
 
 def _tn(t: CelType) -> str:

@@ -15,7 +15,7 @@ import math
 from typing import Any, Mapping
 
 from . import runtime as rt
-from .ast import Call, Comprehension, Cond, Ident, Index, ListLit, Lit, MapLit, Node, ObjLit, Select
+from .ast import Call, Comprehension, Cond, Ident, Index, Invalid, ListLit, Lit, MapLit, Node, ObjLit, Select
 from .errors import CelEvaluationError, CelIssue, line_col
 from .types import (
     BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
@@ -35,7 +35,13 @@ TYPE_NAMES = {
     "dyn": "dyn",
     "google.protobuf.Timestamp": "google.protobuf.Timestamp",
     "google.protobuf.Duration": "google.protobuf.Duration",
+    "optional_type": "optional_type",
 }
+# Type names written qualified (`google.protobuf.Timestamp == type(t)`).
+QUALIFIED_TYPE_NAMES = {"google.protobuf.Timestamp", "google.protobuf.Duration"}
+# In dynamic mode these checker findings become evaluation errors of the node (so `||`/`&&` can
+# absorb them, as cel-go's unchecked evaluation does); any other finding stays a compile error.
+DEFERRABLE = {"no-overload", "undeclared-function", "undeclared", "no-such-field"}
 TIME_FUNCS = set(rt.TIME_ACCESSORS)
 DURATION_FUNCS = {"getHours", "getMinutes", "getSeconds", "getMilliseconds"}
 CONVERSIONS = {"int", "uint", "double", "string", "bool", "bytes", "duration", "timestamp", "dyn", "type"}
@@ -55,7 +61,7 @@ _HELPER_NAMES = {
     "to_int": rt.to_int, "double_to_int": rt.double_to_int, "to_uint": rt.to_uint, "to_double": rt.to_double, "to_string": rt.to_string,
     "to_bool": rt.to_bool, "to_bytes": rt.to_bytes, "to_duration": rt.to_duration,
     "to_timestamp": rt.to_timestamp, "type_of": rt.type_of, "check_result": rt.check_result,
-    "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint,
+    "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint, "var": rt.var, "resolve": rt.resolve,
     "CelEvaluationError": CelEvaluationError, "map_get": rt.map_get,
     **{"t_" + k: v for k, v in rt.TIME_ACCESSORS.items()},
 }
@@ -76,8 +82,12 @@ def _tname(t: CelType) -> str:
 
 
 class Compiler:
-    def __init__(self, source: str, declarations: Mapping[str, CelType] | None, max_iterations: int) -> None:
+    def __init__(self, source: str, declarations: Mapping[str, CelType] | None, max_iterations: int,
+                 container: str = "") -> None:
         self.src = source
+        # container-relative name resolution: `y` in container `a.b` tries a.b.y, a.y, y
+        parts = container.split(".") if container else []
+        self.prefixes = [".".join(parts[:i]) + "." for i in range(len(parts), 0, -1)] + [""]
         self.decls = dict(declarations) if declarations is not None else None
         self.dynamic = declarations is None
         self.max_iterations = max_iterations
@@ -90,6 +100,14 @@ class Compiler:
         self.path_nodes: dict[int, Node] = {}
         self.uses_iter = False
         self._n = 0
+        # Variables are read from the activation once, up front, when some read of them is
+        # unconditional. One read only under `&&`/`||`/`?:` or in a macro body must not fail
+        # when the variable is absent (`false && x`): such variables make the generator emit a
+        # second, lazy variant of the function that the fast one falls back to on a KeyError.
+        self.lazy_depth = 0
+        self.strict_globals: set[str] = set()
+        self.lazy_mode = False
+        self._lazy_reads = 0
 
     # ------------------------------------------------------------ issues
     def error(self, offset: int, message: str, code: str, hint: str | None = None, end: int | None = None) -> CelType:
@@ -112,7 +130,15 @@ class Compiler:
 
     # ------------------------------------------------------------ checker
     def check(self, node: Node) -> CelType:
+        before = len(self.issues)
+        reads = self._lazy_reads
         t = getattr(self, "c_" + type(node).__name__)(node)
+        node.lazy_reads = self._lazy_reads > reads  # type: ignore[attr-defined]
+        if self.dynamic and len(self.issues) > before and all(i.code in DEFERRABLE for i in self.issues[before:]):
+            node.deferred = self.issues[before].message  # type: ignore[attr-defined]
+            del self.issues[before:]
+            node.can_error = True
+            t = DYN
         node.type = t
         if not hasattr(node, "msize"):
             node.msize = getattr(t, "max_size", None)
@@ -135,6 +161,38 @@ class Compiler:
                 return scope[name]
         return None
 
+    def lazily(self, node: Node) -> CelType:
+        """Check a sub-expression that is evaluated only on some paths (or whose error is absorbed)."""
+        self.lazy_depth += 1
+        try:
+            return self.check(node)
+        finally:
+            self.lazy_depth -= 1
+
+    def resolve(self, name: str, root: bool) -> str | None:
+        """The declared name `name` refers to (container-relative), or None."""
+        if self.decls is None:
+            return None
+        for prefix in ([""] if root else self.prefixes):
+            if prefix + name in self.decls:
+                return prefix + name
+        return None
+
+    def global_ref(self, n: Node, name: str, t: CelType) -> CelType:
+        n.py = self.globals.setdefault(name, "v_" + name.replace(".", "__"))  # type: ignore[attr-defined]
+        n.gname = name  # type: ignore[attr-defined]
+        if self.lazy_depth == 0:
+            self.strict_globals.add(name)
+        else:
+            self._lazy_reads += 1
+        self.paths[id(n)] = name
+        self.path_nodes[id(n)] = n
+        return t
+
+    def c_Invalid(self, n: Invalid) -> CelType:
+        self._set(n, True, 1)
+        return DYN
+
     def c_Ident(self, n: Ident) -> CelType:
         self._set(n, False, 1)
         if not n.root:
@@ -143,11 +201,18 @@ class Compiler:
                 n.py = local[1]
                 return local[0]
         is_type_name = n.name in TYPE_NAMES or n.name in ("timestamp", "duration")
-        if (self.dynamic and not is_type_name) or (self.decls is not None and n.name in self.decls):
-            t = DYN if self.dynamic else self.decls[n.name]  # type: ignore[index]
-            n.py = self.globals.setdefault(n.name, "v_" + n.name.replace(".", "__"))
+        if is_type_name and n.name == "dyn":  # `dyn` is a type only inside dyn(...)
+            is_type_name = False
+        declared = self.resolve(n.name, n.root)
+        if self.dynamic and not is_type_name and len(self.prefixes) > 1:
+            # container-relative lookup at run time (the activation is the only declaration)
+            n.candidates = tuple((p + n.name, ()) for p in ([""] if n.root else self.prefixes))  # type: ignore[attr-defined]
+            self._set(n, True, 1)
             self.paths[id(n)] = n.name
-            self.path_nodes[id(n)] = n
+            return DYN
+        if (self.dynamic and not is_type_name) or declared is not None:
+            t = DYN if self.dynamic else self.decls[declared]  # type: ignore[index]
+            self.global_ref(n, declared or n.name, t)
             if t.nullable:
                 n.can_error = False
             return t
@@ -168,18 +233,36 @@ class Compiler:
             return None if left is None else f"{left}.{n.field}"
         return None
 
+    def _root(self, n: Node) -> Ident | None:
+        while isinstance(n, Select):
+            n = n.operand
+        return n if isinstance(n, Ident) else None
+
     def c_Select(self, n: Select) -> CelType:
-        # dotted declaration names, e.g. declarations={"request.model": STRING}
-        if self.decls and not n.test_only:
-            q = self._qualified(n)
-            if q is not None and q in self.decls and q.split(".")[0] not in self.decls:
-                ident = Ident(n.operand.offset, n.end, q)
-                t = self.c_Ident(ident)
-                n.py_ident = ident.py  # type: ignore[attr-defined]
+        q = None if n.test_only else self._qualified(n)
+        root = self._root(n) if q is not None else None
+        if q is not None and root is not None:
+            if q in QUALIFIED_TYPE_NAMES and self.resolve(root.name, root.root) is None:
                 self._set(n, False, 1)
-                self.paths[id(n)] = q
-                self.path_nodes[id(n)] = n
+                n.py_const = self.const(rt.TYPE_VALUES[q])  # type: ignore[attr-defined]
+                return TYPE
+            # dotted declaration names, e.g. declarations={"request.model": STRING}
+            declared = self.resolve(q, root.root)
+            if declared is not None and self.resolve(q.split(".")[0], root.root) is None:
+                t = self.global_ref(n, declared, self.decls[declared])  # type: ignore[index]
+                n.py_ident = n.py  # type: ignore[attr-defined]
+                self._set(n, False, 1)
                 return t
+            if self.dynamic:
+                # `a.b.c` may name a variable `a.b.c`, or field c of a variable `a.b`, ...:
+                # the longest name the activation has wins (cel-spec's qualified resolution).
+                parts = q.split(".")
+                n.candidates = tuple(  # type: ignore[attr-defined]
+                    (p + ".".join(parts[:i]), tuple(parts[i:]))
+                    for p in ([""] if root.root else self.prefixes) for i in range(len(parts), 0, -1))
+                self._set(n, True, 1 + len(parts))
+                self.paths[id(n)] = q
+                return DYN
         ot = self.check(n.operand)
         if id(n.operand) in self.paths:
             self.paths[id(n)] = self.paths.pop(id(n.operand)) + "." + n.field
@@ -227,8 +310,8 @@ class Compiler:
 
     def c_Cond(self, n: Cond) -> CelType:
         ct = self.check(n.cond)
-        a = self.check(n.then)
-        b = self.check(n.other)
+        a = self.lazily(n.then)
+        b = self.lazily(n.other)
         if not (ct.kind in ("bool", "dyn")):
             self.error(n.offset, f"the condition of ?: must be bool, got {_tname(ct)}", "no-overload")
         self._set(n, n.cond.can_error or not exact(ct) or n.then.can_error or n.other.can_error,
@@ -287,8 +370,8 @@ class Compiler:
         n.py_var = self.fresh("_c")
         self.scopes.append({n.var: (vt, n.py_var)})
         try:
-            bt = self.check(n.body)
-            ft = self.check(n.filter) if n.filter is not None else None
+            bt = self.lazily(n.body)
+            ft = self.lazily(n.filter) if n.filter is not None else None
         finally:
             self.scopes.pop()
         self.uses_iter = True
@@ -327,12 +410,13 @@ class Compiler:
 
     def c_logic(self, n: Call) -> CelType:
         a, b = n.args
-        ta, tb = self.check(a), self.check(b)
+        ta, tb = self.lazily(a), self.lazily(b)
         for x, t in ((a, ta), (b, tb)):
-            if t.kind not in ("bool", "dyn"):
+            if t.kind not in ("bool", "dyn") and not self.dynamic:  # dynamic: checked at run time
                 self.error(n.offset, f"no matching overload for '{n.function.strip('_')}' applied to ({_tname(ta)}, {_tname(tb)})", "no-overload", end=n.offset + 2)
                 break
-        self._set(n, a.can_error or b.can_error or not exact(ta) or not exact(tb), a.cost + b.cost + 1)
+        err = a.can_error or b.can_error or any(not exact(t) or t.kind != "bool" for t in (ta, tb))
+        self._set(n, err, a.cost + b.cost + 1)
         return BOOL
 
     def c_in(self, n: Call) -> CelType:
@@ -564,7 +648,26 @@ class Compiler:
 
     # ------------------------------------------------------------ codegen
     def gen(self, n: Node) -> str:
+        deferred = getattr(n, "deferred", None)
+        if deferred is not None:
+            return f"_fail({deferred!r})"
+        candidates = getattr(n, "candidates", None)
+        if candidates is not None:
+            return f"_resolve(act, {candidates!r})"
         return getattr(self, "g_" + type(n).__name__)(n)
+
+    def g_Invalid(self, n: Invalid) -> str:  # pragma: no cover - reported by the parser
+        return "_fail('invalid macro')"
+
+    def may_fail(self, n: Node) -> bool:
+        """Can evaluating ``n`` raise? In the lazy variant, a variable read can (it may be absent)."""
+        return n.can_error or (self.lazy_mode and getattr(n, "lazy_reads", False))
+
+    def ref(self, n: Node) -> str:
+        name = getattr(n, "gname", None)
+        if self.lazy_mode and name is not None and name not in self.strict_globals:
+            return f"_var(act, {name!r})"
+        return n.py  # type: ignore[attr-defined,no-any-return]
 
     def g_Lit(self, n: Lit) -> str:
         v = n.value
@@ -577,11 +680,13 @@ class Compiler:
         return repr(v)
 
     def g_Ident(self, n: Ident) -> str:
-        return n.py  # type: ignore[attr-defined,no-any-return]
+        return self.ref(n)
 
     def g_Select(self, n: Select) -> str:
+        if hasattr(n, "py_const"):
+            return n.py_const  # type: ignore[attr-defined,no-any-return]
         if hasattr(n, "py_ident"):
-            return n.py_ident  # type: ignore[attr-defined,no-any-return]
+            return self.ref(n)
         o = self.gen(n.operand)
         ot = n.operand.type
         f = repr(n.field)
@@ -614,7 +719,7 @@ class Compiler:
         r = f"_iter_range(_n, {self.max_iterations}, {self.gen(n.range)})"
         v = n.py_var  # type: ignore[attr-defined]
         body = self.gen(n.body)
-        safe_bool = not n.body.can_error and exact(n.body.type)
+        safe_bool = not self.may_fail(n.body) and exact(n.body.type)
         if n.macro in ("exists", "all"):
             if safe_bool:
                 fn = "any" if n.macro == "exists" else "all"
@@ -650,8 +755,8 @@ class Compiler:
         a, b = n.args
         pa, pb = self.gen(a), self.gen(b)
         py = "and" if n.function == "_&&_" else "or"
-        a_ok = not a.can_error and exact(a.type)
-        b_ok = exact(b.type)
+        a_ok = not self.may_fail(a) and exact(a.type) and a.type.kind == "bool"
+        b_ok = exact(b.type) and b.type.kind == "bool"  # (dynamic mode lets other types through to here)
         if a_ok and b_ok:
             return f"({pa} {py} {pb})"
         if a_ok:
@@ -679,13 +784,18 @@ class Compiler:
             a, b = args
             neg = fn == "_!=_"
             if t[0].kind == "null_type" or t[1].kind == "null_type":
-                other = p[1] if t[0].kind == "null_type" else p[0]
-                return f"({other} is {'not ' if neg else ''}None)"
+                i = 1 if t[0].kind == "null_type" else 0
+                inner = _strip_dyn(args[i])
+                if isinstance(inner, Lit):  # `1 is None` would be a SyntaxWarning: fold it
+                    return repr((inner.value is None) != neg)
+                return f"({p[i]} is {'not ' if neg else ''}None)"
             if _pyeq_safe(t[0], t[1]):
                 return f"({p[0]} {'!=' if neg else '=='} {p[1]})"
             return f"_{'ne' if neg else 'eq'}({p[0]}, {p[1]})"
         if fn in self._CMP:
             if allx:
+                if (t[0].kind == "double") != (t[1].kind == "double"):  # int vs double: compared as doubles
+                    p = [x if k.kind == "double" else f"float({x})" for x, k in zip(p, t)]
                 return f"({p[0]} {self._CMP[fn]} {p[1]})"
             return f"_{ {'_<_': 'lt', '_<=_': 'le', '_>_': 'gt', '_>=_': 'ge'}[fn] }({p[0]}, {p[1]})"
         if fn == "@in":
@@ -805,6 +915,12 @@ _INLINE_TIME = {
     "getSeconds": "{}.second", "getMilliseconds": "({}.microsecond // 1000)",
     "getDayOfYear": "({}.timetuple().tm_yday - 1)",
 }
+
+
+def _strip_dyn(n: Node) -> Node:
+    while isinstance(n, Call) and n.function == "dyn" and n.target is None and len(n.args) == 1:
+        n = n.args[0]
+    return n
 
 
 def _pyeq_safe(a: CelType, b: CelType) -> bool:

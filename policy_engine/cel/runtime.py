@@ -41,8 +41,9 @@ INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 UTC = _dt.timezone.utc
 # cel-spec timestamp range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
-# duration range: +/- 315,576,000,000 seconds (~10000 years).
-MAX_DURATION = _dt.timedelta(seconds=315_576_000_000)
+# duration range: what an int64 count of nanoseconds holds (about +/-292 years), as in cel-go and
+# cel-cpp; durations here have microsecond precision, so the bound is rounded down to a microsecond.
+MAX_DURATION = _dt.timedelta(microseconds=(2**63 - 1) // 1000)
 
 
 class CelUint(int):
@@ -69,12 +70,51 @@ class CelTypeValue:
 TYPE_VALUES = {
     n: CelTypeValue(n)
     for n in ("int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type",
-              "google.protobuf.Timestamp", "google.protobuf.Duration")
+              "google.protobuf.Timestamp", "google.protobuf.Duration", "optional_type")
 }
+
+
+class CelOptional:
+    """A CEL optional value (``optional.of(x)`` / ``optional.none()``); ``OPTIONAL_NONE`` is the none."""
+
+    __slots__ = ("has", "value")
+
+    def __init__(self, has: bool, value: Any = None) -> None:
+        self.has = has
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"optional.of({self.value!r})" if self.has else "optional.none()"
+
+
+OPTIONAL_NONE = CelOptional(False)
+
+
+def opt_of(v: Any) -> CelOptional:
+    return CelOptional(True, v)
 
 
 class _Err:
     """Raised-error wrapper used only inside absorption helpers."""
+
+
+def var(act: Mapping[str, Any], name: str) -> Any:
+    """A variable read where it is used (see Compiler.lazy_depth)."""
+    try:
+        return act[name]
+    except KeyError:
+        raise CelEvaluationError(f"no value for variable {name!r} in the activation") from None
+
+
+def resolve(act: Mapping[str, Any], candidates: tuple[tuple[str, tuple[str, ...]], ...]) -> Any:
+    """Dynamic-mode qualified name: the first (variable, fields) candidate whose variable is bound."""
+    for name, fields in candidates:
+        if name in act:
+            v = act[name]
+            for f in fields:
+                v = select(v, f)
+            return v
+    raise CelEvaluationError(f"no value for variable {candidates[-1][0]!r} in the activation")
 
 
 def err(msg: str) -> CelEvaluationError:
@@ -111,6 +151,8 @@ def kind(v: Any) -> str:
         return "google.protobuf.Duration"
     if t is CelTypeValue:
         return "type"
+    if t is CelOptional:
+        return "optional_type"
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, CelUint):
@@ -435,7 +477,7 @@ def to_int(v: Any) -> int:
     if k == "uint":
         return ck(int(v))
     if k == "double":
-        if v != v or v in (math.inf, -math.inf) or not (-(2.0**63) <= v < 2.0**63):
+        if v != v or v in (math.inf, -math.inf) or not (-(2.0**63) < v < 2.0**63):
             raise CelEvaluationError("int64 overflow converting double to int")
         return ck(int(v))
     if k == "string":
@@ -452,7 +494,8 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=UTC)
 
 def double_to_int(v: float) -> int:
     """`to_int` of a value statically known to be a double (the checks `to_int` makes for one)."""
-    if -(2.0**63) <= v < 2.0**63:  # False for NaN and the infinities too
+    # Exclusive at both ends, as cel-spec requires: -2^63 as a double is already out of range.
+    if -(2.0**63) < v < 2.0**63:  # False for NaN and the infinities too
         return int(v)
     raise CelEvaluationError("int64 overflow converting double to int")
 
@@ -586,7 +629,9 @@ def eq(a: Any, b: Any) -> bool:
                 return False
         return True
     if ka == "type":
-        return a is b
+        return a is b or a.name == b.name
+    if ka == "optional_type":
+        return a.has == b.has and (not a.has or eq(a.value, b.value))
     return a == b
 
 
@@ -597,33 +642,37 @@ def ne(a: Any, b: Any) -> bool:
 _ORDERED = {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration"}
 
 
-def _cmp_ok(op: str, a: Any, b: Any) -> None:
+def _cmp_args(op: str, a: Any, b: Any) -> tuple[Any, Any]:
+    """The operands as compared: an int or uint against a double is converted to double first
+    (lossy near 2^63, as cel-spec's conformance suite expects)."""
     ka, kb = kind(a), kind(b)
     if ka == kb and ka in _ORDERED:
-        return
+        return a, b
     if ka in _NUM and kb in _NUM:
-        return
+        if ka == "double" or kb == "double":
+            return float(a), float(b)
+        return a, b
     raise no_overload(op, a, b)
 
 
 def lt(a: Any, b: Any) -> bool:
-    _cmp_ok("_<_", a, b)
-    return a < b
+    a, b = _cmp_args("_<_", a, b)
+    return a < b  # type: ignore[no-any-return]
 
 
 def le(a: Any, b: Any) -> bool:
-    _cmp_ok("_<=_", a, b)
-    return a <= b
+    a, b = _cmp_args("_<=_", a, b)
+    return a <= b  # type: ignore[no-any-return]
 
 
 def gt(a: Any, b: Any) -> bool:
-    _cmp_ok("_>_", a, b)
-    return a > b
+    a, b = _cmp_args("_>_", a, b)
+    return a > b  # type: ignore[no-any-return]
 
 
 def ge(a: Any, b: Any) -> bool:
-    _cmp_ok("_>=_", a, b)
-    return a >= b
+    a, b = _cmp_args("_>=_", a, b)
+    return a >= b  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------- dynamic arithmetic
