@@ -139,7 +139,7 @@ class Invalid(Node):
 # take one more.
 MACROS = {"all": (2, 3), "exists": (2, 3), "exists_one": (2,), "existsOne": (2, 3), "map": (2, 3), "filter": (2,),
           "transformList": (3, 4), "transformMap": (3, 4), "transformMapEntry": (3, 4),
-          "optMap": (2,), "optFlatMap": (2,)}
+          "optMap": (2,), "optFlatMap": (2,), "sortBy": (2,)}
 _TWO_VAR_ONLY = {"transformList", "transformMap", "transformMapEntry"}
 
 _PARSER: Lark | None = None

@@ -14,12 +14,15 @@ import difflib
 import math
 from typing import Any, Mapping
 
+from . import ext
 from . import runtime as rt
-from .ast import Call, Comprehension, Cond, Ident, Index, Invalid, ListLit, Lit, MapLit, Node, ObjLit, Select
+from .ast import (
+    Bind, Call, Comprehension, Cond, Ident, Index, Invalid, ListLit, Lit, MapLit, Node, ObjLit, OptMap, OptSelect, Select,
+)
 from .errors import CelEvaluationError, CelIssue, line_col
 from .types import (
     BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
-    CelType, Field, ListType, MapType, Nullable, ObjectType, assignable, non_null, unify,
+    CelType, Field, ListType, MapType, Nullable, ObjectType, OptionalType, assignable, non_null, unify,
 )
 
 # Cost model defaults (see Program.cost).
@@ -46,7 +49,9 @@ TIME_FUNCS = set(rt.TIME_ACCESSORS)
 DURATION_FUNCS = {"getHours", "getMinutes", "getSeconds", "getMilliseconds"}
 CONVERSIONS = {"int", "uint", "double", "string", "bool", "bytes", "duration", "timestamp", "dyn", "type"}
 STRING_METHODS = {"contains", "startsWith", "endsWith", "matches"}
-KNOWN_FUNCTIONS = sorted(TIME_FUNCS | CONVERSIONS | STRING_METHODS | {"size", "has", "all", "exists", "exists_one", "map", "filter"})
+KNOWN_FUNCTIONS = sorted(TIME_FUNCS | CONVERSIONS | STRING_METHODS | set(ext.FUNCTIONS) | {
+    "size", "has", "all", "exists", "exists_one", "existsOne", "map", "filter", "cel.bind", "optMap", "optFlatMap",
+    "sortBy", "transformList", "transformMap", "transformMapEntry"})
 
 _HELPER_NAMES = {
     "ck": rt.ck, "cku": rt.cku, "idiv": rt.idiv, "imod": rt.imod, "udiv": rt.udiv, "umod": rt.umod,
@@ -63,6 +68,9 @@ _HELPER_NAMES = {
     "to_timestamp": rt.to_timestamp, "type_of": rt.type_of, "check_result": rt.check_result,
     "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint, "var": rt.var, "resolve": rt.resolve,
     "CelEvaluationError": CelEvaluationError, "map_get": rt.map_get,
+    "opt_select": rt.opt_select, "opt_index": rt.opt_index, "opt_items": ext.opt_items,
+    "make_map_opt": ext.make_map_opt, "merge_entries": ext.merge_entries, "pairs": ext.pairs, "bind": ext.bind,
+    "opt_map": ext.opt_map, "opt_flat_map": ext.opt_flat_map, "sort_by": ext.sort_by,
     **{"t_" + k: v for k, v in rt.TIME_ACCESSORS.items()},
 }
 
@@ -281,10 +289,13 @@ class Compiler:
                 if not (ot.key.kind in ("string", "dyn")):  # type: ignore[attr-defined]
                     return self.error(n.offset, f"has() on a map with {_tname(ot.key)} keys", "no-overload", end=field_end)  # type: ignore[attr-defined]
                 return BOOL
-            if ot.kind == "dyn":
+            if ot.kind in ("dyn", "optional_type"):
                 n.can_error = True
                 return BOOL
             return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field", end=field_end)
+        if isinstance(ot, OptionalType):  # selection through an optional: an optional
+            self._set(n, True, cost)
+            return OptionalType(ext.selected_type(ot.elem, n.field))
         if isinstance(ot, ObjectType):
             f = ot.fields.get(n.field)
             if f is None:
@@ -305,6 +316,45 @@ class Compiler:
         self._set(n, True, cost)
         return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field", end=field_end)
 
+    def c_OptSelect(self, n: OptSelect) -> CelType:
+        ot = self.check(n.operand)
+        self._set(n, True, n.operand.cost + 1)
+        inner = ot.elem if isinstance(ot, OptionalType) else ot  # type: ignore[attr-defined]
+        if inner.kind not in ("map", "object", "dyn"):
+            return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field",
+                              end=n.offset + len(n.field))
+        return OptionalType(ext.selected_type(inner, n.field))
+
+    def c_Bind(self, n: Bind) -> CelType:
+        it = self.check(n.init)
+        n.py_var = self.fresh("_b")  # type: ignore[attr-defined]
+        self.scopes.append({n.var: (it, n.py_var)})  # type: ignore[attr-defined]
+        try:
+            bt = self.check(n.body)
+        finally:
+            self.scopes.pop()
+        self._set(n, n.init.can_error or n.body.can_error, n.init.cost + n.body.cost + 1, n.body.msize)
+        return bt
+
+    def c_OptMap(self, n: OptMap) -> CelType:
+        ot = self.check(n.target)
+        if ot.kind not in ("optional_type", "dyn"):
+            self.error(n.offset, f"'{n.macro}' applies to an optional, not {_tname(ot)}", "no-overload",
+                       end=n.offset + len(n.macro))
+        n.py_var = self.fresh("_o")  # type: ignore[attr-defined]
+        self.scopes.append({n.var: (ot.elem if isinstance(ot, OptionalType) else DYN, n.py_var)})  # type: ignore[attr-defined]
+        try:
+            bt = self.lazily(n.body)
+        finally:
+            self.scopes.pop()
+        self._set(n, True, n.target.cost + n.body.cost + 1)
+        if n.macro == "optMap":
+            return OptionalType(bt)
+        if bt.kind not in ("optional_type", "dyn"):
+            self.error(n.body.start, f"the expression of 'optFlatMap' must be an optional, got {_tname(bt)}", "no-overload",
+                       end=n.body.end)
+        return bt if bt.kind == "optional_type" else OptionalType(DYN)
+
     def c_Index(self, n: Index) -> CelType:  # pragma: no cover - indexes are Call("_[_]")
         raise AssertionError
 
@@ -320,8 +370,13 @@ class Compiler:
 
     def c_ListLit(self, n: ListLit) -> CelType:
         elem: CelType | None = None
-        for it in n.items:
+        for i, it in enumerate(n.items):
             t = self.check(it)
+            if i in n.optional:  # `?x`: x is an optional; its value (if any) is the element
+                if t.kind not in ("optional_type", "dyn"):
+                    self.error(it.start, f"an optional element must be an optional, got {_tname(t)}", "no-overload", end=it.end)
+                t = t.elem if isinstance(t, OptionalType) else DYN
+                it.can_error = True
             elem = t if elem is None else unify(elem, t)
         self._set(n, any(i.can_error for i in n.items), 1 + sum(i.cost for i in n.items), len(n.items))
         return ListType(elem or DYN, len(n.items))
@@ -331,9 +386,14 @@ class Compiler:
         vt: CelType | None = None
         seen: dict[Any, int] = {}
         dyn_keys = False
-        for k, v in n.entries:
+        for idx, (k, v) in enumerate(n.entries):
             a = self.check(k)
             b = self.check(v)
+            if idx in n.optional:  # `?key: value`: value is an optional
+                if b.kind not in ("optional_type", "dyn"):
+                    self.error(v.start, f"an optional entry's value must be an optional, got {_tname(b)}", "no-overload", end=v.end)
+                b = b.elem if isinstance(b, OptionalType) else DYN
+                dyn_keys = True
             if a.kind not in ("int", "uint", "string", "bool", "dyn"):
                 self.error(k.offset, f"unsupported map key type {_tname(a)}", "no-overload", end=k.end)
             if isinstance(k, Lit) and k.kind in ("string", "int", "uint", "bool"):
@@ -358,39 +418,68 @@ class Compiler:
 
     def c_Comprehension(self, n: Comprehension) -> CelType:
         rtype = self.check(n.range)
+        v2t = DYN
         if rtype.kind == "list":
             vt = rtype.elem  # type: ignore[attr-defined]
+            if n.var2 is not None:
+                vt, v2t = INT, rtype.elem  # type: ignore[attr-defined]
         elif rtype.kind == "map":
             vt = rtype.key  # type: ignore[attr-defined]
+            v2t = rtype.value  # type: ignore[attr-defined]
         elif rtype.kind == "dyn":
             vt = DYN
         else:
             vt = DYN
             self.error(n.range.start, f"'{n.macro}' cannot iterate over {_tname(rtype)}", "no-overload", end=n.range.end)
+        if n.macro in ("transformMap", "transformMapEntry") and rtype.kind == "list":
+            self.error(n.range.start, f"'{n.macro}' iterates over a map, not {_tname(rtype)}", "no-overload", end=n.range.end)
         n.py_var = self.fresh("_c")
-        self.scopes.append({n.var: (vt, n.py_var)})
+        scope = {n.var: (vt, n.py_var)}
+        if n.var2 is not None:
+            n.py_var2 = self.fresh("_c")  # type: ignore[attr-defined]
+            scope[n.var2] = (v2t, n.py_var2)  # type: ignore[attr-defined]
+        self.scopes.append(scope)
         try:
             bt = self.lazily(n.body)
             ft = self.lazily(n.filter) if n.filter is not None else None
         finally:
             self.scopes.pop()
         self.uses_iter = True
-        if n.macro != "map" and bt.kind not in ("bool", "dyn"):
+        if n.macro in ("all", "exists", "exists_one", "filter") and bt.kind not in ("bool", "dyn"):
             self.error(n.body.start, f"the predicate of '{n.macro}' must be bool, got {_tname(bt)}", "no-overload", end=n.body.end)
         if ft is not None and ft.kind not in ("bool", "dyn"):
-            self.error(n.filter.start, f"the filter of 'map' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
+            self.error(n.filter.start, f"the filter of '{n.macro}' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
         size = n.range.msize
         iters = size if size is not None else DEFAULT_LIST_SIZE
         body_cost = n.body.cost + (n.filter.cost if n.filter is not None else 0) + 1
         self._set(n, True, n.range.cost + 1 + iters * body_cost, size)
         if n.macro in ("all", "exists", "exists_one"):
             return BOOL
-        if n.macro == "map":
+        if n.macro in ("map", "transformList"):
             return ListType(bt, size)
+        if n.macro == "transformMap":
+            return MapType(vt, bt, size)
+        if n.macro == "transformMapEntry":
+            if bt.kind not in ("map", "dyn"):
+                self.error(n.body.start, f"the expression of 'transformMapEntry' must be a map, got {_tname(bt)}", "no-overload", end=n.body.end)
+            return bt if bt.kind == "map" else MapType(DYN, DYN)
+        if n.macro == "sortBy":
+            if rtype.kind not in ("list", "dyn"):
+                self.error(n.range.start, f"'sortBy' sorts a list, not {_tname(rtype)}", "no-overload", end=n.range.end)
+            n.cost += iters * max(1, math.ceil(math.log2(max(iters, 2))))
+            return rtype if rtype.kind == "list" else ListType(DYN)
         return ListType(vt, size)
 
     # -- calls -----------------------------------------------------------
     def c_Call(self, n: Call) -> CelType:
+        if n.target is not None:  # math.greatest(...), optional.of(...): a namespaced function
+            q = self._qualified(n.target)
+            root = self._root(n.target)
+            if q is not None and f"{q}.{n.function}" in ext.FUNCTIONS and root is not None and \
+                    (self.decls is None or self.resolve(root.name, root.root) is None):
+                n.function = f"{q}.{n.function}"
+                n.offset = n.target.start if n.target.start >= 0 else n.target.offset
+                n.target = None
         fn = n.function
         if fn in ("_&&_", "_||_"):
             return self.c_logic(n)
@@ -443,8 +532,9 @@ class Compiler:
     def c_operator(self, n: Call, args: list[Node]) -> CelType:
         fn = n.function
         types = [a.type for a in args]
-        op_sym = {"!_": "!", "-_": "-", "_[_]": "[]", "_==_": "==", "_!=_": "!="}.get(fn) or self._ARITH.get(fn) or self._CMP.get(fn, fn)
-        opw = len(op_sym) if op_sym != "[]" else 1
+        op_sym = {"!_": "!", "-_": "-", "_[_]": "[]", "_[?_]": "[?]", "_==_": "==", "_!=_": "!="}.get(fn) or \
+            self._ARITH.get(fn) or self._CMP.get(fn, fn)
+        opw = len(op_sym) if op_sym not in ("[]", "[?]") else 1
 
         def bad() -> CelType:
             sig = ", ".join(_tname(t) for t in types)
@@ -487,10 +577,19 @@ class Compiler:
                     n.cost += _str_cost(*args)
                 return BOOL
             return bad()
-        if fn == "_[_]":
+        if fn in ("_[_]", "_[?_]"):
             c, i = args
             tc, ti = types
             n.can_error = True
+            if fn == "_[?_]" or isinstance(tc, OptionalType):
+                inner = tc.elem if isinstance(tc, OptionalType) else tc  # type: ignore[attr-defined]
+                if inner.kind == "list" and ti.kind in ("int", "uint", "double", "dyn"):
+                    return OptionalType(inner.elem)  # type: ignore[attr-defined]
+                if inner.kind == "map":
+                    return OptionalType(inner.value)  # type: ignore[attr-defined]
+                if inner.kind == "dyn":
+                    return OptionalType(DYN)
+                return bad()
             if tc.kind == "list":
                 if ti.kind not in ("int", "uint", "dyn"):
                     return bad()
@@ -641,6 +740,14 @@ class Compiler:
             if fn == "string" and k == "string":
                 n.msize = arg.msize
             return result
+        lib = ext.FUNCTIONS.get(fn)
+        if lib is not None:
+            result = ext.check_call(lib, is_method, types)
+            if result is None:
+                return bad()
+            n.can_error = n.can_error or lib.can_error
+            n.cost += _ext_cost(lib.cost, args)
+            return result
         # unknown function
         if self.decls is not None and fn in self.decls and not is_method:
             return self.error(n.offset, f"'{fn}' is a variable, not a function", "undeclared-function", end=end)
@@ -705,9 +812,23 @@ class Compiler:
         return f"({self.gen(n.then)} if {c} else {self.gen(n.other)})"
 
     def g_ListLit(self, n: ListLit) -> str:
-        return "[" + ", ".join(self.gen(i) for i in n.items) + "]"
+        return "[" + ", ".join(f"*_opt_items({self.gen(x)})" if i in n.optional else self.gen(x)
+                               for i, x in enumerate(n.items)) + "]"
+
+    def g_OptSelect(self, n: OptSelect) -> str:
+        return f"_opt_select({self.gen(n.operand)}, {n.field!r})"
+
+    def g_Bind(self, n: Bind) -> str:
+        return f"_bind({self.gen(n.init)}, lambda {n.py_var}: {self.gen(n.body)})"  # type: ignore[attr-defined]
+
+    def g_OptMap(self, n: OptMap) -> str:
+        helper = "_opt_map" if n.macro == "optMap" else "_opt_flat_map"
+        return f"{helper}({self.gen(n.target)}, lambda {n.py_var}: {self.gen(n.body)})"  # type: ignore[attr-defined]
 
     def g_MapLit(self, n: MapLit) -> str:
+        if n.optional:
+            return "_make_map_opt((" + "".join(f"({self.gen(k)}, {self.gen(v)}, {i in n.optional}), "
+                                               for i, (k, v) in enumerate(n.entries)) + "))"
         if not n.dyn_keys:  # type: ignore[attr-defined]
             return "{" + ", ".join(f"{self.gen(k)}: {self.gen(v)}" for k, v in n.entries) + "}"
         return "_make_map((" + "".join(f"({self.gen(k)}, {self.gen(v)}), " for k, v in n.entries) + "))"
@@ -718,6 +839,9 @@ class Compiler:
     def g_Comprehension(self, n: Comprehension) -> str:
         r = f"_iter_range(_n, {self.max_iterations}, {self.gen(n.range)})"
         v = n.py_var  # type: ignore[attr-defined]
+        if n.var2 is not None:  # two variables: iterate (index, value) or (key, value) pairs
+            r = f"_pairs(_n, {self.max_iterations}, {self.gen(n.range)})"
+            v = f"{v}, {n.py_var2}"  # type: ignore[attr-defined]
         body = self.gen(n.body)
         safe_bool = not self.may_fail(n.body) and exact(n.body.type)
         if n.macro in ("exists", "all"):
@@ -725,7 +849,20 @@ class Compiler:
                 fn = "any" if n.macro == "exists" else "all"
                 return f"{fn}({body} for {v} in {r})"
             helper = "_exists" if n.macro == "exists" else "_all_"
-            return f"{helper}({r}, lambda {v}: {body})"
+            star = ", True" if n.var2 is not None else ""
+            return f"{helper}({r}, lambda {v}: {body}{star})"
+        if n.macro == "sortBy":
+            return f"_sort_by({self.gen(n.range)}, lambda {v}: {body})"
+        if n.macro in ("transformList", "transformMap", "transformMapEntry"):
+            flt = ""
+            if n.filter is not None:
+                f = self.gen(n.filter)
+                flt = f" if {f if exact(n.filter.type) else f'_as_bool({f}, {n.macro!r})'}"
+            if n.macro == "transformList":
+                return f"[{body} for {v} in {r}{flt}]"
+            if n.macro == "transformMap":
+                return f"{{{n.py_var}: {body} for {v} in {r}{flt}}}"  # type: ignore[attr-defined]
+            return f"_merge_entries([{body} for {v} in {r}{flt}])"
         if n.macro == "exists_one":
             if not exact(n.body.type):
                 body = f"_as_bool({body}, 'exists_one')"
@@ -807,6 +944,8 @@ class Compiler:
             if exact(tc) and tc.kind == "list":
                 return f"_in_list({p[0]}, {p[1]})"
             return f"_in_({p[0]}, {p[1]})"
+        if fn == "_[?_]":
+            return f"_opt_index({p[0]}, {p[1]})"
         if fn == "_[_]":
             tc, ti = t
             if exact(tc) and tc.kind == "map" and exact(ti) and ti.kind == "string":
@@ -884,6 +1023,9 @@ class Compiler:
                 if tzname is not None and tmpl is not None:
                     return tmpl.format(f"{p[0]}.astimezone({tzname})")
             return f"_t_{fn}({', '.join(p)})"
+        lib = ext.FUNCTIONS.get(fn)
+        if lib is not None:
+            return f"{self.const(lib.impl)}({', '.join(p)})"
         if fn in ("dyn",):
             return p[0]
         if fn == "type":
@@ -915,6 +1057,20 @@ _INLINE_TIME = {
     "getSeconds": "{}.second", "getMilliseconds": "({}.microsecond // 1000)",
     "getDayOfYear": "({}.timetuple().tm_yday - 1)",
 }
+
+
+def _ext_cost(kind: str, args: list[Node]) -> int:
+    """Traversal cost of an extension function over its (declared-size) string or list arguments."""
+    if kind == "const" or not args:
+        return 0
+    if kind == "string":
+        return math.ceil(sum(_size(getattr(a, "msize", None), DEFAULT_STRING_SIZE) for a in args
+                             if a.type is not None and a.type.kind in ("string", "bytes", "dyn")) * STRING_COST_FACTOR)
+    n = sum(_size(getattr(a, "msize", None), DEFAULT_LIST_SIZE) for a in args
+            if a.type is not None and a.type.kind in ("list", "dyn"))
+    if kind == "sort":
+        return n * max(1, math.ceil(math.log2(max(n, 2))))
+    return n
 
 
 def _strip_dyn(n: Node) -> Node:

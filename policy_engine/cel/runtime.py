@@ -855,6 +855,8 @@ def index(c: Any, i: Any) -> Any:
         if not found:
             raise CelEvaluationError(f"no such key: {i!r}")
         return v
+    if kc == "optional_type":  # indexing through an optional gives an optional
+        return opt_index(c, i)
     raise no_overload("_[_]", c, i)
 
 
@@ -877,13 +879,48 @@ def select(o: Any, f: str) -> Any:
             return o[f]
         except KeyError:
             raise CelEvaluationError(f"no such key: {f!r}") from None
+    if type(o) is CelOptional:  # selecting through an optional gives an optional
+        return opt_select(o, f)
     raise CelEvaluationError(f"type '{_short(kind(o))}' does not support field selection")
 
 
 def has(o: Any, f: str) -> bool:
     if isinstance(o, Mapping):
         return f in o
+    if type(o) is CelOptional:
+        return o.has and has(o.value, f)
     raise CelEvaluationError(f"type '{_short(kind(o))}' does not support has()")
+
+
+def opt_select(o: Any, f: str) -> CelOptional:
+    """`o.?f`: optional.of(o.f) when o has the field, else optional.none()."""
+    if type(o) is CelOptional:
+        if not o.has:
+            return OPTIONAL_NONE
+        o = o.value
+    if isinstance(o, Mapping):
+        return CelOptional(True, o[f]) if f in o else OPTIONAL_NONE
+    raise CelEvaluationError(f"type '{_short(kind(o))}' does not support field selection")
+
+
+def opt_index(c: Any, i: Any) -> CelOptional:
+    """`c[?i]`: optional.of(c[i]) when the index or key exists, else optional.none()."""
+    if type(c) is CelOptional:
+        if not c.has:
+            return OPTIONAL_NONE
+        c = c.value
+    kc = kind(c)
+    if kc == "list":
+        ki = kind(i)
+        if ki not in ("int", "uint", "double"):
+            raise no_overload("_[?_]", c, i)
+        if ki == "double" and (i != i or i != int(i)):
+            return OPTIONAL_NONE
+        return CelOptional(True, c[int(i)]) if 0 <= i < len(c) else OPTIONAL_NONE
+    if kc == "map":
+        found, v = map_get(c, i)
+        return CelOptional(True, v) if found else OPTIONAL_NONE
+    raise no_overload("_[?_]", c, i)
 
 
 def in_(x: Any, c: Any) -> bool:
@@ -939,11 +976,11 @@ def iter_range(counter: list[int], limit: int, r: Any) -> Any:
     return r
 
 
-def exists(r: Iterable[Any], pred: Callable[[Any], Any]) -> bool:
+def exists(r: Iterable[Any], pred: Callable[..., Any], star: bool = False) -> bool:
     first: Exception | None = None
     for x in r:
         try:
-            v = pred(x)
+            v = pred(*x) if star else pred(x)
             if type(v) is not bool:
                 raise no_overload("exists", v)
         except Exception as e:  # noqa: BLE001
@@ -957,11 +994,11 @@ def exists(r: Iterable[Any], pred: Callable[[Any], Any]) -> bool:
     return False
 
 
-def all_(r: Iterable[Any], pred: Callable[[Any], Any]) -> bool:
+def all_(r: Iterable[Any], pred: Callable[..., Any], star: bool = False) -> bool:
     first: Exception | None = None
     for x in r:
         try:
-            v = pred(x)
+            v = pred(*x) if star else pred(x)
             if type(v) is not bool:
                 raise no_overload("all", v)
         except Exception as e:  # noqa: BLE001
