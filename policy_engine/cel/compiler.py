@@ -41,7 +41,7 @@ TYPE_NAMES = {
     "optional_type": "optional_type",
 }
 # Type names written qualified (`google.protobuf.Timestamp == type(t)`).
-QUALIFIED_TYPE_NAMES = {"google.protobuf.Timestamp", "google.protobuf.Duration"}
+QUALIFIED_TYPE_NAMES = {"google.protobuf.Timestamp", "google.protobuf.Duration", "net.IP", "net.CIDR"}
 # In dynamic mode these checker findings become evaluation errors of the node (so `||`/`&&` can
 # absorb them, as cel-go's unchecked evaluation does); any other finding stays a compile error.
 DEFERRABLE = {"no-overload", "undeclared-function", "undeclared", "no-such-field"}
@@ -711,7 +711,8 @@ class Compiler:
                 "int": {"int", "uint", "double", "string", "google.protobuf.Timestamp"},
                 "uint": {"int", "uint", "double", "string"},
                 "double": {"int", "uint", "double", "string"},
-                "string": {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration"},
+                "string": {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration",
+                           "net.IP", "net.CIDR"},
                 "bool": {"bool", "string"},
                 "bytes": {"bytes", "string"},
                 "duration": {"string", "google.protobuf.Duration"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64 as _b64
 import binascii
 import datetime as _dt
+import ipaddress
 import math
 import unicodedata
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import runtime as rt
 from .errors import CelEvaluationError
-from .runtime import OPTIONAL_NONE, CelOptional, CelUint, kind, no_overload, opt_of
+from .runtime import OPTIONAL_NONE, CelCIDR, CelIP, CelOptional, CelUint, kind, no_overload, opt_of
 from .types import (
     BOOL, BYTES, DOUBLE, DYN, INT, STRING, UINT, CelType, ListType, MapType, ObjectType, OptionalType, unify,
 )
@@ -723,6 +724,145 @@ def bind(value_: Any, body: Callable[[Any], Any]) -> Any:
     return body(value_)
 
 
+# ------------------------------------------------------------------ network (Kubernetes' ip/cidr library)
+IP_T = CelType("net.IP")
+CIDR_T = CelType("net.CIDR")
+
+
+def _parse_addr(s: str, what: str = "IP Address") -> Any:
+    if "%" in s:
+        raise CelEvaluationError(f"{what} with zone value is not allowed")
+    try:
+        addr = ipaddress.ip_address(s)
+    except ValueError:
+        raise CelEvaluationError(f"{what} {s!r} parse error during conversion from string") from None
+    if getattr(addr, "ipv4_mapped", None) is not None and "." in s:
+        raise CelEvaluationError("IPv4-mapped IPv6 address is not allowed")
+    return addr
+
+
+def ip(*a: Any) -> CelIP:
+    if len(a) == 1 and kind(a[0]) == "net.CIDR":  # cidr.ip(): the address part
+        return CelIP(a[0].addr)
+    _want("ip", a, "string")
+    return CelIP(_parse_addr(a[0]))
+
+
+def cidr(*a: Any) -> CelCIDR:
+    _want("cidr", a, "string")
+    s = a[0]
+    addr_s, slash, plen = s.partition("/")
+    if "%" in addr_s:
+        raise CelEvaluationError("CIDR with zone value is not allowed")
+    if not slash or not plen.isdigit():
+        raise CelEvaluationError(f"network address parse error during conversion from string: {s!r}")
+    addr = _parse_addr(addr_s, "CIDR")
+    prefix = int(plen)
+    if prefix > addr.max_prefixlen:
+        raise CelEvaluationError(f"network address parse error during conversion from string: {s!r}")
+    return CelCIDR(addr, prefix)
+
+
+def is_ip(*a: Any) -> bool:
+    _want("isIP", a, "string")
+    try:
+        _parse_addr(a[0])
+    except CelEvaluationError:
+        return False
+    return True
+
+
+def is_cidr(*a: Any) -> bool:
+    _want("isCIDR", a, "string")
+    try:
+        cidr(a[0])
+    except CelEvaluationError:
+        return False
+    return True
+
+
+def ip_is_canonical(*a: Any) -> bool:
+    _want("ip.isCanonical", a, "string")
+    return str(_parse_addr(a[0])) == a[0]
+
+
+def _addr(fn: str, a: tuple[Any, ...]) -> Any:
+    _want(fn, a, "net.IP")
+    return a[0].addr
+
+
+def family(*a: Any) -> int:
+    return _addr("family", a).version  # type: ignore[no-any-return]
+
+
+def is_unspecified(*a: Any) -> bool:
+    return _addr("isUnspecified", a).is_unspecified  # type: ignore[no-any-return]
+
+
+def is_loopback(*a: Any) -> bool:
+    return _addr("isLoopback", a).is_loopback  # type: ignore[no-any-return]
+
+
+_LL_MCAST = (ipaddress.ip_network("224.0.0.0/24"), ipaddress.ip_network("ff02::/16"))
+
+
+def is_link_local_multicast(*a: Any) -> bool:
+    addr = _addr("isLinkLocalMulticast", a)
+    return any(addr.version == n.version and addr in n for n in _LL_MCAST)
+
+
+def is_link_local_unicast(*a: Any) -> bool:
+    addr = _addr("isLinkLocalUnicast", a)
+    return addr.is_link_local and not addr.is_multicast  # type: ignore[no-any-return]
+
+
+def is_global_unicast(*a: Any) -> bool:
+    """Go's net.IP.IsGlobalUnicast: private ranges count; broadcast, multicast, link-local do not."""
+    addr = _addr("isGlobalUnicast", a)
+    if addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+        return False
+    return not (addr.is_unspecified or addr.is_loopback or addr.is_multicast or addr.is_link_local)
+
+
+def _as_ip(fn: str, v: Any) -> Any:
+    k = kind(v)
+    if k == "net.IP":
+        return v.addr
+    if k == "string":
+        return _parse_addr(v)
+    raise no_overload(fn, v)
+
+
+def _network(c: CelCIDR) -> Any:
+    return ipaddress.ip_network(f"{c.addr}/{c.prefix}", strict=False)
+
+
+def contains_ip(*a: Any) -> bool:
+    if len(a) != 2 or kind(a[0]) != "net.CIDR":
+        raise no_overload("containsIP", *a)
+    addr = _as_ip("containsIP", a[1])
+    net = _network(a[0])
+    return addr.version == net.version and addr in net
+
+
+def contains_cidr(*a: Any) -> bool:
+    if len(a) != 2 or kind(a[0]) != "net.CIDR" or kind(a[1]) not in ("net.CIDR", "string"):
+        raise no_overload("containsCIDR", *a)
+    other = a[1] if kind(a[1]) == "net.CIDR" else cidr(a[1])
+    net, sub = _network(a[0]), _network(other)
+    return net.version == sub.version and sub.subnet_of(net)  # type: ignore[arg-type]
+
+
+def masked(*a: Any) -> CelCIDR:
+    _want("masked", a, "net.CIDR")
+    return CelCIDR(_network(a[0]).network_address, a[0].prefix)
+
+
+def prefix_length(*a: Any) -> int:
+    _want("prefixLength", a, "net.CIDR")
+    return a[0].prefix  # type: ignore[no-any-return]
+
+
 # ------------------------------------------------------------------ the registry
 def _opt_result(ts: Sequence[CelType]) -> CelType:
     return OptionalType(ts[0])
@@ -810,6 +950,22 @@ _fn("hasValue", has_value, M("optional", result=BOOL), can_error=False)
 _fn("value", value, M("optional", result=_value_of))
 _fn("orValue", or_value, M("optional", "dyn", result=_or_value), can_error=False)
 _fn("or", or_, M("optional", "optional", result=lambda ts: unify(ts[0], ts[1])), can_error=False)
+
+
+_fn("ip", ip, G("string", result=IP_T), M("net.CIDR", result=IP_T))
+_fn("cidr", cidr, G("string", result=CIDR_T))
+_fn("isIP", is_ip, G("string", result=BOOL), can_error=False)
+_fn("isCIDR", is_cidr, G("string", result=BOOL), can_error=False)
+_fn("ip.isCanonical", ip_is_canonical, G("string", result=BOOL))
+_fn("family", family, M("net.IP", result=INT), can_error=False)
+for _name, _impl in (("isUnspecified", is_unspecified), ("isLoopback", is_loopback),
+                     ("isLinkLocalMulticast", is_link_local_multicast), ("isLinkLocalUnicast", is_link_local_unicast),
+                     ("isGlobalUnicast", is_global_unicast)):
+    _fn(_name, _impl, M("net.IP", result=BOOL), can_error=False)
+_fn("containsIP", contains_ip, M("net.CIDR", "net.IP", result=BOOL), M("net.CIDR", "string", result=BOOL))
+_fn("containsCIDR", contains_cidr, M("net.CIDR", "net.CIDR", result=BOOL), M("net.CIDR", "string", result=BOOL))
+_fn("masked", masked, M("net.CIDR", result=CIDR_T), can_error=False)
+_fn("prefixLength", prefix_length, M("net.CIDR", result=INT), can_error=False)
 
 
 def selected_type(t: CelType, field: str) -> CelType:

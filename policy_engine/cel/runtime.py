@@ -70,7 +70,7 @@ class CelTypeValue:
 TYPE_VALUES = {
     n: CelTypeValue(n)
     for n in ("int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type",
-              "google.protobuf.Timestamp", "google.protobuf.Duration", "optional_type")
+              "google.protobuf.Timestamp", "google.protobuf.Duration", "optional_type", "net.IP", "net.CIDR")
 }
 
 
@@ -88,6 +88,53 @@ class CelOptional:
 
 
 OPTIONAL_NONE = CelOptional(False)
+
+
+class CelIP:
+    """A Kubernetes CEL ``net.IP`` (an IPv4 or IPv6 address, no zone)."""
+
+    __slots__ = ("addr",)
+
+    def __init__(self, addr: Any) -> None:
+        self.addr = addr  # ipaddress.IPv4Address | IPv6Address
+
+    def _key(self) -> Any:
+        mapped = getattr(self.addr, "ipv4_mapped", None)  # ::ffff:c0a8:1 is 192.168.0.1
+        return mapped or self.addr
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is CelIP and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return str(self.addr)
+
+    def __repr__(self) -> str:
+        return f"ip({str(self.addr)!r})"
+
+
+class CelCIDR:
+    """A Kubernetes CEL ``net.CIDR``: an address (host bits kept, as written) and a prefix length."""
+
+    __slots__ = ("addr", "prefix")
+
+    def __init__(self, addr: Any, prefix: int) -> None:
+        self.addr = addr
+        self.prefix = prefix
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is CelCIDR and (self.addr, self.prefix) == (other.addr, other.prefix)
+
+    def __hash__(self) -> int:
+        return hash((self.addr, self.prefix))
+
+    def __str__(self) -> str:
+        return f"{self.addr}/{self.prefix}"
+
+    def __repr__(self) -> str:
+        return f"cidr({str(self)!r})"
 
 
 def opt_of(v: Any) -> CelOptional:
@@ -153,6 +200,10 @@ def kind(v: Any) -> str:
         return "type"
     if t is CelOptional:
         return "optional_type"
+    if t is CelIP:
+        return "net.IP"
+    if t is CelCIDR:
+        return "net.CIDR"
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, CelUint):
@@ -552,6 +603,8 @@ def to_string(v: Any) -> str:
         return format_timestamp(v)
     if k == "google.protobuf.Duration":
         return format_duration(v)
+    if k in ("net.IP", "net.CIDR"):
+        return str(v)
     raise no_overload("string", v)
 
 
