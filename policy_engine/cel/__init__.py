@@ -149,20 +149,36 @@ def _compile(
         raise CelTypeError(issues, source)
     refs = frozenset(comp.paths.values())
     lazy = sorted(set(comp.globals) - comp.strict_globals)
-    lines = _function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None)
+    fast = "\n".join(_function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None)) + "\n"
+    lazy_source = ""
     if lazy:  # variables read only where they are used, for when the activation lacks one
         comp.lazy_mode = True
         eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
-        lines += _function("_cel_lazy", comp, node, check_result, eager, None)
-    py_source = "\n".join(lines) + "\n"
+        lazy_source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None)) + "\n"
     namespace: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
     namespace.update(comp.consts)
     namespace["_missing"] = _missing
     namespace["_UTC"] = _rt.UTC
     namespace["__builtins__"] = builtins
-    code = builtins.compile(py_source, f"<cel: {source[:60]!r}>", "exec")
-    exec(code, namespace)  # noqa: S102 - generated from a checked AST only
-    return Program(source, result, cost, refs, py_source, namespace["_cel"])
+    filename = f"<cel: {source[:60]!r}>"
+    if lazy_source:
+        namespace["_cel_lazy"] = _LazyVariant(namespace, lazy_source, filename)
+    exec(builtins.compile(fast, filename, "exec"), namespace)  # noqa: S102 - generated from a checked AST only
+    return Program(source, result, cost, refs, fast + lazy_source, namespace["_cel"])
+
+
+class _LazyVariant:
+    """The lazy variant of a generated function, compiled the first time an activation lacks a
+    variable (activations usually bind every declared name, so most programs never need it)."""
+
+    def __init__(self, namespace: dict[str, Any], source: str, filename: str) -> None:
+        self.namespace = namespace
+        self.source = source
+        self.filename = filename
+
+    def __call__(self, act: Mapping[str, object]) -> object:
+        exec(builtins.compile(self.source, self.filename, "exec"), self.namespace)  # noqa: S102 - replaces this stub
+        return self.namespace["_cel_lazy"](act)
 
 
 def _function(name: str, comp: Compiler, node: Any, check_result: str | None,
