@@ -23,6 +23,7 @@ Run-time value mapping (CEL -> Python)::
     timestamp -> tz-aware datetime (UTC results, microsecond precision)
     duration -> timedelta (microsecond precision)          type -> CelTypeValue
     object types -> Mapping[str, object]
+    optional(T) -> CelOptional      net.IP / net.CIDR -> CelIP / CelCIDR   (extension libraries, :mod:`.ext`)
 
 Cost model (``Program.cost``): every AST node costs 1; string traversals
 (``==``/``<``/``+``/``contains``/``startsWith``/``endsWith`` on strings) add
@@ -32,7 +33,9 @@ adds the list's max size; a comprehension costs
 ``range + max_size x (body + 1)``.  Unknown sizes default to
 ``DEFAULT_LIST_SIZE = 1000`` elements and ``DEFAULT_STRING_SIZE = 10_000``
 characters.  Set sizes with ``ListType(t, max_size=…)``, ``MapType(k, v, max_size=…)``,
-``StringType(max_size=…)`` or ``STRING.with_max(…)``.
+``StringType(max_size=…)`` or ``STRING.with_max(…)``.  Extension functions add their
+traversal: string functions ``0.1 x`` their strings' sizes, list functions the lists' sizes,
+sorting and set functions ``n log n``.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ from . import runtime as _rt
 from .ast import parse_with_issues
 from .compiler import DEFAULT_LIST_SIZE, DEFAULT_STRING_SIZE, STRING_COST_FACTOR, Compiler, _HELPER_NAMES, exact
 from .errors import CelError, CelEvaluationError, CelIssue, CelSyntaxError, CelTypeError, line_col
-from .runtime import CelTypeValue, CelUint
+from .runtime import CelCIDR, CelIP, CelOptional, CelTypeValue, CelUint
 from .types import (
     BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
-    BytesType, CelType, Field, ListType, MapType, Nullable, ObjectType, StringType, assignable,
+    BytesType, CelType, Field, ListType, MapType, Nullable, ObjectType, OptionalType, StringType, assignable,
 )
 
 DEFAULT_MAX_ITERATIONS = 100_000
@@ -57,7 +60,7 @@ __all__ = [
     "compile", "Program", "CelType", "INT", "UINT", "DOUBLE", "STRING", "BOOL", "BYTES", "NULL", "DYN",
     "TIMESTAMP", "DURATION", "TYPE", "ListType", "MapType", "ObjectType", "Field", "Nullable", "StringType",
     "BytesType", "CelError", "CelSyntaxError", "CelTypeError", "CelEvaluationError", "CelIssue", "CelUint",
-    "CelTypeValue", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
+    "CelTypeValue", "CelOptional", "CelIP", "CelCIDR", "OptionalType", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
 ]
 
 
