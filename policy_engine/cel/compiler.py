@@ -933,7 +933,8 @@ class Compiler:
         if fn in self._CMP:
             if allx:
                 if (t[0].kind == "double") != (t[1].kind == "double"):  # int vs double: compared as doubles
-                    p = [x if k.kind == "double" else f"float({x})" for x, k in zip(p, t)]
+                    p = [x if k.kind == "double" else repr(float(a.value)) if isinstance(a, Lit) else f"float({x})"
+                         for x, k, a in zip(p, t, args)]
                 return f"({p[0]} {self._CMP[fn]} {p[1]})"
             return f"_{ {'_<_': 'lt', '_<=_': 'le', '_>_': 'gt', '_>=_': 'ge'}[fn] }({p[0]}, {p[1]})"
         if fn == "@in":
