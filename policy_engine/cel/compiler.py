@@ -431,8 +431,6 @@ class Compiler:
         else:
             vt = DYN
             self.error(n.range.start, f"'{n.macro}' cannot iterate over {_tname(rtype)}", "no-overload", end=n.range.end)
-        if n.macro in ("transformMap", "transformMapEntry") and rtype.kind == "list":
-            self.error(n.range.start, f"'{n.macro}' iterates over a map, not {_tname(rtype)}", "no-overload", end=n.range.end)
         n.py_var = self.fresh("_c")
         scope = {n.var: (vt, n.py_var)}
         if n.var2 is not None:

@@ -246,7 +246,7 @@ def test_network_errors():
     ("[5, 7, 8].existsOne(i, v, v % 5 == i)", True), ("[1, 2].existsOne(x, x > 0)", False),
     ("[2, 4].transformList(i, v, v * 10 + i)", [20, 41]), ("[2, 4, 6].transformList(i, v, i != 1, v)", [2, 6]),
     ("{'a': 1}.transformMap(k, v, v + 1)", {"a": 2}), ("{'a': 1, 'b': 2}.transformMap(k, v, v > 1, k + 'x')", {"b": "bx"}),
-    ("{'a': 1}.transformMapEntry(k, v, {v: k})", {1: "a"}),
+    ("{'a': 1}.transformMapEntry(k, v, {v: k})", {1: "a"}), ("[5, 6].transformMap(i, v, v * 2)", {0: 10, 1: 12}),
 ])
 def test_bind_and_two_variable_comprehensions(src, expected, decls):
     assert same(ev(src, decls), expected)
