@@ -763,22 +763,21 @@ def cidr(*a: Any) -> CelCIDR:
     return CelCIDR(addr, prefix)
 
 
-def is_ip(*a: Any) -> bool:
-    _want("isIP", a, "string")
+def _parses(fn: str, parse: Callable[[str], Any], a: tuple[Any, ...]) -> bool:
+    _want(fn, a, "string")
     try:
-        _parse_addr(a[0])
+        parse(a[0])
     except CelEvaluationError:
         return False
     return True
+
+
+def is_ip(*a: Any) -> bool:
+    return _parses("isIP", _parse_addr, a)
 
 
 def is_cidr(*a: Any) -> bool:
-    _want("isCIDR", a, "string")
-    try:
-        cidr(a[0])
-    except CelEvaluationError:
-        return False
-    return True
+    return _parses("isCIDR", cidr, a)
 
 
 def ip_is_canonical(*a: Any) -> bool:
