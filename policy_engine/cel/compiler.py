@@ -1063,9 +1063,11 @@ def _ext_cost(kind: str, args: list[Node]) -> int:
     """Traversal cost of an extension function over its (declared-size) string or list arguments."""
     if kind == "const" or not args:
         return 0
-    if kind == "string":
-        return math.ceil(sum(_size(getattr(a, "msize", None), DEFAULT_STRING_SIZE) for a in args
-                             if a.type is not None and a.type.kind in ("string", "bytes", "dyn")) * STRING_COST_FACTOR)
+    lists = sum(_size(getattr(a, "msize", None), DEFAULT_LIST_SIZE) for a in args
+                if a.type is not None and a.type.kind == "list")
+    if kind == "string":  # (list.indexOf and list.reverse share their names with string functions)
+        return lists + math.ceil(sum(_size(getattr(a, "msize", None), DEFAULT_STRING_SIZE) for a in args
+                                     if a.type is not None and a.type.kind in ("string", "bytes", "dyn")) * STRING_COST_FACTOR)
     n = sum(_size(getattr(a, "msize", None), DEFAULT_LIST_SIZE) for a in args
             if a.type is not None and a.type.kind in ("list", "dyn"))
     if kind == "sort":

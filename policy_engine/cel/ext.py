@@ -127,6 +127,8 @@ def char_at(*a: Any) -> str:
 
 
 def index_of(*a: Any) -> int:
+    if len(a) == 2 and kind(a[0]) == "list":  # Kubernetes' list.indexOf(x)
+        return next((i for i, x in enumerate(a[0]) if rt.eq(x, a[1])), -1)
     if _arity("indexOf", a, ("string", "string"), ("string", "string", "int")) == 0:
         return a[0].find(a[1])  # type: ignore[no-any-return]
     s, sub, start = a
@@ -135,6 +137,8 @@ def index_of(*a: Any) -> int:
 
 
 def last_index_of(*a: Any) -> int:
+    if len(a) == 2 and kind(a[0]) == "list":  # Kubernetes' list.lastIndexOf(x)
+        return next((i for i in range(len(a[0]) - 1, -1, -1) if rt.eq(a[0][i], a[1])), -1)
     if _arity("lastIndexOf", a, ("string", "string"), ("string", "string", "int")) == 0:
         return a[0].rfind(a[1])  # type: ignore[no-any-return]
     s, sub, end = a
@@ -567,6 +571,48 @@ def distinct(*a: Any) -> list[Any]:
     return out
 
 
+def is_sorted(*a: Any) -> bool:
+    _want("isSorted", a, "list")
+    xs = a[0]
+    _sortable("isSorted", xs)
+    return all(rt.le(xs[i], xs[i + 1]) for i in range(len(xs) - 1))
+
+
+def sum_(*a: Any) -> Any:
+    """Kubernetes' list.sum(): 0 for an empty list; int and uint sums are overflow-checked."""
+    _want("sum", a, "list")
+    xs = a[0]
+    if not xs:
+        return 0
+    total = xs[0]
+    if kind(total) not in ("int", "uint", "double", "google.protobuf.Duration"):
+        raise no_overload("sum", total)
+    for x in xs[1:]:
+        total = rt.add(total, x)
+    return total
+
+
+def _extreme(fn: str, a: tuple[Any, ...], better: Callable[[Any, Any], bool]) -> Any:
+    _want(fn, a, "list")
+    xs = a[0]
+    if not xs:
+        raise CelEvaluationError(f"{fn}(): the list is empty")
+    _sortable(fn, xs)
+    best = xs[0]
+    for x in xs[1:]:
+        if better(x, best):
+            best = x
+    return best
+
+
+def list_min(*a: Any) -> Any:
+    return _extreme("min", a, rt.lt)
+
+
+def list_max(*a: Any) -> Any:
+    return _extreme("max", a, rt.gt)
+
+
 def lists_range(*a: Any) -> list[int]:
     _want("lists.range", a, "int")
     return list(range(a[0]))
@@ -897,8 +943,10 @@ def _first(ts: Sequence[CelType]) -> CelType:
 
 _str = STRING
 _fn("charAt", char_at, M("string", "int", result=_str), cost="string")
-_fn("indexOf", index_of, M("string", "string", result=INT), M("string", "string", "int", result=INT), cost="string")
-_fn("lastIndexOf", last_index_of, M("string", "string", result=INT), M("string", "string", "int", result=INT), cost="string")
+_fn("indexOf", index_of, M("string", "string", result=INT), M("string", "string", "int", result=INT),
+    M("list", "dyn", result=INT), cost="string")
+_fn("lastIndexOf", last_index_of, M("string", "string", result=INT), M("string", "string", "int", result=INT),
+    M("list", "dyn", result=INT), cost="string")
 _fn("lowerAscii", lower_ascii, M("string", result=_str), cost="string", can_error=False)
 _fn("upperAscii", upper_ascii, M("string", result=_str), cost="string", can_error=False)
 _fn("replace", replace, M("string", "string", "string", result=_str), M("string", "string", "string", "int", result=_str),
@@ -932,6 +980,10 @@ _fn("flatten", flatten, M("list", result=_flat), M("list", "int", result=lambda 
 _fn("sort", sort, M("list", result=_same), cost="sort")
 _fn("distinct", distinct, M("list", result=_same), cost="sort")
 _fn("lists.range", lists_range, G("int", result=ListType(INT)), cost="list")
+_fn("isSorted", is_sorted, M("list", result=BOOL), cost="list")
+_fn("sum", sum_, M("list", result=lambda ts: _elem(ts[0]) if _elem(ts[0]).kind != "dyn" else DYN), cost="list")
+_fn("min", list_min, M("list", result=lambda ts: _elem(ts[0])), cost="list")
+_fn("max", list_max, M("list", result=lambda ts: _elem(ts[0])), cost="list")
 _fn("first", first, M("list", result=_first), can_error=False)
 _fn("last", last, M("list", result=_first), can_error=False)
 

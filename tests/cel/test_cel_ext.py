@@ -137,6 +137,9 @@ def test_a_declared_variable_shadows_a_library_namespace():
     ("[{'n': 2}, {'n': 1}].sortBy(e, e.n)", [{"n": 1}, {"n": 2}]), ("['bb', 'a', 'ccc'].sortBy(s, -size(s))", ["ccc", "bb", "a"]),
     ("[1, 2, 1, 2.0, 3u].distinct()", [1, 2, CelUint(3)]), ("[1, 2, 3].reverse()", [3, 2, 1]), ("lists.range(3)", [0, 1, 2]),
     ("[1, 2].first().value()", 1), ("[1, 2].last().value()", 2), ("[].first().hasValue()", False),
+    ("[1, 2, 1].indexOf(1)", 0), ("[1, 2, 1].lastIndexOf(1)", 2), ("[1, 2].indexOf(3)", -1), ("[1, 2, 2].isSorted()", True),
+    ("[2, 1].isSorted()", False), ("[1, 2, 3].sum()", 6), ("[1.5, 2.5].sum()", 4.0), ("[].sum()", 0),
+    ("[duration('1s'), duration('2s')].sum() == duration('3s')", True), ("[3, 1, 2].min()", 1), ("['a', 'c'].max()", "c"),
     ("sets.contains([1, 2, 3], [3, 1])", True), ("sets.contains([1, 2], [4])", False), ("sets.contains([1], [])", True),
     ("sets.equivalent([1, 2, 2], [2, 1])", True), ("sets.equivalent([1], [1, 2])", False),
     ("sets.intersects([1, 2], [2.0, 5])", True), ("sets.intersects([1], [])", False),
@@ -148,7 +151,8 @@ def test_lists_and_sets(src, expected, decls):
 @MODES
 @pytest.mark.parametrize("src,msg", [
     ("[1, 2].slice(1, 3)", "list is length 2"), ("[1, 2].slice(2, 1)", "start index"), ("[1, 'a'].sort()", "same type"),
-    ("[[1], [2]].sort()", "comparable"), ("[1].flatten(-1)", "non-negative"),
+    ("[[1], [2]].sort()", "comparable"), ("[1].flatten(-1)", "non-negative"), ("[].min()", "empty"),
+    ("[9223372036854775807, 1].sum()", "overflow"), ("['a'].sum()", "no matching overload"),
 ])
 def test_list_errors(src, msg, decls):
     assert msg in ev_err(src, decls)
@@ -164,7 +168,8 @@ def test_lists_are_type_checked_and_costed():
     def cost(src, n):
         return compile(src, {"xs": ListType(INT, max_size=n)}).cost
 
-    for src in ["xs.sort()", "xs.distinct()", "xs.slice(0, 1)", "sets.contains(xs, [1])", "xs.sortBy(x, -x)"]:
+    for src in ["xs.sort()", "xs.distinct()", "xs.slice(0, 1)", "sets.contains(xs, [1])", "xs.sortBy(x, -x)",
+                "xs.indexOf(1)", "xs.sum()", "xs.max()", "xs.isSorted()"]:
         assert cost(src, 10) < cost(src, 1000), src
 
 
