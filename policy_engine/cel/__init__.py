@@ -20,8 +20,9 @@ Run-time value mapping (CEL -> Python)::
     int -> int            uint -> CelUint (int subclass)   double -> float
     string -> str         bytes -> bytes                   bool -> bool
     null -> None          list -> list (tuple accepted)    map -> dict (any Mapping accepted)
-    timestamp -> tz-aware datetime (UTC results, microsecond precision)
-    duration -> timedelta (microsecond precision)          type -> CelTypeValue
+    timestamp -> tz-aware datetime (UTC results)          duration -> timedelta
+        (nanosecond precision: values with sub-microsecond nanoseconds are the subclasses
+        runtime.NanoTimestamp / NanoDuration)             type -> CelTypeValue
     object types -> Mapping[str, object]
     optional(T) -> CelOptional      net.IP / net.CIDR -> CelIP / CelCIDR   (extension libraries, :mod:`.ext`)
 

@@ -11,8 +11,9 @@ Value mapping (CEL -> Python)::
     null      -> None
     list      -> list (tuples accepted as input)
     map       -> dict (any Mapping accepted as input)
-    timestamp -> timezone-aware datetime (results are in UTC; microsecond precision)
-    duration  -> timedelta (microsecond precision)
+    timestamp -> timezone-aware datetime (results are in UTC)
+    duration  -> timedelta
+                 (nanoseconds beyond the microsecond: the subclasses NanoTimestamp / NanoDuration)
     type      -> CelTypeValue
 
 Every helper raises :class:`CelEvaluationError` (or a plain Python error that
@@ -42,7 +43,8 @@ UINT64_MAX = 2**64 - 1
 UTC = _dt.timezone.utc
 # cel-spec timestamp range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
 # duration range: what an int64 count of nanoseconds holds (about +/-292 years), as in cel-go and
-# cel-cpp; durations here have microsecond precision, so the bound is rounded down to a microsecond.
+# cel-cpp. MAX_DURATION is that bound rounded down to a microsecond (the plain-timedelta check);
+# a NanoDuration is checked in nanoseconds.
 MAX_DURATION = _dt.timedelta(microseconds=(2**63 - 1) // 1000)
 
 
@@ -284,6 +286,72 @@ def ineg(a: int) -> int:
 
 
 # ---------------------------------------------------------------- time
+# Timestamps and durations are datetime / timedelta (microseconds). A value with nanoseconds
+# beyond the microsecond (a literal such as '...59.999999999Z' or '1ns', and arithmetic on one)
+# is a NanoTimestamp / NanoDuration: the same type with `nanos` (1..999, added to the
+# microseconds; a duration's microseconds are floored). Values without such nanoseconds --
+# every value the features give policies -- stay plain and take no slower path.
+class NanoTimestamp(_dt.datetime):
+    __slots__ = ("nanos",)
+
+
+class NanoDuration(_dt.timedelta):
+    __slots__ = ("nanos",)
+
+    def __neg__(self) -> _dt.timedelta:
+        return dur_from_ns(-dur_ns(self))
+
+
+def ts_ns(t: _dt.datetime) -> int:
+    """Nanoseconds since the Unix epoch."""
+    return dur_ns(t - _EPOCH) + getattr(t, "nanos", 0)
+
+
+def dur_ns(d: _dt.timedelta) -> int:
+    return ((d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds) * 1000 + getattr(d, "nanos", 0)
+
+
+def ts_from_ns(ns: int) -> _dt.datetime:
+    us, nanos = divmod(ns, 1000)
+    try:
+        t = _EPOCH + _dt.timedelta(microseconds=us)
+    except OverflowError:
+        raise CelEvaluationError("timestamp out of range") from None
+    if not nanos:
+        return t
+    out = NanoTimestamp(t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond, t.tzinfo)
+    out.nanos = nanos
+    return out
+
+
+def dur_from_ns(ns: int) -> _dt.timedelta:
+    if not -(2**63) <= ns <= 2**63 - 1:
+        raise CelEvaluationError("duration out of range")
+    us, nanos = divmod(ns, 1000)
+    if not nanos:
+        return _dt.timedelta(microseconds=us)
+    out = NanoDuration(microseconds=us)
+    out.nanos = nanos
+    return out
+
+
+def _nano_compare(cls: type, key: Callable[[Any], int], base: type) -> None:
+    import operator
+
+    def make(op: Callable[[int, int], bool]) -> Callable[[Any, Any], Any]:
+        def method(self: Any, other: Any) -> Any:
+            return op(key(self), key(other)) if isinstance(other, base) else NotImplemented
+        return method
+
+    for name in ("eq", "ne", "lt", "le", "gt", "ge"):
+        setattr(cls, f"__{name}__", make(getattr(operator, name)))
+    cls.__hash__ = base.__hash__  # type: ignore[attr-defined]
+
+
+_nano_compare(NanoTimestamp, ts_ns, _dt.datetime)
+_nano_compare(NanoDuration, dur_ns, _dt.timedelta)
+
+
 def ts_check(t: _dt.datetime) -> _dt.datetime:
     return t
 
@@ -291,10 +359,18 @@ def ts_check(t: _dt.datetime) -> _dt.datetime:
 def dur_check(d: _dt.timedelta) -> _dt.timedelta:
     if -MAX_DURATION <= d <= MAX_DURATION:
         return d
+    if type(d) is NanoDuration:
+        return dur_from_ns(dur_ns(d))
     raise CelEvaluationError("duration out of range")
 
 
+def _nanos(*vs: Any) -> bool:
+    return any(type(v) is NanoTimestamp or type(v) is NanoDuration for v in vs)
+
+
 def ts_add(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
+    if _nanos(t, d):
+        return ts_from_ns(ts_ns(t) + dur_ns(d))
     try:
         return t + d
     except OverflowError:
@@ -302,6 +378,8 @@ def ts_add(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
 
 
 def ts_sub(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
+    if _nanos(t, d):
+        return ts_from_ns(ts_ns(t) - dur_ns(d))
     try:
         return t - d
     except OverflowError:
@@ -309,10 +387,14 @@ def ts_sub(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
 
 
 def ts_diff(a: _dt.datetime, b: _dt.datetime) -> _dt.timedelta:
+    if _nanos(a, b):
+        return dur_from_ns(ts_ns(a) - ts_ns(b))
     return dur_check(a - b)
 
 
 def dur_add(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
+    if _nanos(a, b):
+        return dur_from_ns(dur_ns(a) + dur_ns(b))
     try:
         return dur_check(a + b)
     except OverflowError:
@@ -320,6 +402,8 @@ def dur_add(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
 
 
 def dur_sub(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
+    if _nanos(a, b):
+        return dur_from_ns(dur_ns(a) - dur_ns(b))
     try:
         return dur_check(a - b)
     except OverflowError:
@@ -337,7 +421,8 @@ def parse_timestamp(s: str) -> _dt.datetime:
     if not m:
         raise CelEvaluationError(f"invalid timestamp {s!r}")
     y, mo, d, h, mi, sec, frac, tz = m.groups()
-    us = int((frac or "0").ljust(9, "0")[:6])
+    digits = (frac or "0").ljust(9, "0")
+    us, nanos = int(digits[:6]), int(digits[6:])
     try:
         if tz in ("Z", "z"):
             off = UTC
@@ -347,8 +432,8 @@ def parse_timestamp(s: str) -> _dt.datetime:
         sec_i = int(sec)
         if sec_i == 60:
             raise ValueError("leap second")
-        t = _dt.datetime(int(y), int(mo), int(d), int(h), int(mi), sec_i, us, tzinfo=off)
-        return t.astimezone(UTC)
+        t = _dt.datetime(int(y), int(mo), int(d), int(h), int(mi), sec_i, us, tzinfo=off).astimezone(UTC)
+        return ts_from_ns(ts_ns(t) + nanos) if nanos else t
     except (ValueError, OverflowError) as e:
         raise CelEvaluationError(f"invalid timestamp {s!r}: {e}") from None
 
@@ -378,11 +463,7 @@ def parse_duration(s: str) -> _dt.timedelta:
             raise CelEvaluationError(f"invalid duration {s!r}")
         total += Decimal(m.group(1)) * _DUR_UNITS[m.group(2)]
         pos = m.end()
-    nanos = int(total) * sign
-    try:
-        return dur_check(_dt.timedelta(microseconds=int(nanos / 1000) if abs(nanos) < 2**53 else nanos // 1000 if nanos >= 0 else -((-nanos) // 1000)))
-    except OverflowError:
-        raise CelEvaluationError("duration out of range") from None
+    return dur_from_ns(int(total) * sign)
 
 
 @lru_cache(maxsize=256)
@@ -402,17 +483,13 @@ def tzinfo(name: str) -> _dt.tzinfo:
 
 
 def _local(t: Any, tz: Any, fn: str) -> _dt.datetime:
-    if type(t) is not _dt.datetime:
+    if not isinstance(t, _dt.datetime):
         raise no_overload(fn, t)
     if tz is None:
         return t.astimezone(UTC)
     if type(tz) is not str:
         raise no_overload(fn, t, tz)
     return t.astimezone(tzinfo(tz))
-
-
-def _dur_total_us(d: _dt.timedelta) -> int:
-    return (d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds
 
 
 def _trunc_div(a: int, b: int) -> int:
@@ -445,27 +522,27 @@ def get_day_of_week(t: Any, tz: Any = None) -> int:
 
 
 def get_hours(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        return _trunc_div(_dur_total_us(t), 3_600_000_000)
+    if isinstance(t, _dt.timedelta) and tz is None:
+        return _trunc_div(dur_ns(t), 3_600_000_000_000)
     return _local(t, tz, "getHours").hour
 
 
 def get_minutes(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        return _trunc_div(_dur_total_us(t), 60_000_000)
+    if isinstance(t, _dt.timedelta) and tz is None:
+        return _trunc_div(dur_ns(t), 60_000_000_000)
     return _local(t, tz, "getMinutes").minute
 
 
 def get_seconds(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        return _trunc_div(_dur_total_us(t), 1_000_000)
+    if isinstance(t, _dt.timedelta) and tz is None:
+        return _trunc_div(dur_ns(t), 1_000_000_000)
     return _local(t, tz, "getSeconds").second
 
 
 def get_milliseconds(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        us = _dur_total_us(t)
-        return _trunc_div(us, 1000) - _trunc_div(us, 1_000_000) * 1000
+    if isinstance(t, _dt.timedelta) and tz is None:
+        ns = dur_ns(t)
+        return _trunc_div(ns, 1_000_000) - _trunc_div(ns, 1_000_000_000) * 1000
     return _local(t, tz, "getMilliseconds").microsecond // 1000
 
 
@@ -478,21 +555,21 @@ TIME_ACCESSORS: dict[str, Callable[..., int]] = {
 
 
 def format_timestamp(t: _dt.datetime) -> str:
+    nanos = getattr(t, "nanos", 0)
     t = t.astimezone(UTC)
     base = t.strftime("%Y-%m-%dT%H:%M:%S")
     if len(base) < 19:  # years < 1000 on some platforms
         base = f"{t.year:04d}" + base[base.index("-"):]
-    if t.microsecond:
-        base += "." + f"{t.microsecond:06d}".rstrip("0")
+    if t.microsecond or nanos:
+        base += "." + f"{t.microsecond:06d}{nanos:03d}".rstrip("0")
     return base + "Z"
 
 
 def format_duration(d: _dt.timedelta) -> str:
-    us = _dur_total_us(d)
-    sign = "-" if us < 0 else ""
-    us = abs(us)
-    s, frac = divmod(us, 1_000_000)
-    return f"{sign}{s}" + (("." + f"{frac:06d}".rstrip("0")) if frac else "") + "s"
+    ns = dur_ns(d)
+    sign = "-" if ns < 0 else ""
+    s, frac = divmod(abs(ns), 1_000_000_000)
+    return f"{sign}{s}" + (("." + f"{frac:09d}".rstrip("0")) if frac else "") + "s"
 
 
 def format_double(f: float) -> str:
@@ -807,6 +884,8 @@ def neg(a: Any) -> Any:
         return ck(-a)
     if k == "double":
         return -a
+    if k == "google.protobuf.Duration":
+        return dur_check(-a)
     raise no_overload("-_", a)
 
 

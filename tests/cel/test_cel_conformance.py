@@ -184,3 +184,32 @@ def test_a_misused_macro_is_reported_once():
     with pytest.raises(CelTypeError) as ei:
         compile("has(x) + 1 == 2", {"x": INT})
     assert [i.code for i in ei.value.issues] == ["has-arg"]
+
+
+# ------------------------------------------------------------ nanoseconds
+@pytest.mark.parametrize("decls", [None, {}])
+def test_timestamps_and_durations_keep_nanoseconds(decls):
+    assert ev("string(timestamp('9999-12-31T23:59:59.999999999Z'))", None, decls) == "9999-12-31T23:59:59.999999999Z"
+    assert ev("timestamp('0001-01-01T00:00:01.000000001Z') + duration('-999999999ns')"
+              " == timestamp('0001-01-01T00:00:00.000000002Z')", None, decls) is True
+    assert ev("timestamp('2020-01-01T00:00:00.000000001Z') > timestamp('2020-01-01T00:00:00Z')", None, decls) is True
+    assert ev("timestamp('2020-01-01T00:00:00Z') < timestamp('2020-01-01T00:00:00.000000001Z')", None, decls) is True
+    assert ev("timestamp('2020-01-01T00:00:00.5Z') == timestamp('2020-01-01T00:00:00.500000000Z')", None, decls) is True
+    assert ev("string(duration('1.000000001s'))", None, decls) == "1.000000001s"
+    assert ev("string(-duration('1ns'))", None, decls) == "-0.000000001s"
+    assert ev("duration('-999999999ns').getSeconds()", None, decls) == 0
+    assert ev("duration('1500000001ns').getMilliseconds()", None, decls) == 500
+    assert ev("timestamp('2020-01-01T00:00:00.000000003Z') - timestamp('2020-01-01T00:00:00Z') == duration('3ns')",
+              None, decls) is True
+    assert "out of range" in ev_err("timestamp('9999-12-31T23:59:59.999999999Z') + duration('1ns')", None, decls)
+    assert "out of range" in ev_err("timestamp('0001-01-01T00:00:00Z') + duration('-1ns')", None, decls)
+
+
+def test_nanoseconds_against_plain_datetimes_from_the_activation():
+    from policy_engine.cel import TIMESTAMP
+
+    now = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    prog = compile("now < timestamp('2020-01-01T00:00:00.000000001Z') && now >= timestamp('2019-12-31T23:59:59.999999999Z')",
+                   {"now": TIMESTAMP})
+    assert prog.evaluate({"now": now}) is True
+    assert type(ev("now + duration('1s')", {"now": now}, {"now": TIMESTAMP})) is dt.datetime  # no nanos: a plain datetime
