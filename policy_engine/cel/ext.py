@@ -106,8 +106,7 @@ def _want(fn: str, args: tuple[Any, ...], *kinds: str) -> None:
 def _arity(fn: str, args: tuple[Any, ...], *shapes: tuple[str, ...]) -> int:
     """Which of the argument `shapes` the run-time arguments have (index), else no overload."""
     for i, shape in enumerate(shapes):
-        if len(args) == len(shape) and all(k == "dyn" or kind(a) == k or (k == "int" and kind(a) == "int")
-                                           for a, k in zip(args, shape)):
+        if len(args) == len(shape) and all(k == "dyn" or kind(a) == k for a, k in zip(args, shape)):
             return i
     raise no_overload(fn, *args)
 
@@ -349,15 +348,11 @@ def _numbers(fn: str, a: tuple[Any, ...]) -> Sequence[Any]:
     return vals  # type: ignore[no-any-return]
 
 
-def _num_lt(x: Any, y: Any) -> bool:
-    return rt.lt(x, y)
-
-
 def greatest(*a: Any) -> Any:
     vals = _numbers("math.greatest", a)
     best = vals[0]
     for v in vals[1:]:
-        if _num_lt(best, v):
+        if rt.lt(best, v):
             best = v
     return best
 
@@ -366,7 +361,7 @@ def least(*a: Any) -> Any:
     vals = _numbers("math.least", a)
     best = vals[0]
     for v in vals[1:]:
-        if _num_lt(v, best):
+        if rt.lt(v, best):
             best = v
     return best
 
@@ -496,12 +491,6 @@ def bit_shift_right(*a: Any) -> Any:
 
 
 # ------------------------------------------------------------------ lists
-def _list(fn: str, v: Any) -> Any:
-    if kind(v) != "list":
-        raise no_overload(fn, v)
-    return v
-
-
 def slice_(*a: Any) -> list[Any]:
     _want("slice", a, "list", "int", "int")
     xs, start, end = a
@@ -545,7 +534,8 @@ def _sortable(fn: str, keys: Sequence[Any]) -> None:
 
 
 def sort(*a: Any) -> list[Any]:
-    xs = _list("sort", a[0]) if len(a) == 1 else _list("sort", None)
+    _want("sort", a, "list")
+    xs = a[0]
     _sortable("sort", xs)
     return sorted(xs, key=_sort_key)
 
@@ -555,7 +545,7 @@ def _sort_key(v: Any) -> Any:
 
 
 def sort_by(xs: Any, key: Callable[[Any], Any]) -> list[Any]:
-    _list("sortBy", xs)
+    _want("sortBy", (xs,), "list")
     keys = [key(x) for x in xs]
     _sortable("sortBy", keys)
     order = sorted(range(len(xs)), key=lambda i: _sort_key(keys[i]))
@@ -941,7 +931,7 @@ def _first(ts: Sequence[CelType]) -> CelType:
     return OptionalType(_elem(ts[0]))
 
 
-_str = STRING
+_str = STRING  # (short, for the table below)
 _fn("charAt", char_at, M("string", "int", result=_str), cost="string")
 _fn("indexOf", index_of, M("string", "string", result=INT), M("string", "string", "int", result=INT),
     M("list", "dyn", result=INT), cost="string")

@@ -364,12 +364,11 @@ def dur_check(d: _dt.timedelta) -> _dt.timedelta:
     raise CelEvaluationError("duration out of range")
 
 
-def _nanos(*vs: Any) -> bool:
-    return any(type(v) is NanoTimestamp or type(v) is NanoDuration for v in vs)
+_NANO_TYPES = (NanoTimestamp, NanoDuration)
 
 
 def ts_add(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
-    if _nanos(t, d):
+    if type(t) in _NANO_TYPES or type(d) in _NANO_TYPES:
         return ts_from_ns(ts_ns(t) + dur_ns(d))
     try:
         return t + d
@@ -378,7 +377,7 @@ def ts_add(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
 
 
 def ts_sub(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
-    if _nanos(t, d):
+    if type(t) in _NANO_TYPES or type(d) in _NANO_TYPES:
         return ts_from_ns(ts_ns(t) - dur_ns(d))
     try:
         return t - d
@@ -387,13 +386,13 @@ def ts_sub(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
 
 
 def ts_diff(a: _dt.datetime, b: _dt.datetime) -> _dt.timedelta:
-    if _nanos(a, b):
+    if type(a) in _NANO_TYPES or type(b) in _NANO_TYPES:
         return dur_from_ns(ts_ns(a) - ts_ns(b))
     return dur_check(a - b)
 
 
 def dur_add(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
-    if _nanos(a, b):
+    if type(a) in _NANO_TYPES or type(b) in _NANO_TYPES:
         return dur_from_ns(dur_ns(a) + dur_ns(b))
     try:
         return dur_check(a + b)
@@ -402,7 +401,7 @@ def dur_add(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
 
 
 def dur_sub(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
-    if _nanos(a, b):
+    if type(a) in _NANO_TYPES or type(b) in _NANO_TYPES:
         return dur_from_ns(dur_ns(a) - dur_ns(b))
     try:
         return dur_check(a - b)
