@@ -348,22 +348,21 @@ def _numbers(fn: str, a: tuple[Any, ...]) -> Sequence[Any]:
     return vals  # type: ignore[no-any-return]
 
 
-def greatest(*a: Any) -> Any:
-    vals = _numbers("math.greatest", a)
+def _best(vals: Sequence[Any], better: Callable[[Any, Any], bool]) -> Any:
+    """The first value no later one is `better` than (the greatest or least, by CEL ordering)."""
     best = vals[0]
     for v in vals[1:]:
-        if rt.lt(best, v):
+        if better(v, best):
             best = v
     return best
+
+
+def greatest(*a: Any) -> Any:
+    return _best(_numbers("math.greatest", a), rt.gt)
 
 
 def least(*a: Any) -> Any:
-    vals = _numbers("math.least", a)
-    best = vals[0]
-    for v in vals[1:]:
-        if rt.lt(v, best):
-            best = v
-    return best
+    return _best(_numbers("math.least", a), rt.lt)
 
 
 def _double(fn: str, a: tuple[Any, ...]) -> float:
@@ -588,11 +587,7 @@ def _extreme(fn: str, a: tuple[Any, ...], better: Callable[[Any, Any], bool]) ->
     if not xs:
         raise CelEvaluationError(f"{fn}(): the list is empty")
     _sortable(fn, xs)
-    best = xs[0]
-    for x in xs[1:]:
-        if better(x, best):
-            best = x
-    return best
+    return _best(xs, better)
 
 
 def list_min(*a: Any) -> Any:
