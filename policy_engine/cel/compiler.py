@@ -400,6 +400,10 @@ class Compiler:
                 key = (k.kind == "bool", k.value)
                 if key in seen:
                     self.error(k.offset, f"duplicate map key {k.value!r}", "duplicate-key", end=k.end)
+                elif (not key[0], k.value) in seen and k.kind != "string":
+                    this, other = (str(k.value).lower(), int(k.value)) if key[0] else (k.value, str(bool(k.value)).lower())
+                    self.error(k.offset, f"map keys {other} and {this} cannot be in one map here (bool and numeric "
+                               "keys 0/1 collide in the Python mapping)", "duplicate-key", end=k.end)
                 seen[key] = 1
             else:
                 dyn_keys = True

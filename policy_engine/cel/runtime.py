@@ -1075,15 +1075,17 @@ def in_list(x: Any, c: Any) -> bool:
 
 def make_map(entries: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
-    seen: list[Any] = []
     for k, v in entries:
         kk = kind(k)
         if kk not in ("int", "uint", "string", "bool"):
             raise CelEvaluationError(f"unsupported map key type {_short(kk)}")
-        for s in seen:
-            if eq(s, k):
+        if k in out:  # Python-equal: 1, 1u and 1.0 -- and also true
+            stored = next(x for x in out if x == k)
+            if eq(stored, k):
                 raise CelEvaluationError(f"duplicate map key {k!r}")
-        seen.append(k)
+            # CEL keeps 1 and true apart; a Python dict cannot: refuse rather than drop an entry
+            raise CelEvaluationError(f"map keys {stored!r} and {k!r} cannot be in one map here "
+                                     "(bool and numeric keys 0/1 collide in the Python mapping)")
         out[k] = v
     return out
 

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from policy_engine.cel import (
-    BOOL, DOUBLE, INT, STRING, CelEvaluationError, CelSyntaxError, CelTypeError, MapType, compile,
+    BOOL, DOUBLE, INT, STRING, CelEvaluationError, CelSyntaxError, CelTypeError, CelUint, MapType, compile,
 )
 
 
@@ -213,3 +213,13 @@ def test_nanoseconds_against_plain_datetimes_from_the_activation():
                    {"now": TIMESTAMP})
     assert prog.evaluate({"now": now}) is True
     assert type(ev("now + duration('1s')", {"now": now}, {"now": TIMESTAMP})) is dt.datetime  # no nanos: a plain datetime
+
+
+def test_a_map_cannot_silently_merge_keys_1_and_true():
+    # CEL keeps them apart, a Python dict cannot: an error, never a lost entry
+    assert "cannot be in one map" in ev_err("{1: 'a', x: 'b'}", {"x": True})
+    assert "cannot be in one map" in ev_err("{x: 'a', 0u: 'b'}", {"x": False})
+    assert "duplicate map key" in ev_err("{1: 'a', x: 'b'}", {"x": CelUint(1)})
+    with pytest.raises(CelTypeError, match="cannot be in one map"):  # literal keys: at compile time
+        compile("{1: 'a', true: 'b'}")
+    assert ev("{1: 'a', 2u: 'b', 'x': 'c'}") == {1: "a", 2: "b", "x": "c"}
