@@ -20,9 +20,11 @@ Run-time value mapping (CEL -> Python)::
     int -> int            uint -> CelUint (int subclass)   double -> float
     string -> str         bytes -> bytes                   bool -> bool
     null -> None          list -> list (tuple accepted)    map -> dict (any Mapping accepted)
-    timestamp -> tz-aware datetime (UTC results, microsecond precision)
-    duration -> timedelta (microsecond precision)          type -> CelTypeValue
+    timestamp -> tz-aware datetime (UTC results)          duration -> timedelta
+        (nanosecond precision: values with sub-microsecond nanoseconds are the subclasses
+        runtime.NanoTimestamp / NanoDuration)             type -> CelTypeValue
     object types -> Mapping[str, object]
+    optional(T) -> CelOptional      net.IP / net.CIDR -> CelIP / CelCIDR   (extension libraries, :mod:`.ext`)
 
 Cost model (``Program.cost``): every AST node costs 1; string traversals
 (``==``/``<``/``+``/``contains``/``startsWith``/``endsWith`` on strings) add
@@ -32,7 +34,9 @@ adds the list's max size; a comprehension costs
 ``range + max_size x (body + 1)``.  Unknown sizes default to
 ``DEFAULT_LIST_SIZE = 1000`` elements and ``DEFAULT_STRING_SIZE = 10_000``
 characters.  Set sizes with ``ListType(t, max_size=…)``, ``MapType(k, v, max_size=…)``,
-``StringType(max_size=…)`` or ``STRING.with_max(…)``.
+``StringType(max_size=…)`` or ``STRING.with_max(…)``.  Extension functions add their
+traversal: string functions ``0.1 x`` their strings' sizes, list functions the lists' sizes,
+sorting and set functions ``n log n``.
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ from . import runtime as _rt
 from .ast import parse_with_issues
 from .compiler import DEFAULT_LIST_SIZE, DEFAULT_STRING_SIZE, STRING_COST_FACTOR, Compiler, _HELPER_NAMES, exact
 from .errors import CelError, CelEvaluationError, CelIssue, CelSyntaxError, CelTypeError, line_col
-from .runtime import CelTypeValue, CelUint
+from .runtime import CelCIDR, CelIP, CelOptional, CelTypeValue, CelUint
 from .types import (
     BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
-    BytesType, CelType, Field, ListType, MapType, Nullable, ObjectType, StringType, assignable,
+    BytesType, CelType, Field, ListType, MapType, Nullable, ObjectType, OptionalType, StringType, assignable,
 )
 
 DEFAULT_MAX_ITERATIONS = 100_000
@@ -57,7 +61,7 @@ __all__ = [
     "compile", "Program", "CelType", "INT", "UINT", "DOUBLE", "STRING", "BOOL", "BYTES", "NULL", "DYN",
     "TIMESTAMP", "DURATION", "TYPE", "ListType", "MapType", "ObjectType", "Field", "Nullable", "StringType",
     "BytesType", "CelError", "CelSyntaxError", "CelTypeError", "CelEvaluationError", "CelIssue", "CelUint",
-    "CelTypeValue", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
+    "CelTypeValue", "CelOptional", "CelIP", "CelCIDR", "OptionalType", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
 ]
 
 
@@ -103,14 +107,17 @@ def compile(  # noqa: A001 - public API name
     expect: CelType | None = None,
     max_cost: int | None = None,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    container: str = "",
 ) -> Program:
     """Parse, type-check and compile ``source`` into a :class:`Program`.
 
     Raises :class:`CelSyntaxError` or :class:`CelTypeError` listing every issue found.
-    ``max_iterations`` bounds the comprehension iterations of one evaluation.
+    ``max_iterations`` bounds the comprehension iterations of one evaluation. ``container``
+    is cel-spec's namespace for name resolution: in container ``a.b``, ``x`` refers to the
+    first of ``a.b.x``, ``a.x``, ``x`` that is declared (``.x`` always means ``x``).
     """
     try:
-        return _compile(source, declarations, expect, max_cost, max_iterations)
+        return _compile(source, declarations, expect, max_cost, max_iterations, container)
     except RecursionError:
         line, col = line_col(source, 0)
         raise CelSyntaxError([CelIssue(0, line, col, "expression is nested too deeply", "syntax")], source) from None
@@ -122,9 +129,10 @@ def _compile(
     expect: CelType | None,
     max_cost: int | None,
     max_iterations: int,
+    container: str = "",
 ) -> Program:
     node, semantic = parse_with_issues(source)
-    comp = Compiler(source, declarations, max_iterations)
+    comp = Compiler(source, declarations, max_iterations, container)
     comp.issues.extend(semantic)
     result = comp.check(node)
     start = len(source) - len(source.lstrip())
@@ -143,17 +151,53 @@ def _compile(
     if comp.issues:
         issues = sorted(comp.issues, key=lambda i: i.offset)
         raise CelTypeError(issues, source)
+    refs = frozenset(comp.paths.values())
+    lazy = sorted(set(comp.globals) - comp.strict_globals)
+    fast = "\n".join(_function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None)) + "\n"
+    lazy_source = ""
+    if lazy:  # variables read only where they are used, for when the activation lacks one
+        comp.lazy_mode = True
+        eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
+        lazy_source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None)) + "\n"
+    namespace: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
+    namespace.update(comp.consts)
+    namespace["_missing"] = _missing
+    namespace["_UTC"] = _rt.UTC
+    namespace["__builtins__"] = builtins
+    filename = f"<cel: {source[:60]!r}>"
+    if lazy_source:
+        namespace["_cel_lazy"] = _LazyVariant(namespace, lazy_source, filename)
+    exec(builtins.compile(fast, filename, "exec"), namespace)  # noqa: S102 - generated from a checked AST only
+    return Program(source, result, cost, refs, fast + lazy_source, namespace["_cel"])
+
+
+class _LazyVariant:
+    """The lazy variant of a generated function, compiled the first time an activation lacks a
+    variable (activations usually bind every declared name, so most programs never need it)."""
+
+    def __init__(self, namespace: dict[str, Any], source: str, filename: str) -> None:
+        self.namespace = namespace
+        self.source = source
+        self.filename = filename
+
+    def __call__(self, act: Mapping[str, object]) -> object:
+        exec(builtins.compile(self.source, self.filename, "exec"), self.namespace)  # noqa: S102 - replaces this stub
+        return self.namespace["_cel_lazy"](act)
+
+
+def _function(name: str, comp: Compiler, node: Any, check_result: str | None,
+              eager: Mapping[str, str], fallback: str | None) -> list[str]:
+    """The lines of one generated function: read the `eager` variables, evaluate the body."""
     body = comp.gen(node)
     if check_result is not None:
         body = f"_check_result({body}, {check_result!r})"
-    refs = frozenset(comp.paths.values())
-    lines = ["def _cel(act):"]
-    if comp.globals:
+    lines = [f"def {name}(act):"]
+    if eager:
         lines.append("    try:")
-        for name, py in sorted(comp.globals.items()):
-            lines.append(f"        {py} = act[{name!r}]")
+        for cel_name, py in sorted(eager.items()):
+            lines.append(f"        {py} = act[{cel_name!r}]")
         lines.append("    except KeyError as e:")
-        lines.append("        raise _missing(e) from None")
+        lines.append(f"        return {fallback}(act)" if fallback else "        raise _missing(e) from None")
     lines.append("    try:")
     if comp.uses_iter:
         lines.append("        _n = [0]")
@@ -162,15 +206,7 @@ def _compile(
     lines.append("        raise")
     lines.append("    except Exception as e:")
     lines.append("        raise _translate(e) from None")
-    py_source = "\n".join(lines) + "\n"
-    namespace: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
-    namespace.update(comp.consts)
-    namespace["_missing"] = _missing
-    namespace["_UTC"] = _rt.UTC
-    namespace["__builtins__"] = builtins
-    code = builtins.compile(py_source, f"<cel: {source[:60]!r}>", "exec")
-    exec(code, namespace)  # noqa: S102 - generated from a checked AST only
-    return Program(source, result, cost, refs, py_source, namespace["_cel"])
+    return lines
 
 
 def _tn(t: CelType) -> str:

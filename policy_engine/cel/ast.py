@@ -48,6 +48,14 @@ class Select(Node):
 
 
 @dataclass(eq=False)
+class OptSelect(Node):
+    """``operand.?field``: an optional of the field, none when it is absent (optional syntax)."""
+
+    operand: Node
+    field: str
+
+
+@dataclass(eq=False)
 class Index(Node):
     operand: Node
     index: Node
@@ -72,11 +80,13 @@ class Cond(Node):
 @dataclass(eq=False)
 class ListLit(Node):
     items: list[Node]
+    optional: frozenset[int] = frozenset()  # indexes of `?elem` items (included only when present)
 
 
 @dataclass(eq=False)
 class MapLit(Node):
     entries: list[tuple[Node, Node]]
+    optional: frozenset[int] = frozenset()  # indexes of `?key: value` entries
 
 
 @dataclass(eq=False)
@@ -95,9 +105,42 @@ class Comprehension(Node):
     var_offset: int
     body: Node  # predicate (or transform for map)
     filter: Node | None = None  # 3-arg map's filter
+    var2: str | None = None  # two-variable forms: `var` is the index/key, `var2` the value
+    var2_offset: int = -1
 
 
-MACROS = {"all": (2,), "exists": (2,), "exists_one": (2,), "map": (2, 3), "filter": (2,)}
+@dataclass(eq=False)
+class Bind(Node):
+    """``cel.bind(var, init, body)``: ``body`` with ``var`` bound to the value of ``init``."""
+
+    var: str
+    var_offset: int
+    init: Node
+    body: Node
+
+
+@dataclass(eq=False)
+class OptMap(Node):
+    """``opt.optMap(var, expr)`` / ``opt.optFlatMap(var, expr)``."""
+
+    macro: str
+    target: Node
+    var: str
+    var_offset: int
+    body: Node
+
+
+@dataclass(eq=False)
+class Invalid(Node):
+    """Stands for a misused macro (already reported): typed ``dyn`` so no second error follows."""
+
+
+# macro name -> accepted argument counts; the two-variable forms (cel-go's ext.TwoVarComprehensions)
+# take one more.
+MACROS = {"all": (2, 3), "exists": (2, 3), "exists_one": (2,), "existsOne": (2, 3), "map": (2, 3), "filter": (2,),
+          "transformList": (3, 4), "transformMap": (3, 4), "transformMapEntry": (3, 4),
+          "optMap": (2,), "optFlatMap": (2,), "sortBy": (2,)}
+_TWO_VAR_ONLY = {"transformList", "transformMap", "transformMapEntry"}
 
 _PARSER: Lark | None = None
 
@@ -109,12 +152,51 @@ def _ambiguous_literals(t: Token) -> Token:
     return t
 
 
+# cel-python's grammar predates parts of the current cel-spec syntax. We extend its text before
+# building the parser (rule names stay cel-python's; new rules are ours): backtick-quoted field
+# names (m.`content-type`), optional selection and indexing (a.?b, a[?i]), optional list
+# elements and map entries ([?x], {?k: v}) and trailing commas in list and map literals.
+_GRAMMAR_EDITS = (
+    ("member         : member_dot | member_dot_arg | member_index | member_object | primary",
+     "member         : member_dot | member_dot_arg | member_index | member_object | primary\n"
+     "               | member_dot_opt | member_index_opt"),
+    ('member_dot     : member "." IDENT',
+     'member_dot     : member "." (IDENT | QUOTED_IDENT)\n'
+     'member_dot_opt : member "." "?" (IDENT | QUOTED_IDENT)\n'
+     'member_index_opt : member "[" "?" expr "]"'),
+    ('list_lit       : "[" [exprlist] "]"',
+     'list_lit       : "[" [listinits] "]"\n'
+     'listinits      : (expr | opt_elem) ("," (expr | opt_elem))* [","]\n'
+     'opt_elem       : "?" expr'),
+    ('mapinits       : expr ":" expr ("," expr ":" expr)*',
+     'mapinits       : (map_entry | opt_entry) ("," (map_entry | opt_entry))* [","]\n'
+     'map_entry      : expr ":" expr\n'
+     'opt_entry      : "?" expr ":" expr'),
+    ('IDENT          : /[_a-zA-Z][_a-zA-Z0-9]*/',
+     'IDENT          : /[_a-zA-Z][_a-zA-Z0-9]*/\n\n'
+     'QUOTED_IDENT   : /`[_a-zA-Z0-9.\\/ -]+`/'),
+)
+
+
+def _extend_grammar(grammar: str) -> str:
+    for old, new in _GRAMMAR_EDITS:
+        if old not in grammar:  # pragma: no cover - a cel-python upgrade changed its grammar
+            raise RuntimeError(f"cel-python's grammar changed; cannot extend the rule {old.split(':')[0].strip()!r}")
+        grammar = grammar.replace(old, new, 1)
+    return grammar
+
+
+def _field_name(tok: Token) -> str:
+    text = str(tok)
+    return text[1:-1] if tok.type == "QUOTED_IDENT" else text
+
+
 def _parser() -> Lark:
     global _PARSER
     if _PARSER is None:
         import celpy.celparser as cp
 
-        grammar = (Path(cp.__file__).parent / "cel.lark").read_text()
+        grammar = _extend_grammar((Path(cp.__file__).parent / "cel.lark").read_text())
         _PARSER = Lark(
             grammar,
             parser="lalr",
@@ -237,29 +319,68 @@ class _Builder:
 
     def t_member_dot(self, t: Tree) -> Node:
         operand, name = t.children
-        return Select(name.start_pos, t.meta.end_pos, self.build(operand), str(name))
+        return Select(name.start_pos, t.meta.end_pos, self.build(operand), _field_name(name))
+
+    def t_member_dot_opt(self, t: Tree) -> Node:
+        operand, name = t.children
+        return OptSelect(name.start_pos, t.meta.end_pos, self.build(operand), _field_name(name))
+
+    def t_member_index_opt(self, t: Tree) -> Node:
+        operand, index = t.children
+        off = self.find_op(operand.meta.end_pos, "[")
+        return Call(off, t.meta.end_pos, "_[?_]", [self.build(operand), self.build(index)])
 
     def t_member_dot_arg(self, t: Tree) -> Node:
         operand, name = t.children[0], t.children[1]
         target = self.build(operand)
         args = self._args(t.children[2:])
         fn = str(name)
+        if fn == "bind" and isinstance(target, Ident) and target.name == "cel" and not target.root:
+            return self._bind(name.start_pos, t.meta.end_pos, args)
         if fn in MACROS:
             return self._macro(fn, name.start_pos, t.meta.end_pos, target, args)
         return Call(name.start_pos, t.meta.end_pos, fn, args, target)
+
+    def _var(self, fn: str, var: Node) -> Ident | None:
+        if not isinstance(var, Ident) or var.root:
+            self.issue(var.start, f"the variable of '{fn}' must be a simple identifier", "macro-var", end=var.end)
+            return None
+        return var
+
+    def _bind(self, off: int, end: int, args: list[Node]) -> Node:
+        if len(args) != 3:
+            self.issue(off, f"macro 'cel.bind' takes 3 arguments, got {len(args)}", "macro-arity", end=end)
+            return Invalid(off, end)
+        var = self._var("cel.bind", args[0])
+        if var is None:
+            return Invalid(off, end)
+        return Bind(off, end, var.name, var.offset, args[1], args[2])
 
     def _macro(self, fn: str, off: int, end: int, target: Node, args: list[Node]) -> Node:
         if len(args) not in MACROS[fn]:
             want = " or ".join(str(n) for n in MACROS[fn])
             self.issue(off, f"macro '{fn}' takes {want} arguments, got {len(args)}", "macro-arity", end=end)
-            return Lit(off, end, None, "null")
-        var = args[0]
-        if not isinstance(var, Ident) or var.root:
-            self.issue(var.start, f"the first argument of '{fn}' must be a simple identifier", "macro-var", end=var.end)
-            return Lit(off, end, None, "null")
+            return Invalid(off, end)
+        var = self._var(fn, args[0])
+        if var is None:
+            return Invalid(off, end)
+        if fn in ("optMap", "optFlatMap"):
+            return OptMap(off, end, fn, target, var.name, var.offset, args[1])
+        if fn == "existsOne":
+            fn = "exists_one"
+        two = fn in _TWO_VAR_ONLY or (fn in ("all", "exists", "exists_one") and len(args) == 3)
         if fn == "map" and len(args) == 3:
             return Comprehension(off, end, fn, target, var.name, var.offset, args[2], args[1])
-        return Comprehension(off, end, fn, target, var.name, var.offset, args[1])
+        if not two:
+            return Comprehension(off, end, fn, target, var.name, var.offset, args[1])
+        var2 = self._var(fn, args[1])
+        if var2 is None:
+            return Invalid(off, end)
+        if var2.name == var.name:
+            self.issue(var2.start, f"the two variables of '{fn}' must differ", "macro-var", end=var2.end)
+            return Invalid(off, end)
+        body, flt = (args[3], args[2]) if len(args) == 4 else (args[2], None)
+        return Comprehension(off, end, fn, target, var.name, var.offset, body, flt, var2.name, var2.offset)
 
     def t_member_index(self, t: Tree) -> Node:
         operand, index = t.children
@@ -274,7 +395,7 @@ class _Builder:
             if isinstance(c, Tree) and c.data == "fieldinits":
                 kids = c.children
                 for i in range(0, len(kids), 2):
-                    fields.append((str(kids[i]), kids[i].start_pos, self.build(kids[i + 1])))
+                    fields.append((_field_name(kids[i]), kids[i].start_pos, self.build(kids[i + 1])))
         return ObjLit(operand.meta.start_pos, t.meta.end_pos, name or "?", fields)
 
     def t_dot_ident_arg(self, t: Tree) -> Node:
@@ -293,11 +414,11 @@ class _Builder:
         if fn == "has":
             if len(args) != 1:
                 self.issue(name.start_pos, f"macro 'has' takes 1 argument, got {len(args)}", "macro-arity", end=t.meta.end_pos)
-                return Lit(name.start_pos, t.meta.end_pos, False, "bool")
+                return Invalid(name.start_pos, t.meta.end_pos)
             arg = args[0]
             if not isinstance(arg, Select):
                 self.issue(arg.offset, "has() requires a field selection argument, e.g. has(x.field)", "has-arg", end=arg.end)
-                return Lit(name.start_pos, t.meta.end_pos, False, "bool")
+                return Invalid(name.start_pos, t.meta.end_pos)
             return Select(arg.offset, t.meta.end_pos, arg.operand, arg.field, test_only=True)
         return Call(name.start_pos, t.meta.end_pos, fn, args)
 
@@ -307,16 +428,29 @@ class _Builder:
 
     def t_list_lit(self, t: Tree) -> Node:
         s, e = self.sp(t)
-        return ListLit(s, e, self._args(t.children))
+        items: list[Node] = []
+        optional: set[int] = set()
+        for c in t.children:
+            if isinstance(c, Tree) and c.data == "listinits":
+                for x in c.children:
+                    if x.data == "opt_elem":
+                        optional.add(len(items))
+                        x = x.children[0]
+                    items.append(self.build(x))
+        return ListLit(s, e, items, frozenset(optional))
 
     def t_map_lit(self, t: Tree) -> Node:
         s, e = self.sp(t)
         entries: list[tuple[Node, Node]] = []
+        optional: set[int] = set()
         for c in t.children:
             if isinstance(c, Tree) and c.data == "mapinits":
-                kids = [self.build(x) for x in c.children]
-                entries = [(kids[i], kids[i + 1]) for i in range(0, len(kids), 2)]
-        return MapLit(s, e, entries)
+                for x in c.children:
+                    if x.data == "opt_entry":
+                        optional.add(len(entries))
+                    k, v = x.children
+                    entries.append((self.build(k), self.build(v)))
+        return MapLit(s, e, entries, frozenset(optional))
 
     def t_literal(self, t: Tree) -> Node:
         tok: Token = t.children[0]

@@ -14,12 +14,15 @@ import difflib
 import math
 from typing import Any, Mapping
 
+from . import ext
 from . import runtime as rt
-from .ast import Call, Comprehension, Cond, Ident, Index, ListLit, Lit, MapLit, Node, ObjLit, Select
+from .ast import (
+    Bind, Call, Comprehension, Cond, Ident, Index, Invalid, ListLit, Lit, MapLit, Node, ObjLit, OptMap, OptSelect, Select,
+)
 from .errors import CelEvaluationError, CelIssue, line_col
 from .types import (
     BOOL, BYTES, DOUBLE, DURATION, DYN, INT, NULL, STRING, TIMESTAMP, TYPE, UINT,
-    CelType, Field, ListType, MapType, Nullable, ObjectType, assignable, non_null, unify,
+    CelType, Field, ListType, MapType, Nullable, ObjectType, OptionalType, assignable, non_null, unify,
 )
 
 # Cost model defaults (see Program.cost).
@@ -35,12 +38,20 @@ TYPE_NAMES = {
     "dyn": "dyn",
     "google.protobuf.Timestamp": "google.protobuf.Timestamp",
     "google.protobuf.Duration": "google.protobuf.Duration",
+    "optional_type": "optional_type",
 }
+# Type names written qualified (`google.protobuf.Timestamp == type(t)`).
+QUALIFIED_TYPE_NAMES = {"google.protobuf.Timestamp", "google.protobuf.Duration", "net.IP", "net.CIDR"}
+# In dynamic mode these checker findings become evaluation errors of the node (so `||`/`&&` can
+# absorb them, as cel-go's unchecked evaluation does); any other finding stays a compile error.
+DEFERRABLE = {"no-overload", "undeclared-function", "undeclared", "no-such-field"}
 TIME_FUNCS = set(rt.TIME_ACCESSORS)
 DURATION_FUNCS = {"getHours", "getMinutes", "getSeconds", "getMilliseconds"}
 CONVERSIONS = {"int", "uint", "double", "string", "bool", "bytes", "duration", "timestamp", "dyn", "type"}
 STRING_METHODS = {"contains", "startsWith", "endsWith", "matches"}
-KNOWN_FUNCTIONS = sorted(TIME_FUNCS | CONVERSIONS | STRING_METHODS | {"size", "has", "all", "exists", "exists_one", "map", "filter"})
+KNOWN_FUNCTIONS = sorted(TIME_FUNCS | CONVERSIONS | STRING_METHODS | set(ext.FUNCTIONS) | {
+    "size", "has", "all", "exists", "exists_one", "existsOne", "map", "filter", "cel.bind", "optMap", "optFlatMap",
+    "sortBy", "transformList", "transformMap", "transformMapEntry"})
 
 _HELPER_NAMES = {
     "ck": rt.ck, "cku": rt.cku, "idiv": rt.idiv, "imod": rt.imod, "udiv": rt.udiv, "umod": rt.umod,
@@ -55,8 +66,11 @@ _HELPER_NAMES = {
     "to_int": rt.to_int, "double_to_int": rt.double_to_int, "to_uint": rt.to_uint, "to_double": rt.to_double, "to_string": rt.to_string,
     "to_bool": rt.to_bool, "to_bytes": rt.to_bytes, "to_duration": rt.to_duration,
     "to_timestamp": rt.to_timestamp, "type_of": rt.type_of, "check_result": rt.check_result,
-    "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint,
+    "translate": rt.translate, "fail": rt.fail, "CelUint": rt.CelUint, "var": rt.var, "resolve": rt.resolve,
     "CelEvaluationError": CelEvaluationError, "map_get": rt.map_get,
+    "opt_select": rt.opt_select, "opt_index": rt.opt_index, "opt_items": ext.opt_items,
+    "make_map_opt": ext.make_map_opt, "merge_entries": ext.merge_entries, "pairs": ext.pairs, "bind": ext.bind,
+    "opt_map": ext.opt_map, "opt_flat_map": ext.opt_flat_map, "sort_by": ext.sort_by,
     **{"t_" + k: v for k, v in rt.TIME_ACCESSORS.items()},
 }
 
@@ -76,8 +90,12 @@ def _tname(t: CelType) -> str:
 
 
 class Compiler:
-    def __init__(self, source: str, declarations: Mapping[str, CelType] | None, max_iterations: int) -> None:
+    def __init__(self, source: str, declarations: Mapping[str, CelType] | None, max_iterations: int,
+                 container: str = "") -> None:
         self.src = source
+        # container-relative name resolution: `y` in container `a.b` tries a.b.y, a.y, y
+        parts = container.split(".") if container else []
+        self.prefixes = [".".join(parts[:i]) + "." for i in range(len(parts), 0, -1)] + [""]
         self.decls = dict(declarations) if declarations is not None else None
         self.dynamic = declarations is None
         self.max_iterations = max_iterations
@@ -90,6 +108,14 @@ class Compiler:
         self.path_nodes: dict[int, Node] = {}
         self.uses_iter = False
         self._n = 0
+        # Variables are read from the activation once, up front, when some read of them is
+        # unconditional. One read only under `&&`/`||`/`?:` or in a macro body must not fail
+        # when the variable is absent (`false && x`): such variables make the generator emit a
+        # second, lazy variant of the function that the fast one falls back to on a KeyError.
+        self.lazy_depth = 0
+        self.strict_globals: set[str] = set()
+        self.lazy_mode = False
+        self._lazy_reads = 0
 
     # ------------------------------------------------------------ issues
     def error(self, offset: int, message: str, code: str, hint: str | None = None, end: int | None = None) -> CelType:
@@ -112,7 +138,15 @@ class Compiler:
 
     # ------------------------------------------------------------ checker
     def check(self, node: Node) -> CelType:
+        before = len(self.issues)
+        reads = self._lazy_reads
         t = getattr(self, "c_" + type(node).__name__)(node)
+        node.lazy_reads = self._lazy_reads > reads  # type: ignore[attr-defined]
+        if self.dynamic and len(self.issues) > before and all(i.code in DEFERRABLE for i in self.issues[before:]):
+            node.deferred = self.issues[before].message  # type: ignore[attr-defined]
+            del self.issues[before:]
+            node.can_error = True
+            t = DYN
         node.type = t
         if not hasattr(node, "msize"):
             node.msize = getattr(t, "max_size", None)
@@ -135,6 +169,38 @@ class Compiler:
                 return scope[name]
         return None
 
+    def lazily(self, node: Node) -> CelType:
+        """Check a sub-expression that is evaluated only on some paths (or whose error is absorbed)."""
+        self.lazy_depth += 1
+        try:
+            return self.check(node)
+        finally:
+            self.lazy_depth -= 1
+
+    def resolve(self, name: str, root: bool) -> str | None:
+        """The declared name `name` refers to (container-relative), or None."""
+        if self.decls is None:
+            return None
+        for prefix in ([""] if root else self.prefixes):
+            if prefix + name in self.decls:
+                return prefix + name
+        return None
+
+    def global_ref(self, n: Node, name: str, t: CelType) -> CelType:
+        n.py = self.globals.setdefault(name, "v_" + name.replace(".", "__"))  # type: ignore[attr-defined]
+        n.gname = name  # type: ignore[attr-defined]
+        if self.lazy_depth == 0:
+            self.strict_globals.add(name)
+        else:
+            self._lazy_reads += 1
+        self.paths[id(n)] = name
+        self.path_nodes[id(n)] = n
+        return t
+
+    def c_Invalid(self, n: Invalid) -> CelType:
+        self._set(n, True, 1)
+        return DYN
+
     def c_Ident(self, n: Ident) -> CelType:
         self._set(n, False, 1)
         if not n.root:
@@ -143,11 +209,18 @@ class Compiler:
                 n.py = local[1]
                 return local[0]
         is_type_name = n.name in TYPE_NAMES or n.name in ("timestamp", "duration")
-        if (self.dynamic and not is_type_name) or (self.decls is not None and n.name in self.decls):
-            t = DYN if self.dynamic else self.decls[n.name]  # type: ignore[index]
-            n.py = self.globals.setdefault(n.name, "v_" + n.name.replace(".", "__"))
+        if is_type_name and n.name == "dyn":  # `dyn` is a type only inside dyn(...)
+            is_type_name = False
+        declared = self.resolve(n.name, n.root)
+        if self.dynamic and not is_type_name and len(self.prefixes) > 1:
+            # container-relative lookup at run time (the activation is the only declaration)
+            n.candidates = tuple((p + n.name, ()) for p in ([""] if n.root else self.prefixes))  # type: ignore[attr-defined]
+            self._set(n, True, 1)
             self.paths[id(n)] = n.name
-            self.path_nodes[id(n)] = n
+            return DYN
+        if (self.dynamic and not is_type_name) or declared is not None:
+            t = DYN if self.dynamic else self.decls[declared]  # type: ignore[index]
+            self.global_ref(n, declared or n.name, t)
             if t.nullable:
                 n.can_error = False
             return t
@@ -168,18 +241,36 @@ class Compiler:
             return None if left is None else f"{left}.{n.field}"
         return None
 
+    def _root(self, n: Node) -> Ident | None:
+        while isinstance(n, Select):
+            n = n.operand
+        return n if isinstance(n, Ident) else None
+
     def c_Select(self, n: Select) -> CelType:
-        # dotted declaration names, e.g. declarations={"request.model": STRING}
-        if self.decls and not n.test_only:
-            q = self._qualified(n)
-            if q is not None and q in self.decls and q.split(".")[0] not in self.decls:
-                ident = Ident(n.operand.offset, n.end, q)
-                t = self.c_Ident(ident)
-                n.py_ident = ident.py  # type: ignore[attr-defined]
+        q = None if n.test_only else self._qualified(n)
+        root = self._root(n) if q is not None else None
+        if q is not None and root is not None:
+            if q in QUALIFIED_TYPE_NAMES and self.resolve(root.name, root.root) is None:
                 self._set(n, False, 1)
-                self.paths[id(n)] = q
-                self.path_nodes[id(n)] = n
+                n.py_const = self.const(rt.TYPE_VALUES[q])  # type: ignore[attr-defined]
+                return TYPE
+            # dotted declaration names, e.g. declarations={"request.model": STRING}
+            declared = self.resolve(q, root.root)
+            if declared is not None and self.resolve(q.split(".")[0], root.root) is None:
+                t = self.global_ref(n, declared, self.decls[declared])  # type: ignore[index]
+                n.py_ident = n.py  # type: ignore[attr-defined]
+                self._set(n, False, 1)
                 return t
+            if self.dynamic:
+                # `a.b.c` may name a variable `a.b.c`, or field c of a variable `a.b`, ...:
+                # the longest name the activation has wins (cel-spec's qualified resolution).
+                parts = q.split(".")
+                n.candidates = tuple(  # type: ignore[attr-defined]
+                    (p + ".".join(parts[:i]), tuple(parts[i:]))
+                    for p in ([""] if root.root else self.prefixes) for i in range(len(parts), 0, -1))
+                self._set(n, True, 1 + len(parts))
+                self.paths[id(n)] = q
+                return DYN
         ot = self.check(n.operand)
         if id(n.operand) in self.paths:
             self.paths[id(n)] = self.paths.pop(id(n.operand)) + "." + n.field
@@ -198,10 +289,13 @@ class Compiler:
                 if not (ot.key.kind in ("string", "dyn")):  # type: ignore[attr-defined]
                     return self.error(n.offset, f"has() on a map with {_tname(ot.key)} keys", "no-overload", end=field_end)  # type: ignore[attr-defined]
                 return BOOL
-            if ot.kind == "dyn":
+            if ot.kind in ("dyn", "optional_type"):
                 n.can_error = True
                 return BOOL
             return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field", end=field_end)
+        if isinstance(ot, OptionalType):  # selection through an optional: an optional
+            self._set(n, True, cost)
+            return OptionalType(ext.selected_type(ot.elem, n.field))
         if isinstance(ot, ObjectType):
             f = ot.fields.get(n.field)
             if f is None:
@@ -222,13 +316,52 @@ class Compiler:
         self._set(n, True, cost)
         return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field", end=field_end)
 
+    def c_OptSelect(self, n: OptSelect) -> CelType:
+        ot = self.check(n.operand)
+        self._set(n, True, n.operand.cost + 1)
+        inner = ot.elem if isinstance(ot, OptionalType) else ot  # type: ignore[attr-defined]
+        if inner.kind not in ("map", "object", "dyn"):
+            return self.error(n.offset, f"type '{_tname(ot)}' does not support field selection", "no-such-field",
+                              end=n.offset + len(n.field))
+        return OptionalType(ext.selected_type(inner, n.field))
+
+    def c_Bind(self, n: Bind) -> CelType:
+        it = self.check(n.init)
+        n.py_var = self.fresh("_b")  # type: ignore[attr-defined]
+        self.scopes.append({n.var: (it, n.py_var)})  # type: ignore[attr-defined]
+        try:
+            bt = self.check(n.body)
+        finally:
+            self.scopes.pop()
+        self._set(n, n.init.can_error or n.body.can_error, n.init.cost + n.body.cost + 1, n.body.msize)
+        return bt
+
+    def c_OptMap(self, n: OptMap) -> CelType:
+        ot = self.check(n.target)
+        if ot.kind not in ("optional_type", "dyn"):
+            self.error(n.offset, f"'{n.macro}' applies to an optional, not {_tname(ot)}", "no-overload",
+                       end=n.offset + len(n.macro))
+        n.py_var = self.fresh("_o")  # type: ignore[attr-defined]
+        self.scopes.append({n.var: (ot.elem if isinstance(ot, OptionalType) else DYN, n.py_var)})  # type: ignore[attr-defined]
+        try:
+            bt = self.lazily(n.body)
+        finally:
+            self.scopes.pop()
+        self._set(n, True, n.target.cost + n.body.cost + 1)
+        if n.macro == "optMap":
+            return OptionalType(bt)
+        if bt.kind not in ("optional_type", "dyn"):
+            self.error(n.body.start, f"the expression of 'optFlatMap' must be an optional, got {_tname(bt)}", "no-overload",
+                       end=n.body.end)
+        return bt if bt.kind == "optional_type" else OptionalType(DYN)
+
     def c_Index(self, n: Index) -> CelType:  # pragma: no cover - indexes are Call("_[_]")
         raise AssertionError
 
     def c_Cond(self, n: Cond) -> CelType:
         ct = self.check(n.cond)
-        a = self.check(n.then)
-        b = self.check(n.other)
+        a = self.lazily(n.then)
+        b = self.lazily(n.other)
         if not (ct.kind in ("bool", "dyn")):
             self.error(n.offset, f"the condition of ?: must be bool, got {_tname(ct)}", "no-overload")
         self._set(n, n.cond.can_error or not exact(ct) or n.then.can_error or n.other.can_error,
@@ -237,8 +370,13 @@ class Compiler:
 
     def c_ListLit(self, n: ListLit) -> CelType:
         elem: CelType | None = None
-        for it in n.items:
+        for i, it in enumerate(n.items):
             t = self.check(it)
+            if i in n.optional:  # `?x`: x is an optional; its value (if any) is the element
+                if t.kind not in ("optional_type", "dyn"):
+                    self.error(it.start, f"an optional element must be an optional, got {_tname(t)}", "no-overload", end=it.end)
+                t = t.elem if isinstance(t, OptionalType) else DYN
+                it.can_error = True
             elem = t if elem is None else unify(elem, t)
         self._set(n, any(i.can_error for i in n.items), 1 + sum(i.cost for i in n.items), len(n.items))
         return ListType(elem or DYN, len(n.items))
@@ -248,15 +386,24 @@ class Compiler:
         vt: CelType | None = None
         seen: dict[Any, int] = {}
         dyn_keys = False
-        for k, v in n.entries:
+        for idx, (k, v) in enumerate(n.entries):
             a = self.check(k)
             b = self.check(v)
+            if idx in n.optional:  # `?key: value`: value is an optional
+                if b.kind not in ("optional_type", "dyn"):
+                    self.error(v.start, f"an optional entry's value must be an optional, got {_tname(b)}", "no-overload", end=v.end)
+                b = b.elem if isinstance(b, OptionalType) else DYN
+                dyn_keys = True
             if a.kind not in ("int", "uint", "string", "bool", "dyn"):
                 self.error(k.offset, f"unsupported map key type {_tname(a)}", "no-overload", end=k.end)
             if isinstance(k, Lit) and k.kind in ("string", "int", "uint", "bool"):
                 key = (k.kind == "bool", k.value)
                 if key in seen:
                     self.error(k.offset, f"duplicate map key {k.value!r}", "duplicate-key", end=k.end)
+                elif (not key[0], k.value) in seen and k.kind != "string":
+                    this, other = (str(k.value).lower(), int(k.value)) if key[0] else (k.value, str(bool(k.value)).lower())
+                    self.error(k.offset, f"map keys {other} and {this} cannot be in one map here (bool and numeric "
+                               "keys 0/1 collide in the Python mapping)", "duplicate-key", end=k.end)
                 seen[key] = 1
             else:
                 dyn_keys = True
@@ -275,39 +422,66 @@ class Compiler:
 
     def c_Comprehension(self, n: Comprehension) -> CelType:
         rtype = self.check(n.range)
+        v2t = DYN
         if rtype.kind == "list":
             vt = rtype.elem  # type: ignore[attr-defined]
+            if n.var2 is not None:
+                vt, v2t = INT, rtype.elem  # type: ignore[attr-defined]
         elif rtype.kind == "map":
             vt = rtype.key  # type: ignore[attr-defined]
+            v2t = rtype.value  # type: ignore[attr-defined]
         elif rtype.kind == "dyn":
             vt = DYN
         else:
             vt = DYN
             self.error(n.range.start, f"'{n.macro}' cannot iterate over {_tname(rtype)}", "no-overload", end=n.range.end)
         n.py_var = self.fresh("_c")
-        self.scopes.append({n.var: (vt, n.py_var)})
+        scope = {n.var: (vt, n.py_var)}
+        if n.var2 is not None:
+            n.py_var2 = self.fresh("_c")  # type: ignore[attr-defined]
+            scope[n.var2] = (v2t, n.py_var2)  # type: ignore[attr-defined]
+        self.scopes.append(scope)
         try:
-            bt = self.check(n.body)
-            ft = self.check(n.filter) if n.filter is not None else None
+            bt = self.lazily(n.body)
+            ft = self.lazily(n.filter) if n.filter is not None else None
         finally:
             self.scopes.pop()
         self.uses_iter = True
-        if n.macro != "map" and bt.kind not in ("bool", "dyn"):
+        if n.macro in ("all", "exists", "exists_one", "filter") and bt.kind not in ("bool", "dyn"):
             self.error(n.body.start, f"the predicate of '{n.macro}' must be bool, got {_tname(bt)}", "no-overload", end=n.body.end)
         if ft is not None and ft.kind not in ("bool", "dyn"):
-            self.error(n.filter.start, f"the filter of 'map' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
+            self.error(n.filter.start, f"the filter of '{n.macro}' must be bool, got {_tname(ft)}", "no-overload", end=n.filter.end)  # type: ignore[union-attr]
         size = n.range.msize
         iters = size if size is not None else DEFAULT_LIST_SIZE
         body_cost = n.body.cost + (n.filter.cost if n.filter is not None else 0) + 1
         self._set(n, True, n.range.cost + 1 + iters * body_cost, size)
         if n.macro in ("all", "exists", "exists_one"):
             return BOOL
-        if n.macro == "map":
+        if n.macro in ("map", "transformList"):
             return ListType(bt, size)
+        if n.macro == "transformMap":
+            return MapType(vt, bt, size)
+        if n.macro == "transformMapEntry":
+            if bt.kind not in ("map", "dyn"):
+                self.error(n.body.start, f"the expression of 'transformMapEntry' must be a map, got {_tname(bt)}", "no-overload", end=n.body.end)
+            return bt if bt.kind == "map" else MapType(DYN, DYN)
+        if n.macro == "sortBy":
+            if rtype.kind not in ("list", "dyn"):
+                self.error(n.range.start, f"'sortBy' sorts a list, not {_tname(rtype)}", "no-overload", end=n.range.end)
+            n.cost += iters * max(1, math.ceil(math.log2(max(iters, 2))))
+            return rtype if rtype.kind == "list" else ListType(DYN)
         return ListType(vt, size)
 
     # -- calls -----------------------------------------------------------
     def c_Call(self, n: Call) -> CelType:
+        if n.target is not None:  # math.greatest(...), optional.of(...): a namespaced function
+            q = self._qualified(n.target)
+            root = self._root(n.target)
+            if q is not None and f"{q}.{n.function}" in ext.FUNCTIONS and root is not None and \
+                    (self.decls is None or self.resolve(root.name, root.root) is None):
+                n.function = f"{q}.{n.function}"
+                n.offset = n.target.start if n.target.start >= 0 else n.target.offset
+                n.target = None
         fn = n.function
         if fn in ("_&&_", "_||_"):
             return self.c_logic(n)
@@ -327,12 +501,13 @@ class Compiler:
 
     def c_logic(self, n: Call) -> CelType:
         a, b = n.args
-        ta, tb = self.check(a), self.check(b)
+        ta, tb = self.lazily(a), self.lazily(b)
         for x, t in ((a, ta), (b, tb)):
-            if t.kind not in ("bool", "dyn"):
+            if t.kind not in ("bool", "dyn") and not self.dynamic:  # dynamic: checked at run time
                 self.error(n.offset, f"no matching overload for '{n.function.strip('_')}' applied to ({_tname(ta)}, {_tname(tb)})", "no-overload", end=n.offset + 2)
                 break
-        self._set(n, a.can_error or b.can_error or not exact(ta) or not exact(tb), a.cost + b.cost + 1)
+        err = a.can_error or b.can_error or any(not exact(t) or t.kind != "bool" for t in (ta, tb))
+        self._set(n, err, a.cost + b.cost + 1)
         return BOOL
 
     def c_in(self, n: Call) -> CelType:
@@ -359,8 +534,9 @@ class Compiler:
     def c_operator(self, n: Call, args: list[Node]) -> CelType:
         fn = n.function
         types = [a.type for a in args]
-        op_sym = {"!_": "!", "-_": "-", "_[_]": "[]", "_==_": "==", "_!=_": "!="}.get(fn) or self._ARITH.get(fn) or self._CMP.get(fn, fn)
-        opw = len(op_sym) if op_sym != "[]" else 1
+        op_sym = {"!_": "!", "-_": "-", "_[_]": "[]", "_[?_]": "[?]", "_==_": "==", "_!=_": "!="}.get(fn) or \
+            self._ARITH.get(fn) or self._CMP.get(fn, fn)
+        opw = len(op_sym) if op_sym not in ("[]", "[?]") else 1
 
         def bad() -> CelType:
             sig = ", ".join(_tname(t) for t in types)
@@ -403,10 +579,19 @@ class Compiler:
                     n.cost += _str_cost(*args)
                 return BOOL
             return bad()
-        if fn == "_[_]":
+        if fn in ("_[_]", "_[?_]"):
             c, i = args
             tc, ti = types
             n.can_error = True
+            if fn == "_[?_]" or isinstance(tc, OptionalType):
+                inner = tc.elem if isinstance(tc, OptionalType) else tc  # type: ignore[attr-defined]
+                if inner.kind == "list" and ti.kind in ("int", "uint", "double", "dyn"):
+                    return OptionalType(inner.elem)  # type: ignore[attr-defined]
+                if inner.kind == "map":
+                    return OptionalType(inner.value)  # type: ignore[attr-defined]
+                if inner.kind == "dyn":
+                    return OptionalType(DYN)
+                return bad()
             if tc.kind == "list":
                 if ti.kind not in ("int", "uint", "dyn"):
                     return bad()
@@ -528,7 +713,8 @@ class Compiler:
                 "int": {"int", "uint", "double", "string", "google.protobuf.Timestamp"},
                 "uint": {"int", "uint", "double", "string"},
                 "double": {"int", "uint", "double", "string"},
-                "string": {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration"},
+                "string": {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration",
+                           "net.IP", "net.CIDR"},
                 "bool": {"bool", "string"},
                 "bytes": {"bytes", "string"},
                 "duration": {"string", "google.protobuf.Duration"},
@@ -557,6 +743,14 @@ class Compiler:
             if fn == "string" and k == "string":
                 n.msize = arg.msize
             return result
+        lib = ext.FUNCTIONS.get(fn)
+        if lib is not None:
+            result = ext.check_call(lib, is_method, types)
+            if result is None:
+                return bad()
+            n.can_error = n.can_error or lib.can_error
+            n.cost += _ext_cost(lib.cost, args)
+            return result
         # unknown function
         if self.decls is not None and fn in self.decls and not is_method:
             return self.error(n.offset, f"'{fn}' is a variable, not a function", "undeclared-function", end=end)
@@ -564,7 +758,26 @@ class Compiler:
 
     # ------------------------------------------------------------ codegen
     def gen(self, n: Node) -> str:
+        deferred = getattr(n, "deferred", None)
+        if deferred is not None:
+            return f"_fail({deferred!r})"
+        candidates = getattr(n, "candidates", None)
+        if candidates is not None:
+            return f"_resolve(act, {candidates!r})"
         return getattr(self, "g_" + type(n).__name__)(n)
+
+    def g_Invalid(self, n: Invalid) -> str:  # pragma: no cover - reported by the parser
+        return "_fail('invalid macro')"
+
+    def may_fail(self, n: Node) -> bool:
+        """Can evaluating ``n`` raise? In the lazy variant, a variable read can (it may be absent)."""
+        return n.can_error or (self.lazy_mode and getattr(n, "lazy_reads", False))
+
+    def ref(self, n: Node) -> str:
+        name = getattr(n, "gname", None)
+        if self.lazy_mode and name is not None and name not in self.strict_globals:
+            return f"_var(act, {name!r})"
+        return n.py  # type: ignore[attr-defined,no-any-return]
 
     def g_Lit(self, n: Lit) -> str:
         v = n.value
@@ -577,11 +790,13 @@ class Compiler:
         return repr(v)
 
     def g_Ident(self, n: Ident) -> str:
-        return n.py  # type: ignore[attr-defined,no-any-return]
+        return self.ref(n)
 
     def g_Select(self, n: Select) -> str:
+        if hasattr(n, "py_const"):
+            return n.py_const  # type: ignore[attr-defined,no-any-return]
         if hasattr(n, "py_ident"):
-            return n.py_ident  # type: ignore[attr-defined,no-any-return]
+            return self.ref(n)
         o = self.gen(n.operand)
         ot = n.operand.type
         f = repr(n.field)
@@ -600,9 +815,23 @@ class Compiler:
         return f"({self.gen(n.then)} if {c} else {self.gen(n.other)})"
 
     def g_ListLit(self, n: ListLit) -> str:
-        return "[" + ", ".join(self.gen(i) for i in n.items) + "]"
+        return "[" + ", ".join(f"*_opt_items({self.gen(x)})" if i in n.optional else self.gen(x)
+                               for i, x in enumerate(n.items)) + "]"
+
+    def g_OptSelect(self, n: OptSelect) -> str:
+        return f"_opt_select({self.gen(n.operand)}, {n.field!r})"
+
+    def g_Bind(self, n: Bind) -> str:
+        return f"_bind({self.gen(n.init)}, lambda {n.py_var}: {self.gen(n.body)})"  # type: ignore[attr-defined]
+
+    def g_OptMap(self, n: OptMap) -> str:
+        helper = "_opt_map" if n.macro == "optMap" else "_opt_flat_map"
+        return f"{helper}({self.gen(n.target)}, lambda {n.py_var}: {self.gen(n.body)})"  # type: ignore[attr-defined]
 
     def g_MapLit(self, n: MapLit) -> str:
+        if n.optional:
+            return "_make_map_opt((" + "".join(f"({self.gen(k)}, {self.gen(v)}, {i in n.optional}), "
+                                               for i, (k, v) in enumerate(n.entries)) + "))"
         if not n.dyn_keys:  # type: ignore[attr-defined]
             return "{" + ", ".join(f"{self.gen(k)}: {self.gen(v)}" for k, v in n.entries) + "}"
         return "_make_map((" + "".join(f"({self.gen(k)}, {self.gen(v)}), " for k, v in n.entries) + "))"
@@ -613,14 +842,30 @@ class Compiler:
     def g_Comprehension(self, n: Comprehension) -> str:
         r = f"_iter_range(_n, {self.max_iterations}, {self.gen(n.range)})"
         v = n.py_var  # type: ignore[attr-defined]
+        if n.var2 is not None:  # two variables: iterate (index, value) or (key, value) pairs
+            r = f"_pairs(_n, {self.max_iterations}, {self.gen(n.range)})"
+            v = f"{v}, {n.py_var2}"  # type: ignore[attr-defined]
         body = self.gen(n.body)
-        safe_bool = not n.body.can_error and exact(n.body.type)
+        safe_bool = not self.may_fail(n.body) and exact(n.body.type)
         if n.macro in ("exists", "all"):
             if safe_bool:
                 fn = "any" if n.macro == "exists" else "all"
                 return f"{fn}({body} for {v} in {r})"
             helper = "_exists" if n.macro == "exists" else "_all_"
-            return f"{helper}({r}, lambda {v}: {body})"
+            star = ", True" if n.var2 is not None else ""
+            return f"{helper}({r}, lambda {v}: {body}{star})"
+        if n.macro == "sortBy":
+            return f"_sort_by({self.gen(n.range)}, lambda {v}: {body})"
+        if n.macro in ("transformList", "transformMap", "transformMapEntry"):
+            flt = ""
+            if n.filter is not None:
+                f = self.gen(n.filter)
+                flt = f" if {f if exact(n.filter.type) else f'_as_bool({f}, {n.macro!r})'}"
+            if n.macro == "transformList":
+                return f"[{body} for {v} in {r}{flt}]"
+            if n.macro == "transformMap":
+                return f"{{{n.py_var}: {body} for {v} in {r}{flt}}}"  # type: ignore[attr-defined]
+            return f"_merge_entries([{body} for {v} in {r}{flt}])"
         if n.macro == "exists_one":
             if not exact(n.body.type):
                 body = f"_as_bool({body}, 'exists_one')"
@@ -650,8 +895,8 @@ class Compiler:
         a, b = n.args
         pa, pb = self.gen(a), self.gen(b)
         py = "and" if n.function == "_&&_" else "or"
-        a_ok = not a.can_error and exact(a.type)
-        b_ok = exact(b.type)
+        a_ok = not self.may_fail(a) and exact(a.type) and a.type.kind == "bool"
+        b_ok = exact(b.type) and b.type.kind == "bool"  # (dynamic mode lets other types through to here)
         if a_ok and b_ok:
             return f"({pa} {py} {pb})"
         if a_ok:
@@ -679,13 +924,19 @@ class Compiler:
             a, b = args
             neg = fn == "_!=_"
             if t[0].kind == "null_type" or t[1].kind == "null_type":
-                other = p[1] if t[0].kind == "null_type" else p[0]
-                return f"({other} is {'not ' if neg else ''}None)"
+                i = 1 if t[0].kind == "null_type" else 0
+                inner = _strip_dyn(args[i])
+                if isinstance(inner, Lit):  # `1 is None` would be a SyntaxWarning: fold it
+                    return repr((inner.value is None) != neg)
+                return f"({p[i]} is {'not ' if neg else ''}None)"
             if _pyeq_safe(t[0], t[1]):
                 return f"({p[0]} {'!=' if neg else '=='} {p[1]})"
             return f"_{'ne' if neg else 'eq'}({p[0]}, {p[1]})"
         if fn in self._CMP:
             if allx:
+                if (t[0].kind == "double") != (t[1].kind == "double"):  # int vs double: compared as doubles
+                    p = [x if k.kind == "double" else repr(float(a.value)) if isinstance(a, Lit) else f"float({x})"
+                         for x, k, a in zip(p, t, args)]
                 return f"({p[0]} {self._CMP[fn]} {p[1]})"
             return f"_{ {'_<_': 'lt', '_<=_': 'le', '_>_': 'gt', '_>=_': 'ge'}[fn] }({p[0]}, {p[1]})"
         if fn == "@in":
@@ -697,6 +948,8 @@ class Compiler:
             if exact(tc) and tc.kind == "list":
                 return f"_in_list({p[0]}, {p[1]})"
             return f"_in_({p[0]}, {p[1]})"
+        if fn == "_[?_]":
+            return f"_opt_index({p[0]}, {p[1]})"
         if fn == "_[_]":
             tc, ti = t
             if exact(tc) and tc.kind == "map" and exact(ti) and ti.kind == "string":
@@ -774,6 +1027,9 @@ class Compiler:
                 if tzname is not None and tmpl is not None:
                     return tmpl.format(f"{p[0]}.astimezone({tzname})")
             return f"_t_{fn}({', '.join(p)})"
+        lib = ext.FUNCTIONS.get(fn)
+        if lib is not None:
+            return f"{self.const(lib.impl)}({', '.join(p)})"
         if fn in ("dyn",):
             return p[0]
         if fn == "type":
@@ -805,6 +1061,28 @@ _INLINE_TIME = {
     "getSeconds": "{}.second", "getMilliseconds": "({}.microsecond // 1000)",
     "getDayOfYear": "({}.timetuple().tm_yday - 1)",
 }
+
+
+def _ext_cost(kind: str, args: list[Node]) -> int:
+    """Traversal cost of an extension function over its (declared-size) string or list arguments."""
+    if kind == "const" or not args:
+        return 0
+    lists = sum(_size(getattr(a, "msize", None), DEFAULT_LIST_SIZE) for a in args
+                if a.type is not None and a.type.kind == "list")
+    if kind == "string":  # (list.indexOf and list.reverse share their names with string functions)
+        return lists + math.ceil(sum(_size(getattr(a, "msize", None), DEFAULT_STRING_SIZE) for a in args
+                                     if a.type is not None and a.type.kind in ("string", "bytes", "dyn")) * STRING_COST_FACTOR)
+    n = sum(_size(getattr(a, "msize", None), DEFAULT_LIST_SIZE) for a in args
+            if a.type is not None and a.type.kind in ("list", "dyn"))
+    if kind == "sort":
+        return n * max(1, math.ceil(math.log2(max(n, 2))))
+    return n
+
+
+def _strip_dyn(n: Node) -> Node:
+    while isinstance(n, Call) and n.function == "dyn" and n.target is None and len(n.args) == 1:
+        n = n.args[0]
+    return n
 
 
 def _pyeq_safe(a: CelType, b: CelType) -> bool:

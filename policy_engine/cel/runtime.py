@@ -11,8 +11,9 @@ Value mapping (CEL -> Python)::
     null      -> None
     list      -> list (tuples accepted as input)
     map       -> dict (any Mapping accepted as input)
-    timestamp -> timezone-aware datetime (results are in UTC; microsecond precision)
-    duration  -> timedelta (microsecond precision)
+    timestamp -> timezone-aware datetime (results are in UTC)
+    duration  -> timedelta
+                 (nanoseconds beyond the microsecond: the subclasses NanoTimestamp / NanoDuration)
     type      -> CelTypeValue
 
 Every helper raises :class:`CelEvaluationError` (or a plain Python error that
@@ -41,8 +42,10 @@ INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 UTC = _dt.timezone.utc
 # cel-spec timestamp range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
-# duration range: +/- 315,576,000,000 seconds (~10000 years).
-MAX_DURATION = _dt.timedelta(seconds=315_576_000_000)
+# duration range: what an int64 count of nanoseconds holds (about +/-292 years), as in cel-go and
+# cel-cpp. MAX_DURATION is that bound rounded down to a microsecond (the plain-timedelta check);
+# a NanoDuration is checked in nanoseconds.
+MAX_DURATION = _dt.timedelta(microseconds=(2**63 - 1) // 1000)
 
 
 class CelUint(int):
@@ -69,12 +72,98 @@ class CelTypeValue:
 TYPE_VALUES = {
     n: CelTypeValue(n)
     for n in ("int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type",
-              "google.protobuf.Timestamp", "google.protobuf.Duration")
+              "google.protobuf.Timestamp", "google.protobuf.Duration", "optional_type", "net.IP", "net.CIDR")
 }
+
+
+class CelOptional:
+    """A CEL optional value (``optional.of(x)`` / ``optional.none()``); ``OPTIONAL_NONE`` is the none."""
+
+    __slots__ = ("has", "value")
+
+    def __init__(self, has: bool, value: Any = None) -> None:
+        self.has = has
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"optional.of({self.value!r})" if self.has else "optional.none()"
+
+
+OPTIONAL_NONE = CelOptional(False)
+
+
+class CelIP:
+    """A Kubernetes CEL ``net.IP`` (an IPv4 or IPv6 address, no zone)."""
+
+    __slots__ = ("addr",)
+
+    def __init__(self, addr: Any) -> None:
+        self.addr = addr  # ipaddress.IPv4Address | IPv6Address
+
+    def _key(self) -> Any:
+        mapped = getattr(self.addr, "ipv4_mapped", None)  # ::ffff:c0a8:1 is 192.168.0.1
+        return mapped or self.addr
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is CelIP and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return str(self.addr)
+
+    def __repr__(self) -> str:
+        return f"ip({str(self.addr)!r})"
+
+
+class CelCIDR:
+    """A Kubernetes CEL ``net.CIDR``: an address (host bits kept, as written) and a prefix length."""
+
+    __slots__ = ("addr", "prefix")
+
+    def __init__(self, addr: Any, prefix: int) -> None:
+        self.addr = addr
+        self.prefix = prefix
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is CelCIDR and (self.addr, self.prefix) == (other.addr, other.prefix)
+
+    def __hash__(self) -> int:
+        return hash((self.addr, self.prefix))
+
+    def __str__(self) -> str:
+        return f"{self.addr}/{self.prefix}"
+
+    def __repr__(self) -> str:
+        return f"cidr({str(self)!r})"
+
+
+def opt_of(v: Any) -> CelOptional:
+    return CelOptional(True, v)
 
 
 class _Err:
     """Raised-error wrapper used only inside absorption helpers."""
+
+
+def var(act: Mapping[str, Any], name: str) -> Any:
+    """A variable read where it is used (see Compiler.lazy_depth)."""
+    try:
+        return act[name]
+    except KeyError:
+        raise CelEvaluationError(f"no value for variable {name!r} in the activation") from None
+
+
+def resolve(act: Mapping[str, Any], candidates: tuple[tuple[str, tuple[str, ...]], ...]) -> Any:
+    """Dynamic-mode qualified name: the first (variable, fields) candidate whose variable is bound."""
+    for name, fields in candidates:
+        if name in act:
+            v = act[name]
+            for f in fields:
+                v = select(v, f)
+            return v
+    raise CelEvaluationError(f"no value for variable {candidates[-1][0]!r} in the activation")
 
 
 def err(msg: str) -> CelEvaluationError:
@@ -111,6 +200,12 @@ def kind(v: Any) -> str:
         return "google.protobuf.Duration"
     if t is CelTypeValue:
         return "type"
+    if t is CelOptional:
+        return "optional_type"
+    if t is CelIP:
+        return "net.IP"
+    if t is CelCIDR:
+        return "net.CIDR"
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, CelUint):
@@ -191,6 +286,72 @@ def ineg(a: int) -> int:
 
 
 # ---------------------------------------------------------------- time
+# Timestamps and durations are datetime / timedelta (microseconds). A value with nanoseconds
+# beyond the microsecond (a literal such as '...59.999999999Z' or '1ns', and arithmetic on one)
+# is a NanoTimestamp / NanoDuration: the same type with `nanos` (1..999, added to the
+# microseconds; a duration's microseconds are floored). Values without such nanoseconds --
+# every value the features give policies -- stay plain and take no slower path.
+class NanoTimestamp(_dt.datetime):
+    __slots__ = ("nanos",)
+
+
+class NanoDuration(_dt.timedelta):
+    __slots__ = ("nanos",)
+
+    def __neg__(self) -> _dt.timedelta:
+        return dur_from_ns(-dur_ns(self))
+
+
+def ts_ns(t: _dt.datetime) -> int:
+    """Nanoseconds since the Unix epoch."""
+    return dur_ns(t - _EPOCH) + getattr(t, "nanos", 0)
+
+
+def dur_ns(d: _dt.timedelta) -> int:
+    return ((d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds) * 1000 + getattr(d, "nanos", 0)
+
+
+def ts_from_ns(ns: int) -> _dt.datetime:
+    us, nanos = divmod(ns, 1000)
+    try:
+        t = _EPOCH + _dt.timedelta(microseconds=us)
+    except OverflowError:
+        raise CelEvaluationError("timestamp out of range") from None
+    if not nanos:
+        return t
+    out = NanoTimestamp(t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond, t.tzinfo)
+    out.nanos = nanos
+    return out
+
+
+def dur_from_ns(ns: int) -> _dt.timedelta:
+    if not -(2**63) <= ns <= 2**63 - 1:
+        raise CelEvaluationError("duration out of range")
+    us, nanos = divmod(ns, 1000)
+    if not nanos:
+        return _dt.timedelta(microseconds=us)
+    out = NanoDuration(microseconds=us)
+    out.nanos = nanos
+    return out
+
+
+def _nano_compare(cls: type, key: Callable[[Any], int], base: type) -> None:
+    import operator
+
+    def make(op: Callable[[int, int], bool]) -> Callable[[Any, Any], Any]:
+        def method(self: Any, other: Any) -> Any:
+            return op(key(self), key(other)) if isinstance(other, base) else NotImplemented
+        return method
+
+    for name in ("eq", "ne", "lt", "le", "gt", "ge"):
+        setattr(cls, f"__{name}__", make(getattr(operator, name)))
+    cls.__hash__ = base.__hash__  # type: ignore[attr-defined]
+
+
+_nano_compare(NanoTimestamp, ts_ns, _dt.datetime)
+_nano_compare(NanoDuration, dur_ns, _dt.timedelta)
+
+
 def ts_check(t: _dt.datetime) -> _dt.datetime:
     return t
 
@@ -198,10 +359,17 @@ def ts_check(t: _dt.datetime) -> _dt.datetime:
 def dur_check(d: _dt.timedelta) -> _dt.timedelta:
     if -MAX_DURATION <= d <= MAX_DURATION:
         return d
+    if type(d) is NanoDuration:
+        return dur_from_ns(dur_ns(d))
     raise CelEvaluationError("duration out of range")
 
 
+_NANO_TYPES = (NanoTimestamp, NanoDuration)
+
+
 def ts_add(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
+    if type(t) in _NANO_TYPES or type(d) in _NANO_TYPES:
+        return ts_from_ns(ts_ns(t) + dur_ns(d))
     try:
         return t + d
     except OverflowError:
@@ -209,6 +377,8 @@ def ts_add(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
 
 
 def ts_sub(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
+    if type(t) in _NANO_TYPES or type(d) in _NANO_TYPES:
+        return ts_from_ns(ts_ns(t) - dur_ns(d))
     try:
         return t - d
     except OverflowError:
@@ -216,10 +386,14 @@ def ts_sub(t: _dt.datetime, d: _dt.timedelta) -> _dt.datetime:
 
 
 def ts_diff(a: _dt.datetime, b: _dt.datetime) -> _dt.timedelta:
+    if type(a) in _NANO_TYPES or type(b) in _NANO_TYPES:
+        return dur_from_ns(ts_ns(a) - ts_ns(b))
     return dur_check(a - b)
 
 
 def dur_add(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
+    if type(a) in _NANO_TYPES or type(b) in _NANO_TYPES:
+        return dur_from_ns(dur_ns(a) + dur_ns(b))
     try:
         return dur_check(a + b)
     except OverflowError:
@@ -227,6 +401,8 @@ def dur_add(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
 
 
 def dur_sub(a: _dt.timedelta, b: _dt.timedelta) -> _dt.timedelta:
+    if type(a) in _NANO_TYPES or type(b) in _NANO_TYPES:
+        return dur_from_ns(dur_ns(a) - dur_ns(b))
     try:
         return dur_check(a - b)
     except OverflowError:
@@ -244,7 +420,8 @@ def parse_timestamp(s: str) -> _dt.datetime:
     if not m:
         raise CelEvaluationError(f"invalid timestamp {s!r}")
     y, mo, d, h, mi, sec, frac, tz = m.groups()
-    us = int((frac or "0").ljust(9, "0")[:6])
+    digits = (frac or "0").ljust(9, "0")
+    us, nanos = int(digits[:6]), int(digits[6:])
     try:
         if tz in ("Z", "z"):
             off = UTC
@@ -254,8 +431,8 @@ def parse_timestamp(s: str) -> _dt.datetime:
         sec_i = int(sec)
         if sec_i == 60:
             raise ValueError("leap second")
-        t = _dt.datetime(int(y), int(mo), int(d), int(h), int(mi), sec_i, us, tzinfo=off)
-        return t.astimezone(UTC)
+        t = _dt.datetime(int(y), int(mo), int(d), int(h), int(mi), sec_i, us, tzinfo=off).astimezone(UTC)
+        return ts_from_ns(ts_ns(t) + nanos) if nanos else t
     except (ValueError, OverflowError) as e:
         raise CelEvaluationError(f"invalid timestamp {s!r}: {e}") from None
 
@@ -285,11 +462,7 @@ def parse_duration(s: str) -> _dt.timedelta:
             raise CelEvaluationError(f"invalid duration {s!r}")
         total += Decimal(m.group(1)) * _DUR_UNITS[m.group(2)]
         pos = m.end()
-    nanos = int(total) * sign
-    try:
-        return dur_check(_dt.timedelta(microseconds=int(nanos / 1000) if abs(nanos) < 2**53 else nanos // 1000 if nanos >= 0 else -((-nanos) // 1000)))
-    except OverflowError:
-        raise CelEvaluationError("duration out of range") from None
+    return dur_from_ns(int(total) * sign)
 
 
 @lru_cache(maxsize=256)
@@ -309,17 +482,13 @@ def tzinfo(name: str) -> _dt.tzinfo:
 
 
 def _local(t: Any, tz: Any, fn: str) -> _dt.datetime:
-    if type(t) is not _dt.datetime:
+    if not isinstance(t, _dt.datetime):
         raise no_overload(fn, t)
     if tz is None:
         return t.astimezone(UTC)
     if type(tz) is not str:
         raise no_overload(fn, t, tz)
     return t.astimezone(tzinfo(tz))
-
-
-def _dur_total_us(d: _dt.timedelta) -> int:
-    return (d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds
 
 
 def _trunc_div(a: int, b: int) -> int:
@@ -352,27 +521,27 @@ def get_day_of_week(t: Any, tz: Any = None) -> int:
 
 
 def get_hours(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        return _trunc_div(_dur_total_us(t), 3_600_000_000)
+    if isinstance(t, _dt.timedelta) and tz is None:
+        return _trunc_div(dur_ns(t), 3_600_000_000_000)
     return _local(t, tz, "getHours").hour
 
 
 def get_minutes(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        return _trunc_div(_dur_total_us(t), 60_000_000)
+    if isinstance(t, _dt.timedelta) and tz is None:
+        return _trunc_div(dur_ns(t), 60_000_000_000)
     return _local(t, tz, "getMinutes").minute
 
 
 def get_seconds(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        return _trunc_div(_dur_total_us(t), 1_000_000)
+    if isinstance(t, _dt.timedelta) and tz is None:
+        return _trunc_div(dur_ns(t), 1_000_000_000)
     return _local(t, tz, "getSeconds").second
 
 
 def get_milliseconds(t: Any, tz: Any = None) -> int:
-    if type(t) is _dt.timedelta and tz is None:
-        us = _dur_total_us(t)
-        return _trunc_div(us, 1000) - _trunc_div(us, 1_000_000) * 1000
+    if isinstance(t, _dt.timedelta) and tz is None:
+        ns = dur_ns(t)
+        return _trunc_div(ns, 1_000_000) - _trunc_div(ns, 1_000_000_000) * 1000
     return _local(t, tz, "getMilliseconds").microsecond // 1000
 
 
@@ -385,21 +554,21 @@ TIME_ACCESSORS: dict[str, Callable[..., int]] = {
 
 
 def format_timestamp(t: _dt.datetime) -> str:
+    nanos = getattr(t, "nanos", 0)
     t = t.astimezone(UTC)
     base = t.strftime("%Y-%m-%dT%H:%M:%S")
     if len(base) < 19:  # years < 1000 on some platforms
         base = f"{t.year:04d}" + base[base.index("-"):]
-    if t.microsecond:
-        base += "." + f"{t.microsecond:06d}".rstrip("0")
+    if t.microsecond or nanos:
+        base += "." + f"{t.microsecond:06d}{nanos:03d}".rstrip("0")
     return base + "Z"
 
 
 def format_duration(d: _dt.timedelta) -> str:
-    us = _dur_total_us(d)
-    sign = "-" if us < 0 else ""
-    us = abs(us)
-    s, frac = divmod(us, 1_000_000)
-    return f"{sign}{s}" + (("." + f"{frac:06d}".rstrip("0")) if frac else "") + "s"
+    ns = dur_ns(d)
+    sign = "-" if ns < 0 else ""
+    s, frac = divmod(abs(ns), 1_000_000_000)
+    return f"{sign}{s}" + (("." + f"{frac:09d}".rstrip("0")) if frac else "") + "s"
 
 
 def format_double(f: float) -> str:
@@ -435,7 +604,7 @@ def to_int(v: Any) -> int:
     if k == "uint":
         return ck(int(v))
     if k == "double":
-        if v != v or v in (math.inf, -math.inf) or not (-(2.0**63) <= v < 2.0**63):
+        if v != v or v in (math.inf, -math.inf) or not (-(2.0**63) < v < 2.0**63):
             raise CelEvaluationError("int64 overflow converting double to int")
         return ck(int(v))
     if k == "string":
@@ -452,7 +621,8 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=UTC)
 
 def double_to_int(v: float) -> int:
     """`to_int` of a value statically known to be a double (the checks `to_int` makes for one)."""
-    if -(2.0**63) <= v < 2.0**63:  # False for NaN and the infinities too
+    # Exclusive at both ends, as cel-spec requires: -2^63 as a double is already out of range.
+    if -(2.0**63) < v < 2.0**63:  # False for NaN and the infinities too
         return int(v)
     raise CelEvaluationError("int64 overflow converting double to int")
 
@@ -509,6 +679,8 @@ def to_string(v: Any) -> str:
         return format_timestamp(v)
     if k == "google.protobuf.Duration":
         return format_duration(v)
+    if k in ("net.IP", "net.CIDR"):
+        return str(v)
     raise no_overload("string", v)
 
 
@@ -586,7 +758,9 @@ def eq(a: Any, b: Any) -> bool:
                 return False
         return True
     if ka == "type":
-        return a is b
+        return a is b or a.name == b.name
+    if ka == "optional_type":
+        return a.has == b.has and (not a.has or eq(a.value, b.value))
     return a == b
 
 
@@ -597,33 +771,37 @@ def ne(a: Any, b: Any) -> bool:
 _ORDERED = {"int", "uint", "double", "string", "bytes", "bool", "google.protobuf.Timestamp", "google.protobuf.Duration"}
 
 
-def _cmp_ok(op: str, a: Any, b: Any) -> None:
+def _cmp_args(op: str, a: Any, b: Any) -> tuple[Any, Any]:
+    """The operands as compared: an int or uint against a double is converted to double first
+    (lossy near 2^63, as cel-spec's conformance suite expects)."""
     ka, kb = kind(a), kind(b)
     if ka == kb and ka in _ORDERED:
-        return
+        return a, b
     if ka in _NUM and kb in _NUM:
-        return
+        if ka == "double" or kb == "double":
+            return float(a), float(b)
+        return a, b
     raise no_overload(op, a, b)
 
 
 def lt(a: Any, b: Any) -> bool:
-    _cmp_ok("_<_", a, b)
-    return a < b
+    a, b = _cmp_args("_<_", a, b)
+    return a < b  # type: ignore[no-any-return]
 
 
 def le(a: Any, b: Any) -> bool:
-    _cmp_ok("_<=_", a, b)
-    return a <= b
+    a, b = _cmp_args("_<=_", a, b)
+    return a <= b  # type: ignore[no-any-return]
 
 
 def gt(a: Any, b: Any) -> bool:
-    _cmp_ok("_>_", a, b)
-    return a > b
+    a, b = _cmp_args("_>_", a, b)
+    return a > b  # type: ignore[no-any-return]
 
 
 def ge(a: Any, b: Any) -> bool:
-    _cmp_ok("_>=_", a, b)
-    return a >= b
+    a, b = _cmp_args("_>=_", a, b)
+    return a >= b  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------- dynamic arithmetic
@@ -705,6 +883,8 @@ def neg(a: Any) -> Any:
         return ck(-a)
     if k == "double":
         return -a
+    if k == "google.protobuf.Duration":
+        return dur_check(-a)
     raise no_overload("-_", a)
 
 
@@ -806,6 +986,8 @@ def index(c: Any, i: Any) -> Any:
         if not found:
             raise CelEvaluationError(f"no such key: {i!r}")
         return v
+    if kc == "optional_type":  # indexing through an optional gives an optional
+        return opt_index(c, i)
     raise no_overload("_[_]", c, i)
 
 
@@ -828,13 +1010,48 @@ def select(o: Any, f: str) -> Any:
             return o[f]
         except KeyError:
             raise CelEvaluationError(f"no such key: {f!r}") from None
+    if type(o) is CelOptional:  # selecting through an optional gives an optional
+        return opt_select(o, f)
     raise CelEvaluationError(f"type '{_short(kind(o))}' does not support field selection")
 
 
 def has(o: Any, f: str) -> bool:
     if isinstance(o, Mapping):
         return f in o
+    if type(o) is CelOptional:
+        return o.has and has(o.value, f)
     raise CelEvaluationError(f"type '{_short(kind(o))}' does not support has()")
+
+
+def opt_select(o: Any, f: str) -> CelOptional:
+    """`o.?f`: optional.of(o.f) when o has the field, else optional.none()."""
+    if type(o) is CelOptional:
+        if not o.has:
+            return OPTIONAL_NONE
+        o = o.value
+    if isinstance(o, Mapping):
+        return CelOptional(True, o[f]) if f in o else OPTIONAL_NONE
+    raise CelEvaluationError(f"type '{_short(kind(o))}' does not support field selection")
+
+
+def opt_index(c: Any, i: Any) -> CelOptional:
+    """`c[?i]`: optional.of(c[i]) when the index or key exists, else optional.none()."""
+    if type(c) is CelOptional:
+        if not c.has:
+            return OPTIONAL_NONE
+        c = c.value
+    kc = kind(c)
+    if kc == "list":
+        ki = kind(i)
+        if ki not in ("int", "uint", "double"):
+            raise no_overload("_[?_]", c, i)
+        if ki == "double" and (i != i or i != int(i)):
+            return OPTIONAL_NONE
+        return CelOptional(True, c[int(i)]) if 0 <= i < len(c) else OPTIONAL_NONE
+    if kc == "map":
+        found, v = map_get(c, i)
+        return CelOptional(True, v) if found else OPTIONAL_NONE
+    raise no_overload("_[?_]", c, i)
 
 
 def in_(x: Any, c: Any) -> bool:
@@ -858,15 +1075,17 @@ def in_list(x: Any, c: Any) -> bool:
 
 def make_map(entries: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
-    seen: list[Any] = []
     for k, v in entries:
         kk = kind(k)
         if kk not in ("int", "uint", "string", "bool"):
             raise CelEvaluationError(f"unsupported map key type {_short(kk)}")
-        for s in seen:
-            if eq(s, k):
+        if k in out:  # Python-equal: 1, 1u and 1.0 -- and also true
+            stored = next(x for x in out if x == k)
+            if eq(stored, k):
                 raise CelEvaluationError(f"duplicate map key {k!r}")
-        seen.append(k)
+            # CEL keeps 1 and true apart; a Python dict cannot: refuse rather than drop an entry
+            raise CelEvaluationError(f"map keys {stored!r} and {k!r} cannot be in one map here "
+                                     "(bool and numeric keys 0/1 collide in the Python mapping)")
         out[k] = v
     return out
 
@@ -890,11 +1109,11 @@ def iter_range(counter: list[int], limit: int, r: Any) -> Any:
     return r
 
 
-def exists(r: Iterable[Any], pred: Callable[[Any], Any]) -> bool:
+def exists(r: Iterable[Any], pred: Callable[..., Any], star: bool = False) -> bool:
     first: Exception | None = None
     for x in r:
         try:
-            v = pred(x)
+            v = pred(*x) if star else pred(x)
             if type(v) is not bool:
                 raise no_overload("exists", v)
         except Exception as e:  # noqa: BLE001
@@ -908,11 +1127,11 @@ def exists(r: Iterable[Any], pred: Callable[[Any], Any]) -> bool:
     return False
 
 
-def all_(r: Iterable[Any], pred: Callable[[Any], Any]) -> bool:
+def all_(r: Iterable[Any], pred: Callable[..., Any], star: bool = False) -> bool:
     first: Exception | None = None
     for x in r:
         try:
-            v = pred(x)
+            v = pred(*x) if star else pred(x)
             if type(v) is not bool:
                 raise no_overload("all", v)
         except Exception as e:  # noqa: BLE001

@@ -6,6 +6,7 @@
 * ``ObjectType(name, fields)`` where ``fields`` maps names to :class:`Field` or
   a bare :class:`CelType`.  At run time an object is a plain ``Mapping[str, object]``;
   a field declared ``optional=True`` may be absent (``has(o.f)`` tests presence).
+* ``OptionalType(t)``: an optional value (``optional.of(x)``, ``m.?key``).
 * ``Nullable(t)``: the value may also be ``null`` (Python ``None``).
 * String / bytes size bounds: ``StringType(max_size=...)`` or ``STRING.with_max(n)``
   (also works on lists and maps).  Sizes only feed the static cost estimate.
@@ -99,6 +100,23 @@ class MapType(CelType):
 
 
 @dataclass(frozen=True)
+class OptionalType(CelType):
+    """``optional_type(T)``: a value of type ``T`` or none (the optional-values extension)."""
+
+    kind: str = field(default="optional_type", init=False)
+    elem: CelType = DYN
+
+    def __init__(self, elem: CelType = DYN) -> None:
+        object.__setattr__(self, "kind", "optional_type")
+        object.__setattr__(self, "elem", elem)
+        object.__setattr__(self, "max_size", None)
+        object.__setattr__(self, "nullable", False)
+
+    def __str__(self) -> str:
+        return f"optional({self.elem})"
+
+
+@dataclass(frozen=True)
 class Field:
     """A field of an :class:`ObjectType`. ``optional`` fields may be absent at run time."""
 
@@ -135,8 +153,8 @@ class ObjectType(CelType):
 
 def Nullable(t: CelType) -> CelType:  # noqa: N802
     """``t`` or ``null``."""
-    if t.kind in ("dyn", "null_type"):
-        return t
+    if t.kind in ("dyn", "null_type") or isinstance(t, OptionalType):
+        return t if not isinstance(t, OptionalType) else DYN
     return dataclasses.replace(t, nullable=True) if not isinstance(t, (ListType, MapType, ObjectType)) else _renull(t)
 
 
@@ -169,6 +187,8 @@ def same_type(a: CelType, b: CelType) -> bool:
         return same_type(a.elem, b.elem)
     if isinstance(a, MapType) and isinstance(b, MapType):
         return same_type(a.key, b.key) and same_type(a.value, b.value)
+    if isinstance(a, OptionalType) and isinstance(b, OptionalType):
+        return same_type(a.elem, b.elem)
     if isinstance(a, ObjectType) and isinstance(b, ObjectType):
         return a.name == b.name
     return True
@@ -186,6 +206,8 @@ def assignable(target: CelType, value: CelType) -> bool:
         return assignable(target.elem, value.elem)
     if isinstance(target, MapType) and isinstance(value, MapType):
         return assignable(target.key, value.key) and assignable(target.value, value.value)
+    if isinstance(target, OptionalType) and isinstance(value, OptionalType):
+        return assignable(target.elem, value.elem)
     if isinstance(target, ObjectType) and isinstance(value, ObjectType):
         return target.name == value.name
     return True
@@ -204,6 +226,8 @@ def unify(a: CelType, b: CelType) -> CelType:
         return ListType(unify(a.elem, b.elem), _max(a.max_size, b.max_size), nullable=nullable)
     if isinstance(a, MapType) and isinstance(b, MapType):
         return MapType(unify(a.key, b.key), unify(a.value, b.value), _max(a.max_size, b.max_size), nullable=nullable)
+    if isinstance(a, OptionalType) and isinstance(b, OptionalType):
+        return OptionalType(unify(a.elem, b.elem))
     if isinstance(a, ObjectType) and isinstance(b, ObjectType):
         return a if a.name == b.name and not b.nullable else (b if a.name == b.name else DYN)
     return CelType(a.kind, _max(a.max_size, b.max_size), nullable=nullable)
