@@ -36,6 +36,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from . import telemetry
+from ._fork import renew_in_child
 from .catalog import Catalog, load_catalog
 from .compile import CompiledPolicy, compile_file
 from .decide import Decision, Engine, Settlement
@@ -93,9 +94,22 @@ class ReloadingEngine:
         self._pending: dict[Path, tuple[int, int, int] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._interval = poll_interval_s
         if poll_interval_s > 0:
-            self._thread = threading.Thread(target=self._poll, args=(poll_interval_s,), name="policy-engine-reload", daemon=True)
-            self._thread.start()
+            self._start()
+        self._renewal = renew_in_child(self._after_fork)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._poll, args=(self._interval,), name="policy-engine-reload", daemon=True)
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        # A forked child (a pre-fork server's worker) keeps watching the files: threads do not survive a fork.
+        self._reload_lock = threading.Lock()
+        watching = self._thread is not None and not self._stop.is_set()
+        self._stop, self._thread = threading.Event(), None
+        if watching:
+            self._start()
 
     # -- the Engine API, on whichever version is current ----------------------------------
 

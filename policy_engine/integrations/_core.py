@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal
 
 from .. import telemetry
+from .._fork import renew_in_child
 from ..apply import merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine
@@ -153,10 +154,16 @@ class Runtime:
         self.sleep = sleep
         self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
+        self._renewal: object = renew_in_child(self._renew_after_fork)
         self._accounts: dict[str, str] = {}
         self._model_keys: dict[str, str] = {}
         self._merged_betas: dict[tuple[str | None, str], str] = {}
         self._next_sweep = 0.0
+
+    def _renew_after_fork(self) -> None:
+        # In a forked child: the parent's attempts in flight are not the child's to finish.
+        self._lock = threading.Lock()
+        self._flights = {}
 
     # -- deciding ----------------------------------------------------------------------
 

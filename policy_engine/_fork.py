@@ -1,0 +1,87 @@
+"""Fork safety, in one place: what identifies a process or holds a connection is renewed in a forked child.
+
+Pre-forking servers (gunicorn `--preload`, uWSGI, `multiprocessing` with the fork start
+method) build the engine once and fork workers that share its memory. A child must not:
+
+* reuse its parent's reservation ids or call tokens: another process's reservation would
+  look like a retry of its own, and hold nothing;
+* talk on its parent's sockets or SQLite handle (their replies and locks would mix);
+* wait on a lock some parent thread held at the moment of the fork;
+* count on a background thread: threads do not survive a fork.
+
+An object with such state calls `renew_in_child(self._after_fork)` once, when it is made.
+After every `os.fork()` the child runs each live object's callback (`os.register_at_fork`),
+before any code of its own, so whatever call the child makes first finds fresh state.
+Objects are not kept alive by this registry. Forks made outside Python's `os.fork` (a C
+library calling fork() itself) run no hooks; no server in common use does that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import weakref
+from collections.abc import Callable, Iterator
+
+__all__ = ["renew_in_child", "ProcessIds", "Renewal"]
+
+log = logging.getLogger("policy_engine.fork")
+
+
+class Renewal:
+    """What `renew_in_child` returns: the owner keeps it (as an attribute) for as long as it lives.
+
+    The registry holds it weakly, and it holds the callback, so an owner without weak
+    reference support (a compiled class) is still collected: owner and renewal form a
+    cycle that the garbage collector frees, and the registry entry goes with it."""
+
+    __slots__ = ("callback", "__weakref__")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+
+_renewals: weakref.WeakSet[Renewal] = weakref.WeakSet()
+
+
+def renew_in_child(callback: Callable[[], None]) -> Renewal:
+    """Have `callback` run in every child forked from now on; keep the result alive with its owner."""
+    renewal = Renewal(callback)
+    _renewals.add(renewal)
+    return renewal
+
+
+def _after_fork_in_child() -> None:
+    # In the child only one thread runs, so the set cannot change under the iteration.
+    for renewal in list(_renewals):
+        try:
+            renewal.callback()
+        except Exception:  # noqa: BLE001 - one object's failure must not leave the others stale
+            log.exception("renewing %r after a fork failed", renewal.callback)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ProcessIds(Iterator[str]):
+    """Ids unique across processes and forks: `<pid>-<random>-<n>`, a fresh prefix in every forked child.
+
+    `next(ids)` is one attribute read and a C-level call on the wrapped iterator; it is atomic
+    under the GIL, like the count it wraps."""
+
+    __slots__ = ("_ids", "_renewal")
+
+    def __init__(self) -> None:
+        self._ids = self._fresh()
+        self._renewal = renew_in_child(self._renew)
+
+    @staticmethod
+    def _fresh() -> Iterator[str]:
+        return map(f"{os.getpid():x}-{os.urandom(4).hex()}-{{}}".format, itertools.count(1))
+
+    def _renew(self) -> None:
+        self._ids = self._fresh()
+
+    def __next__(self) -> str:
+        return next(self._ids)
