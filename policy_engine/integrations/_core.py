@@ -192,7 +192,9 @@ class Runtime:
         try:
             decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy)
         except InvalidRequest as exc:
-            telemetry.record_event("policy_engine.undecidable_request", {"policy_engine.error": str(exc)[:200]})
+            # Only what was wrong, never the value given: it may be a tenant's or a user's id.
+            telemetry.record_event("policy_engine.undecidable_request", {
+                "policy_engine.error": exc.redacted[:200], "policy_engine.error.type": type(exc).__name__})
             return None
         now = time.monotonic()
         flight = Flight(decision, decision.speed, key, now)

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..catalog import Catalog, load_catalog
+from ..catalog import Catalog, actual, load_catalog
 
 __all__ = ["Emulator", "running", "count_text_tokens", "count_request_tokens", "FAST_BETA", "main"]
 
@@ -297,6 +297,13 @@ class Emulator:
         """The usage of every request that was served (and so billed), in order."""
         return [dict(e["usage"], model=e["model"]) for e in self.requests() if e.get("usage") is not None]
 
+    def bill_micro(self) -> int:
+        """The emulator's own bill, in micro-dollars: every token it served, priced by its catalog.
+
+        Independent of any ledger: what the client was charged, to compare a ledger with.
+        A stream cut short bills what was generated before the client went away."""
+        return sum(actual(self.catalog.model(usage["model"]), usage) for usage in self.billed())
+
     # -- the API -----------------------------------------------------------------------
 
     def _take_fault(self, path: str, speed: str | None) -> _Fault | None:
@@ -498,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_emulator/requests":
             self._send_json(200, {"requests": self.owner.requests()})
         elif path == "/_emulator/usage":
-            self._send_json(200, {"billed": self.owner.billed()})
+            self._send_json(200, {"billed": self.owner.billed(), "bill_micro": self.owner.bill_micro()})
         elif path == "/v1/models":
             provider = self.owner.catalog.providers.get("anthropic")
             names = sorted(provider.models) if provider is not None else []
