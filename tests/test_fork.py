@@ -93,6 +93,20 @@ def check_run(results: list[dict[str, Any]], emulator: Emulator, spec: str, pref
     assert served == outcomes.count("ok") + 1  # and the warm-up call made before the fork
 
 
+def forked(work: Any, children: int) -> list[Any]:
+    """Run `work()` in `children` processes forked now (multiprocessing, fork start method); their lists, joined."""
+    context = multiprocessing.get_context("fork")
+    queue = context.SimpleQueue()
+    procs = [context.Process(target=lambda: queue.put(work())) for _ in range(children)]
+    for p in procs:
+        p.start()
+    results = [r for _ in procs for r in queue.get()]  # read before joining: a full pipe would block a child
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return results
+
+
 # -- the shared mechanism ----------------------------------------------------------------------
 
 
@@ -119,30 +133,18 @@ def test_reservation_ids_differ_between_forked_children(tmp_path: Path) -> None:
     policy.write_text(POLICY.replace("limit_usd: 0.1", "limit_usd: 1000"))
     engine = load(policy, ledger=SqliteLedger(tmp_path / "ledger.db"))
     params = dict(_fork_app.REQUEST)
-    queue = multiprocessing.get_context("fork").SimpleQueue()
 
-    def child() -> None:
+    def child() -> list[str]:
         decisions = [engine.decide(params) for _ in range(5)]
         for decision in decisions:
             engine.release(decision)
-        queue.put([d.reservation_id for d in decisions])
+        return [d.reservation_id for d in decisions]
 
-    procs = [multiprocessing.get_context("fork").Process(target=child) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    ids = [i for _ in procs for i in queue.get()]
+    ids = forked(child, 3)
     assert len(set(ids)) == len(ids) == 15
 
 
 # -- multiprocessing, fork start method ------------------------------------------------------
-
-
-def _child_calls(client: Any, count: int, queue: Any) -> None:
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two threads per child: its locks are its own
-        queue.put(list(pool.map(lambda _: _fork_app.call(client), range(count))))
 
 
 def test_multiprocessing_fork_children_share_one_budget_exactly(
@@ -150,15 +152,12 @@ def test_multiprocessing_fork_children_share_one_budget_exactly(
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     _, client = _fork_app.build(emulator.url, str(policy), ledger_spec, redis_prefix)  # one call made: connections open
-    context = multiprocessing.get_context("fork")
-    queue = context.SimpleQueue()
-    procs = [context.Process(target=_child_calls, args=(client, REQUESTS // 4, queue)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    results = [r for _ in procs for r in queue.get()]
+
+    def calls() -> list[dict[str, Any]]:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two threads per child: its locks are its own
+            return list(pool.map(lambda _: _fork_app.call(client), range(REQUESTS // 4)))
+
+    results = forked(calls, 4)
     assert len({r["pid"] for r in results}) == 4
     check_run(results, emulator, ledger_spec, redis_prefix)
 
