@@ -247,3 +247,79 @@ def test_a_redis_journal_file_is_per_child_and_adopted_once_its_child_is_gone(
         ledger.close()
     finally:
         server.cleanup()
+
+
+def in_child(check: Any) -> None:
+    """Run `check()` in a child forked now; it must return True (an exception or False fails the test)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            code = 0 if check() else 1
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            import traceback
+
+            traceback.print_exc()
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_asyncio_redis_ledger_made_and_used_before_the_fork_works_in_the_child(
+        redis_server: RedisServer, redis_prefix: str) -> None:  # noqa: F811
+    import asyncio
+
+    from policy_engine.ledger.redis import AsyncRedisLedger
+
+    ledger = AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix)
+    scope = Scope("b", "k", "day:x", 1_000_000, time.time() + 86_400)
+
+    async def spend(rid: str) -> bool:
+        assert (await ledger.reserve(rid, [(scope, 100)], ttl_s=60)).ok
+        return await ledger.settle(rid, [(scope, 40)])
+
+    asyncio.run(spend("parent"))  # the parent's pool and connection are open at the fork
+    in_child(lambda: asyncio.run(spend("child")))
+    ledger2 = RedisLedger(url=redis_server.url, prefix=redis_prefix)
+    assert ledger2.balances([scope])[0] == (80, 0, 1_000_000)
+    ledger2.close()
+
+
+def test_background_threads_and_clients_are_the_childs_own(redis_server: RedisServer, redis_prefix: str,  # noqa: F811
+                                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from policy_engine.ledger import MemoryLedger
+    from policy_engine.ledger.redis import RedisRateLimitStore
+    from policy_engine.reload import ReloadingEngine
+    from policy_engine.tokens import TokenCounter
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    store = RedisRateLimitStore(url=redis_server.url, prefix=redis_prefix, refresh_s=0.05)
+    store.update("acct", output_tokens_remaining=5)
+    reloading = ReloadingEngine(policy, poll_interval_s=0.05)
+    counter = TokenCounter(api_key="k", base_url="http://127.0.0.1:9")
+    counter._client = httpx.Client()  # as if the parent had counted once
+    memory = MemoryLedger()
+
+    def check() -> bool:
+        assert store._thread is not None and store._thread.is_alive() and store.sync()
+        assert reloading._thread is not None and reloading._thread.is_alive()
+        policy.write_text(POLICY.replace("limit_usd: 0.1", "limit_usd: 0.2"))
+        deadline = time.monotonic() + 10
+        while reloading.reloads == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reloading.reloads == 1  # the child's own watcher saw the change
+        assert counter._client is None
+        seen: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = seen.append  # type: ignore[method-assign]
+        logging.getLogger("policy_engine.ledger").addHandler(handler)
+        memory.reserve("r", [(Scope("b", "k", "w", 10, time.time() + 60), 1)], ttl_s=60)
+        memory.reserve("s", [(Scope("b", "k", "w", 10, time.time() + 60), 1)], ttl_s=60)
+        return len(seen) == 1 and "forked child" in seen[0].getMessage()
+
+    in_child(check)
+    store.close()
+    reloading.close()

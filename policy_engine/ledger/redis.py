@@ -359,6 +359,9 @@ return sweep(ARGV[2], tonumber(ARGV[3]))
 _SCRIPTS = {"reserve": _RESERVE, "settle": _SETTLE, "release": _RELEASE, "balances": _BALANCES, "expire": _EXPIRE}
 _EXPIRE_BATCH = 1_000
 
+_INHERITED_CLIENTS: list[Any] = []
+"""asyncio clients a forked child inherited: kept, never used nor closed (see `AsyncRedisLedger._renew_transport`)."""
+
 _Entry = tuple[str, str, str, tuple[Charge, ...]]
 """A journaled call: kind ('settle' or 'release'), reservation id, call token, charges."""
 
@@ -1039,8 +1042,15 @@ class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
 
     def _renew_transport(self) -> None:
         # The parent's tasks belong to its loop; a journal the child adopted is replayed from its first call.
+        # redis.asyncio's pool does not renew itself in a child (redis-py's sync pool does): a client of the
+        # child's own, with the same settings, so no pooled connection of the parent's is ever used here.
+        # The inherited client is kept, never closed, so its sockets are not shut under the parent.
         self._sender = self._flusher = None
         self._wake = None
+        pool = self.client.connection_pool
+        _INHERITED_CLIENTS.append(self.client)
+        self.client = redis_asyncio.Redis(connection_pool=type(pool)(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **pool.connection_kwargs))
 
     # -- the AsyncLedger interface ----------------------------------------------------------
 
