@@ -19,7 +19,7 @@ from opentelemetry import trace
 from policy_engine.decide import Engine, load
 from policy_engine.integrations.anthropic import FastModePolicy, policy_context
 from policy_engine.ledger import Scope
-from policy_engine.ledger._keys import ScopeIds
+from policy_engine.ledger._keys import ScopeIds, ScopeIdsMismatch
 from policy_engine.ledger.redis import RedisLedger
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.testing.emulator import Emulator
@@ -94,8 +94,36 @@ def test_hashed_scopes_still_enforce_the_budget_across_ledgers_of_one_secret(tmp
     assert not two.reserve("r2", [(scope, 600)], ttl_s=60).ok  # the same budget, seen through the same secret
     one.settle("r1", [(scope, 600)])
     assert two.balances([scope])[0].spent == 600
-    # Another secret names another scope: every process on one store must share the setting (README).
-    assert SqliteLedger(path, hash_scopes=b"another secret").balances([scope])[0].spent == 0
+    # Another secret would name another scope, splitting the budget: the store refuses it.
+    for other in (b"another secret", True, False):
+        with pytest.raises(ScopeIdsMismatch, match="same setting"):
+            SqliteLedger(path, hash_scopes=other)
+
+
+def test_a_redis_prefix_refuses_a_ledger_with_another_setting(redis_server: RedisServer, redis_prefix: str) -> None:  # noqa: F811
+    first = RedisLedger(url=redis_server.url, prefix=redis_prefix, hash_scopes=SECRET)
+    assert RedisLedger(url=redis_server.url, prefix=redis_prefix, hash_scopes=SECRET.decode())._ids_checked
+    for other in (b"another secret", True, False):
+        with pytest.raises(ScopeIdsMismatch, match="same setting"):
+            RedisLedger(url=redis_server.url, prefix=redis_prefix, hash_scopes=other)
+    first.close()
+
+
+def test_an_asyncio_ledger_checks_the_setting_on_its_first_call(redis_server: RedisServer, redis_prefix: str) -> None:  # noqa: F811
+    import asyncio
+
+    from policy_engine.ledger.redis import AsyncRedisLedger
+
+    RedisLedger(url=redis_server.url, prefix=redis_prefix, hash_scopes=True).close()
+    scope = Scope("b", USER, "day:x", 10, time.time() + 60)
+
+    async def main() -> None:
+        ledger = AsyncRedisLedger(url=redis_server.url, prefix=redis_prefix, hash_scopes=SECRET)
+        with pytest.raises(ScopeIdsMismatch):
+            await ledger.reserve("r", [(scope, 1)], ttl_s=60)
+        await ledger.close()
+
+    asyncio.run(main())
 
 
 def test_a_keyed_hash_differs_from_the_unkeyed_one() -> None:

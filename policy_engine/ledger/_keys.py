@@ -11,7 +11,8 @@ A scope's key is the value a budget is keyed by: a tenant, a user, a team. With
 
 Budget names and windows stay readable (they are the policy's, not a person's). Every
 process on one SQLite file or one Redis prefix must use the same setting: a different
-one counts the same key in a different scope.
+one would count the same key in a different scope, so the store remembers the setting's
+`fingerprint` and a ledger opened with another one refuses to start (`ScopeIdsMismatch`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from typing import NamedTuple, Union
 
 from . import Charge, Scope
 
-__all__ = ["ScopeIds", "StoredScope", "HashScopes"]
+__all__ = ["ScopeIds", "StoredScope", "HashScopes", "ScopeIdsMismatch"]
 
 HashScopes = Union[bool, str, bytes]
 """A ledger's `hash_scopes` option: False (plain ids), True (SHA-256), or an HMAC secret."""
 
 _CACHE_MAX = 65_536
+
+
+class ScopeIdsMismatch(ValueError):
+    """The store names scopes with another `hash_scopes` setting than this ledger's: budgets would split."""
 
 
 class StoredScope(NamedTuple):
@@ -66,6 +71,24 @@ class ScopeIds:
             stored = self._cache[sid] = f"{scope.budget}\x1f#{self.digest(scope.key)}\x1f{scope.window}"  # type: ignore[union-attr]
         return stored
 
+    @property
+    def fingerprint(self) -> str:
+        """What the store remembers of the setting: `plain`, `sha256`, or `hmac-sha256:` and a tag of the
+        secret (an HMAC of a fixed text: it tells secrets apart and reveals nothing of them)."""
+        if not self.hashed:
+            return "plain"
+        if self._secret is None:
+            return "sha256"
+        return "hmac-sha256:" + hmac.new(self._secret, b"policy_engine scope ids", hashlib.sha256).hexdigest()[:16]
+
+    def check(self, stored: str | None, where: str) -> None:
+        """Raise `ScopeIdsMismatch` unless the store's fingerprint (None: none yet) is this setting's."""
+        if stored is not None and stored != self.fingerprint:
+            raise ScopeIdsMismatch(
+                f"{where} names its scopes with hash_scopes={_describe(stored)}, but this ledger has "
+                f"hash_scopes={_describe(self.fingerprint)}: every process on one store needs the same setting "
+                f"(and secret), or the same tenant would be counted in two budgets. Use a new file or prefix to change it.")
+
     def digest(self, key: str) -> str:
         """The stored form of one key (hex; 128 bits are plenty against collisions between keys)."""
         data = key.encode("utf-8", "surrogatepass")
@@ -76,3 +99,7 @@ class ScopeIds:
     def stored(self, charges: Sequence[Charge]) -> tuple[tuple[StoredScope, int], ...]:
         """Charges with their scopes as the store names them (what a journal may keep)."""
         return tuple((StoredScope(self(s), s.limit, s.expires_at), a) for s, a in charges)
+
+
+def _describe(fingerprint: str) -> str:
+    return {"plain": "False", "sha256": "True"}.get(fingerprint, "<a secret>" if fingerprint.startswith("hmac") else repr(fingerprint))

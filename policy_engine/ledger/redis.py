@@ -4,6 +4,7 @@ Layout (all keys under `prefix`; ids are binary-safe, scope ids contain \\x1f):
 
     s:<scope>   string "<spent> <reserved>"; expires `window_margin_s` after the window
     x           zset   reservation id -> expiry (epoch s): every live reservation of the prefix
+    ids         string how scope ids are named (`hash_scopes`' fingerprint), set by the first ledger
     r:<rid>     string msgpack ['R', exp, token, scope, amount, ...] while reserved (it lives as long
                        as its longest-lived scope), then ['S', token] for `settled_memory_s` once settled
                        (so settling is idempotent)
@@ -417,6 +418,7 @@ class _RedisLedgerCore(Generic[_Client]):
         self._shas: dict[str, str] = {}
         self._timeout_s = timeout_s
         self._ids = ScopeIds(hash_scopes)
+        self._ids_checked = False
         self._tokens = ProcessIds()
         self._next_sweep = 0.0
         self._plain = False  # True: pack and parse through redis-py even when hiredis is installed
@@ -451,6 +453,14 @@ class _RedisLedgerCore(Generic[_Client]):
 
     def _default_client(self, url: str, timeout_s: float) -> _Client:
         raise NotImplementedError
+
+    def _record_ids(self) -> Any:
+        """Record this ledger's `hash_scopes` setting unless one is (SET NX GET): answers the one recorded before."""
+        return self.client.set(self.prefix + "ids", self._ids.fingerprint, nx=True, get=True)
+
+    def _ids_reply(self, reply: Any) -> None:
+        self._ids.check(None if reply is None else _text(reply), f"Redis prefix {self.prefix!r}")
+        self._ids_checked = True
 
     def _open(self) -> None:
         """The transport's own state, set up once the shared state is."""
@@ -751,6 +761,10 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
         )
 
     def _open(self) -> None:
+        try:
+            self._ids_reply(self._record_ids())
+        except _UNAVAILABLE:
+            pass  # checked by the first batch that reaches Redis
         self._batch_lock = threading.Lock()
         self._leading = False
         self._buffer = bytearray(65536)
@@ -938,6 +952,8 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
 
     def _send(self, batch: list[_Call]) -> None:
         try:
+            if not self._ids_checked:
+                self._ids_reply(self._record_ids())
             for name in {c.name for c in batch if c.name not in self._shas}:
                 self._load(name)
             try:
@@ -1216,6 +1232,8 @@ class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
             self._start_flusher()
 
     async def _deliver(self, batch: list[_Call]) -> None:
+        if not self._ids_checked:  # (construction cannot await: the first batch checks)
+            self._ids_reply(await self._record_ids())
         for name in {c.name for c in batch if c.name not in self._shas}:
             self._shas[name] = await self.client.script_load(_SCRIPTS[name])
         try:

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS settled (
     forget_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS settled_forget ON settled(forget_at);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -148,9 +152,13 @@ class SqliteLedger(Ledger):
         try:
             for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                 conn.execute(statement)
+            # The first ledger on the file sets how scopes are named; any other setting is refused.
+            conn.execute("INSERT OR IGNORE INTO meta(name, value) VALUES ('scope_ids', ?)", (self._ids.fingerprint,))
+            self._ids.check(conn.execute("SELECT value FROM meta WHERE name = 'scope_ids'").fetchone()[0], self.path)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            conn.close()
             raise
         self._conn = conn
         return conn
