@@ -242,3 +242,23 @@ def test_a_bad_scenario_is_a_400(emu: Emulator) -> None:
     assert response.status_code == 400 and "refuse_after" in response.json()["error"]["message"]
     with pytest.raises(TypeError):
         emu.script(refuse_later=True)
+
+
+def test_a_client_that_times_out_is_still_billed_for_the_whole_answer(catalog: Any) -> None:
+    """The server does not know the client gave up on a non-streamed answer: it generates and bills all of it."""
+    with Emulator(catalog=catalog, standard_otps=100.0, min_cache_tokens=0, output_tokens=50) as emu:
+        with pytest.raises(anthropic.APITimeoutError):
+            client(emu, timeout=0.1).messages.create(**PARAMS)
+        deadline = time.monotonic() + 10
+        while not emu.bill() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [s["usage"]["output_tokens"] for s in emu.bill()] == [50]
+        assert emu.bill_micro() == price(catalog, OPUS, input_tokens=IN, output_tokens=50)
+
+
+def test_errors_bill_nothing(emu: Emulator) -> None:
+    emu.inject(529, times=1)
+    with pytest.raises(anthropic.APIStatusError):
+        client(emu).messages.create(**PARAMS)
+    assert post(emu, {**PARAMS, "speed": "fast"}).status_code == 400  # no fast beta
+    assert emu.bill() == [] and emu.bill_micro() == 0
