@@ -605,35 +605,15 @@ class Emulator:
                 break
         credit = self._redeem(params, served)
         billed = [st for st in steps if st.billed]
-        usage: dict[str, Any] = {k: 0 for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}
-        usage["cache_creation"] = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
-        usage["output_tokens"] = 0
-        for st in billed:
-            if st.kind == "compaction":
-                continue  # "A `compaction` entry's tokens are not included in the top-level `usage` fields."
-            for name, value in st.usage().items():
-                if name == "cache_creation":
-                    for ttl, n in value.items():
-                        usage["cache_creation"][ttl] += n
-                else:
-                    usage[name] += value
-        usage["service_tier"] = "standard"
+        usage = _top_level_usage(billed)
         usage["speed"] = served.speed if served is not None else speed
         if params.get("inference_geo"):
             usage["inference_geo"] = params["inference_geo"]
-        if params.get("fallbacks") is not None or scenario != Scenario():
+        if params.get("fallbacks") is not None or scenario.refuse or scenario.compaction or scenario.advisors:
             usage["iterations"] = [st.iteration() for st in billed]
         if credit is not None:
             usage["fallback_credit"] = credit
-        details = None
-        if served is None:
-            details = {"type": "refusal", "category": scenario.category, "explanation": "declined by the emulator's scenario",
-                       "fallback_credit_token": None, "fallback_has_prefill_claim": None, "recommended_model": None}
-            if _has_beta(headers, FALLBACK_CREDIT_BETAS):
-                token = self._next_id("fct")
-                with self._lock:
-                    self._credits[token] = now + _CREDIT_TTL_S
-                details.update(fallback_credit_token=token, fallback_has_prefill_claim=False)
+        details = None if served is not None else self._refusal(headers, scenario.category, now)
         return _Plan(served.model if served is not None else model, usage["speed"], usage,
                      served.output_tokens if served is not None else 0, stop, extra, steps, details, scenario.category)
 
@@ -679,6 +659,17 @@ class Emulator:
             chain.append((entry["model"], hop_speed, max_tokens))
         return chain
 
+    def _refusal(self, headers: Mapping[str, str], category: str | None, now: float) -> dict[str, Any]:
+        """`stop_details` of a request every hop declined; under the fallback-credit beta, with a token to redeem."""
+        details: dict[str, Any] = {"type": "refusal", "category": category, "explanation": "declined by the emulator's scenario",
+                                   "fallback_credit_token": None, "fallback_has_prefill_claim": None, "recommended_model": None}
+        if _has_beta(headers, FALLBACK_CREDIT_BETAS):
+            token = self._next_id("fct")
+            with self._lock:
+                self._credits[token] = now + _CREDIT_TTL_S
+            details.update(fallback_credit_token=token, fallback_has_prefill_claim=False)
+        return details
+
     def _redeem(self, params: Mapping[str, Any], served: _Step | None) -> dict[str, Any] | None:
         """`usage.fallback_credit` for a request carrying a `fallback_credit_token` (None without one).
 
@@ -714,6 +705,25 @@ class Emulator:
 
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}_emu{next(self._ids):012x}"
+
+
+def _top_level_usage(billed: list[_Step]) -> dict[str, Any]:
+    """The response's `usage`: the sums of its billed steps, compaction left out (as the API documents:
+    "A `compaction` entry's tokens are not included in the top-level `usage` fields")."""
+    usage: dict[str, Any] = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                             "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+                             "output_tokens": 0}
+    for step in billed:
+        if step.kind == "compaction":
+            continue
+        for name, value in step.usage().items():
+            if name == "cache_creation":
+                for ttl, n in value.items():
+                    usage["cache_creation"][ttl] += n
+            else:
+                usage[name] += value
+    usage["service_tier"] = "standard"
+    return usage
 
 
 def _has_beta(headers: Mapping[str, str], betas: tuple[str, ...]) -> bool:
