@@ -21,10 +21,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 
-__all__ = ["renew_in_child", "ProcessIds", "Renewal"]
+__all__ = ["renew_in_child", "ProcessIds", "Renewal", "Periodic"]
 
 log = logging.getLogger("policy_engine.fork")
 
@@ -85,3 +86,44 @@ class ProcessIds(Iterator[str]):
 
     def __next__(self) -> str:
         return next(self._ids)
+
+
+class Periodic:
+    """`work()` every `interval_s` seconds on a daemon thread, until `stop()`; a forked child runs it again.
+
+    For the package's background jobs (the fleet rate-limit sync, the policy file watcher): threads
+    do not survive a fork, so a child of a process that ran one starts its own. An exception is
+    logged to `log` and the job goes on at the next tick."""
+
+    def __init__(self, work: Callable[[], object], interval_s: float, name: str, log: logging.Logger) -> None:
+        self.work, self.interval_s, self.name, self.log = work, interval_s, name, log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._renewal = renew_in_child(self._after_fork)
+        self._start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
+            try:
+                self.work()
+            except Exception:  # noqa: BLE001 - the job must outlive any surprise
+                self.log.exception("%s failed; trying again in %ss", self.name, self.interval_s)
+
+    def _after_fork(self) -> None:
+        running = self._thread is not None and not self._stop.is_set()
+        self._stop, self._thread = threading.Event(), None
+        if running:
+            self._start()

@@ -304,8 +304,8 @@ def test_background_threads_and_clients_are_the_childs_own(redis_server: RedisSe
     memory = MemoryLedger()
 
     def check() -> bool:
-        assert store._thread is not None and store._thread.is_alive() and store.sync()
-        assert reloading._thread is not None and reloading._thread.is_alive()
+        assert store._syncer is not None and store._syncer.alive and store.sync()
+        assert reloading._watcher is not None and reloading._watcher.alive
         policy.write_text(POLICY.replace("limit_usd: 0.1", "limit_usd: 0.2"))
         deadline = time.monotonic() + 10
         while reloading.reloads == 0 and time.monotonic() < deadline:

@@ -84,7 +84,7 @@ except ImportError:  # optional: redis-py's own packer and parser are used inste
 from .. import telemetry
 from ..errors import StateUnavailable
 from ..ratelimit import FastRateLimit, RateLimitStore
-from .._fork import ProcessIds, renew_in_child
+from .._fork import Periodic, ProcessIds, renew_in_child
 from . import AsyncLedger, Balance, Charge, Ledger, ReserveResult, Scope
 from ._keys import HashScopes, ScopeIds, StoredScope
 
@@ -1432,26 +1432,15 @@ class RedisRateLimitStore(RateLimitStore):
         self._sync_lock = threading.Lock()
         self._sha: str | None = None
         self._down = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if start:
-            self._start()
+        self._syncer = Periodic(self.sync, refresh_s, "policy-engine-ratelimit-sync", log) if start else None
         self._fork_renewal = renew_in_child(self._after_fork)
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="policy-engine-ratelimit-sync", daemon=True)
-        self._thread.start()
-
     def _after_fork(self) -> None:
-        # The state learnt so far stays (it is the fleet's anyway); the locks, the Redis pool (redis-py
-        # renews it on its own) and the sync thread are the child's own. Unpushed news stay dirty: the
-        # child pushes them too, and merging by observation time makes that harmless. (The base class
-        # renews its own lock.)
+        # The state learnt so far stays (it is the fleet's anyway); the locks and the Redis pool (redis-py
+        # renews it on its own) are the child's own, and so is the sync thread (`Periodic`). Unpushed news
+        # stay dirty: the child pushes them too, and merging by observation time makes that harmless.
+        # (The base class renews its own lock.)
         self._sync_lock = threading.Lock()
-        running = self._thread is not None and not self._stop.is_set()
-        self._stop, self._thread = threading.Event(), None
-        if running:
-            self._start()
 
     def update(self, account: str, now: float | None = None, **values: Any) -> None:
         super().update(account, now, **values)
@@ -1507,9 +1496,8 @@ class RedisRateLimitStore(RateLimitStore):
 
     def close(self) -> None:
         """Stop the sync thread after one last push."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        if self._syncer is not None:
+            self._syncer.stop()
         self.sync()
         self.client.close()
 
@@ -1545,10 +1533,3 @@ class RedisRateLimitStore(RateLimitStore):
                 self._watched[account] = None
             if dirty:
                 self._dirty.add(account)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._refresh_s):
-            try:
-                self.sync()
-            except Exception:  # noqa: BLE001 - the thread must outlive any surprise
-                log.exception("fleet rate-limit sync failed")
