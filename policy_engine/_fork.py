@@ -62,7 +62,8 @@ def _after_fork_in_child() -> None:
             log.exception("renewing %r after a fork failed", renewal.callback)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # Unix; where there is no fork there is nothing to renew
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ProcessIds(Iterator[str]):
