@@ -9,13 +9,15 @@ one call made here), the SDK client and the middleware. Configured by the enviro
     PE_POLICY         the policy file
     PE_LEDGER         sqlite:<path> or redis://... (PE_REDIS_PREFIX: the key prefix)
 
-`/` answers JSON: {"pid", "outcome": "ok" | "rejected" | "error", "error"?}.
+`/` answers JSON: {"pid", "outcome": "ok" | "rejected" | "error", "error"?}; `/health` {"pid"}
+after 50 ms (so concurrent probes reach several workers).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import anthropic
@@ -67,6 +69,7 @@ if "PE_EMULATOR_URL" in os.environ:
 
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     if environ.get("PATH_INFO") == "/health":
+        time.sleep(0.05)
         body = json.dumps({"pid": os.getpid()}).encode()
     else:
         body = json.dumps(call(_client)).encode()

@@ -178,19 +178,24 @@ def gunicorn(emulator: Emulator, ledger_spec: str, redis_prefix: str, tmp_path: 
          "--chdir", str(ROOT), "--timeout", "60", "--error-logfile", str(log), "tests._fork_app:app"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+
+    def probe(_: int) -> int | None:
+        try:
+            return httpx.get(url + "/health", timeout=5).json()["pid"]
+        except httpx.HTTPError:
+            return None
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        # Ready once concurrent probes have reached at least two workers (all four, usually).
+        deadline, pids = time.monotonic() + 60, set()
+        while len(pids) < 2:
             if process.poll() is not None:
                 pytest.fail(f"gunicorn exited with {process.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
             if time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not answer within 60s: {log.read_text()[-3000:]}")
-            time.sleep(0.1)
+                pytest.fail(f"gunicorn's workers did not answer within 60s: {log.read_text()[-3000:]}")
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                pids |= {pid for pid in pool.map(probe, range(8)) if pid is not None}
+            time.sleep(0.05)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)
