@@ -25,7 +25,9 @@ behaviour fast mode depends on:
   entries validated as the API does, `speed` inherited or set per entry); refusals, with
   `stop_details` and a `fallback_credit_token` under the fallback-credit beta, which a retry
   redeems (the SDK's `BetaRefusalFallbackMiddleware` works against it). What a request does
-  is a `Scenario`: the `x-emulator-scenario` header, or `Emulator.script(...)`;
+  is a `Scenario`: the `x-emulator-scenario` header, or `Emulator.script(...)`. Simplifications:
+  the fast-mode token buckets count the requested hop only, and a fallback hop reads and writes
+  the prompt cache of its own model and speed;
 * its own bill (`bill()`, `bill_micro()`): every step it generated, priced by the catalog
   at the step's own model and speed, including what a stream cut short had generated when
   the client went away (or all of it, with `disconnect_billing="complete"`).
