@@ -11,7 +11,6 @@ Order of a decision, and why:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import operator
 import os
@@ -44,6 +43,7 @@ from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
 from .errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
+from ._fork import ProcessIds
 from ._mypyc import mypyc_attr
 from .features import FEATURE_DOCS, context_features, request_features
 from .ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope, window_bounds
@@ -63,9 +63,8 @@ _ALL_FEATURES: Final = frozenset(FEATURE_DOCS)
 _FRACTION_LEFT: Final = operator.itemgetter("fraction_left")
 CONVERSATION_MEMORY_S: Final = 3600.0
 """How long `conversation.*` remembers a conversation when the policy sets no stickiness (the longest prompt-cache TTL)."""
-_ID_PREFIX: Final = f"{os.getpid():x}-{os.urandom(4).hex()}-"
-_reservation_ids: Final = map((_ID_PREFIX + "{}").format, itertools.count(1))
-"""Reservation ids, ready-made: one next() per decision (atomic under the GIL, like the count it wraps)."""
+_reservation_ids: Final = ProcessIds()
+"""Reservation ids: one next() per decision; a forked child gets a prefix of its own (see `_fork`)."""
 
 
 @dataclass(slots=True, init=False)

@@ -104,7 +104,15 @@ def did_you_mean(word: str, candidates: list[str] | tuple[str, ...] | set[str] |
 
 
 class InvalidRequest(PolicyEngineError, ValueError):
-    """The Messages API parameters or the caller's context given to `decide()` are malformed."""
+    """The Messages API parameters or the caller's context given to `decide()` are malformed.
+
+    The message is for the caller and may quote what it gave (`user=5150`); `redacted` says
+    what was wrong without any given value, and is all that telemetry records.
+    """
+
+    def __init__(self, message: str, *, redacted: str | None = None) -> None:
+        super().__init__(message)
+        self.redacted = redacted or f"{type(self).__name__} (details withheld: they may quote the caller's values)"
 
 
 class InvalidContext(InvalidRequest):

@@ -217,7 +217,7 @@ def context_features(context: Mapping[str, object] | None) -> dict[str, object]:
     if not context:
         return {"interactive": False, "priority": "normal", "labels": _NO_LABELS}
     if type(context) is not dict and not isinstance(context, Mapping):
-        raise _invalid_context(f"context must be a mapping, got {type(context).__name__}")
+        raise _invalid_context(f"context must be a mapping, got {type(context).__name__}", "context must be a mapping")
     # Typed dict, so compiled code iterates it in place rather than through items() tuples.
     given: dict[Any, object] = context if type(context) is dict else dict(context)
     types = _CONTEXT_TYPES
@@ -255,10 +255,10 @@ _NO_LABELS: Final[dict[str, str]] = {}
 """Shared by every context without labels; rules only read it."""
 
 
-def _invalid_context(message: str) -> Exception:
+def _invalid_context(message: str, redacted: str) -> Exception:
     from .errors import InvalidContext
 
-    return InvalidContext(message)
+    return InvalidContext(message, redacted=redacted)
 
 
 def _context_value_ok(key: object, value: object, expected: type | None) -> bool:
@@ -267,17 +267,20 @@ def _context_value_ok(key: object, value: object, expected: type | None) -> bool
 
     if expected is None:
         hint = did_you_mean(str(key), CONTEXT_KEYS)
-        raise _invalid_context(f"unknown context key {key!r}" + (f"; {hint}" if hint else f"; known keys: {', '.join(CONTEXT_KEYS)}"))
+        known = f"; {hint}" if hint else f"; known keys: {', '.join(CONTEXT_KEYS)}"
+        raise _invalid_context(f"unknown context key {key!r}{known}", f"unknown context key{known}")
     if value is None:
         return False
     if expected is dict:
         if not isinstance(value, Mapping):
-            raise _invalid_context(f"context[{key!r}] must be dict, got {type(value).__name__} {value!r}")
+            raise _invalid_context(f"context[{key!r}] must be dict, got {type(value).__name__} {value!r}",
+                                   f"context[{key!r}] must be dict, got {type(value).__name__}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise _invalid_context("context['labels'] must map strings to strings")
+            raise _invalid_context("context['labels'] must map strings to strings", "context['labels'] must map strings to strings")
         return True
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise _invalid_context(f"context[{key!r}] must be {expected.__name__}, got {type(value).__name__} {value!r}")
+        raise _invalid_context(f"context[{key!r}] must be {expected.__name__}, got {type(value).__name__} {value!r}",
+                               f"context[{key!r}] must be {expected.__name__}, got {type(value).__name__}")
     return True
 
 

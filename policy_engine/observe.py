@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Final
 
+from ._fork import renew_in_child
 from ._mypyc import mypyc_attr
 from .catalog import ModelEntry
 
@@ -45,9 +46,13 @@ class ThroughputObserver:
         self.alpha = alpha
         self.min_output_tokens = min_output_tokens
         self._lock = threading.Lock()
+        self._renewal: object = renew_in_child(self._renew_lock)
         self._otps: dict[tuple[str, str], float] = {}
         self._ttft: dict[str, float] = {}
         self._samples: dict[tuple[str, str], int] = {}
+
+    def _renew_lock(self) -> None:
+        self._lock = threading.Lock()  # in a forked child: a parent thread may have held it at the fork
 
     def _mix(self, table: dict[Any, float], key: Any, sample: float) -> None:
         old = table.get(key)

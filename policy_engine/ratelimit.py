@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 from . import telemetry
+from ._fork import renew_in_child
 from ._mypyc import mypyc_attr
 
 __all__ = ["FastRateLimit", "RateLimitStore", "account_id", "parse_headers", "parse_retry_after", "HEADERS"]
@@ -205,6 +206,11 @@ class RateLimitStore:
         self._lock = threading.Lock()
         self._state: dict[str, FastRateLimit] = {}
         self._clock = clock
+        self._renewal: object = renew_in_child(self._renew_lock)
+
+    def _renew_lock(self) -> None:
+        # In a forked child: a parent thread may have held the lock at the fork. The state stays.
+        self._lock = threading.Lock()
 
     def update(self, account: str, now: float | None = None, **values: Any) -> None:
         """Set some fields of an account's state (the others keep their values)."""

@@ -36,6 +36,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from . import telemetry
+from ._fork import Periodic, renew_in_child
 from .catalog import Catalog, load_catalog
 from .compile import CompiledPolicy, compile_file
 from .decide import Decision, Engine, Settlement
@@ -91,11 +92,12 @@ class ReloadingEngine:
         self._seen = {path: _Seen(s.stamp, s.digest) for path, s in seen.items()}  # the texts need not stay
         self._failed: tuple[str | None, ...] | None = None
         self._pending: dict[Path, tuple[int, int, int] | None] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if poll_interval_s > 0:
-            self._thread = threading.Thread(target=self._poll, args=(poll_interval_s,), name="policy-engine-reload", daemon=True)
-            self._thread.start()
+        # A forked child (a pre-fork server's worker) keeps watching the files: `Periodic` starts again there.
+        self._watcher = Periodic(self._check, poll_interval_s, "policy-engine-reload", log) if poll_interval_s > 0 else None
+        self._renewal = renew_in_child(self._renew_lock)
+
+    def _renew_lock(self) -> None:
+        self._reload_lock = threading.Lock()  # in a forked child: a parent thread may have held it at the fork
 
     # -- the Engine API, on whichever version is current ----------------------------------
 
@@ -143,9 +145,8 @@ class ReloadingEngine:
 
     def close(self) -> None:
         """Stop watching the files (the engine itself keeps working)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._watcher is not None:
+            self._watcher.stop(timeout_s=5)
 
     def __enter__(self) -> ReloadingEngine:
         return self
@@ -153,12 +154,8 @@ class ReloadingEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _poll(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self._reload(stable_only=True)
-            except Exception:  # noqa: BLE001 - the watcher must outlive any surprise
-                log.exception("policy reload check failed; will try again")
+    def _check(self) -> None:
+        self._reload(stable_only=True)
 
     def _reload(self, *, stable_only: bool) -> bool:
         with self._reload_lock:

@@ -83,6 +83,7 @@ from typing import Any, Final
 import httpx
 
 from .errors import PolicyEngineError
+from ._fork import renew_in_child
 from ._mypyc import mypyc_attr
 
 __all__ = [
@@ -750,6 +751,12 @@ class TokenCounter:
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
+        self._renewal: object = renew_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        # A forked child must not share its parent's keep-alive connections, nor wait on a lock held at the fork.
+        self._lock = threading.Lock()
+        self._client = self._aclient = None
 
     # -- helpers
     def _prepare(self, params: Mapping[str, Any]) -> tuple[str, bytes, dict[str, str]]:

@@ -88,7 +88,9 @@ def test_keys_live_under_the_prefix_and_expire_after_the_window(redis_server: Re
     ledger.reserve("r2", [(s, 10)], ttl_s=60)
     ledger.settle("r2", [(s, 4)])
     keys = {k.decode() for k in client.keys(redis_prefix + "*")}
-    assert keys == {f"{redis_prefix}s:{s.id}", f"{redis_prefix}x", f"{redis_prefix}r:r1", f"{redis_prefix}r:r2"}
+    assert keys == {f"{redis_prefix}s:{s.id}", f"{redis_prefix}x", f"{redis_prefix}r:r1", f"{redis_prefix}r:r2",
+                    f"{redis_prefix}ids"}
+    assert client.get(f"{redis_prefix}ids") == b"plain"  # how scopes are named here (hash_scopes)
     assert client.get(f"{redis_prefix}s:{s.id}") == b"4 10"  # spent, reserved
     assert [m.decode() for m in client.zrange(f"{redis_prefix}x", 0, -1)] == ["r1"]  # live reservations only
     window_end_ms = (s.expires_at + 3_600) * 1000
@@ -214,7 +216,7 @@ def test_bad_charges_are_refused_before_anything_is_written(redis_server: RedisS
             ledger.reserve("r1", [(s, bad)], ttl_s=60)  # type: ignore[list-item]
         with pytest.raises(ValueError, match="non-negative int"):
             ledger.settle("r1", [(s, bad)])  # type: ignore[list-item]
-    assert redis_server.client().keys(redis_prefix + "*") == []
+    assert redis_server.client().keys(redis_prefix + "*") == [(redis_prefix + "ids").encode()]  # only the setting
     assert ledger.journal_size == 0
     ledger.close()
 

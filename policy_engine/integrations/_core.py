@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal
 
 from .. import telemetry
+from .._fork import renew_in_child
 from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine
@@ -156,10 +157,16 @@ class Runtime:
         self.sleep = sleep
         self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
+        self._renewal: object = renew_in_child(self._renew_after_fork)
         self._accounts: dict[str, str] = {}
         self._model_keys: dict[str, str] = {}
         self._merged_betas: dict[tuple[str | None, str], str] = {}
         self._next_sweep = 0.0
+
+    def _renew_after_fork(self) -> None:
+        # In a forked child: the parent's attempts in flight are not the child's to finish.
+        self._lock = threading.Lock()
+        self._flights = {}
 
     # -- deciding ----------------------------------------------------------------------
 
@@ -189,7 +196,9 @@ class Runtime:
             decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy,
                                           platform=self.platform)
         except InvalidRequest as exc:
-            telemetry.record_event("policy_engine.undecidable_request", {"policy_engine.error": str(exc)[:200]})
+            # Only what was wrong, never the value given: it may be a tenant's or a user's id.
+            telemetry.record_event("policy_engine.undecidable_request", {
+                "policy_engine.error": exc.redacted[:200], "policy_engine.error.type": type(exc).__name__})
             return None
         now = time.monotonic()
         flight = Flight(decision, decision.speed, key, now)

@@ -13,6 +13,7 @@ is never settled or released expires after its TTL.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,6 +24,7 @@ from functools import lru_cache
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
+from .._fork import renew_in_child
 from .._mypyc import mypyc_attr
 
 __all__ = ["Scope", "Balance", "Charge", "ReserveResult", "Ledger", "AsyncLedger", "MemoryLedger", "window_bounds", "Window"]
@@ -121,6 +123,14 @@ class MemoryLedger(Ledger):
         self._clock = clock
         self._settled_memory_s = settled_memory_s
         self._next_sweep = 0.0
+        self._forked = False
+        self._renewal: object = renew_in_child(self._renew_after_fork)
+
+    def _renew_after_fork(self) -> None:
+        # A parent thread may have held the lock at the fork. The next sweep (the child's first call)
+        # says what a forked copy of this ledger means.
+        self._lock = threading.Lock()
+        self._forked, self._next_sweep = True, 0.0
 
     def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
         with self._lock:
@@ -200,6 +210,11 @@ class MemoryLedger(Ledger):
         if not force and now < self._next_sweep:
             return 0
         self._next_sweep = now + 1.0
+        if self._forked:
+            self._forked = False
+            logging.getLogger("policy_engine.ledger").warning(
+                "a MemoryLedger is used in a forked child: its budgets are this process's own copy, so every "
+                "worker can spend each budget in full; share one SqliteLedger or RedisLedger between workers")
         stale = [rid for rid, r in self._reservations.items() if r[1] <= now]
         for rid in stale:
             self._drop_locked(rid)

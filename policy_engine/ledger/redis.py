@@ -4,6 +4,7 @@ Layout (all keys under `prefix`; ids are binary-safe, scope ids contain \\x1f):
 
     s:<scope>   string "<spent> <reserved>"; expires `window_margin_s` after the window
     x           zset   reservation id -> expiry (epoch s): every live reservation of the prefix
+    ids         string how scope ids are named (`hash_scopes`' fingerprint), set by the first ledger
     r:<rid>     string msgpack ['R', exp, token, scope, amount, ...] while reserved (it lives as long
                        as its longest-lived scope), then ['S', token] for `settled_memory_s` once settled
                        (so settling is idempotent)
@@ -46,7 +47,6 @@ task) replays once Redis answers again (settling is idempotent, so replays are s
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
@@ -84,7 +84,9 @@ except ImportError:  # optional: redis-py's own packer and parser are used inste
 from .. import telemetry
 from ..errors import StateUnavailable
 from ..ratelimit import FastRateLimit, RateLimitStore
+from .._fork import Periodic, ProcessIds, renew_in_child
 from . import AsyncLedger, Balance, Charge, Ledger, ReserveResult, Scope
+from ._keys import HashScopes, ScopeIds, StoredScope
 
 __all__ = ["RedisLedger", "AsyncRedisLedger", "RedisRateLimitStore"]
 
@@ -358,6 +360,9 @@ return sweep(ARGV[2], tonumber(ARGV[3]))
 _SCRIPTS = {"reserve": _RESERVE, "settle": _SETTLE, "release": _RELEASE, "balances": _BALANCES, "expire": _EXPIRE}
 _EXPIRE_BATCH = 1_000
 
+_INHERITED_CLIENTS: list[Any] = []
+"""asyncio clients a forked child inherited: kept, never used nor closed (see `AsyncRedisLedger._renew_transport`)."""
+
 _Entry = tuple[str, str, str, tuple[Charge, ...]]
 """A journaled call: kind ('settle' or 'release'), reservation id, call token, charges."""
 
@@ -401,6 +406,7 @@ class _RedisLedgerCore(Generic[_Client]):
         journal_path: str | os.PathLike[str] | None = None,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
+        hash_scopes: HashScopes = False,
     ) -> None:
         if journal_max < 1:
             raise ValueError("journal_max must be at least 1")
@@ -411,8 +417,9 @@ class _RedisLedgerCore(Generic[_Client]):
         self._max_age = balances_max_age_s
         self._shas: dict[str, str] = {}
         self._timeout_s = timeout_s
-        self._token_prefix = os.urandom(6).hex() + "-"
-        self._tokens = itertools.count()
+        self._ids = ScopeIds(hash_scopes)
+        self._ids_checked = False
+        self._tokens = ProcessIds()
         self._next_sweep = 0.0
         self._plain = False  # True: pack and parse through redis-py even when hiredis is installed
         # sid -> (spent, reserved, seen at): written only by the sender, in the order Redis ran the calls.
@@ -427,42 +434,95 @@ class _RedisLedgerCore(Generic[_Client]):
         self._journal: deque[_Entry] = deque()
         self._journal_lock = threading.Lock()
         self._journal_max = journal_max
-        self._journal_path = Path(journal_path) if journal_path is not None else None
+        self._journal_base = self._journal_path = Path(journal_path) if journal_path is not None else None
         self.journal_overflow = 0
         """Entries the journal had no room for (each one logged at ERROR with its amounts)."""
         self.journaled_total = 0
         """Entries ever journaled by this instance (delivered or not)."""
-        if self._journal_path is not None and self._journal_path.exists():
-            self._load_journal(self._journal_path)
+        if self._journal_path is not None:
+            if self._journal_path.exists():
+                self._load_journal(self._journal_path)
+            self._adopt_journals()
         self.client: _Client = client if client is not None else self._default_client(url, timeout_s)
         # The transport: calls waiting for the next batch, and the connection of our own they go on.
         self._queue: list[_Call] = []
         self._connection: Any = None
         self._reader: Any = None
         self._open()
+        self._renewal = renew_in_child(self._after_fork)
 
     def _default_client(self, url: str, timeout_s: float) -> _Client:
         raise NotImplementedError
 
+    def _record_ids(self) -> Any:
+        """Record this ledger's `hash_scopes` setting unless one is (SET NX GET): answers the one recorded before."""
+        return self.client.set(self.prefix + "ids", self._ids.fingerprint, nx=True, get=True)
+
+    def _ids_reply(self, reply: Any) -> None:
+        self._ids.check(None if reply is None else _text(reply), f"Redis prefix {self.prefix!r}")
+        self._ids_checked = True
+
     def _open(self) -> None:
         """The transport's own state, set up once the shared state is."""
         raise NotImplementedError
+
+    # -- fork safety (policy_engine._fork) ----------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: nothing of the parent's connection, locks, queue or journal is the child's.
+
+        The parent keeps delivering its own journal. The child journals to a file of its own,
+        `<journal_path>.<pid>`, and adopts those of processes that are gone (a restarted
+        worker's pid, a worker that died during an outage): their entries are replayed here.
+        Delivering an entry twice changes nothing (settlements are idempotent per token)."""
+        self._state_lock, self._journal_lock = threading.Lock(), threading.Lock()
+        self._journal = deque()
+        self.journal_overflow = self.journaled_total = 0
+        self._queue, self._connection, self._reader = [], None, None
+        if self._journal_base is not None:
+            self._journal_path = self._journal_base.with_name(f"{self._journal_base.name}.{os.getpid()}")
+            self._adopt_journals()
+        self._renew_transport()
+
+    def _renew_transport(self) -> None:
+        raise NotImplementedError
+
+    def _adopt_journals(self) -> None:
+        """Take over `<journal_path>.<pid>` files whose process is gone (or is this process's pid, reused)."""
+        base = self._journal_base
+        assert base is not None
+        adopted = []
+        for path in base.parent.glob(base.name + ".*"):
+            pid = path.name[len(base.name) + 1:]
+            if not pid.isdigit() or path == self._journal_path or (int(pid) != os.getpid() and _alive(int(pid))):
+                continue
+            self._load_journal(path)
+            adopted.append(path)
+        if self._journal_path is not None and self._journal_path.exists() and self._journal_path != base:
+            self._load_journal(self._journal_path)  # this pid's file, left by an earlier process with the same pid
+        if adopted or self._journal:
+            with self._journal_lock:
+                self._rewrite_journal_file()  # the adopted entries are in our file before theirs go
+        for path in adopted:
+            path.unlink(missing_ok=True)
+        if adopted:
+            log.warning("adopted the ledger journals of finished processes: %s", ", ".join(map(str, adopted)))
 
     # -- script calls and their replies ---------------------------------------------------------
 
     def _cached(self, scopes: Sequence[Scope], now: float) -> list[Balance] | None:
         if self._max_age <= 0:
             return None
-        cache, max_age, out = self._cache, self._max_age, []
+        cache, max_age, ids, out = self._cache, self._max_age, self._ids, []
         for s in scopes:
-            hit = cache.get(s.id)
+            hit = cache.get(ids(s))
             if hit is None or now - hit[2] >= max_age:
                 return None
             out.append(Balance(hit[0], hit[1], s.limit))
         return out
 
     def _balances_call(self, scopes: Sequence[Scope], now: float) -> _Call:
-        sids = [s.id for s in scopes]
+        sids = [self._ids(s) for s in scopes]
         return _Call("balances", [self.prefix, repr(now), *sids], sids, 0, now)
 
     @staticmethod
@@ -485,7 +545,7 @@ class _RedisLedgerCore(Generic[_Client]):
             end = scope.expires_at + margin
             if end > record_pxat:
                 record_pxat = end
-            sid = scope.id
+            sid = self._ids(scope)
             sids.append(sid)
             # A window decided in the past (replays, tests, late settlements) still lives `margin` from now.
             args += (sid, amount, scope.limit, int((end if end > now + margin else now + margin) * 1000))
@@ -510,7 +570,7 @@ class _RedisLedgerCore(Generic[_Client]):
         sids = []
         for scope, amount in charges:
             end = scope.expires_at + self._margin_s
-            sid = scope.id
+            sid = self._ids(scope)
             sids.append(sid)
             args += (sid, amount, int((end if end > floor else floor) * 1000))
         return _Call("settle", args, sids, 1, now)
@@ -534,15 +594,15 @@ class _RedisLedgerCore(Generic[_Client]):
             cache.clear()  # a long-lived worker sees new windows every day; old ones are dead weight
 
     def _token(self) -> str:
-        # Tells a retried call from another call with the same reservation id; unique per process run.
-        return f"{self._token_prefix}{next(self._tokens)}"
+        # Tells a retried call from another call with the same reservation id; unique per process and fork.
+        return next(self._tokens)
 
-    @staticmethod
-    def _checked(charges: Sequence[Charge]) -> tuple[Charge, ...]:
-        charges = tuple(charges)
+    def _checked(self, charges: Sequence[Charge]) -> tuple[Charge, ...]:
+        """Charges validated now (not at replay time), with their scopes as the store names them,
+        which is also what a journal keeps: no plain key when scopes are hashed."""
         for _, amount in charges:
-            _amount(amount)  # refuse bad input now, not at replay time
-        return charges
+            _amount(amount)
+        return self._ids.stored(charges)  # type: ignore[return-value]
 
     # -- outages ----------------------------------------------------------------------------
 
@@ -680,10 +740,17 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
     on a dropped connection (scripts are idempotent per call, so a retry whose first
     attempt ran is harmless). The scripts build their keys from `prefix`, so on Redis
     Cluster give a hash-tagged prefix such as `{pe}:` to keep all keys in one slot.
-    Safe to share between threads, and across a fork (the child opens its own connection).
+    Safe to share between threads, and across a fork: a forked child opens its own
+    connection, makes call tokens of its own and keeps its own journal (`policy_engine._fork`).
 
-    `journal_path` keeps the outage journal in a file too (one file per process), so a
-    worker restarted during an outage still delivers what it had not.
+    `journal_path` keeps the outage journal in a file too, so a worker restarted during an
+    outage still delivers what it had not. A child forked from the process that made the
+    ledger journals to `<journal_path>.<pid>`; whoever opens the ledger (or forks) next
+    adopts the files of processes that are gone and delivers them.
+
+    `hash_scopes` stores budget keys (tenant, user, ...) hashed in Redis and in the journal:
+    True for SHA-256, or a secret (str or bytes) for HMAC-SHA256; every worker on the
+    prefix must use the same setting (see `policy_engine.ledger._keys`).
     """
 
     def _default_client(self, url: str, timeout_s: float) -> redis_lib.Redis:
@@ -694,9 +761,12 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
         )
 
     def _open(self) -> None:
+        try:
+            self._ids_reply(self._record_ids())
+        except _UNAVAILABLE:
+            pass  # checked by the first batch that reaches Redis
         self._batch_lock = threading.Lock()
         self._leading = False
-        self._pid = os.getpid()
         self._buffer = bytearray(65536)
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -822,8 +892,6 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
         """One script call. Concurrent callers share round trips: whoever finds no call in flight
         sends its own at once; calls that arrive meanwhile queue up and go together as one
         pipeline when it returns (group commit), so threads add throughput instead of GIL churn."""
-        if self._pid != os.getpid():
-            self._forked()
         if self._retry_at:
             self._fail_fast()
         with self._batch_lock:
@@ -850,14 +918,16 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
             return self._raise_for(call)
         return call.reply
 
-    def _forked(self) -> None:
-        # A forked child must not talk on its parent's socket (their replies would interleave),
-        # nor wait on a lead some parent thread held at fork time.
-        self._pid = os.getpid()
+    def _renew_transport(self) -> None:
+        # A forked child must not talk on its parent's socket (their replies would interleave), nor wait on
+        # a lead some parent thread held at fork time; the parent's replay thread did not come along.
+        # (redis-py's own pool renews itself in a child: it checks the pid.)
         self._batch_lock = threading.Lock()
-        self._queue, self._leading = [], False
-        self._connection = self._reader = None
-        self.client.connection_pool.reset()
+        self._leading = False
+        self._wake, self._closed = threading.Event(), threading.Event()
+        self._flusher = None
+        if self._journal:
+            self._start_flusher()
 
     def _lead(self) -> None:
         with self._batch_lock:
@@ -882,6 +952,8 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
 
     def _send(self, batch: list[_Call]) -> None:
         try:
+            if not self._ids_checked:
+                self._ids_reply(self._record_ids())
             for name in {c.name for c in batch if c.name not in self._shas}:
                 self._load(name)
             try:
@@ -983,6 +1055,18 @@ class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
         self._flusher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
+
+    def _renew_transport(self) -> None:
+        # The parent's tasks belong to its loop; a journal the child adopted is replayed from its first call.
+        # redis.asyncio's pool does not renew itself in a child (redis-py's sync pool does): a client of the
+        # child's own, with the same settings, so no pooled connection of the parent's is ever used here.
+        # The inherited client is kept, never closed, so its sockets are not shut under the parent.
+        self._sender = self._flusher = None
+        self._wake = None
+        pool = self.client.connection_pool
+        _INHERITED_CLIENTS.append(self.client)
+        self.client = redis_asyncio.Redis(connection_pool=type(pool)(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **pool.connection_kwargs))
 
     # -- the AsyncLedger interface ----------------------------------------------------------
 
@@ -1148,6 +1232,8 @@ class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
             self._start_flusher()
 
     async def _deliver(self, batch: list[_Call]) -> None:
+        if not self._ids_checked:  # (construction cannot await: the first batch checks)
+            self._ids_reply(await self._record_ids())
         for name in {c.name for c in batch if c.name not in self._shas}:
             self._shas[name] = await self.client.script_load(_SCRIPTS[name])
         try:
@@ -1246,21 +1332,39 @@ def _text(value: Any) -> str:
 
 
 def _describe(charges: Sequence[Charge]) -> str:
-    return ", ".join(f"{s.budget}/{s.key}/{s.window}={a}" for s, a in charges) or "-"
+    return ", ".join(f"{s.id.replace(chr(0x1f), '/')}={a}" for s, a in charges) or "-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _encode_entry(entry: tuple[str, str, str, tuple[Charge, ...]]) -> str:
+    # Scopes as the store names them ([id, limit, expires_at, amount]): hashed keys stay hashed on disk.
     kind, rid, token, charges = entry
     return json.dumps({"kind": kind, "rid": rid, "token": token, "charges": [
-        [s.budget, s.key, s.window, s.limit, s.expires_at, a] for s, a in charges]})
+        [s.id, s.limit, s.expires_at, a] for s, a in charges]})
 
 
 def _decode_entry(line: str) -> tuple[str, str, str, tuple[Charge, ...]]:
     data = json.loads(line)
     if data["kind"] not in ("settle", "release"):
         raise ValueError(f"unknown kind {data['kind']!r}")
-    charges = tuple((Scope(str(b), str(k), str(w), int(lim), float(exp)), _amount(a)) for b, k, w, lim, exp, a in data["charges"])
-    return data["kind"], str(data["rid"]), str(data["token"]), charges
+    charges: list[Any] = []
+    for item in data["charges"]:
+        if len(item) == 6:  # written before scopes were stored by id: [budget, key, window, limit, expires_at, amount]
+            b, k, w, lim, exp, a = item
+            charges.append((Scope(str(b), str(k), str(w), int(lim), float(exp)), _amount(a)))
+        else:
+            sid, lim, exp, a = item
+            charges.append((StoredScope(str(sid), int(lim), float(exp)), _amount(a)))
+    return data["kind"], str(data["rid"]), str(data["token"]), tuple(charges)
 
 
 # -- fleet rate-limit state -------------------------------------------------------------------
@@ -1328,11 +1432,15 @@ class RedisRateLimitStore(RateLimitStore):
         self._sync_lock = threading.Lock()
         self._sha: str | None = None
         self._down = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if start:
-            self._thread = threading.Thread(target=self._loop, name="policy-engine-ratelimit-sync", daemon=True)
-            self._thread.start()
+        self._syncer = Periodic(self.sync, refresh_s, "policy-engine-ratelimit-sync", log) if start else None
+        self._fork_renewal = renew_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        # The state learnt so far stays (it is the fleet's anyway); the locks and the Redis pool (redis-py
+        # renews it on its own) are the child's own, and so is the sync thread (`Periodic`). Unpushed news
+        # stay dirty: the child pushes them too, and merging by observation time makes that harmless.
+        # (The base class renews its own lock.)
+        self._sync_lock = threading.Lock()
 
     def update(self, account: str, now: float | None = None, **values: Any) -> None:
         super().update(account, now, **values)
@@ -1388,9 +1496,8 @@ class RedisRateLimitStore(RateLimitStore):
 
     def close(self) -> None:
         """Stop the sync thread after one last push."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        if self._syncer is not None:
+            self._syncer.stop()
         self.sync()
         self.client.close()
 
@@ -1426,10 +1533,3 @@ class RedisRateLimitStore(RateLimitStore):
                 self._watched[account] = None
             if dirty:
                 self._dirty.add(account)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._refresh_s):
-            try:
-                self.sync()
-            except Exception:  # noqa: BLE001 - the thread must outlive any surprise
-                log.exception("fleet rate-limit sync failed")

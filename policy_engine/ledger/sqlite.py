@@ -33,7 +33,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._fork import renew_in_child
 from . import Balance, Charge, Ledger, ReserveResult, Scope
+from ._keys import HashScopes, ScopeIds
 
 __all__ = ["SqliteLedger"]
 
@@ -61,6 +63,10 @@ CREATE TABLE IF NOT EXISTS settled (
     forget_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS settled_forget ON settled(forget_at);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -71,6 +77,10 @@ _BALANCE = ("SELECT COALESCE((SELECT amount FROM spend WHERE scope = ?1), 0), "
 _USED = ("SELECT (SELECT expires_at FROM reservations WHERE id = ?1), "
          "EXISTS (SELECT 1 FROM settled WHERE id = ?1)")
 """When a reservation id's hold expires (NULL: none), and whether it was settled."""
+
+
+_INHERITED: list[sqlite3.Connection] = []
+"""Connections a forked child inherited: held, never used nor closed (see `SqliteLedger._after_fork`)."""
 
 
 class _Op:
@@ -92,7 +102,10 @@ class SqliteLedger(Ledger):
     `settled_memory_s` is how long a settled reservation id is remembered (so a late
     duplicate settle is still a no-op); `spend_retention_s` how long spend of a finished
     window is kept after the window ends; `synchronous` is SQLite's durability setting
-    (`NORMAL` survives a killed process; `FULL` also a power cut, at one fsync per write).
+    (`NORMAL` survives a killed process; `FULL` also a power cut, at one fsync per write);
+    `hash_scopes` stores budget keys (tenant, user, ...) hashed, not in plain text: True for
+    SHA-256, or a secret (str or bytes) for HMAC-SHA256 (see `policy_engine.ledger._keys`).
+    `totals()` then reports the hashed ids.
     """
 
     def __init__(
@@ -104,6 +117,7 @@ class SqliteLedger(Ledger):
         spend_retention_s: float = 35 * 86_400.0,
         busy_timeout_s: float = 30.0,
         synchronous: str = "NORMAL",
+        hash_scopes: HashScopes = False,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
@@ -113,20 +127,20 @@ class SqliteLedger(Ledger):
         self._spend_retention_s = spend_retention_s
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous.upper()
+        self._ids = ScopeIds(hash_scopes)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._pid = 0
         self._next_sweep = 0.0
         self._queue_lock = threading.Lock()
         self._queue: list[_Op] = []
         self._writing = False
+        self._renewal = renew_in_child(self._after_fork)
         self._connect()
 
     # -- connection --------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        # A connection must not cross a fork: the child opens its own.
-        if self._conn is not None and self._pid == os.getpid():
+        if self._conn is not None:
             return self._conn
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -138,36 +152,41 @@ class SqliteLedger(Ledger):
         try:
             for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                 conn.execute(statement)
+            # The first ledger on the file sets how scopes are named; any other setting is refused.
+            conn.execute("INSERT OR IGNORE INTO meta(name, value) VALUES ('scope_ids', ?)", (self._ids.fingerprint,))
+            self._ids.check(conn.execute("SELECT value FROM meta WHERE name = 'scope_ids'").fetchone()[0], self.path)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            conn.close()
             raise
-        self._conn, self._pid = conn, os.getpid()
+        self._conn = conn
         return conn
 
-    def _forked(self) -> None:
-        # Whatever a parent thread held, queued or was writing at fork time is not the child's to wait for,
-        # whichever call the child makes first; its connection is not the child's either (_connect opens one).
+    def _after_fork(self) -> None:
+        # Whatever a parent thread held, queued or was writing at fork time is not the child's to wait for;
+        # its connection is not the child's either (_connect opens one). The inherited connection is kept,
+        # never closed nor collected: closing it here could checkpoint and delete the parent's WAL file,
+        # which SQLite forbids from a child ("do not carry a connection across fork()").
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
         self._lock, self._queue_lock, self._queue, self._writing = threading.Lock(), threading.Lock(), [], False
-        self._conn, self._pid = None, os.getpid()
+        self._conn = None
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
+            if self._conn is not None:
                 self._conn.close()
             self._conn = None
 
     # -- reads -------------------------------------------------------------------------
 
-    @staticmethod
-    def _balances(conn: sqlite3.Connection, scopes: Sequence[Scope], now: float) -> list[Balance]:
-        execute = conn.execute
-        return [Balance(*execute(_BALANCE, (scope.id, now)).fetchone(), scope.limit) for scope in scopes]
+    def _balances(self, conn: sqlite3.Connection, scopes: Sequence[Scope], now: float) -> list[Balance]:
+        execute, ids = conn.execute, self._ids
+        return [Balance(*execute(_BALANCE, (ids(scope), now)).fetchone(), scope.limit) for scope in scopes]
 
     def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
         now = self._clock()
-        if self._pid != os.getpid():
-            self._forked()
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN")  # one snapshot for every scope
@@ -188,8 +207,6 @@ class SqliteLedger(Ledger):
 
         Whoever finds no transaction being written writes one with its own call at once;
         calls that arrive meanwhile queue up and go together in the next transaction."""
-        if self._pid != os.getpid():
-            self._forked()
         op = _Op(work, self._clock())
         with self._queue_lock:
             self._queue.append(op)
@@ -263,7 +280,7 @@ class SqliteLedger(Ledger):
                 conn.execute("DELETE FROM holds WHERE reservation = ?", (reservation_id,))
             conn.execute("INSERT OR REPLACE INTO reservations(id, expires_at) VALUES (?, ?)", (reservation_id, expires_at))
             conn.executemany("INSERT INTO holds(reservation, scope, amount, expires_at) VALUES (?, ?, ?, ?)",
-                             [(reservation_id, scope.id, amount, expires_at) for scope, amount in charges])
+                             [(reservation_id, self._ids(scope), amount, expires_at) for scope, amount in charges])
             return ReserveResult(True, tuple(Balance(b.spent, b.reserved + a, b.limit) for b, (_, a) in zip(balances, charges)))
 
         return self._write(work)  # type: ignore[no-any-return]
@@ -279,7 +296,7 @@ class SqliteLedger(Ledger):
             conn.executemany(
                 "INSERT INTO spend(scope, amount, expires_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(scope) DO UPDATE SET amount = amount + excluded.amount",
-                [(scope.id, amount, scope.expires_at) for scope, amount in charges])
+                [(self._ids(scope), amount, scope.expires_at) for scope, amount in charges])
             return True
 
         return self._write(work)  # type: ignore[no-any-return]

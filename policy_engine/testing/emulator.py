@@ -22,7 +22,19 @@ behaviour fast mode depends on:
 * `usage.speed`, and a prompt cache keyed by speed (a switch of speed misses);
 * streaming in Anthropic's SSE event format, fast output `fast_ratio` (2.5) times faster;
 * fault injection (any status, e.g. 529 or 500, and hangs), and `GET /_emulator/requests`
-  to read back every request received, with what it billed.
+  to read back every request received, with what it billed;
+* several billed steps per request, as today's API reports them in `usage.iterations`:
+  compaction (billed, left out of the top-level usage), advisor sub-inferences and fallback
+  hops on other models; server-side `fallbacks` chains (beta `server-side-fallback-2026-07-01`,
+  entries validated as the API does, `speed` inherited or set per entry); refusals, with
+  `stop_details` and a `fallback_credit_token` under the fallback-credit beta, which a retry
+  redeems (the SDK's `BetaRefusalFallbackMiddleware` works against it). What a request does
+  is a `Scenario`: the `x-emulator-scenario` header, or `Emulator.script(...)`. Simplifications:
+  the fast-mode token buckets count the requested hop only, and a fallback hop reads and writes
+  the prompt cache of its own model and speed;
+* its own bill (`bill()`, `bill_micro()`): every step it generated, priced by the catalog
+  at the step's own model and speed, including what a stream cut short had generated when
+  the client went away (or all of it, with `disconnect_billing="complete"`).
 
 Token counts are deterministic (`count_text_tokens`: one token per word or punctuation
 mark) so tests can compute exact expected costs. Nothing here talks to the real API.
@@ -47,7 +59,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..catalog import FAST_MODE_BETA, PLATFORMS, Catalog, load_catalog
+from ..catalog import FAST_MODE_BETA, PLATFORMS, Catalog, actual, load_catalog
 
 __all__ = ["Emulator", "running", "count_text_tokens", "count_request_tokens", "FAST_BETA", "main"]
 
@@ -61,8 +73,16 @@ _ERROR_TYPES = {
 }
 _OPTIONS = (
     "standard_otps", "fast_ratio", "ttft_s", "output_tokens", "delta_tokens", "fast_input_tokens_per_minute",
-    "fast_output_tokens_per_minute", "min_cache_tokens", "priority_tier", "require_api_key",
+    "fast_output_tokens_per_minute", "min_cache_tokens", "priority_tier", "require_api_key", "default_fallbacks",
+    "disconnect_billing",
 )
+SERVER_FALLBACK_BETAS = ("server-side-fallback-2026-07-01", "server-side-fallback-2026-06-01")
+"""Betas that enable the `fallbacks` request parameter (server-side fallback), newest first."""
+FALLBACK_CREDIT_BETAS = ("fallback-credit-2026-07-01", "fallback-credit-2026-06-09")
+"""Betas under which a refusal carries a `fallback_credit_token`."""
+_FALLBACK_KEYS = frozenset(("model", "max_tokens", "thinking", "output_config", "speed"))
+_CREDIT_TTL_S = 300.0
+_REFUSAL_CATEGORIES = ("cyber", "bio", "frontier_llm", "reasoning_extraction", "general_harms")
 
 
 def count_text_tokens(text: str) -> int:
@@ -172,6 +192,101 @@ class _Fault:
     retry_after: str | None
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """What a request does beyond a plain answer: refusals, compaction, advisor sub-inferences.
+
+    Given per request in the `x-emulator-scenario` header (a JSON object of these fields) or
+    queued for the next requests with `Emulator.script(...)`. Server-side `fallbacks` come
+    from the request itself; a scenario only says which models decline.
+    """
+
+    refuse: tuple[str, ...] = ()
+    """Models that decline the request: the requested one by the name sent, fallback models by theirs;
+    "*" is every model. A declined hop hands over to the request's next `fallbacks` entry, if any."""
+    refuse_after: int = 0
+    """Output tokens a declining model generates before it declines. 0: declined before any output,
+    which is not billed; more: that hop is billed (its input and those tokens)."""
+    category: str | None = "general_harms"
+    """The refusal's policy category (`stop_details.category`, the fallback block's trigger)."""
+    compaction: tuple[int, int] | None = None
+    """(input, output) tokens of a compaction step, run by the requested model at the request's speed
+    before it answers. Billed, and left out of the top-level usage (as the API documents)."""
+    advisors: tuple[tuple[str, int, int], ...] = ()
+    """(model, input, output) of each advisor sub-inference, billed at the advisor model's standard rates
+    and included in the top-level usage."""
+    output_tokens: int | None = None
+    """Output tokens of the serving hop (capped by its max_tokens); default: the emulator's `output_tokens`."""
+
+    def __post_init__(self) -> None:
+        refuse = (self.refuse,) if isinstance(self.refuse, str) else tuple(self.refuse)
+        object.__setattr__(self, "refuse", refuse)
+        if not all(isinstance(m, str) and m for m in refuse):
+            raise ValueError(f"refuse: model names, got {self.refuse!r}")
+        if type(self.refuse_after) is not int or self.refuse_after < 0:
+            raise ValueError(f"refuse_after: a non-negative int, got {self.refuse_after!r}")
+        if self.category is not None and self.category not in _REFUSAL_CATEGORIES:
+            raise ValueError(f"category: one of {', '.join(_REFUSAL_CATEGORIES)} or None, got {self.category!r}")
+        if self.compaction is not None:
+            object.__setattr__(self, "compaction", _counts("compaction", self.compaction, 2))
+        advisors = tuple(tuple(a) for a in self.advisors)
+        for advisor in advisors:
+            if len(advisor) != 3 or not isinstance(advisor[0], str):
+                raise ValueError(f"advisors: (model, input_tokens, output_tokens) entries, got {advisor!r}")
+            _counts("advisors", advisor[1:], 2)
+        object.__setattr__(self, "advisors", advisors)
+        if self.output_tokens is not None and (type(self.output_tokens) is not int or self.output_tokens < 1):
+            raise ValueError(f"output_tokens: a positive int, got {self.output_tokens!r}")
+
+    def declines(self, model: str) -> bool:
+        return "*" in self.refuse or model in self.refuse
+
+
+def _counts(name: str, values: Any, n: int) -> tuple[int, ...]:
+    values = tuple(values)
+    if len(values) != n or any(type(v) is not int or v < 0 for v in values):
+        raise ValueError(f"{name}: {n} non-negative ints, got {values!r}")
+    return values
+
+
+@dataclass
+class _Step:
+    """One sampling step of a request, at its own model and speed: what the emulator bills it for."""
+
+    kind: str
+    """The `usage.iterations` type: message, compaction, advisor_message or fallback_message."""
+    model: str
+    speed: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    write_5m: int = 0
+    write_1h: int = 0
+    read: int = 0
+    declined: bool = False
+    """A hop that declined (after `output_tokens` of output)."""
+    shown: bool = True
+    """Its output is part of the answer (message hops); compaction and advisor steps are not streamed."""
+
+    @property
+    def billed(self) -> bool:
+        return not (self.declined and self.output_tokens == 0)  # refused before any output: not billed
+
+    def usage(self, output_tokens: int | None = None) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.write_5m + self.write_1h,
+            "cache_read_input_tokens": self.read,
+            "cache_creation": {"ephemeral_5m_input_tokens": self.write_5m, "ephemeral_1h_input_tokens": self.write_1h},
+            "output_tokens": self.output_tokens if output_tokens is None else output_tokens,
+        }
+
+    def iteration(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": self.kind, **self.usage()}
+        if self.kind != "compaction":
+            entry["model"] = self.model
+        return entry
+
+
 @dataclass
 class _Plan:
     """How one admitted request will be answered."""
@@ -182,6 +297,10 @@ class _Plan:
     output_tokens: int
     stop_reason: str
     headers: dict[str, str] = field(default_factory=dict)
+    steps: list[_Step] = field(default_factory=list)
+    """Every step in the order it runs; the billed ones are the request's bill."""
+    stop_details: dict[str, Any] | None = None
+    category: str | None = None
 
 
 class Emulator:
@@ -204,6 +323,8 @@ class Emulator:
         priority_tier: bool = False,
         require_api_key: bool = True,
         platform: str = "claude_api",
+        default_fallbacks: tuple[str, ...] = (),
+        disconnect_billing: str = "generated",
     ) -> None:
         self.catalog = catalog or load_catalog()
         self.platform = platform
@@ -218,6 +339,15 @@ class Emulator:
         self.min_cache_tokens = min_cache_tokens
         self.priority_tier = priority_tier
         self.require_api_key = require_api_key
+        self.default_fallbacks = tuple(default_fallbacks)
+        """The models `fallbacks: "default"` tries, in order (none: the requested model alone)."""
+        if disconnect_billing not in ("generated", "complete"):
+            raise ValueError(f"disconnect_billing must be 'generated' or 'complete', got {disconnect_billing!r}")
+        self.disconnect_billing = disconnect_billing
+        """A stream the client leaves early bills what was `generated` until then, or the `complete` answer
+        (a server that finishes generating anyway)."""
+        self._scripts: list[list[Any]] = []
+        self._credits: dict[str, float] = {}
         self._lock = threading.Lock()
         self._log: list[dict[str, Any]] = []
         self._cache: dict[tuple[str, str, str], float] = {}
@@ -283,6 +413,8 @@ class Emulator:
             self._cache.clear()
             self._buckets.clear()
             self._faults.clear()
+            self._scripts.clear()
+            self._credits.clear()
 
     def inject(self, status: int | None = 529, *, times: int = 1, hang_s: float | None = None, speed: str | None = None,
                path: str = "/v1/messages", retry_after: str | None = None) -> None:
@@ -294,6 +426,24 @@ class Emulator:
         with self._lock:
             self._faults.append(_Fault(status, times, hang_s, speed, path, retry_after))
 
+    def script(self, times: int = 1, **scenario: Any) -> None:
+        """Have the next `times` Messages requests follow a `Scenario` (its fields as keywords), e.g.
+        `emulator.script(refuse=["claude-opus-4-6"], refuse_after=20)`. A request's own
+        `x-emulator-scenario` header takes precedence."""
+        plan = Scenario(**scenario)
+        with self._lock:
+            self._scripts.append([plan, times])
+
+    def _next_scenario(self) -> Scenario | None:
+        with self._lock:
+            if not self._scripts:
+                return None
+            head = self._scripts[0]
+            head[1] -= 1
+            if head[1] <= 0:
+                self._scripts.pop(0)
+            return head[0]
+
     def requests(self) -> list[dict[str, Any]]:
         """Every request received so far (API key redacted), with status, speed and billed usage."""
         with self._lock:
@@ -302,6 +452,28 @@ class Emulator:
     def billed(self) -> list[dict[str, Any]]:
         """The usage of every request that was served (and so billed), in order."""
         return [dict(e["usage"], model=e["model"]) for e in self.requests() if e.get("usage") is not None]
+
+    def bill(self) -> list[dict[str, Any]]:
+        """Every billed step of every request, in order: {"request", "type", "model", "speed", "usage"}.
+
+        One step per plain request; several for compaction, advisor sub-inferences, declined hops that
+        had generated output, and the fallback hop that served. A stream cut short bills what was
+        generated before the client went away (`disconnect_billing`)."""
+        out = []
+        for number, entry in enumerate(self.requests()):
+            for step in entry.get("steps") or ():
+                out.append({"request": number, **step})
+        return out
+
+    def bill_micro(self) -> int:
+        """The emulator's own bill, in micro-dollars: every step it billed, priced by its catalog at the
+        step's own model and speed (and the request's inference geo), cache multipliers included.
+
+        Independent of any ledger: what the client was charged, to compare a ledger with. Raises
+        `PricingError` for a model the catalog does not price: give the emulator a catalog that does."""
+        return sum(actual(self.catalog.model(step["model"], platform=self.platform), {**step["usage"], "speed": step["speed"],
+                                                               "inference_geo": step.get("inference_geo")})
+                   for step in self.bill())
 
     # -- the API -----------------------------------------------------------------------
 
@@ -342,21 +514,24 @@ class Emulator:
         if speed == "fast":
             if batch:
                 raise _ApiError(400, "speed: fast mode is not available with the Batch API")
-            if not entry.fast.supported:
-                raise _ApiError(400, f"speed: fast mode is not supported for model {model}")
-            state, why = entry.fast.status(time.time())
-            if state in ("not_yet", "retired_error"):
-                raise _ApiError(400, f"speed: {why}")
-            betas = {b.strip() for b in headers.get("anthropic-beta", "").split(",")}
-            beta = entry.fast.beta_header
-            if beta is not None and entry.fast_model_id is None and beta not in betas:
-                raise _ApiError(400, f"speed: 'fast' requires the anthropic-beta header {beta}")
-            if state == "retired_standard":
-                return model, "standard"  # served, and billed, at standard speed
+            speed = self._fast_speed(entry, model, headers, "speed")
             tier = params.get("service_tier") or "auto"
-            if tier == "priority" or (self.priority_tier and tier == "auto"):
+            if speed == "fast" and (tier == "priority" or (self.priority_tier and tier == "auto")):
                 raise _ApiError(400, "speed: fast mode is not available with Priority Tier")
         return model, speed
+
+    def _fast_speed(self, entry: Any, model: str, headers: Mapping[str, str], where: str) -> str:
+        """The speed a fast request to `entry` runs at (`standard` once its fast mode is retired that way),
+        or the API's 400: no fast mode, not yet or no longer available, the beta header missing."""
+        if not entry.fast.supported:
+            raise _ApiError(400, f"{where}: fast mode is not supported for model {model}")
+        state, why = entry.fast.status(time.time())
+        if state in ("not_yet", "retired_error"):
+            raise _ApiError(400, f"{where}: {why}")
+        beta = entry.fast.beta_header
+        if beta is not None and entry.fast_model_id is None and not _has_beta(headers, (beta,)):
+            raise _ApiError(400, f"{where}: 'fast' requires the anthropic-beta header {beta}")
+        return "standard" if state == "retired_standard" else "fast"
 
     def _cache_usage(self, params: Mapping[str, Any], model: str, speed: str, now: float) -> tuple[int, int, int, int]:
         """(uncached input, 5m cache writes, 1h cache writes, cache reads) for the request."""
@@ -412,30 +587,129 @@ class Emulator:
                                 {**headers, "retry-after": str(max(1, math.ceil(wait)))})
         return headers
 
-    def plan(self, params: dict[str, Any], headers: Mapping[str, str], output_tokens: int | None = None) -> _Plan:
-        """Validate a Messages request and decide its usage (raises `_ApiError` with the API's status)."""
+    def plan(self, params: dict[str, Any], headers: Mapping[str, str], output_tokens: int | None = None,
+             scenario: Scenario | None = None) -> _Plan:
+        """Validate a Messages request and decide its steps and usage (raises `_ApiError` with the API's status)."""
         model, speed = self._validate_messages(params, headers)
+        scenario = scenario or Scenario()
+        chain = self._chain(params, headers, model, speed)
         now = time.time()
-        wanted = self.output_tokens if output_tokens is None else output_tokens
-        out = max(1, min(params["max_tokens"], wanted))
-        stop = "max_tokens" if wanted > params["max_tokens"] else "end_turn"
-        uncached, write_5m, write_1h, read = self._cache_usage(params, model, speed, now)
+        wanted = scenario.output_tokens or (self.output_tokens if output_tokens is None else output_tokens)
+        steps: list[_Step] = []
+        if scenario.compaction is not None:
+            steps.append(_Step("compaction", model, speed, scenario.compaction[0], scenario.compaction[1], shown=False))
         extra: dict[str, str] = {}
-        if speed == "fast":
-            account = hashlib.sha256((headers.get("x-api-key") or headers.get("authorization") or "").encode()).hexdigest()
-            extra = self._admit_fast(account, uncached + write_5m + write_1h, out, now)
-        usage: dict[str, Any] = {
-            "input_tokens": uncached,
-            "cache_creation_input_tokens": write_5m + write_1h,
-            "cache_read_input_tokens": read,
-            "cache_creation": {"ephemeral_5m_input_tokens": write_5m, "ephemeral_1h_input_tokens": write_1h},
-            "output_tokens": out,
-            "service_tier": "standard",
-            "speed": speed,
-        }
+        served: _Step | None = None
+        stop = "refusal"
+        for index, (hop_model, hop_speed, hop_max) in enumerate(chain):
+            declines = scenario.declines(hop_model)
+            if declines and scenario.refuse_after == 0:
+                steps.append(_Step("message", hop_model, hop_speed, declined=True))
+                if index == 0 and speed == "fast":
+                    extra = self._admit_fast(self._account(headers), count_request_tokens(params), 0, now)
+                continue
+            out = min(hop_max, scenario.refuse_after) if declines else max(1, min(hop_max, wanted))
+            uncached, write_5m, write_1h, read = self._cache_usage(params, hop_model, hop_speed, now)
+            if index == 0 and speed == "fast":
+                extra = self._admit_fast(self._account(headers), uncached + write_5m + write_1h, out, now)
+            kind = "message" if index == 0 or declines else "fallback_message"
+            step = _Step(kind, hop_model, hop_speed, uncached, out, write_5m, write_1h, read, declined=declines)
+            if not declines:
+                for advisor, a_in, a_out in scenario.advisors:
+                    if self.catalog.find(advisor, platform=self.platform) is None:
+                        raise _ApiError(400, f"advisor model: {advisor} is not a model")
+                    steps.append(_Step("advisor_message", advisor, "standard", a_in, a_out, shown=False))
+                served, stop = step, "max_tokens" if wanted > hop_max else "end_turn"
+            steps.append(step)
+            if served is not None:
+                break
+        credit = self._redeem(params, served)
+        billed = [st for st in steps if st.billed]
+        usage = _top_level_usage(billed)
+        usage["speed"] = served.speed if served is not None else speed
         if params.get("inference_geo"):
             usage["inference_geo"] = params["inference_geo"]
-        return _Plan(model, speed, usage, out, stop, extra)
+        if params.get("fallbacks") is not None or scenario.refuse or scenario.compaction or scenario.advisors:
+            usage["iterations"] = [st.iteration() for st in billed]
+        if credit is not None:
+            usage["fallback_credit"] = credit
+        details = None if served is not None else self._refusal(headers, scenario.category, now)
+        return _Plan(served.model if served is not None else model, usage["speed"], usage,
+                     served.output_tokens if served is not None else 0, stop, extra, steps, details, scenario.category)
+
+    def _chain(self, params: Mapping[str, Any], headers: Mapping[str, str], model: str, speed: str) -> list[tuple[str, str, int]]:
+        """(model, speed, max_tokens) of the requested model and of each `fallbacks` entry, validated."""
+        chain = [(model, speed, params["max_tokens"])]
+        fallbacks = params.get("fallbacks")
+        if fallbacks is None:
+            return chain
+        if not _has_beta(headers, SERVER_FALLBACK_BETAS):
+            raise _ApiError(400, f"fallbacks: requires the anthropic-beta header {SERVER_FALLBACK_BETAS[0]}")
+        if fallbacks == "default":
+            fallbacks = [{"model": m} for m in self.default_fallbacks]
+        if not isinstance(fallbacks, list):
+            raise _ApiError(400, "fallbacks: must be a list of fallback entries or \"default\"")
+        for index, entry in enumerate(fallbacks):
+            at = f"fallbacks.{index}"
+            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+                raise _ApiError(400, f"{at}.model: Field required")
+            unknown = sorted(set(entry) - _FALLBACK_KEYS)
+            if unknown:
+                raise _ApiError(400, f"{at}.{unknown[0]}: Extra inputs are not permitted")
+            found = self.catalog.find(entry["model"], platform=self.platform)
+            if found is None:
+                raise _ApiError(400, f"{at}.model: {entry['model']} is not a model")
+            max_tokens = entry.get("max_tokens")
+            if max_tokens is None:
+                max_tokens = params["max_tokens"]
+            elif type(max_tokens) is not int or max_tokens < 1:
+                raise _ApiError(400, f"{at}.max_tokens: must be a positive integer")
+            if "speed" not in entry:  # inherited: fast only where the request is fast and the model has fast mode now
+                hop_speed = ("fast" if speed == "fast" and found.fast.supported
+                             and found.fast.status(time.time())[0] == "available" else "standard")
+            else:
+                hop_speed = entry["speed"] or "standard"
+                if hop_speed not in ("standard", "fast"):
+                    raise _ApiError(400, f"{at}.speed: Input should be 'standard' or 'fast', got {hop_speed!r}")
+                if hop_speed == "fast":
+                    hop_speed = self._fast_speed(found, entry["model"], headers, f"{at}.speed")
+            chain.append((entry["model"], hop_speed, max_tokens))
+        return chain
+
+    def _refusal(self, headers: Mapping[str, str], category: str | None, now: float) -> dict[str, Any]:
+        """`stop_details` of a request every hop declined; under the fallback-credit beta, with a token to redeem."""
+        details: dict[str, Any] = {"type": "refusal", "category": category, "explanation": "declined by the emulator's scenario",
+                                   "fallback_credit_token": None, "fallback_has_prefill_claim": None, "recommended_model": None}
+        if _has_beta(headers, FALLBACK_CREDIT_BETAS):
+            token = self._next_id("fct")
+            with self._lock:
+                self._credits[token] = now + _CREDIT_TTL_S
+            details.update(fallback_credit_token=token, fallback_has_prefill_claim=False)
+        return details
+
+    def _redeem(self, params: Mapping[str, Any], served: _Step | None) -> dict[str, Any] | None:
+        """`usage.fallback_credit` for a request carrying a `fallback_credit_token` (None without one).
+
+        A redeemed token bills the retry as if the conversation had been on its model all along:
+        the prompt it would write to the cache again is billed as cache reads instead."""
+        raw = params.get("fallback_credit_token")
+        if raw is None:
+            return None
+        token, mode = (raw.get("token"), raw.get("mode", "strict")) if isinstance(raw, dict) else (raw, "strict")
+        with self._lock:
+            live = self._credits.pop(token, 0.0) > time.time() if isinstance(token, str) else False
+        if not live:
+            if mode != "best_effort":
+                raise _ApiError(400, "fallback_credit_token: expired or unknown")
+            return {"status": {"type": "not_applied", "reason": "expired"}}
+        if served is not None:
+            served.read += served.write_5m + served.write_1h
+            served.write_5m = served.write_1h = 0
+        return {"status": {"type": "redeemed"}}
+
+    @staticmethod
+    def _account(headers: Mapping[str, str]) -> str:
+        return hashlib.sha256((headers.get("x-api-key") or headers.get("authorization") or "").encode()).hexdigest()
 
     def otps(self, speed: str) -> float | None:
         if not self.standard_otps:
@@ -448,6 +722,30 @@ class Emulator:
 
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}_emu{next(self._ids):012x}"
+
+
+def _top_level_usage(billed: list[_Step]) -> dict[str, Any]:
+    """The response's `usage`: the sums of its billed steps, compaction left out (as the API documents:
+    "A `compaction` entry's tokens are not included in the top-level `usage` fields")."""
+    usage: dict[str, Any] = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                             "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+                             "output_tokens": 0}
+    for step in billed:
+        if step.kind == "compaction":
+            continue
+        for name, value in step.usage().items():
+            if name == "cache_creation":
+                for ttl, n in value.items():
+                    usage["cache_creation"][ttl] += n
+            else:
+                usage[name] += value
+    usage["service_tier"] = "standard"
+    return usage
+
+
+def _has_beta(headers: Mapping[str, str], betas: tuple[str, ...]) -> bool:
+    given = {b.strip() for b in headers.get("anthropic-beta", "").split(",")}
+    return any(b in given for b in betas)
 
 
 def _text_for(tokens: int, start: int = 0) -> str:
@@ -513,7 +811,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_emulator/requests":
             self._send_json(200, {"requests": self.owner.requests()})
         elif path == "/_emulator/usage":
-            self._send_json(200, {"billed": self.owner.billed()})
+            self._send_json(200, {"billed": self.owner.billed(), "bill_micro": self.owner.bill_micro()})
         elif path == "/v1/models":
             provider = self.owner.catalog.providers.get("anthropic")
             names = sorted(provider.models) if provider is not None else []
@@ -605,25 +903,41 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _messages(self, entry: dict[str, Any], body: dict[str, Any], headers: Mapping[str, str], query: str) -> None:
         wanted = headers.get("x-emulator-output-tokens")
-        plan = self.owner.plan(body, headers, int(wanted) if wanted and wanted.isdigit() else None)
+        scenario = self._scenario(headers.get("x-emulator-scenario"))
+        plan = self.owner.plan(body, headers, int(wanted) if wanted and wanted.isdigit() else None, scenario)
         entry.update(model=plan.model, speed=plan.speed, status=200)
-        otps = self.owner.otps(plan.speed)
         message_id = self.owner._next_id("msg")
         if self.owner.ttft_s:
             self.owner._closing.wait(self.owner.ttft_s)
         if body.get("stream") is True:
-            return self._stream(entry, plan, message_id, otps)
-        if otps:
-            self.owner._closing.wait(plan.output_tokens / otps)
-        entry["usage"] = plan.usage
+            return self._stream(entry, body, plan, message_id)
+        for step in plan.steps:
+            otps = self.owner.otps(step.speed)
+            if otps and step.shown:
+                self.owner._closing.wait(step.output_tokens / otps)
+        entry["usage"], entry["steps"] = plan.usage, _bill_steps(plan, body)
         self.owner._record(entry)
-        self._send_json(200, {
+        payload = {
             "id": message_id, "type": "message", "role": "assistant", "model": plan.model,
-            "content": [{"type": "text", "text": _text_for(plan.output_tokens)}],
-            "stop_reason": plan.stop_reason, "stop_sequence": None, "usage": plan.usage,
-        }, plan.headers)
+            "content": _content(plan, body["model"]), "stop_reason": plan.stop_reason, "stop_sequence": None,
+            "usage": plan.usage,
+        }
+        if plan.stop_details is not None:
+            payload["stop_details"] = plan.stop_details
+        self._send_json(200, payload, plan.headers)
 
-    def _stream(self, entry: dict[str, Any], plan: _Plan, message_id: str, otps: float | None) -> None:
+    def _scenario(self, raw: str | None) -> Scenario | None:
+        if raw is None:
+            return self.owner._next_scenario()
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("a JSON object of Scenario fields")
+            return Scenario(**data)
+        except (TypeError, ValueError) as exc:
+            raise _ApiError(400, f"x-emulator-scenario: {exc}") from None
+
+    def _stream(self, entry: dict[str, Any], body: Mapping[str, Any], plan: _Plan, message_id: str) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
@@ -632,52 +946,115 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in plan.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        start_usage = {k: v for k, v in plan.usage.items() if k != "output_tokens"}
+        start_usage = {k: v for k, v in plan.usage.items() if k not in ("output_tokens", "iterations", "fallback_credit")}
         start_usage["output_tokens"] = 1
-        sent = 0
+        generated: dict[int, int] = {}  # step index -> output tokens generated so far: the bill if the client leaves
         try:
             self._event("message_start", {"type": "message_start", "message": {
-                "id": message_id, "type": "message", "role": "assistant", "model": plan.model, "content": [],
+                "id": message_id, "type": "message", "role": "assistant", "model": body["model"], "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": start_usage}})
-            sent = 1
-            self._event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                "content_block": {"type": "text", "text": ""}})
-            self._event("ping", {"type": "ping"})
-            step = max(1, self.owner.delta_tokens)
-            done = 0
-            while done < plan.output_tokens:
-                chunk = min(step, plan.output_tokens - done)
-                if otps:
-                    self.owner._closing.wait(chunk / otps)
-                text = (" " if done else "") + _text_for(chunk, done)
-                self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                    "delta": {"type": "text_delta", "text": text}})
-                done += chunk
-                sent = max(sent, done)
-            self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            index = 0
+            for number, step in enumerate(plan.steps):
+                if not step.shown:
+                    generated[number] = step.output_tokens  # compaction and advisor steps run whole, unseen
+                    continue
+                generated[number] = 0
+                if step.output_tokens:
+                    self._stream_text(index, step, generated, number)
+                    index += 1
+                if step.declined:
+                    following = next((st.model for st in plan.steps[number + 1:] if st.shown), None)
+                    if following is not None:
+                        block = _fallback_block(body["model"] if number == _first_hop(plan) else step.model, following,
+                                                plan.category)
+                        self._event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+                        self._event("content_block_stop", {"type": "content_block_stop", "index": index})
+                        index += 1
             # Generation is over: the bill is final before the client can see the end of the stream.
-            entry["usage"] = plan.usage
+            entry["usage"], entry["steps"] = plan.usage, _bill_steps(plan, body)
             self.owner._record(entry)
             final_usage = {k: plan.usage[k] for k in ("input_tokens", "cache_creation_input_tokens",
                                                       "cache_read_input_tokens", "output_tokens")}
-            self._event("message_delta", {"type": "message_delta",
-                                          "delta": {"stop_reason": plan.stop_reason, "stop_sequence": None},
-                                          "usage": final_usage})
+            for name in ("iterations", "fallback_credit"):
+                if name in plan.usage:
+                    final_usage[name] = plan.usage[name]  # streams carry them on the final message_delta
+            delta: dict[str, Any] = {"stop_reason": plan.stop_reason, "stop_sequence": None}
+            if plan.stop_details is not None:
+                delta["stop_details"] = plan.stop_details
+            self._event("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage})
             self._event("message_stop", {"type": "message_stop"})
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
             if entry["usage"] is None:
-                # The client went away mid-generation: bill what was generated before it did.
-                entry["usage"] = {**plan.usage, "output_tokens": sent}
+                # The client went away mid-generation: bill what was generated before it did (or all of it,
+                # for a server that finishes anyway).
+                progress = None if self.owner.disconnect_billing == "complete" else generated
+                entry["steps"] = _bill_steps(plan, body, progress)
+                shown = sum(s["usage"]["output_tokens"] for s in entry["steps"] if s["type"] != "compaction")
+                entry["usage"] = {**plan.usage, "output_tokens": shown}
                 entry["abandoned"] = True
                 self.owner._record(entry)
+
+    def _stream_text(self, index: int, step: _Step, generated: dict[int, int], number: int) -> None:
+        otps = self.owner.otps(step.speed)
+        self._event("content_block_start", {"type": "content_block_start", "index": index,
+                                            "content_block": {"type": "text", "text": ""}})
+        self._event("ping", {"type": "ping"})
+        size = max(1, self.owner.delta_tokens)
+        done = 0
+        while done < step.output_tokens:
+            chunk = min(size, step.output_tokens - done)
+            if otps:
+                self.owner._closing.wait(chunk / otps)
+            done += chunk
+            generated[number] = done  # generated before it is written: a failed write still bills it
+            text = (" " if done > chunk else "") + _text_for(chunk, done - chunk)
+            self._event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                "delta": {"type": "text_delta", "text": text}})
+        self._event("content_block_stop", {"type": "content_block_stop", "index": index})
 
     def _event(self, name: str, payload: Mapping[str, Any]) -> None:
         data = f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
+
+
+def _first_hop(plan: _Plan) -> int:
+    """Index of the requested model's hop in `plan.steps` (after a compaction step, if any)."""
+    return 1 if plan.steps and plan.steps[0].kind == "compaction" else 0
+
+
+def _fallback_block(from_model: str, to_model: str, category: str | None) -> dict[str, Any]:
+    return {"type": "fallback", "from": {"model": from_model}, "to": {"model": to_model},
+            "trigger": {"type": "refusal", "category": category}}
+
+
+def _content(plan: _Plan, requested: str) -> list[dict[str, Any]]:
+    """A whole answer's content: each declined hop's partial text and its fallback block, then the serving hop's text."""
+    content: list[dict[str, Any]] = []
+    hops = [(n, st) for n, st in enumerate(plan.steps) if st.shown]
+    for position, (number, step) in enumerate(hops):
+        if step.output_tokens:
+            content.append({"type": "text", "text": _text_for(step.output_tokens)})
+        if step.declined and position + 1 < len(hops):
+            source = requested if number == _first_hop(plan) else step.model
+            content.append(_fallback_block(source, hops[position + 1][1].model, plan.category))
+    return content
+
+
+def _bill_steps(plan: _Plan, body: Mapping[str, Any], progress: Mapping[int, int] | None = None) -> list[dict[str, Any]]:
+    """The billed steps of a request: all of them, or (`progress`: step index -> output generated) those
+    reached before the client left, each with the output it had generated."""
+    out = []
+    for number, step in enumerate(plan.steps):
+        tokens = step.output_tokens if progress is None else progress.get(number)
+        if tokens is None or not step.billed:
+            continue
+        out.append({"type": step.kind, "model": step.model, "speed": step.speed, "usage": step.usage(tokens),
+                    "inference_geo": body.get("inference_geo")})
+    return out
 
 
 @contextlib.contextmanager
