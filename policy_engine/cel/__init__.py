@@ -42,7 +42,8 @@ import math
 from typing import Any, Callable, Mapping
 
 from . import runtime as _rt
-from .ast import parse_with_issues
+from .ast import MAX_EXPRESSION_CHARS, MAX_NESTING, parse_with_issues
+from .cache import PROGRAMS, CacheInfo
 from .compiler import DEFAULT_LIST_SIZE, DEFAULT_STRING_SIZE, STRING_COST_FACTOR, Compiler, _HELPER_NAMES, exact
 from .errors import CelError, CelEvaluationError, CelIssue, CelSyntaxError, CelTypeError, line_col
 from .runtime import CelTypeValue, CelUint
@@ -58,6 +59,7 @@ __all__ = [
     "TIMESTAMP", "DURATION", "TYPE", "ListType", "MapType", "ObjectType", "Field", "Nullable", "StringType",
     "BytesType", "CelError", "CelSyntaxError", "CelTypeError", "CelEvaluationError", "CelIssue", "CelUint",
     "CelTypeValue", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
+    "MAX_EXPRESSION_CHARS", "MAX_NESTING", "cache_info", "CacheInfo",
 ]
 
 
@@ -108,12 +110,39 @@ def compile(  # noqa: A001 - public API name
 
     Raises :class:`CelSyntaxError` or :class:`CelTypeError` listing every issue found.
     ``max_iterations`` bounds the comprehension iterations of one evaluation.
+
+    Programs are cached process-wide by source text and the structure of the declarations
+    (see :mod:`.cache`; :func:`cache_info` counts the compilations).
     """
+    options = (PROGRAMS.token(expect), max_cost, max_iterations)
+    return PROGRAMS.get_or_compile(  # type: ignore[no-any-return]
+        source, declarations, options,
+        lambda: _compile_guarded(source, declarations, expect, max_cost, max_iterations), (CelError,))
+
+
+def cache_info() -> CacheInfo:
+    """Hits and misses (= compilations) of the process-wide program cache."""
+    return PROGRAMS.info()
+
+
+def _compile_guarded(
+    source: str,
+    declarations: Mapping[str, CelType] | None,
+    expect: CelType | None,
+    max_cost: int | None,
+    max_iterations: int,
+) -> Program:
     try:
         return _compile(source, declarations, expect, max_cost, max_iterations)
-    except RecursionError:
+    except (RecursionError, SyntaxError) as exc:
+        # The nesting limit keeps both out of reach; this is the backstop that keeps them
+        # diagnostics (a SyntaxError here comes from CPython's parser of the generated code).
+        if isinstance(exc, SyntaxError) and "nested" not in str(exc.msg):
+            raise
         line, col = line_col(source, 0)
-        raise CelSyntaxError([CelIssue(0, line, col, "expression is nested too deeply", "syntax")], source) from None
+        issue = CelIssue(0, line, col, "expression is nested too deeply to compile", "nesting",
+                         "split it into variables (`variables:`)")
+        raise CelSyntaxError([issue], source) from None
 
 
 def _compile(

@@ -17,6 +17,17 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 
+MAX_EXPRESSION_CHARS = 100_000
+"""Longest CEL source compiled (cel-go's default code point limit): parse time and memory stay bounded."""
+MAX_NESTING = 64
+"""Deepest nesting of sub-expressions (calls, operators, selections, indexes, literals, macros).
+A chain of `||` or `&&` counts once, however long, and parentheses alone add nothing."""
+
+# Rules of cel-python's grammar that, with one child, only pass it through (a parenthesised
+# expression is ten of them): the builder descends them in a loop, not by recursion.
+_PASS_THROUGH = frozenset({"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication",
+                           "unary", "member", "primary", "paren_expr"})
+
 
 @dataclass(eq=False)
 class Node:
@@ -128,9 +139,14 @@ def _parser() -> Lark:
     return _PARSER
 
 
+class _TooDeep(Exception):
+    """Raised out of the builder's recursion once the nesting limit is crossed."""
+
+
 class _Builder:
     def __init__(self, source: str) -> None:
         self.src = source
+        self.depth = 0
         self.issues: list[CelIssue] = []
         self.semantic: list[CelIssue] = []  # macro misuse: reported with the type errors
 
@@ -138,7 +154,7 @@ class _Builder:
     def issue(self, offset: int, message: str, code: str = "syntax", hint: str | None = None, end: int | None = None) -> None:
         line, col = line_col(self.src, offset)
         issue = CelIssue(offset, line, col, message, code, hint, end)
-        (self.issues if code == "syntax" else self.semantic).append(issue)
+        (self.issues if code in ("syntax", "nesting", "size") else self.semantic).append(issue)
 
     def find_op(self, start: int, op: str) -> int:
         """Offset of operator ``op`` at/after ``start``, skipping whitespace and comments."""
@@ -160,7 +176,19 @@ class _Builder:
     def build(self, t: Tree | Token) -> Node:
         if isinstance(t, Token):  # pragma: no cover - grammar never hands bare tokens here
             raise AssertionError(t)
+        children = t.children
+        while len(children) == 1 and t.data in _PASS_THROUGH and isinstance(children[0], Tree):
+            t = children[0]
+            children = t.children
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            start = t.meta.start_pos
+            self.issue(start, f"expression is nested more than {MAX_NESTING} levels deep", "nesting",
+                       "split it into variables (`variables:`), or use `in [...]` or a map for long case analyses",
+                       end=t.meta.end_pos)
+            raise _TooDeep
         node = getattr(self, "t_" + t.data)(t)
+        self.depth -= 1
         if node.start < 0:
             node.start = t.meta.start_pos
         return node
@@ -178,13 +206,33 @@ class _Builder:
         return Cond(q, t.meta.end_pos, c, a, b)
 
     def _binary_chain(self, t: Tree, op: str, fn: str) -> Node:
+        """`a || b || c ...` (or `&&`): one level of nesting however long, built as a balanced tree.
+
+        The parse tree is left-deep, one level per operator. The two operators are associative
+        in CEL, errors included (true || error is true, either way round), so a balanced tree
+        means the same, and it keeps the checker's recursion and the generated Python's
+        parentheses at log2 of the chain's length.
+        """
         if len(t.children) == 1:
             return self.build(t.children[0])
-        left, right = t.children
-        a = self.build(left)
-        b = self.build(right)
-        off = self.find_op(left.meta.end_pos, op)
-        return Call(off, t.meta.end_pos, fn, [a, b])
+        rights: list[Tree] = []
+        while len(t.children) == 2 and t.data == t.children[0].data:  # walk the left spine, not recurse
+            rights.append(t.children[1])
+            t = t.children[0]
+        trees = [t, *reversed(rights)]
+        operands = [self.build(x) for x in trees]
+        ends = [x.meta.end_pos for x in trees]
+        return self._balanced(operands, ends, 0, len(operands), op, fn)
+
+    def _balanced(self, operands: list[Node], ends: list[int], lo: int, hi: int, op: str, fn: str) -> Node:
+        if hi - lo == 1:
+            return operands[lo]
+        mid = (lo + hi + 1) // 2  # the left half is the larger: two operands split 1 + 1, three 2 + 1
+        a = self._balanced(operands, ends, lo, mid, op, fn)
+        b = self._balanced(operands, ends, mid, hi, op, fn)
+        node = Call(self.find_op(ends[mid - 1], op), ends[hi - 1], fn, [a, b])
+        node.start = a.start
+        return node
 
     def t_conditionalor(self, t: Tree) -> Node:
         return self._binary_chain(t, "||", "_||_")
@@ -450,6 +498,10 @@ def parse(source: str) -> Node:
 def parse_with_issues(source: str) -> tuple[Node, list[CelIssue]]:
     """Parse; syntax problems raise, macro misuse is returned for the checker to report."""
     b = _Builder(source)
+    if len(source) > MAX_EXPRESSION_CHARS:
+        b.issue(0, f"expression is {len(source):,} characters long, over the limit of {MAX_EXPRESSION_CHARS:,}", "size",
+                "move long lists of values out of the expression, or split it into variables", end=len(source))
+        raise CelSyntaxError(b.issues, source)
     try:
         tree = _parser().parse(source)
     except UnexpectedInput as ex:
@@ -472,7 +524,10 @@ def parse_with_issues(source: str) -> tuple[Node, list[CelIssue]]:
     except LexError as ex:  # pragma: no cover - defensive
         b.issue(0, str(ex).splitlines()[0])
         raise CelSyntaxError(b.issues, source) from None
-    node = b.build(tree)
+    try:
+        node = b.build(tree)
+    except _TooDeep:
+        raise CelSyntaxError(b.issues, source) from None
     if b.issues:
         raise CelSyntaxError(b.issues, source)
     return node, b.semantic
