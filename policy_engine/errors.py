@@ -7,6 +7,7 @@ file:line:col, so the CLI, the library and editors all print the same thing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 Severity = Literal["error", "warning", "info"]
@@ -44,7 +45,7 @@ def caret_excerpt(source: str | None, line: int, col: int, end_col: int | None =
     """The source line with a caret under `col` (and tildes up to `end_col`)."""
     if source is None or line < 1:
         return ""
-    lines = source.splitlines()
+    lines = _lines(source)
     if line > len(lines):
         return ""
     text = lines[line - 1].expandtabs(1)
@@ -52,6 +53,13 @@ def caret_excerpt(source: str | None, line: int, col: int, end_col: int | None =
     text, col, width = clip_line(text, col, width)
     gutter = f"{line:>5} | "
     return f"{gutter}{text}\n{' ' * (len(gutter) - 2)}| {' ' * (col - 1)}^{'~' * (width - 1)}"
+
+
+@lru_cache(maxsize=8)
+def _lines(source: str) -> list[str]:
+    """`source.splitlines()`, once per source: a policy with thousands of findings would
+    otherwise split its whole text again for each one."""
+    return source.splitlines()
 
 
 EXCERPT_CHARS = 120

@@ -11,6 +11,7 @@ import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import LexError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
+from .cache import PARSES
 from .errors import CelIssue, CelSyntaxError, line_col
 
 INT64_MIN = -(2**63)
@@ -496,7 +497,42 @@ def parse(source: str) -> Node:
 
 
 def parse_with_issues(source: str) -> tuple[Node, list[CelIssue]]:
-    """Parse; syntax problems raise, macro misuse is returned for the checker to report."""
+    """Parse; syntax problems raise, macro misuse is returned for the checker to report.
+
+    The AST is the caller's own (the checker annotates it): a copy of the cached parse.
+    """
+    node, semantic = parsed(source)
+    return _copy(node), list(semantic)
+
+
+def parsed(source: str) -> tuple[Node, tuple[CelIssue, ...]]:
+    """The parse of `source`, cached process-wide and shared: read it, never annotate it.
+
+    `lint` reads the ASTs the compiler parsed a moment before, and a source compiled against
+    other declarations is not parsed again: lark's parse is most of what compiling costs.
+    """
+    found = PARSES.get(source)
+    if found is None:
+        node, semantic = _parse(source)
+        found = (node, tuple(semantic))
+        PARSES.put(source, found, len(source))
+    return found  # type: ignore[no-any-return]
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of an AST (its nodes, and the lists and tuples that hold them)."""
+    if isinstance(value, Node):
+        node = object.__new__(type(value))
+        node.__dict__.update({k: _copy(v) for k, v in value.__dict__.items()})
+        return node
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_copy(v) for v in value)
+    return value
+
+
+def _parse(source: str) -> tuple[Node, list[CelIssue]]:
     b = _Builder(source)
     if len(source) > MAX_EXPRESSION_CHARS:
         b.issue(0, f"expression is {len(source):,} characters long, over the limit of {MAX_EXPRESSION_CHARS:,}", "size",

@@ -46,10 +46,45 @@ class _Failure:
         raise self.cls(self.issues, self.source)  # a fresh exception: no traceback piles up
 
 
+class BoundedLru:
+    """A thread-safe LRU map bounded in entries and in the summed size (characters) of its values."""
+
+    def __init__(self, max_entries: int, max_chars: int) -> None:
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self.chars = 0
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> Any:
+        with self.lock:
+            found = self._items.get(key)
+            if found is None:
+                return None
+            self._items.move_to_end(key)
+            return found[0]
+
+    def put(self, key: Hashable, value: Any, chars: int) -> None:
+        with self.lock:
+            if key in self._items:
+                return
+            self._items[key] = (value, chars)
+            self.chars += chars
+            while len(self._items) > self.max_entries or (self.chars > self.max_chars and len(self._items) > 1):
+                _, (_, size) = self._items.popitem(last=False)
+                self.chars -= size
+
+    def clear(self) -> None:
+        with self.lock:
+            self._items.clear()
+            self.chars = 0
+
+
 class ProgramCache:
     def __init__(self) -> None:
-        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
-        self._chars = 0
+        self._entries = BoundedLru(MAX_ENTRIES, MAX_SOURCE_CHARS)
         self._lock = threading.Lock()
         self._tokens: dict[Hashable, int] = {}
         self._by_id: dict[int, tuple[CelType, int]] = {}
@@ -58,44 +93,29 @@ class ProgramCache:
         self.misses = 0
 
     def info(self) -> CacheInfo:
-        return CacheInfo(self.hits, self.misses, len(self._entries), self._chars)
+        return CacheInfo(self.hits, self.misses, len(self._entries), self._entries.chars)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._chars = 0
-            self.hits = self.misses = 0
+        self._entries.clear()
+        self.hits = self.misses = 0
 
     def get_or_compile(self, source: str, declarations: Mapping[str, CelType] | None, options: tuple[Any, ...],
                        compile_: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> Any:
         key = (source, self._decls_key(declarations), options)
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
+        found = self._entries.get(key)
         if found is not None:
+            self.hits += 1  # (a racy count under threads is fine: it is a statistic)
             if isinstance(found, _Failure):
                 found.raise_()
             return found
+        self.misses += 1
         try:
             value = compile_()
         except errors as exc:
-            self._store(key, source, _Failure(exc))
+            self._entries.put(key, _Failure(exc), len(source))
             raise
-        self._store(key, source, value)
+        self._entries.put(key, value, len(source))
         return value
-
-    def _store(self, key: Hashable, source: str, value: Any) -> None:
-        with self._lock:
-            self.misses += 1
-            if key in self._entries:
-                return
-            self._entries[key] = value
-            self._chars += len(source)
-            while len(self._entries) > MAX_ENTRIES or (self._chars > MAX_SOURCE_CHARS and len(self._entries) > 1):
-                old, _ = self._entries.popitem(last=False)
-                self._chars -= len(old[0])  # type: ignore[index]
 
     # -- keys ------------------------------------------------------------
     def _decls_key(self, declarations: Mapping[str, CelType] | None) -> Hashable:
@@ -135,3 +155,11 @@ class ProgramCache:
 
 
 PROGRAMS = ProgramCache()
+PARSES = BoundedLru(MAX_ENTRIES, MAX_SOURCE_CHARS)
+"""Source -> its AST and macro issues (see `ast.parsed`)."""
+
+
+def clear() -> None:
+    """Forget every cached parse and program (benchmarks measure cold compiles with it)."""
+    PROGRAMS.clear()
+    PARSES.clear()
