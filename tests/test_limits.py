@@ -69,3 +69,93 @@ def test_test_state_durations_must_be_finite(tmp_path: Path, capsys: pytest.Capt
                    f"    state: {{ratelimit: {{{field}}}}}\n    expect: {{speed: standard}}\n")
     status, out = _run(["lint", str(path)], capsys)
     assert status == 1 and "error[PE011]" in out and "state.ratelimit" in out
+
+
+# -- CEL limits, seen from a policy file ---------------------------------------------------------
+
+
+def _rule(when: str) -> str:
+    return f"rules:\n  - name: big\n    when: '{when}'\n    speed: fast\n"
+
+
+@pytest.mark.parametrize("terms", [201, 499, 500, 3000])
+def test_a_long_allowlist_lints_and_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str], terms: int) -> None:
+    chain = " || ".join(f'context.tenant == "t{i}"' for i in range(terms))
+    path = _policy(tmp_path, _rule(chain))
+    status, out = _run(["lint", str(path)], capsys)
+    assert "error[" not in out and status == 0, out[-2000:]  # was exit 3: SyntaxError, too many nested parentheses
+    engine = policy_engine.load(path)  # was a raw SyntaxError (or "nested too deeply" from 500 terms)
+    params = json.loads(REQUEST.read_text())
+    assert engine.decide(params, {"tenant": f"t{terms - 1}", "interactive": True}).rule == "big"
+    assert engine.decide(params, {"tenant": "nobody", "interactive": True}).rule == "default"
+
+
+def test_nesting_past_the_limit_is_pe105_at_its_position(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    when = "!" * 70 + "context.interactive"
+    path = _policy(tmp_path, _rule(when))
+    status, out = _run(["lint", str(path)], capsys)
+    column = 12 + 64  # the 65th level: the first '!' is at column 12 of line 6
+    assert status == 1 and f"{path}:6:{column}: error[PE105]: expression is nested more than 64 levels deep" in out
+    with pytest.raises(PolicyError) as info:
+        policy_engine.load(path)
+    assert [(d.code, d.line, d.col) for d in info.value.diagnostics] == [("PE105", 6, column)]
+
+
+def test_an_expression_over_the_size_limit_is_pe106(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    when = " || ".join(f'context.tenant == "tenant-{i:06d}"' for i in range(3000))  # about 105,000 characters
+    path = _policy(tmp_path, _rule(when))
+    status, out = _run(["lint", str(path)], capsys)
+    assert status == 1 and f"{path}:6:12: error[PE106]: expression is {len(when):,} characters long" in out
+    assert len(out) < 5_000  # the excerpt is clipped around the column, not 105 KB of source
+
+
+def test_one_nested_expression_of_the_maximum_size_is_refused_quickly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    when = "-(" * 33_000 + "1" + ")" * 33_000 + " > 0"
+    path = _policy(tmp_path, _rule(when))
+    status, out = _run(["lint", str(path)], capsys)
+    assert status == 1 and "error[PE105]" in out
+
+
+# -- nothing that did not change is compiled again -----------------------------------------------
+
+
+def test_linting_or_reloading_an_unchanged_policy_compiles_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from policy_engine import cel
+    from policy_engine.reload import ReloadingEngine
+
+    body = ("variables:\n  slow: request.input_tokens > 76543\nrules:\n"
+            "  - name: r\n    when: 'vars.slow && context.tenant == \"unique-to-this-test\"'\n    speed: fast\n"
+            "budgets:\n  - name: daily\n    key: \"has(context.tenant) ? context.tenant : 'x-unique'\"\n"
+            "    window: day\n    limit_usd: 10\n")
+    path = _policy(tmp_path, body)
+    first = cel.cache_info()
+    assert _run(["lint", str(path)], capsys)[0] == 0
+    compiled_once = cel.cache_info().misses
+    assert compiled_once > first.misses
+    assert _run(["lint", str(path)], capsys)[0] == 0
+    assert cel.cache_info().misses == compiled_once  # linted again: nothing compiled
+    with ReloadingEngine(path, poll_interval_s=0) as engine:
+        assert cel.cache_info().misses == compiled_once  # loaded: nothing compiled
+        path.write_text(path.read_text().replace("limit_usd: 10", "limit_usd: 20"))
+        assert engine.reload() is True  # a new version, the same expressions
+        assert cel.cache_info().misses == compiled_once
+        path.write_text(path.read_text().replace("76543", "76544"))
+        assert engine.reload() is True
+        assert cel.cache_info().misses == compiled_once + 1  # only the changed variable
+
+
+def test_an_analysis_too_large_to_finish_says_what_it_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from policy_engine.check import MAX_IMPLICATION_CHECKS
+
+    # Rules with no equality cannot be indexed: each is compared with all before it.
+    n = 2 * int(MAX_IMPLICATION_CHECKS ** 0.5) + 10
+    rules = "".join(f"  - name: r{i}\n    when: request.input_tokens > {i} || request.max_tokens > {10 * i}\n"
+                    f"    speed: fast\n" for i in range(n))
+    path = _policy(tmp_path, "rules:\n" + rules)
+    status, out = _run(["lint", str(path), "--format", "json"], capsys)
+    data = json.loads(out[:out.rindex("}") + 1])
+    [skipped] = [d for d in data["diagnostics"] if d["code"] == "PE290"]
+    assert skipped["severity"] == "warning" and "were not checked for PE202" in skipped["message"]
+    stopped_at = int(skipped["message"].split("rule 'r")[1].split("'")[0])
+    unreachable = [d for d in data["diagnostics"] if d["code"] == "PE202"]
+    assert unreachable and all(int(d["message"].split("rule 'r")[1].split("'")[0]) < stopped_at for d in unreachable)
