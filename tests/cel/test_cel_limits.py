@@ -177,3 +177,9 @@ def test_failures_are_cached_and_raised_afresh() -> None:
     assert cel.cache_info().misses == before.misses + 1
     assert errors[0] is not errors[1] and str(errors[0]) == str(errors[2])
     assert re.search(r"no matching overload for '\+'", str(errors[2]))
+
+
+@pytest.mark.parametrize("src", ["a.in", "x.null", "4 % in", "in"])
+def test_keywords_are_not_identifiers(src: str) -> None:
+    with pytest.raises(CelSyntaxError, match="unexpected token"):
+        cel.compile(src, None)
