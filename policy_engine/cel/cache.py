@@ -15,6 +15,7 @@ Failures are cached too (as their issues): a policy with an error lints again ju
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Mapping, NamedTuple
@@ -157,6 +158,18 @@ class ProgramCache:
 PROGRAMS = ProgramCache()
 PARSES = BoundedLru(MAX_ENTRIES, MAX_SOURCE_CHARS)
 """Source -> its AST and macro issues (see `ast.parsed`)."""
+
+
+def _after_fork_in_child() -> None:
+    # A fork while another thread held a lock (a reload compiling in the background) would
+    # leave the child's copy locked for ever: the child starts with fresh locks.
+    for lru in (PROGRAMS._entries, PARSES):
+        lru.lock = threading.Lock()
+    PROGRAMS._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def clear() -> None:

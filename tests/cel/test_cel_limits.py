@@ -4,7 +4,10 @@ documented limits reported as issues at a position, and repeated compiles hit th
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import threading
+import time
 
 import pytest
 
@@ -183,3 +186,38 @@ def test_failures_are_cached_and_raised_afresh() -> None:
 def test_keywords_are_not_identifiers(src: str) -> None:
     with pytest.raises(CelSyntaxError, match="unexpected token"):
         cel.compile(src, None)
+
+
+def test_a_fork_while_another_thread_holds_the_cache_lock_does_not_deadlock_the_child() -> None:
+    from policy_engine.cel import cache
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache.PARSES.lock, cache.PROGRAMS._entries.lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: compile something new, then report by exit status
+        try:
+            ok = cel.compile("x > 918273645", DECLS).evaluate({"x": 918273646}) is True
+        finally:
+            os._exit(0 if ok else 1)
+    release.set()
+    thread.join()
+    started = time.monotonic()
+    while time.monotonic() - started < 30:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child deadlocked on the compile cache's lock")
