@@ -115,9 +115,8 @@ def compile(  # noqa: A001 - public API name
     (see :mod:`.cache`; :func:`cache_info` counts the compilations).
     """
     options = (PROGRAMS.token(expect), max_cost, max_iterations)
-    return PROGRAMS.get_or_compile(  # type: ignore[no-any-return]
-        source, declarations, options,
-        lambda: _compile_guarded(source, declarations, expect, max_cost, max_iterations), (CelError,))
+    build = lambda: _compile(source, declarations, expect, max_cost, max_iterations)  # noqa: E731
+    return PROGRAMS.get_or_compile(source, declarations, options, lambda: _nesting_backstop(source, build), (CelError,))  # type: ignore[no-any-return]
 
 
 def cache_info() -> CacheInfo:
@@ -125,15 +124,9 @@ def cache_info() -> CacheInfo:
     return PROGRAMS.info()
 
 
-def _compile_guarded(
-    source: str,
-    declarations: Mapping[str, CelType] | None,
-    expect: CelType | None,
-    max_cost: int | None,
-    max_iterations: int,
-) -> Program:
+def _nesting_backstop(source: str, build: Callable[[], Program]) -> Program:
     try:
-        return _compile(source, declarations, expect, max_cost, max_iterations)
+        return build()
     except (RecursionError, SyntaxError) as exc:
         # The nesting limit keeps both out of reach; this is the backstop that keeps them
         # diagnostics (a SyntaxError here comes from CPython's parser of the generated code).
