@@ -159,3 +159,56 @@ def test_an_analysis_too_large_to_finish_says_what_it_skipped(tmp_path: Path, ca
     stopped_at = int(skipped["message"].split("rule 'r")[1].split("'")[0])
     unreachable = [d for d in data["diagnostics"] if d["code"] == "PE202"]
     assert unreachable and all(int(d["message"].split("rule 'r")[1].split("'")[0]) < stopped_at for d in unreachable)
+
+
+def test_the_indexed_unreachable_rule_search_finds_what_comparing_every_pair_finds() -> None:
+    """`_Earlier.covering` looks only at candidates; on random conditions it must name the same
+    earlier rule as the pairwise search it replaced (which compared every earlier rule)."""
+    import random
+
+    from policy_engine.cel.ast import parsed
+    from policy_engine.check import _dnf, _Earlier, _Unknown
+
+    rng = random.Random(15)
+    fields = ["context.tenant", "request.model", "request.input_tokens", "context.interactive", "vars.v"]
+
+    def atom() -> str:
+        f = rng.choice(fields)
+        if f in ("context.tenant", "request.model"):
+            pick = rng.random()
+            if pick < 0.4:
+                return f'{f} == "{rng.choice("abc")}"'
+            if pick < 0.55:
+                return f'{f} != "{rng.choice("abc")}"'
+            if pick < 0.8:
+                return f"{f} in [{', '.join(repr(x) for x in rng.sample('abc', rng.randint(1, 3)))}]"
+            return f'{f}.startsWith("{rng.choice(["a", "ab", "b"])}")'
+        if f in ("context.interactive", "vars.v"):
+            return rng.choice([f, "!" + f])
+        return f"{f} {rng.choice(['<', '<=', '>', '>=', '==', '!='])} {rng.randint(0, 4)}"
+
+    def condition(depth: int = 0) -> str:
+        pick = rng.random()
+        if depth < 2 and pick < 0.3:
+            return f"({condition(depth + 1)}) || ({condition(depth + 1)})"
+        if depth < 2 and pick < 0.6:
+            return f"{condition(depth + 1)} && {condition(depth + 1)}"
+        return atom()
+
+    found = 0
+    for _ in range(300):
+        earlier, pairwise = _Earlier(), []
+        for i in range(rng.randint(2, 14)):
+            try:
+                dnf = _dnf(parsed(condition())[0], "")
+            except _Unknown:
+                continue
+            alive = [c for c in dnf if not c.contradictory()]
+            if not alive:
+                continue
+            expected = next((n for n, d in pairwise if all(any(c.implies(e) for e in d) for c in alive)), None)
+            assert earlier.covering(alive) == expected
+            found += expected is not None
+            earlier.add(f"r{i}", alive)
+            pairwise.append((f"r{i}", alive))
+    assert found > 100  # the random policies do have covered rules
