@@ -25,7 +25,7 @@ MAX_NESTING = 64
 A chain of `||` or `&&` counts once, however long, and parentheses alone add nothing."""
 
 # Rules of cel-python's grammar that, with one child, only pass it through (a parenthesised
-# expression is ten of them): the builder descends them in a loop, not by recursion.
+# expression is ten of them): inlined (`?rule`), so the builder never recurses through them.
 _PASS_THROUGH = frozenset({"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication",
                            "unary", "member", "primary", "paren_expr"})
 
@@ -125,8 +125,8 @@ def _inline_pass_through(grammar: str) -> str:
     """Mark the pass-through rules `?rule` (lark's "inline when it has one child").
 
     Parsing `a.b > 1` otherwise builds a tree through every precedence level for each operand,
-    some 36 trees for a typical policy expression: that tree building was a third of the
-    parse. The builder accepts either shape."""
+    some 36 trees for a typical policy expression, and the builder would recurse through
+    each level: ten Python frames for every pair of parentheses."""
     for name in _PASS_THROUGH:
         grammar, found = re.subn(rf"^{name}(\s*):", rf"?{name}\1:", grammar, count=1, flags=re.M)
         if not found:  # pragma: no cover - a cel-python upgrade renamed a rule
@@ -193,10 +193,6 @@ class _Builder:
     def build(self, t: Tree | Token) -> Node:
         if isinstance(t, Token):  # pragma: no cover - grammar never hands bare tokens here
             raise AssertionError(t)
-        children = t.children
-        while len(children) == 1 and t.data in _PASS_THROUGH and isinstance(children[0], Tree):
-            t = children[0]
-            children = t.children
         self.depth += 1
         if self.depth > MAX_NESTING:
             start = t.meta.start_pos
