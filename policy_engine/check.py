@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from . import cel
 from .catalog import Catalog, ModelEntry, load_catalog
-from .cel.ast import Call, Cond, Ident, ListLit, Lit, Node, Select, parse_with_issues
+from .cel.ast import Call, Cond, Ident, ListLit, Lit, Node, Select, parsed
 from .compile import MAX_EXPRESSION_COST, CompiledPolicy, compile_policy
 from .errors import Diagnostic, PolicyError, did_you_mean
 from .load import Document, parse_policy
@@ -73,6 +73,7 @@ CODES: dict[str, tuple[str, str]] = {
     "PE224": ("error", "catalog price without its source or as_of"),
     "PE230": ("warning", "budget key can be empty or fail to evaluate"),
     "PE240": ("warning", "variable is never used"),
+    "PE290": ("warning", "policy too large for the unreachable-rule analysis: the rules after this one were not checked"),
     "PE301": ("warning", "policy has no tests"),
     "PE302": ("warning", "no test reaches this rule"),
     "PE303": ("error", "test expects a rule, guardrail or budget the policy does not have"),
@@ -379,6 +380,71 @@ class _Unknown(Exception):
     """A condition outside what the analysis models (too many conjuncts)."""
 
 
+MAX_IMPLICATION_CHECKS = 300_000
+"""Conjunct comparisons the unreachable-rule analysis (PE202) considers in one policy at most.
+
+Earlier rules are indexed by the values of one equality each, so a rule is compared only
+with the rules that could cover it, and lint stays linear in the rule count for policies
+whose rules test `==`/`in` on some field. Rules without any equality are compared with
+each other; past this budget the rest is skipped, and PE290 says from which rule on."""
+
+
+class _Earlier:
+    """The live rules so far, indexed to find the first one that covers a new rule."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.always: str | None = None  # the first rule with a condition that always holds
+        self.by_value: dict[tuple[str, Any], list[tuple[int, _Conj]]] = {}
+        self.unanchored: list[tuple[int, _Conj]] = []
+        self.checks = 0
+        self.over_budget = False
+
+    def add(self, name: str, conjuncts: list[_Conj]) -> None:
+        position = len(self.names)
+        self.names.append(name)
+        for e in conjuncts:
+            if not e.fields and not e.opaque and self.always is None:
+                self.always = name
+            # `c implies e` needs c's values of e's equality field inside e's set: one of them finds e.
+            anchor = next((p for p, con in e.fields.items() if con.eq is not None and not con.mixed), None)
+            if anchor is None:
+                self.unanchored.append((position, e))
+                continue
+            for value in e.fields[anchor].eq or ():
+                self.by_value.setdefault((anchor, value), []).append((position, e))
+
+    def covering(self, conjuncts: list[_Conj]) -> str | None:
+        """The first earlier rule some conjunct of which every one of `conjuncts` implies."""
+        common: set[int] | None = None
+        for c in conjuncts:
+            candidates = list(self.unanchored)
+            for path, con in c.fields.items():
+                values = con.values()
+                if values:
+                    candidates.extend(self.by_value.get((path, next(iter(values))), ()))
+            self.checks += len(candidates)
+            if self.checks > MAX_IMPLICATION_CHECKS:
+                self.over_budget = True
+                return None
+            here: set[int] = set()
+            for position, e in candidates:
+                if position not in here and (common is None or position in common) and c.implies(e):
+                    here.add(position)
+            common = here if common is None else common & here
+            if not common:
+                return None
+        return self.names[min(common)] if common else None
+
+
+def _parsed(source: str) -> Node | None:
+    """The shared AST of `source` (the analyses only read it), None when it does not parse."""
+    try:
+        return parsed(source)[0]
+    except (cel.CelError, RecursionError):
+        return None
+
+
 def _dnf(node: Node, source: str) -> list[_Conj]:
     """The condition as OR of ANDs of atoms."""
     if isinstance(node, Call) and node.function == "_||_":
@@ -495,16 +561,16 @@ class _Analysis:
     def _conditions(self) -> list[tuple[int, str, list[_Conj] | None]]:
         result = []
         for index, rule in enumerate(self.policy.rules):
+            node = _parsed(rule.when)
             try:
-                node, _ = parse_with_issues(rule.when)
-                result.append((index, rule.name, _dnf(node, rule.when)))
-            except (_Unknown, cel.CelError, RecursionError):
+                result.append((index, rule.name, None if node is None else _dnf(node, rule.when)))
+            except (_Unknown, RecursionError):
                 result.append((index, rule.name, None))
         return result
 
     def rules(self) -> Iterator[Diagnostic]:
         conditions = self._conditions()
-        live: list[tuple[int, str, list[_Conj]]] = []
+        earlier = _Earlier()
         for index, name, dnf in conditions:
             path = ("rules", index, "when")
             if dnf is None:
@@ -514,18 +580,24 @@ class _Analysis:
                 yield self.at(path, None, "PE203", f"rule '{name}' can never match: its condition is contradictory",
                               "check the comparison operators and bounds")
                 continue
-            always = next((n for _, n, d in live if any(not c.fields and not c.opaque for c in d)), None)
-            if always is not None:
+            if earlier.always is not None:
                 yield self.at(("rules", index, "name"), None, "PE201",
-                              f"rule '{name}' is unreachable: rule '{always}' before it always matches",
+                              f"rule '{name}' is unreachable: rule '{earlier.always}' before it always matches",
                               "move this rule above it, or narrow the earlier rule's condition")
-            else:
-                cover = next((n for _, n, d in live if all(any(c.implies(e) for e in d) for c in alive)), None)
+            elif not earlier.over_budget:
+                cover = earlier.covering(alive)
                 if cover is not None:
                     yield self.at(("rules", index, "name"), None, "PE202",
                                   f"rule '{name}' is unreachable: every request it matches is matched first by rule '{cover}'",
                                   "reorder the rules so the narrower one comes first, or remove this one")
-            live.append((index, name, alive))
+                elif earlier.over_budget:
+                    yield self.at(("rules", index, "name"), None, "PE290",
+                                  f"unreachable-rule analysis stopped at rule '{name}' ({index + 1} of "
+                                  f"{len(self.policy.rules)}): over its budget of {MAX_IMPLICATION_CHECKS:,} condition "
+                                  "comparisons; this rule and the ones after it were not checked for PE202",
+                                  "split the policy, or give rules an equality (==, in) on a common field such as "
+                                  "context.tenant, which the analysis indexes")
+            earlier.add(name, alive)
             rule = self.policy.rules[index]
             if rule.speed == "fast":
                 blocked = [self._guardrail(c) for c in alive]
@@ -575,9 +647,8 @@ class _Analysis:
         known = self._model_names()
         seen: set[tuple[tuple[Any, ...], int]] = set()
         for path, source in self._expressions():
-            try:
-                root, _ = parse_with_issues(source)
-            except (cel.CelError, RecursionError):
+            root = _parsed(source)
+            if root is None:
                 continue
             for lit, prefix in _model_literals(root):
                 if (path, lit.offset) in seen:
@@ -639,10 +710,12 @@ class _Analysis:
     def budget_keys(self) -> Iterator[Diagnostic]:
         for index, budget in enumerate(self.policy.budgets):
             problems: list[tuple[Node, str]] = []
+            root = _parsed(budget.key)
+            if root is None:
+                continue
             try:
-                root, _ = parse_with_issues(budget.key)
                 _key_risks(root, frozenset(), problems)
-            except (cel.CelError, RecursionError):
+            except RecursionError:
                 continue
             for node, why in problems[:1]:
                 yield self.at(("budgets", index, "key"), max(node.start, 0), "PE230",

@@ -32,6 +32,8 @@ _CEL_CODES = {
     "unknown-function": "PE101",
     "result-type": "PE103",
     "cost": "PE104",
+    "nesting": "PE105",
+    "size": "PE106",
 }
 """CEL issue kinds -> stable policy codes; every other type error is PE102."""
 

@@ -7,6 +7,7 @@ file:line:col, so the CLI, the library and editors all print the same thing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 Severity = Literal["error", "warning", "info"]
@@ -44,13 +45,39 @@ def caret_excerpt(source: str | None, line: int, col: int, end_col: int | None =
     """The source line with a caret under `col` (and tildes up to `end_col`)."""
     if source is None or line < 1:
         return ""
-    lines = source.splitlines()
+    lines = _lines(source)
     if line > len(lines):
         return ""
     text = lines[line - 1].expandtabs(1)
     width = max(1, (end_col - col) if end_col and end_col > col else 1)
+    text, col, width = clip_line(text, col, width)
     gutter = f"{line:>5} | "
     return f"{gutter}{text}\n{' ' * (len(gutter) - 2)}| {' ' * (col - 1)}^{'~' * (width - 1)}"
+
+
+@lru_cache(maxsize=8)
+def _lines(source: str) -> list[str]:
+    """`source.splitlines()`, once per source: a policy with thousands of findings would
+    otherwise split its whole text again for each one."""
+    return source.splitlines()
+
+
+EXCERPT_CHARS = 120
+"""Longest source line an excerpt shows; a longer one is cut around the column (a one-line,
+100 KB expression would otherwise be printed whole, tildes and all)."""
+
+
+def clip_line(text: str, col: int, width: int) -> tuple[str, int, int]:
+    """`text` cut to at most EXCERPT_CHARS around 1-based `col`, marked with '...'; the caret's new col and width."""
+    if len(text) <= EXCERPT_CHARS:
+        return text, col, width
+    start = max(0, min(col - 1 - EXCERPT_CHARS // 3, len(text) - EXCERPT_CHARS))
+    end = start + EXCERPT_CHARS
+    head = "..." if start > 0 else ""
+    tail = "..." if end < len(text) else ""
+    col = col - start + len(head)
+    width = max(1, min(width, EXCERPT_CHARS - (col - 1 - len(head))))
+    return head + text[start:end] + tail, col, width
 
 
 class PolicyEngineError(Exception):

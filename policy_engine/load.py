@@ -23,13 +23,17 @@ from .errors import Diagnostic, PolicyError, did_you_mean
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["Document", "read_yaml", "validate", "load_policy", "parse_policy", "MAX_FILE_BYTES", "MAX_NODES"]
+__all__ = ["Document", "read_yaml", "validate", "load_policy", "parse_policy", "MAX_FILE_BYTES", "MAX_NODES", "MAX_EXPANDED_CHARS"]
 
 MAX_FILE_BYTES = 1_048_576
 """A policy is config, not data: anything larger is a mistake or an attack."""
 
 MAX_NODES = 100_000
 """Nodes visited while expanding aliases; a 'billion laughs' file blows past it at once."""
+
+MAX_EXPANDED_CHARS = 4 * MAX_FILE_BYTES
+"""Characters of scalar text after expanding aliases. Few values can still be huge: one long
+string aliased into every rule is parsed, validated and compiled once per alias."""
 
 Path_ = tuple[object, ...]
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -179,6 +183,7 @@ class _Builder:
         self.values: dict[Path_, _Span] = {}
         self.keys: dict[Path_, _Span] = {}
         self.visited = 0
+        self.chars = 0  # scalar text seen, counting each alias expansion again
         self.active: set[int] = set()
         self.loader = yaml.SafeLoader(text)
 
@@ -211,12 +216,11 @@ class _Builder:
     def _node(self, node: yaml.Node, path: Path_) -> Any:
         self.visited += 1
         if self.visited > MAX_NODES:
-            # The aliased node sits where its anchor is; the key being expanded is what to fix.
-            top = self.keys.get(path[:1])
-            line, col = self._line_col(top.start) if top else (node.start_mark.line + 1, node.start_mark.column + 1)
-            raise _TooBig(Diagnostic(self.name, line, col, "PE003",
-                f"'{path[0] if path else 'document'}' expands to more than {MAX_NODES} values, which looks like an alias bomb",
-                "remove the anchors (&) and aliases (*) that repeat large structures"))
+            raise self._bomb(node, path, f"more than {MAX_NODES} values")
+        if isinstance(node, yaml.ScalarNode):
+            self.chars += len(node.value)
+            if self.chars > MAX_EXPANDED_CHARS:
+                raise self._bomb(node, path, f"more than {MAX_EXPANDED_CHARS:,} characters of text")
         if id(node) in self.active:
             raise _TooBig(self._diag(node, "PE003", "recursive alias: a value contains itself", "remove the alias that points at its own ancestor"))
         self.values[path] = _Span(node.start_mark.index, node.end_mark.index, getattr(node, "style", None) if isinstance(node, yaml.ScalarNode) else None)
@@ -234,6 +238,14 @@ class _Builder:
         finally:
             self.active.discard(id(node))
 
+    def _bomb(self, node: yaml.Node, path: Path_, what: str) -> _TooBig:
+        # The aliased node sits where its anchor is; the key being expanded is what to fix.
+        top = self.keys.get(path[:1])
+        line, col = self._line_col(top.start) if top else (node.start_mark.line + 1, node.start_mark.column + 1)
+        return _TooBig(Diagnostic(self.name, line, col, "PE003",
+            f"'{path[0] if path else 'document'}' expands to {what}, which looks like an alias bomb",
+            "remove the anchors (&) and aliases (*) that repeat large values"))
+
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
         own = list(node.value)
         if any(k.tag == "tag:yaml.org,2002:merge" for k, _ in own):
@@ -248,6 +260,9 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 self.problems.append(self._diag(key_node, "PE001", "mapping keys must be plain scalars", "quote the key"))
                 continue
+            self.chars += len(key_node.value)
+            if self.chars > MAX_EXPANDED_CHARS:
+                raise self._bomb(key_node, path, f"more than {MAX_EXPANDED_CHARS:,} characters of text")
             key = self.loader.construct_object(key_node, deep=True)
             try:
                 hash(key)

@@ -8,6 +8,7 @@ CEL expressions stay strings here; `compile` turns them into code.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from decimal import Decimal
@@ -31,7 +32,15 @@ __all__ = [
 
 Speed = Literal["fast", "standard"]
 Cel = Annotated[str, Field(min_length=1, description="A CEL expression.", json_schema_extra={"format": "cel"})]
-Usd = Annotated[Decimal, Field(ge=0, decimal_places=6, description="An amount in US dollars (at most 6 decimals).")]
+MAX_USD = 1_000_000_000
+"""The largest amount a policy may state: $1e9 is 1e15 micro-dollars, far inside the int64 the
+ledgers store, so no sum of limits and spend can overflow or turn into a float."""
+MAX_DURATION_S = 3650 * 86_400
+"""The longest duration a policy may state (ten years): clocks and stores handle it exactly."""
+
+Usd = Annotated[Decimal, Field(ge=0, le=MAX_USD, decimal_places=6, allow_inf_nan=False,
+                               description="An amount in US dollars (at most 6 decimals, at most $1,000,000,000).")]
+Seconds = Annotated[float, Field(ge=0, le=MAX_DURATION_S, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")]
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -41,16 +50,19 @@ _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 def parse_duration(text: str | int | float) -> float:
     """'90s', '15m', '1h30m', '2d' or a number of seconds -> seconds."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError("a duration must be positive")
-        return float(text)
+        return _in_range(float(text) if text <= MAX_DURATION_S else math.inf)  # float(10**400) would overflow
     match = _DURATION.match(str(text).strip())
     if not match or not any(match.groups()):
         raise ValueError(f"'{text}' is not a duration; write it like '90s', '15m', '1h30m' or '2d'")
     d, h, m, s = (int(g or 0) for g in match.groups())
-    seconds = float(((d * 24 + h) * 60 + m) * 60 + s)
-    if seconds <= 0:
+    return _in_range(float(((d * 24 + h) * 60 + m) * 60 + s))
+
+
+def _in_range(seconds: float) -> float:
+    if not seconds > 0:  # also NaN
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"a duration must be at most {MAX_DURATION_S // 86_400} days")
     return seconds
 
 
@@ -148,14 +160,14 @@ class TestRateLimitState(_Model):
     output_tokens_remaining: int | None = Field(default=None, ge=0, description="Fast output tokens left.")
     input_tokens_limit: int | None = Field(default=None, ge=0, description="Fast input tokens per minute.")
     output_tokens_limit: int | None = Field(default=None, ge=0, description="Fast output tokens per minute.")
-    reset_in_s: float | None = Field(default=None, ge=0, description="Seconds until the limits are replenished.")
-    seconds_since_429: float | None = Field(default=None, ge=0, description="Seconds since the last fast 429.")
+    reset_in_s: Seconds | None = Field(default=None, description="Seconds until the limits are replenished.")
+    seconds_since_429: Seconds | None = Field(default=None, description="Seconds since the last fast 429.")
 
 
 class TestConversationState(_Model):
     last_speed: Speed | None = Field(default=None, description="Speed of the conversation's previous request.")
     cached_prefix_tokens: int = Field(default=0, ge=0, description="Input tokens of the previous request.")
-    age_s: float = Field(default=0, ge=0, description="Seconds since the conversation's last decision.")
+    age_s: Seconds = Field(default=0, description="Seconds since the conversation's last decision.")
 
 
 class TestState(_Model):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from policy_engine.errors import PolicyError
-from policy_engine.load import MAX_FILE_BYTES, load_policy, parse_policy, read_yaml
+from policy_engine.load import MAX_EXPANDED_CHARS, MAX_FILE_BYTES, load_policy, parse_policy, read_yaml
 
 GOOD = """\
 version: 1
@@ -28,6 +28,12 @@ def problems(tmp_path: Path, text: str | bytes) -> list[tuple[int, int, str, str
         assert d.file == str(path)
     assert "Traceback" not in str(info.value)
     return [(d.line, d.col, d.code, d.message) for d in info.value.diagnostics]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
 
 
 def test_good_policy_loads(tmp_path: Path) -> None:
@@ -86,6 +92,23 @@ def test_alias_bomb(tmp_path: Path) -> None:
     [(line, col, code, message)] = problems(tmp_path, "\n".join(lines) + "\n")
     assert code == "PE003" and "alias bomb" in message
     assert (line, col) == (5, 1) and message.startswith("'a4' expands")
+
+
+def test_one_long_string_aliased_into_many_rules(tmp_path: Path) -> None:
+    """Few values, but 200 copies of 400 KB: the expanded size is what is limited, at once."""
+    big = "x" * 400_000
+    rules = "".join(f"  - name: r{i}\n    when: *big\n    speed: fast\n" for i in range(1, 200))
+    text = (f"version: 1\nname: demo\nrules:\n  - name: r0\n    when: &big 'request.model != \"{big}\"'\n"
+            f"    speed: fast\n{rules}")
+    [(line, col, code, message)] = problems(tmp_path, text)
+    assert code == "PE003" and (line, col) == (3, 1)
+    assert message == f"'rules' expands to more than {MAX_EXPANDED_CHARS:,} characters of text, which looks like an alias bomb"
+
+
+def test_aliases_within_the_expanded_limit_still_load(tmp_path: Path) -> None:
+    text = GOOD + "description: &d " + "y" * 1000 + "\nowner: *d\n"
+    policy = load_policy(_write(tmp_path, text))
+    assert policy.owner == policy.description == "y" * 1000
 
 
 def test_recursive_alias(tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ import math
 from typing import Any, Callable, Mapping
 
 from . import runtime as _rt
-from .ast import parse_with_issues
+from .ast import MAX_EXPRESSION_CHARS, MAX_NESTING, parse_with_issues
+from .cache import PROGRAMS, CacheInfo
 from .compiler import DEFAULT_LIST_SIZE, DEFAULT_STRING_SIZE, STRING_COST_FACTOR, Compiler, _HELPER_NAMES, exact
 from .errors import CelError, CelEvaluationError, CelIssue, CelSyntaxError, CelTypeError, line_col
 from .runtime import CelCIDR, CelIP, CelOptional, CelTypeValue, CelUint
@@ -61,7 +62,8 @@ __all__ = [
     "compile", "Program", "CelType", "INT", "UINT", "DOUBLE", "STRING", "BOOL", "BYTES", "NULL", "DYN",
     "TIMESTAMP", "DURATION", "TYPE", "ListType", "MapType", "ObjectType", "Field", "Nullable", "StringType",
     "BytesType", "CelError", "CelSyntaxError", "CelTypeError", "CelEvaluationError", "CelIssue", "CelUint",
-    "CelTypeValue", "CelOptional", "CelIP", "CelCIDR", "OptionalType", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE", "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR",
+    "CelTypeValue", "CelOptional", "CelIP", "CelCIDR", "OptionalType", "DEFAULT_LIST_SIZE", "DEFAULT_STRING_SIZE",
+    "DEFAULT_MAX_ITERATIONS", "STRING_COST_FACTOR", "MAX_EXPRESSION_CHARS", "MAX_NESTING", "cache_info", "CacheInfo",
 ]
 
 
@@ -115,12 +117,32 @@ def compile(  # noqa: A001 - public API name
     ``max_iterations`` bounds the comprehension iterations of one evaluation. ``container``
     is cel-spec's namespace for name resolution: in container ``a.b``, ``x`` refers to the
     first of ``a.b.x``, ``a.x``, ``x`` that is declared (``.x`` always means ``x``).
+
+    Programs are cached process-wide by source text, the structure of the declarations and
+    the options, container included (see :mod:`.cache`; :func:`cache_info` counts the compilations).
     """
+    options = (PROGRAMS.token(expect), max_cost, max_iterations, container)
+    build = lambda: _compile(source, declarations, expect, max_cost, max_iterations, container)  # noqa: E731
+    return PROGRAMS.get_or_compile(source, declarations, options, lambda: _nesting_backstop(source, build), (CelError,))  # type: ignore[no-any-return]
+
+
+def cache_info() -> CacheInfo:
+    """Hits and misses (= compilations) of the process-wide program cache."""
+    return PROGRAMS.info()
+
+
+def _nesting_backstop(source: str, build: Callable[[], Program]) -> Program:
     try:
-        return _compile(source, declarations, expect, max_cost, max_iterations, container)
-    except RecursionError:
+        return build()
+    except (RecursionError, SyntaxError) as exc:
+        # The nesting limit keeps both out of reach; this is the backstop that keeps them
+        # diagnostics (a SyntaxError here comes from CPython's parser of the generated code).
+        if isinstance(exc, SyntaxError) and "nested" not in str(exc.msg):
+            raise
         line, col = line_col(source, 0)
-        raise CelSyntaxError([CelIssue(0, line, col, "expression is nested too deeply", "syntax")], source) from None
+        issue = CelIssue(0, line, col, "expression is nested too deeply to compile", "nesting",
+                         "split it into variables (`variables:`)")
+        raise CelSyntaxError([issue], source) from None
 
 
 def _compile(

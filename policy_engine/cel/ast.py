@@ -11,11 +11,23 @@ import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import LexError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
+from .cache import PARSES
 from .errors import CelIssue, CelSyntaxError, line_col
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
+
+MAX_EXPRESSION_CHARS = 100_000
+"""Longest CEL source compiled (cel-go's default code point limit): parse time and memory stay bounded."""
+MAX_NESTING = 64
+"""Deepest nesting of sub-expressions (calls, operators, selections, indexes, literals, macros).
+A chain of `||` or `&&` counts once, however long, and parentheses alone add nothing."""
+
+# Rules of cel-python's grammar that, with one child, only pass it through (a parenthesised
+# expression is ten of them): inlined (`?rule`), so the builder never recurses through them.
+_PASS_THROUGH = frozenset({"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication",
+                           "unary", "member", "primary", "paren_expr"})
 
 
 @dataclass(eq=False)
@@ -191,12 +203,25 @@ def _field_name(tok: Token) -> str:
     return text[1:-1] if tok.type == "QUOTED_IDENT" else text
 
 
+def _inline_pass_through(grammar: str) -> str:
+    """Mark the pass-through rules `?rule` (lark's "inline when it has one child").
+
+    Parsing `a.b > 1` otherwise builds a tree through every precedence level for each operand,
+    some 36 trees for a typical policy expression, and the builder would recurse through
+    each level: ten Python frames for every pair of parentheses."""
+    for name in _PASS_THROUGH:
+        grammar, found = re.subn(rf"^{name}(\s*):", rf"?{name}\1:", grammar, count=1, flags=re.M)
+        if not found:  # pragma: no cover - a cel-python upgrade renamed a rule
+            raise RuntimeError(f"cel-python's grammar changed: no rule {name!r} to inline")
+    return grammar
+
+
 def _parser() -> Lark:
     global _PARSER
     if _PARSER is None:
         import celpy.celparser as cp
 
-        grammar = _extend_grammar((Path(cp.__file__).parent / "cel.lark").read_text())
+        grammar = _inline_pass_through(_extend_grammar((Path(cp.__file__).parent / "cel.lark").read_text()))
         _PARSER = Lark(
             grammar,
             parser="lalr",
@@ -206,13 +231,21 @@ def _parser() -> Lark:
             propagate_positions=True,
             maybe_placeholders=False,
             priority="invert",
+            # The basic lexer tokenises a third faster than lark's default contextual one, which
+            # also let the keywords `in` and `null` through as identifiers (`a.in`, `4 % in`).
+            lexer="basic",
         )
     return _PARSER
+
+
+class _TooDeep(Exception):
+    """Raised out of the builder's recursion once the nesting limit is crossed."""
 
 
 class _Builder:
     def __init__(self, source: str) -> None:
         self.src = source
+        self.depth = 0
         self.issues: list[CelIssue] = []
         self.semantic: list[CelIssue] = []  # macro misuse: reported with the type errors
 
@@ -220,7 +253,7 @@ class _Builder:
     def issue(self, offset: int, message: str, code: str = "syntax", hint: str | None = None, end: int | None = None) -> None:
         line, col = line_col(self.src, offset)
         issue = CelIssue(offset, line, col, message, code, hint, end)
-        (self.issues if code == "syntax" else self.semantic).append(issue)
+        (self.issues if code in ("syntax", "nesting", "size") else self.semantic).append(issue)
 
     def find_op(self, start: int, op: str) -> int:
         """Offset of operator ``op`` at/after ``start``, skipping whitespace and comments."""
@@ -242,7 +275,15 @@ class _Builder:
     def build(self, t: Tree | Token) -> Node:
         if isinstance(t, Token):  # pragma: no cover - grammar never hands bare tokens here
             raise AssertionError(t)
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            start = t.meta.start_pos
+            self.issue(start, f"expression is nested more than {MAX_NESTING} levels deep", "nesting",
+                       "split it into variables (`variables:`), or use `in [...]` or a map for long case analyses",
+                       end=t.meta.end_pos)
+            raise _TooDeep
         node = getattr(self, "t_" + t.data)(t)
+        self.depth -= 1
         if node.start < 0:
             node.start = t.meta.start_pos
         return node
@@ -260,13 +301,34 @@ class _Builder:
         return Cond(q, t.meta.end_pos, c, a, b)
 
     def _binary_chain(self, t: Tree, op: str, fn: str) -> Node:
+        """`a || b || c ...` (or `&&`): one level of nesting however long, built as a balanced tree.
+
+        The parse tree is left-deep, one level per operator. The two operators are associative
+        in CEL, errors included (true || error is true, either way round), so a balanced tree
+        means the same, and it keeps the checker's recursion and the generated Python's
+        parentheses at log2 of the chain's length.
+        """
         if len(t.children) == 1:
             return self.build(t.children[0])
-        left, right = t.children
-        a = self.build(left)
-        b = self.build(right)
-        off = self.find_op(left.meta.end_pos, op)
-        return Call(off, t.meta.end_pos, fn, [a, b])
+        rule = t.data
+        rights: list[Tree] = []
+        while t.data == rule and len(t.children) == 2:  # walk the left spine, not recurse
+            rights.append(t.children[1])
+            t = t.children[0]
+        trees = [t, *reversed(rights)]
+        operands = [self.build(x) for x in trees]
+        ends = [x.meta.end_pos for x in trees]
+        return self._balanced(operands, ends, 0, len(operands), op, fn)
+
+    def _balanced(self, operands: list[Node], ends: list[int], lo: int, hi: int, op: str, fn: str) -> Node:
+        if hi - lo == 1:
+            return operands[lo]
+        mid = (lo + hi + 1) // 2  # the left half is the larger: two operands split 1 + 1, three 2 + 1
+        a = self._balanced(operands, ends, lo, mid, op, fn)
+        b = self._balanced(operands, ends, mid, hi, op, fn)
+        node = Call(self.find_op(ends[mid - 1], op), ends[hi - 1], fn, [a, b])
+        node.start = a.start
+        return node
 
     def t_conditionalor(self, t: Tree) -> Node:
         return self._binary_chain(t, "||", "_||_")
@@ -582,8 +644,47 @@ def parse(source: str) -> Node:
 
 
 def parse_with_issues(source: str) -> tuple[Node, list[CelIssue]]:
-    """Parse; syntax problems raise, macro misuse is returned for the checker to report."""
+    """Parse; syntax problems raise, macro misuse is returned for the checker to report.
+
+    The AST is the caller's own (the checker annotates it): a copy of the cached parse.
+    """
+    node, semantic = parsed(source)
+    return _copy(node), list(semantic)
+
+
+def parsed(source: str) -> tuple[Node, tuple[CelIssue, ...]]:
+    """The parse of `source`, cached process-wide and shared: read it, never annotate it.
+
+    `lint` reads the ASTs the compiler parsed a moment before, and a source compiled against
+    other declarations is not parsed again: lark's parse is most of what compiling costs.
+    """
+    found = PARSES.get(source)
+    if found is None:
+        node, semantic = _parse(source)
+        found = (node, tuple(semantic))
+        PARSES.put(source, found, len(source))
+    return found  # type: ignore[no-any-return]
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of an AST (its nodes, and the lists and tuples that hold them)."""
+    if isinstance(value, Node):
+        node = object.__new__(type(value))
+        node.__dict__.update({k: _copy(v) for k, v in value.__dict__.items()})
+        return node
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_copy(v) for v in value)
+    return value
+
+
+def _parse(source: str) -> tuple[Node, list[CelIssue]]:
     b = _Builder(source)
+    if len(source) > MAX_EXPRESSION_CHARS:
+        b.issue(0, f"expression is {len(source):,} characters long, over the limit of {MAX_EXPRESSION_CHARS:,}", "size",
+                "move long lists of values out of the expression, or split it into variables", end=len(source))
+        raise CelSyntaxError(b.issues, source)
     try:
         tree = _parser().parse(source)
     except UnexpectedInput as ex:
@@ -606,7 +707,10 @@ def parse_with_issues(source: str) -> tuple[Node, list[CelIssue]]:
     except LexError as ex:  # pragma: no cover - defensive
         b.issue(0, str(ex).splitlines()[0])
         raise CelSyntaxError(b.issues, source) from None
-    node = b.build(tree)
+    try:
+        node = b.build(tree)
+    except _TooDeep:
+        raise CelSyntaxError(b.issues, source) from None
     if b.issues:
         raise CelSyntaxError(b.issues, source)
     return node, b.semantic

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PolicyEngineError
+from ..errors import PolicyEngineError, clip_line
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def caret_excerpt(source: str, offset: int, end_offset: int | None = None) -> st
     if end_offset is not None and end_offset > offset:
         line_end = offset + (len(text) - (col - 1))
         width = max(1, min(end_offset, line_end) - offset)
+    text, col, width = clip_line(text, col, width)
     gutter = f"{line_no:>4} | "
     return f"{gutter}{text}\n{' ' * (len(gutter) - 2)}| {' ' * (col - 1)}^{'~' * (width - 1)}"
 

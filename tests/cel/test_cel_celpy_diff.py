@@ -89,6 +89,10 @@ def test_known_celpy_deviations_still_deviate(src, act, expected, section):
 # ------------------------------------------------------------------ generated corpus
 INT_LITS = st.sampled_from(["0", "1", "2", "3", "-1", "7", "-7", "100", "9223372036854775807", "-9223372036854775808", "4611686018427387904"])
 DOUBLE_LITS = st.sampled_from(["0.0", "1.5", "-2.25", "3.0", "1e300", "-0.5", "100.0"])
+DIVISORS = st.sampled_from(["1.5", "-2.25", "3.0", "1e300", "-0.5", "100.0"])
+"""Double divisors are never zero: celpy gives +inf for every x/0.0, and a NaN or -inf that IEEE 754
+gives goes on to differ in whatever uses it (`0.0 / (d1 / 0.0)` with d1 = 0.0 is NaN for us, 0.0
+for celpy). Division by zero is covered by KNOWN_CELPY_DEVIATIONS and the tests of our own."""
 STRING_LITS = st.sampled_from(["''", "'a'", "'ab'", "'claude-opus'", "'héllo'", "'x y'"])
 
 
@@ -125,7 +129,8 @@ def exprs(kind, depth, ivars):
         ]
     elif kind == "double":
         options += [
-            st.tuples(sub("double"), st.sampled_from(["+", "-", "*", "/"]), sub("double")).map(lambda t: _paren(*t)),
+            st.tuples(sub("double"), st.sampled_from(["+", "-", "*"]), sub("double")).map(lambda t: _paren(*t)),
+            st.tuples(sub("double"), st.just("/"), DIVISORS).map(lambda t: _paren(*t)),
             sub("double").map(lambda e: f"(-{e})"),
             sub("int").map(lambda e: f"double({e})"),
         ]
@@ -194,7 +199,4 @@ def _agree(src, act):
     dynamic = ours(src, act)
     assert same(typed, dynamic), (src, act, typed, dynamic)
     theirs = celpy_eval(src, act)
-    if (isinstance(typed, float) and (typed != typed or abs(typed) == float("inf")) and isinstance(theirs, float)
-            and abs(theirs) == float("inf") and "/" in src):
-        return  # celpy's x/0.0 is +inf for every x; IEEE 754's 0.0/0.0 is NaN and -1.5/0.0 is -inf: KNOWN_CELPY_DEVIATIONS
     assert same(typed, theirs), (src, act, typed, theirs)
