@@ -41,15 +41,20 @@ def engine_for(tmp_path: Path, extra: str = "", **options: Any) -> Engine:
     return load(write_policy(tmp_path, extra), **options)
 
 
-@pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    """A fresh emulator per test: fast output (no artificial token delay), no minimum cache size."""
-    emu = Emulator(standard_otps=None, min_cache_tokens=0)
+def started(**options: Any) -> Iterator[Emulator]:
+    """A running emulator for a fixture: fast output (no artificial token delay), no minimum cache size."""
+    emu = Emulator(standard_otps=None, min_cache_tokens=0, **options)
     emu.start()
     try:
         yield emu
     finally:
         emu.close()
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    """A fresh emulator per test, serving the Claude API."""
+    yield from started()
 
 
 def messages_params(text: str = "Hello there", **extra: Any) -> dict[str, Any]:

@@ -19,29 +19,17 @@ from policy_engine.ledger import MemoryLedger
 from policy_engine.integrations.anthropic import FastModePolicy, platform_of
 from policy_engine.testing.emulator import Emulator
 
-from tests._emulator import engine_for
+from tests._emulator import emulator, engine_for, started  # noqa: F401 - fixture
 
 CATALOG = load_catalog()
 
 
 @pytest.fixture
 def foundry() -> Iterator[Emulator]:
-    emu = Emulator(standard_otps=None, min_cache_tokens=0, platform="foundry")
-    emu.start()
-    try:
-        yield emu
-    finally:
-        emu.close()
+    yield from started(platform="foundry")
 
 
-@pytest.fixture
-def claude_api() -> Iterator[Emulator]:
-    emu = Emulator(standard_otps=None, min_cache_tokens=0)
-    emu.start()
-    try:
-        yield emu
-    finally:
-        emu.close()
+claude_api = emulator  # the Claude API's emulator, under the name these tests read best with
 
 
 def last_request(emu: Emulator) -> dict:

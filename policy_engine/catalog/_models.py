@@ -58,6 +58,18 @@ class _Sourced(_Strict):
     )
 
 
+class _Claimed(_Strict):
+    """Provenance of a claim that is not a price (fast availability, a platform's facts): optional."""
+
+    as_of: date | None = Field(default=None, description="Date the facts were known current.")
+    source: str | None = Field(default=None, description="Where the facts come from.")
+    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source` (as for prices).")
+
+    def _price_needs_source(self, price: Decimal | None, default: Decimal | None) -> None:
+        if price is not None and price != default and not self.source:
+            raise ValueError("a `price_multiplier` is a price: give its `source` and `as_of`")
+
+
 class PriceTier(_Strict):
     """Rates that apply when a request's total input tokens exceed `above_input_tokens`."""
 
@@ -109,7 +121,7 @@ class FastPricing(_Sourced):
         return self
 
 
-class FastMode(_Strict):
+class FastMode(_Claimed):
     """Whether and how a model supports `speed: "fast"`, and over which dates."""
 
     supported: bool = Field(description='Whether the model accepts `speed: "fast"` (on some dates at least).')
@@ -145,9 +157,6 @@ class FastMode(_Strict):
         default=None, description="Unverified reports about fast pricing, for humans only; never used as a price."
     )
     quota: str | None = Field(default=None, description="How fast requests are rate-limited here, for humans.")
-    as_of: date | None = Field(default=None, description="Date the support claim was known current.")
-    source: str | None = Field(default=None, description="Where the support claim comes from.")
-    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source` (as for prices).")
 
     @model_validator(mode="after")
     def _window_ordered(self) -> FastMode:
@@ -197,7 +206,7 @@ def _scaled(tier: dict[str, Any], m: Decimal) -> dict[str, Any]:
     return {**tier, "input": tier["input"] * m, "output": tier["output"] * m}
 
 
-class PlatformEntry(_Strict):
+class PlatformEntry(_Claimed):
     """One platform requests can go through, and how fast mode is asked for there."""
 
     display_name: str = Field(description="Human name, e.g. Amazon Bedrock.")
@@ -226,18 +235,14 @@ class PlatformEntry(_Strict):
     )
     quota: str | None = Field(default=None, description="How fast requests are rate-limited here, for humans.")
     notes: str | None = Field(default=None, description="Free text for humans.")
-    as_of: date | None = Field(default=None, description="Date the facts were known current.")
-    source: str | None = Field(default=None, description="Where the facts come from.")
-    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source`.")
 
     @model_validator(mode="after")
     def _priced_with_source(self) -> PlatformEntry:
-        if self.price_multiplier != 1 and not self.source:
-            raise ValueError("a platform's `price_multiplier` is a price: give its `source` and `as_of`")
+        self._price_needs_source(self.price_multiplier, Decimal(1))
         return self
 
 
-class ModelPlatform(_Strict):
+class ModelPlatform(_Claimed):
     """How one model is offered on one platform (other than the Claude API, which the model's own
     blocks describe). Absent blocks inherit the model's."""
 
@@ -252,14 +257,10 @@ class ModelPlatform(_Strict):
     price_multiplier: Multiplier | None = Field(
         default=None, description="Factor on every rate of this model here; absent: the platform's."
     )
-    as_of: date | None = Field(default=None, description="Date the facts were known current.")
-    source: str | None = Field(default=None, description="Where the facts come from.")
-    source_kind: SourceKind | None = Field(default=None, description="How much to trust `source`.")
 
     @model_validator(mode="after")
     def _priced_with_source(self) -> ModelPlatform:
-        if self.price_multiplier is not None and not self.source:
-            raise ValueError("a `price_multiplier` is a price: give its `source` and `as_of`")
+        self._price_needs_source(self.price_multiplier, None)
         return self
 
 
