@@ -62,6 +62,8 @@ CODES: dict[str, tuple[str, str]] = {
     "PE102": ("error", "CEL type error"),
     "PE103": ("error", "CEL expression has the wrong result type"),
     "PE104": ("error", "CEL expression cost over the limit"),
+    "PE105": ("error", "CEL expression nested deeper than the limit"),
+    "PE106": ("error", "CEL expression longer than the limit"),
     "PE201": ("error", "unreachable rule: an earlier rule always matches"),
     "PE202": ("error", "unreachable rule: an earlier rule matches every request this one matches"),
     "PE203": ("error", "rule can never match: its condition is contradictory"),

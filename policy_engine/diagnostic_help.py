@@ -52,6 +52,11 @@ HELP: dict[str, tuple[str, str]] = {
     "PE104": ("An expression's worst-case evaluation cost is over the limit, which bounds the time a "
               "decision can take.", "Simplify the expression (fewer nested comprehensions), or raise the "
               "limit with `--max-cost` if the cost is intended."),
+    "PE105": ("An expression is nested deeper than 64 levels (parentheses alone do not count). The limit keeps "
+              "compiling and evaluating any input bounded in time and memory.",
+              "Split the expression into `variables:` and refer to them as `vars.<name>`."),
+    "PE106": ("An expression is longer than 100,000 characters, the limit that keeps parsing any input bounded.",
+              "Move long lists into variables or several rules; an allowlist of models belongs in the catalog."),
     "PE201": ("An earlier rule matches every request, so this rule and every later one never decide.",
               "Move the catch-all rule last, or narrow its condition."),
     "PE202": ("Every request this rule matches is matched by an earlier rule first, so it never decides.",
@@ -84,6 +89,10 @@ HELP: dict[str, tuple[str, str]] = {
               "Guard optional fields: `has(context.tenant) ? context.tenant : 'untagged'`."),
     "PE240": ("A variable is defined but no rule, key or other variable uses it.",
               "Remove it, or use it as `vars.<name>`."),
+    "PE290": ("The policy has so many rules that the unreachable-rule analysis stopped at its comparison budget: "
+              "the rule named and those after it were not checked for PE202. Everything else was checked.",
+              "Split the policy, or merge rules that test the same thing; the analysis scales with the rules "
+              "an earlier rule could cover."),
     "PE301": ("The policy has no tests, so nothing checks that it decides what its author intends.",
               "Add a `tests:` section (or a `<name>_test.yaml` file beside it); `policy-engine test` runs it."),
     "PE302": ("No test case is decided by this rule, so a change that breaks it goes unnoticed.",
