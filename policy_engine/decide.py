@@ -95,7 +95,7 @@ class Decision:
     """The `anthropic-beta` value fast requests to this model carry; None: fast mode needs no beta."""
     at: float
     platform: str
-    """Where the request goes: `claude_api`, `bedrock`, `vertex` or `foundry`."""
+    """Where the request goes: `claude_api`, `claude_platform_aws`, `bedrock`, `vertex` or `foundry`."""
     fast_model: str | None
     """Where fast mode is a separate model id (Microsoft Foundry): the id fast requests are sent to, without `speed`."""
     _budget_charges: tuple[tuple[CompiledBudget, Scope], ...] = field(init=False)
