@@ -244,7 +244,7 @@ class FastModePolicy(Middleware):
                     break
                 cause = cause.__cause__
         if not retry:
-            self.runtime.release(flight)
+            self.runtime.abandon(flight, exc)
 
 
 def platform_of(client: Any) -> str:
