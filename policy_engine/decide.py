@@ -270,6 +270,8 @@ class _ModelPlan:
     """The `model` features that do not depend on the time."""
     throughput_features: dict[int, dict[str, float]] = field(default_factory=dict)
     """`throughput` features by max_tokens: they depend on nothing else (rules only read them)."""
+    priced_by: str | None = None
+    """Set where the catalog has no standard price and `on_unpriced_model` priced the model: how."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,7 +615,7 @@ class Engine:
             ctx, invalid = valid_context(context), exc.redacted
             telemetry.record_event("policy_engine.invalid_context", {
                 "policy_engine.policy.name": policy.name, "policy_engine.on_invalid_context": policy.on_invalid_context,
-                "policy_engine.error": invalid[:200]})
+                "policy_engine.error": invalid[:200], "policy_engine.error.type": type(exc).__name__})
         model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]
         geo: str = request["inference_geo"]  # type: ignore[assignment]
@@ -774,7 +776,7 @@ class Engine:
             how = str(choice)
         plan = mp if std is None else _ModelPlan(mp.entry, mp.geo, std, mp.fast_rates, mp.fast_beta, mp.throughput,
                                                  mp.platform, mp.fast_from, mp.fast_until, mp.fast_model,
-                                                 _model_features(mp.entry, name, std, mp.fast_rates))
+                                                 _model_features(mp.entry, name, std, mp.fast_rates), {}, how)
         if len(self._unpriced) > 4096:
             self._unpriced.clear()  # model names come from callers: keep the cache bounded
         self._unpriced[key] = (plan, how)
@@ -1101,9 +1103,16 @@ class Engine:
         cost = self._unpriced_cost(decision, counts, speed) if cost_or_none is None else cost_or_none
         if decision._settled or decision.reservation_id is None:
             return counts, cost, None
+        charges, owed = self._charges_of(decision, counts, cost)
+        # Nothing held and nothing owed: no ledger call; the decision's own flag stops a second settle.
+        return counts, cost, charges if owed or decision._held else None
+
+    def _charges_of(self, decision: Decision, counts: UsageCounts, cost: int) -> tuple[list[Charge], bool]:
+        """What a usage costing `cost` charges each of the decision's budgets, and whether any charge is not zero."""
+        speed = counts.speed
         premium: int | None = None
         charges = []
-        owed = decision._held
+        owed = False
         for budget, scope in decision._budget_charges:
             kind = budget.spec.counts
             if kind == "all" or (kind == "fast" and speed == "fast"):
@@ -1119,8 +1128,23 @@ class Engine:
             if amount:
                 owed = True
             charges.append((scope, amount))
-        # Nothing held and nothing owed: no ledger call; the decision's own flag stops a second settle.
-        return counts, cost, charges if owed else None
+        return charges, owed
+
+    def charge_attempt(self, decision: Decision, usage: Mapping[str, Any] | Any) -> int:
+        """Record what one abandoned attempt of a request may have cost, beside the request's reservation, which
+        stays for the attempt that follows (a retry after a read timeout: the server may bill both). Returns the cost."""
+        if self._async_ledger:
+            raise _needs_await("charge_attempt")
+        counts = parse_usage(usage)
+        cost_or_none = self.usage_cost(decision, counts, counts.speed)
+        cost = self._unpriced_cost(decision, counts, counts.speed) if cost_or_none is None else cost_or_none
+        if decision.reservation_id is not None:
+            charges, owed = self._charges_of(decision, counts, cost)
+            if owed:
+                self.ledger.settle(next(_reservation_ids), charges)  # type: ignore[union-attr]
+        telemetry.record_event("policy_engine.attempt_charged", {
+            "policy_engine.policy.name": decision.policy_name, "policy_engine.cost.actual_usd": cost / 1e6})
+        return cost
 
     def _unpriced_cost(self, decision: Decision, counts: UsageCounts, speed: str) -> int:
         """Settlement never refuses: a usage the decision's cards cannot price is charged at the catalog's

@@ -307,15 +307,24 @@ class Runtime:
         if flight is not None and self._finish(flight):
             self.engine.release(flight.decision)
 
-    def abandon(self, flight: Flight | None, exc: BaseException) -> None:
-        """An attempt ended by `exc` for good: released if the server cannot have billed it (it never got the
-        request), else settled as an incomplete response (a read timeout: the server may still be generating)."""
+    def abandon(self, flight: Flight | None, exc: BaseException, *, retried: bool = False) -> None:
+        """An attempt ended by `exc`: if the server cannot have billed it (it never got the request), the
+        reservation is released, unless the attempt is `retried`; else it is settled as an incomplete response
+        (a read timeout: the server may still be generating), or, when retried, charged beside the reservation
+        the next attempt settles (under `worst_case`)."""
         if flight is None:
             return
-        if flight.sent_at and _may_be_billed(exc):
+        if not (flight.sent_at and _may_be_billed(exc)):
+            if not retried:
+                self.release(flight)
+            return
+        if not retried:
             self.settle_incomplete(flight, None, 0)
-        else:
-            self.release(flight)
+            return
+        decision = flight.decision
+        if self.engine.policy(decision.policy_name).policy.on_incomplete_stream == "worst_case" and not flight.done:
+            self.engine.charge_attempt(decision, {"input_tokens": decision.input_tokens,
+                                                  "output_tokens": decision.max_tokens, "speed": flight.speed})
 
     def settle_incomplete(self, flight: Flight, usage: Mapping[str, Any] | None, seen: int) -> None:
         """Settle a response that ended without its final usage, by the policy's `on_incomplete_stream`:
