@@ -99,7 +99,7 @@ class Decision:
     """Where the request goes: `claude_api`, `bedrock`, `vertex` or `foundry`."""
     fast_model: str | None
     """Where fast mode is a separate model id (Microsoft Foundry): the id fast requests are sent to, without `speed`."""
-    incomplete: str | None = field(init=False)
+    incomplete: str | None
     """Set when the response ended without its final usage (a stream cut short, a timed-out attempt): the
     `on_incomplete_stream` rule it was settled by, `worst_case` or `observed`."""
     _budget_charges: tuple[tuple[CompiledBudget, Scope], ...] = field(init=False)

@@ -92,6 +92,10 @@ HELP: dict[str, tuple[str, str]] = {
               "`# policy-engine: ignore[PE250]` on its line."),
     "PE251": ("`on_unpriced_model: {price_as: ...}` names a model the catalog does not price at standard speed, "
               "so the fallback price itself is unknown.", "Name a model the catalog prices, or state a `rate:`."),
+    "PE290": ("The policy has so many rules that the unreachable-rule analysis reached its comparison budget "
+              "(`check.MAX_IMPLICATION_CHECKS`): the rules after the one named were not checked for PE202.",
+              "Split the policy into smaller files, or merge rules that share a condition; the decision itself "
+              "is unaffected."),
     "PE301": ("The policy has no tests, so nothing checks that it decides what its author intends.",
               "Add a `tests:` section (or a `<name>_test.yaml` file beside it); `policy-engine test` runs it."),
     "PE302": ("No test case is decided by this rule, so a change that breaks it goes unnoticed.",

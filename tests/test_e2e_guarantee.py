@@ -56,12 +56,8 @@ def packaged(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 def emulator(tmp_path: Path) -> Iterator[Emulator]:
     catalog = tmp_path / "emulator-catalog.yaml"
     catalog.write_text(EMULATOR_CATALOG)
-    emu = Emulator(standard_otps=None, min_cache_tokens=0, catalog=load_catalog(catalog))
-    emu.start()
-    try:
+    with Emulator(standard_otps=None, min_cache_tokens=0, catalog=load_catalog(catalog)) as emu:
         yield emu
-    finally:
-        emu.close()
 
 
 def all_spend(engine: Engine) -> int:

@@ -281,36 +281,22 @@ def test_observed_speeds_show_fast_at_2_5x(emulator: Emulator, tmp_path: Path) -
     assert 0 < observer.ttft("claude-opus-5") < 0.1  # type: ignore[operator]
 
 
-def test_an_abandoned_stream_settles_its_worst_case(client: Client, emulator: Emulator, engine: Engine,  # noqa: F811
-                                                   telemetry: Any) -> None:
-    emulator.configure(standard_otps=40, output_tokens=60, delta_tokens=1)  # fast: 100 tokens/s, 0.6 s
-    events = client.stream(events=6, **messages_params("abandon me", max_tokens=100))
-    assert len(events) == 6
-    [settle] = spans(telemetry, "policy_engine.settle")
-    # on_incomplete_stream: worst_case (the default): max_tokens, what the server may have billed.
-    assert settle.attributes["gen_ai.usage.output_tokens"] == 100
-    assert settle.attributes["policy_engine.incomplete_stream"] == "worst_case"
-    usage = {"input_tokens": 2 + 3, "output_tokens": 100, "speed": "fast"}
-    assert spent(engine) == actual(OPUS, usage) and reserved(engine) == 0
-    for _ in range(100):  # the emulator notices the closed connection at its next write
-        if emulator.requests():
-            break
-        time.sleep(0.02)
-    assert emulator.requests()[0].get("abandoned") is True
-    assert spent(engine) >= emulator.bill_micro() > 0
-
-
-def test_an_abandoned_stream_settles_with_what_was_seen_under_observed(kind: str, emulator: Emulator,  # noqa: F811
-                                                                       tmp_path: Path, telemetry: Any) -> None:
-    engine = engine_for(tmp_path, BUDGET + "on_incomplete_stream: observed\n")
+@pytest.mark.parametrize("rule", ["worst_case", "observed"])
+def test_an_abandoned_stream_settles_by_the_policys_rule(kind: str, emulator: Emulator, tmp_path: Path,  # noqa: F811
+                                                         telemetry: Any, rule: str) -> None:
+    # worst_case (the default): max_tokens, what the server may have billed; observed: what the client read.
+    engine = engine_for(tmp_path, BUDGET if rule == "worst_case" else BUDGET + "on_incomplete_stream: observed\n")
     client = Client(kind, emulator.url, FastModePolicy(engine), max_retries=2)
     emulator.configure(standard_otps=40, output_tokens=60, delta_tokens=1)  # fast: 100 tokens/s, 0.6 s
     events = client.stream(events=6, **messages_params("abandon me", max_tokens=100))
     assert len(events) == 6
     [settle] = spans(telemetry, "policy_engine.settle")
     output = settle.attributes["gen_ai.usage.output_tokens"]
-    assert 3 <= output < 60  # the three text deltas seen, at least, and far from the whole answer
-    assert settle.attributes["policy_engine.incomplete_stream"] == "observed"
+    assert settle.attributes["policy_engine.incomplete_stream"] == rule
+    if rule == "worst_case":
+        assert output == 100
+    else:
+        assert 3 <= output < 60  # the three text deltas seen, at least, and far from the whole answer
     usage = {"input_tokens": 2 + 3, "output_tokens": output, "speed": "fast"}
     assert spent(engine) == actual(OPUS, usage) and reserved(engine) == 0
     for _ in range(100):  # the emulator notices the closed connection at its next write
@@ -318,6 +304,8 @@ def test_an_abandoned_stream_settles_with_what_was_seen_under_observed(kind: str
             break
         time.sleep(0.02)
     assert emulator.requests()[0].get("abandoned") is True
+    if rule == "worst_case":
+        assert spent(engine) >= emulator.bill_micro() > 0
 
 
 def test_a_stream_dropped_without_close_settles_when_collected(emulator: Emulator, engine: Engine,  # noqa: F811

@@ -322,7 +322,7 @@ class Runtime:
             self.settle_incomplete(flight, None, 0)
             return
         decision = flight.decision
-        if self.engine.policy(decision.policy_name).policy.on_incomplete_stream == "worst_case" and not flight.done:
+        if self._incomplete_rule(decision) == "worst_case" and not flight.done:
             self.engine.charge_attempt(decision, {"input_tokens": decision.input_tokens,
                                                   "output_tokens": decision.max_tokens, "speed": flight.speed})
 
@@ -332,7 +332,7 @@ class Runtime:
 
         `usage`: the stream's `message_start` usage (None: nothing was read); `seen`: output tokens the client read."""
         decision = flight.decision
-        rule = self.engine.policy(decision.policy_name).policy.on_incomplete_stream
+        rule = self._incomplete_rule(decision)
         if usage is None and rule == "observed":
             self.release(flight)  # nothing read: nothing observed
             return
@@ -345,6 +345,13 @@ class Runtime:
             "policy_engine.on_incomplete_stream": rule, "policy_engine.output_tokens": counted["output_tokens"],
             "policy_engine.output_tokens.observed": observed})
         self.settle(flight, counted, timed=False)
+
+    def _incomplete_rule(self, decision: Decision) -> str:
+        """The `on_incomplete_stream` of the policy that decided (worst_case if a reload has since removed it)."""
+        try:
+            return self.engine.policy(decision.policy_name).policy.on_incomplete_stream
+        except KeyError:
+            return "worst_case"
 
     def learn_platform(self, platform: str) -> None:
         """The client turned out to talk to `platform`: decide for it from now on (and say so once)."""
