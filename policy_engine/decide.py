@@ -790,9 +790,12 @@ class Engine:
         if found is not None:
             return found
         cards: list[RateCard] = []
+        offers: Any = self.catalog.__pydantic_private__
+        entries = {id(e): e for e in offers["_offers"].get(("anthropic", platform), {}).values()}.values()
         for wanted in (speed, "standard"):
-            for entry in {id(e): e for e in self.catalog.__pydantic_private__["_offers"].get(("anthropic", platform), {}).values()}.values():
-                for (card_speed, _), table in entry.__pydantic_private__["_cards"].items():
+            for entry in entries:
+                tables: Any = entry.__pydantic_private__
+                for (card_speed, _), table in tables["_cards"].items():
                     if card_speed == wanted:
                         cards.extend(card for _, card in table)
             if cards:
