@@ -30,8 +30,9 @@ from . import cel
 from .catalog import Catalog, ModelEntry, load_catalog
 from .cel.ast import Call, Cond, Ident, ListLit, Lit, Node, Select, parsed
 from .compile import MAX_EXPRESSION_COST, CompiledPolicy, compile_policy
-from .errors import Diagnostic, PolicyError, did_you_mean
+from .errors import Diagnostic, PolicyError, PricingError, did_you_mean
 from .load import Document, parse_policy
+from .policy import PriceAs
 
 RETIREMENT_WARNING_DAYS: Final = 30
 """PE222 warns this many days before a model's fast mode is retired (`lint --retirement-days`)."""
@@ -75,6 +76,8 @@ CODES: dict[str, tuple[str, str]] = {
     "PE224": ("error", "catalog price without its source or as_of"),
     "PE230": ("warning", "budget key can be empty or fail to evaluate"),
     "PE240": ("warning", "variable is never used"),
+    "PE250": ("warning", "the policy's choice leaves billed spend unmetered or undercounted"),
+    "PE251": ("error", "on_unpriced_model names a model the catalog does not price"),
     "PE290": ("warning", "policy too large for the unreachable-rule analysis: the rules after this one were not checked"),
     "PE301": ("warning", "policy has no tests"),
     "PE302": ("warning", "no test reaches this rule"),
@@ -168,6 +171,7 @@ def _lint_policy(name: str, catalog: Catalog | None, max_cost: int, run_tests: b
     result.diagnostics.extend(analysis.models())
     result.diagnostics.extend(analysis.budget_keys())
     result.diagnostics.extend(analysis.unused_variables())
+    result.diagnostics.extend(analysis.unmetered_choices())
     result.diagnostics.extend(analysis.tests(run_tests))
     result.diagnostics.sort(key=lambda d: (d.line, d.col, d.code))
     return result
@@ -724,6 +728,39 @@ class _Analysis:
                               f"budget '{budget.name}' key {why}",
                               "give every request a non-empty key, e.g. has(context.tenant) ? context.tenant : 'untagged'",
                               end=node.end)
+
+    # the money guarantee -----------------------------------------------------------------
+
+    def unmetered_choices(self) -> Iterator[Diagnostic]:
+        policy = self.policy
+        if policy.on_invalid_context == "allow_unmetered":
+            yield self.at(("on_invalid_context",), None, "PE250",
+                          "on_invalid_context: allow_unmetered sends a request with an invalid context without "
+                          "reserving or settling it: its spend is counted by no budget",
+                          "use `standard` (sent and metered with the valid part of the context) or `reject`")
+        unpriced = policy.on_unpriced_model
+        if unpriced == "allow_unmetered":
+            yield self.at(("on_unpriced_model",), None, "PE250",
+                          "on_unpriced_model: allow_unmetered settles requests to unpriced models at $0: a budget "
+                          "that counts all spend is bypassed",
+                          "use `conservative`, `reject`, `{price_as: <model>}` or `{rate: {...}}`")
+        elif isinstance(unpriced, PriceAs):
+            entry = self.catalog.find(unpriced.price_as)
+            priced = entry is not None
+            if entry is not None:
+                try:
+                    entry.rate_table("standard")
+                except PricingError:
+                    priced = False
+            if not priced:
+                yield self.at(("on_unpriced_model", "price_as"), None, "PE251",
+                              f"on_unpriced_model: price_as '{unpriced.price_as}' is not a priced model of the catalog",
+                              "name a model the catalog prices at standard speed")
+        if policy.on_incomplete_stream == "observed":
+            yield self.at(("on_incomplete_stream",), None, "PE250",
+                          "on_incomplete_stream: observed settles a stream cut short (and a timed-out attempt) at "
+                          "what the client read, less than the server may bill",
+                          "remove it to settle such requests at their worst case (`worst_case`)")
 
     # variables --------------------------------------------------------------------------
 

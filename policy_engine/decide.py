@@ -41,13 +41,14 @@ from .catalog import (
 from . import cel
 from .cel import CelError
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
-from .errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError, PricingError
+from .errors import CeilingExceeded, InvalidContext, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
 from ._fork import ProcessIds
 from ._mypyc import mypyc_attr
-from .features import FEATURE_DOCS, context_features, request_features
+from .features import FEATURE_DOCS, context_features, request_features, valid_context
 from .ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope, window_bounds
 from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
+from .policy import Policy, PriceAs, Rate
 from .ratelimit import RateLimitStore
 from .tokens import InvalidRequestParams, TokenCounter, estimate_bounds
 
@@ -98,6 +99,9 @@ class Decision:
     """Where the request goes: `claude_api`, `claude_platform_aws`, `bedrock`, `vertex` or `foundry`."""
     fast_model: str | None
     """Where fast mode is a separate model id (Microsoft Foundry): the id fast requests are sent to, without `speed`."""
+    incomplete: str | None
+    """Set when the response ended without its final usage (a stream cut short, a timed-out attempt): the
+    `on_incomplete_stream` rule it was settled by, `worst_case` or `observed`."""
     _budget_charges: tuple[tuple[CompiledBudget, Scope], ...] = field(init=False)
     _plan: _ModelPlan | None = field(init=False)
     """The model plan the decision priced with: settle prices the response with the same cards."""
@@ -121,7 +125,7 @@ class Decision:
                  policy_version: str, reservation_id: str | None = None, errors: list[str] | None = None,
                  forced_by: str | None = None, sticky_switch: dict[str, Any] | None = None,
                  fast_beta: str | None = FAST_BETA, at: float = 0.0, platform: str = "claude_api",
-                 fast_model: str | None = None) -> None:
+                 fast_model: str | None = None, incomplete: str | None = None) -> None:
         self.speed = speed
         self.rule = rule
         self.outcome = outcome
@@ -144,6 +148,7 @@ class Decision:
         self.at = at
         self.platform = platform
         self.fast_model = fast_model
+        self.incomplete = incomplete
         self._budget_charges = ()
         self._plan = None
         self._settled = False
@@ -265,6 +270,8 @@ class _ModelPlan:
     """The `model` features that do not depend on the time."""
     throughput_features: dict[int, dict[str, float]] = field(default_factory=dict)
     """`throughput` features by max_tokens: they depend on nothing else (rules only read them)."""
+    priced_by: str | None = None
+    """Set where the catalog has no standard price and `on_unpriced_model` priced the model: how."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +384,12 @@ class Engine:
         self._windows: dict[tuple[str, str], tuple[float, float, str]] = {}
         self._scopes: dict[tuple[str, str, str], Scope] = {}
         self._static_scopes: dict[str, tuple[float, float, tuple[tuple[CompiledBudget, Scope], ...]]] = {}
+        self._unpriced: dict[tuple[str, str, str, str], tuple[_ModelPlan, str]] = {}
+        self._dearest: dict[tuple[str, str], tuple[tuple[int, RateCard], ...]] = {}
+        for compiled in policies:
+            choice = compiled.policy.on_unpriced_model
+            if isinstance(choice, PriceAs) and self.catalog.find(choice.price_as) is None:
+                raise ValueError(f"policy {compiled.name}: on_unpriced_model price_as {choice.price_as!r} is not in the catalog")
 
     @property
     def policies(self) -> dict[str, CompiledPolicy]:
@@ -592,11 +605,24 @@ class Engine:
         else:  # what request_features found in these params before, with this call's own counts
             request = {**scanned, "input_tokens": input_tokens, "input_tokens_exact": exact, "batch": batch,
                        "platform": platform}
-        ctx = context_features(context)
+        invalid: str | None = None
+        try:
+            ctx = context_features(context)
+        except InvalidContext as exc:
+            if policy.on_invalid_context == "reject":
+                raise
+            # Sent, so billed: decided with what of the context is valid, at standard, and metered.
+            ctx, invalid = valid_context(context), exc.redacted
+            telemetry.record_event("policy_engine.invalid_context", {
+                "policy_engine.policy.name": policy.name, "policy_engine.on_invalid_context": policy.on_invalid_context,
+                "policy_engine.error": invalid[:200], "policy_engine.error.type": type(exc).__name__})
         model_name: str = request["model"]  # type: ignore[assignment]
         max_tokens: int = request["max_tokens"]  # type: ignore[assignment]
         geo: str = request["inference_geo"]  # type: ignore[assignment]
         mp = self._models.get((model_name, geo, platform)) or self._model_plan(model_name, geo, platform)
+        unpriced: str | None = None
+        if mp.std_rates is None:
+            mp, unpriced = self._unpriced_plan(policy, mp, model_name, geo, platform)
         model = mp.entry
         cache_control: bool = request["cache_control"]  # type: ignore[assignment]
         std_micro = fast_micro = None
@@ -708,6 +734,8 @@ class Engine:
                             std_micro, fast_micro, policy.name, compiled.version, None, errors, None, None, mp.fast_beta, epoch,
                             platform, mp.fast_model)
         decision._plan = mp
+        if invalid is not None or unpriced is not None:
+            scopes = self._unmetered(decision, policy, scopes, invalid, unpriced)
         if speed == "fast":
             self._guardrails(decision, mp, request, account, input_tokens, epoch)
         if compiled.per_request_micro is not None:
@@ -723,6 +751,88 @@ class Engine:
         if sticky_key is not None:
             self._remember(decision, sticky_key, sticky, plan.sticky_ttl_s)
         return decision
+
+    def _unpriced_plan(self, policy: Policy, mp: _ModelPlan, name: str, geo: str, platform: str) -> tuple[_ModelPlan, str]:
+        """The plan of a model the catalog has no standard price for, priced as `on_unpriced_model` says,
+        and a description of that price (`reject` and `allow_unmetered` leave it unpriced)."""
+        key = (policy.name, name, geo, platform)
+        found = self._unpriced.get(key)
+        if found is not None:
+            return found
+        choice = policy.on_unpriced_model
+        geo_key = None if geo == "global" else geo
+        std: tuple[tuple[int, RateCard], ...] | None = None
+        if isinstance(choice, PriceAs):
+            entry = self.catalog.find(choice.price_as, platform=platform)
+            std = _rate_table(entry, "standard", geo_key) if entry is not None else None
+            how = f"priced as {choice.price_as}"
+            if std is None:
+                std, how = self.dearest_rates("standard", platform), f"{choice.price_as} has no price here; priced at the catalog's dearest rates"
+        elif isinstance(choice, Rate):
+            std, how = _stated_rates(choice), f"priced at the stated rate (${choice.rate.input_usd_per_mtok}/${choice.rate.output_usd_per_mtok} per MTok)"
+        elif choice == "conservative":
+            std, how = self.dearest_rates("standard", platform), "priced at the catalog's dearest rates (conservative)"
+        else:
+            how = str(choice)
+        plan = mp if std is None else _ModelPlan(mp.entry, mp.geo, std, mp.fast_rates, mp.fast_beta, mp.throughput,
+                                                 mp.platform, mp.fast_from, mp.fast_until, mp.fast_model,
+                                                 _model_features(mp.entry, name, std, mp.fast_rates), {}, how)
+        if len(self._unpriced) > 4096:
+            self._unpriced.clear()  # model names come from callers: keep the cache bounded
+        self._unpriced[key] = (plan, how)
+        return plan, how
+
+    def dearest_rates(self, speed: str, platform: str) -> tuple[tuple[int, RateCard], ...]:
+        """One card of the dearest rate of each kind any catalog model has at `speed` on `platform` (any tier,
+        any geo; standard's when no model runs at `speed`): the conservative price of what the catalog cannot price."""
+        key = (speed, platform)
+        found = self._dearest.get(key)
+        if found is not None:
+            return found
+        cards: list[RateCard] = []
+        offers: Any = self.catalog.__pydantic_private__
+        entries = {id(e): e for e in offers["_offers"].get(("anthropic", platform), {}).values()}.values()
+        for wanted in (speed, "standard"):
+            for entry in entries:
+                tables: Any = entry.__pydantic_private__
+                for (card_speed, _), table in tables["_cards"].items():
+                    if card_speed == wanted:
+                        cards.extend(card for _, card in table)
+            if cards:
+                break
+        if not cards:
+            raise PricingError(f"the catalog prices no model on {platform}: nothing to price conservatively with")
+        card = RateCard(max(c.input for c in cards), max(c.output for c in cards), max(c.cache_write_5m for c in cards),
+                        max(c.cache_write_1h for c in cards), max(c.cache_read for c in cards), cards[0].speed, 0, None)
+        found = self._dearest[key] = ((0, card),)
+        return found
+
+    def _unmetered(self, decision: Decision, policy: Policy, scopes: tuple[tuple[CompiledBudget, Scope], ...],
+                   invalid: str | None, unpriced: str | None) -> tuple[tuple[CompiledBudget, Scope], ...]:
+        """Say in the decision how an invalid context or an unpriced model was handled; the scopes it is metered on."""
+        if invalid is not None:
+            decision.errors.append(f"invalid context: {invalid}")
+            decision.guardrails.append("invalid_context")
+            decision.reasons.append(f"guardrail invalid_context: decided at standard with the valid part of the context "
+                                    f"(on_invalid_context is {policy.on_invalid_context})")
+            if decision.speed == "fast":
+                decision.speed, decision.outcome, decision.forced_by = "standard", "downgraded", "invalid_context"
+            if policy.on_invalid_context == "allow_unmetered":
+                telemetry.record_event("policy_engine.unmetered", {"policy_engine.policy.name": policy.name,
+                                                                   "policy_engine.reason": "invalid_context"})
+                return ()
+        if unpriced is not None:
+            choice = policy.on_unpriced_model
+            decision.reasons.append(f"model {decision.model} has no price in the catalog: {unpriced} (on_unpriced_model)")
+            if choice == "reject":
+                decision.outcome, decision.forced_by = "rejected", "unpriced_model"
+            elif choice == "allow_unmetered":
+                telemetry.record_event("policy_engine.unmetered", {"policy_engine.policy.name": policy.name,
+                                                                   "policy_engine.reason": "unpriced_model"})
+            else:
+                telemetry.record_event("policy_engine.unpriced_model", {"policy_engine.policy.name": policy.name,
+                                                                        "policy_engine.price": unpriced})
+        return scopes
 
     def _remember(self, decision: Decision, sticky_key: str | None, sticky: tuple[str, int, float] | None,
                   sticky_ttl_s: float | None) -> None:
@@ -992,13 +1102,20 @@ class Engine:
         """The usage, its cost, and what to record against each budget (None: no ledger call to make)."""
         counts = parse_usage(usage)
         speed = counts.speed
-        # An unpriced model has nothing to charge, and the decision already said so.
-        cost = self.usage_cost(decision, counts, speed) or 0
+        cost_or_none = self.usage_cost(decision, counts, speed)
+        cost = self._unpriced_cost(decision, counts, speed) if cost_or_none is None else cost_or_none
         if decision._settled or decision.reservation_id is None:
             return counts, cost, None
+        charges, owed = self._charges_of(decision, counts, cost)
+        # Nothing held and nothing owed: no ledger call; the decision's own flag stops a second settle.
+        return counts, cost, charges if owed or decision._held else None
+
+    def _charges_of(self, decision: Decision, counts: UsageCounts, cost: int) -> tuple[list[Charge], bool]:
+        """What a usage costing `cost` charges each of the decision's budgets, and whether any charge is not zero."""
+        speed = counts.speed
         premium: int | None = None
         charges = []
-        owed = decision._held
+        owed = False
         for budget, scope in decision._budget_charges:
             kind = budget.spec.counts
             if kind == "all" or (kind == "fast" and speed == "fast"):
@@ -1014,8 +1131,35 @@ class Engine:
             if amount:
                 owed = True
             charges.append((scope, amount))
-        # Nothing held and nothing owed: no ledger call; the decision's own flag stops a second settle.
-        return counts, cost, charges if owed else None
+        return charges, owed
+
+    def charge_attempt(self, decision: Decision, usage: Mapping[str, Any] | Any) -> int:
+        """Record what one abandoned attempt of a request may have cost, beside the request's reservation, which
+        stays for the attempt that follows (a retry after a read timeout: the server may bill both). Returns the cost."""
+        if self._async_ledger:
+            raise _needs_await("charge_attempt")
+        counts = parse_usage(usage)
+        cost_or_none = self.usage_cost(decision, counts, counts.speed)
+        cost = self._unpriced_cost(decision, counts, counts.speed) if cost_or_none is None else cost_or_none
+        if decision.reservation_id is not None:
+            charges, owed = self._charges_of(decision, counts, cost)
+            if owed:
+                self.ledger.settle(next(_reservation_ids), charges)  # type: ignore[union-attr]
+        telemetry.record_event("policy_engine.attempt_charged", {
+            "policy_engine.policy.name": decision.policy_name, "policy_engine.cost.actual_usd": cost / 1e6})
+        return cost
+
+    def _unpriced_cost(self, decision: Decision, counts: UsageCounts, speed: str) -> int:
+        """Settlement never refuses: a usage the decision's cards cannot price is charged at the catalog's
+        dearest rates for its speed, unless the policy allows it unmetered ($0)."""
+        policy = self._policies[decision.policy_name].policy if decision.policy_name in self._policies else None
+        if policy is not None and policy.on_unpriced_model == "allow_unmetered":
+            return 0
+        cost = cost_with_rates(self.dearest_rates(speed, decision.platform), counts)
+        telemetry.record_event("policy_engine.unpriced_settlement", {
+            "policy_engine.policy.name": decision.policy_name, "gen_ai.request.model": decision.model,
+            "policy_engine.speed.actual": speed, "policy_engine.cost.actual_usd": cost / 1e6})
+        return cost
 
     @staticmethod
     def _settled(decision: Decision, counts: UsageCounts, cost: int, first: bool) -> Settlement:
@@ -1151,6 +1295,13 @@ def _rate_table(model: ModelEntry, speed: str, geo: str | None) -> tuple[tuple[i
 
 
 
+def _stated_rates(choice: Rate) -> tuple[tuple[int, RateCard], ...]:
+    """A policy's stated rate as a card: cache writes at 1.25x (5m) and 2x (1h) of input, reads at 0.1x (rounded up)."""
+    inp = int(choice.rate.input_usd_per_mtok * 1_000_000)  # $/MTok -> pico-dollars per token (6 decimals: exact)
+    out = int(choice.rate.output_usd_per_mtok * 1_000_000)
+    return ((0, RateCard(inp, out, -(-inp * 5 // 4), inp * 2, -(-inp // 10), "standard", 0, None)),)
+
+
 def _counted(input_tokens: SupportsIndex) -> int:
     # Typed SupportsIndex, not int: compiled code would refuse a float with a TypeError that names
     # no parameter; the caller gets this InvalidRequest instead.
@@ -1187,6 +1338,10 @@ def _needs_await(method: str) -> TypeError:
 def _rejection(decision: Decision) -> CeilingExceeded | StateUnavailable:
     from .catalog import to_usd
 
+    if decision.forced_by == "unpriced_model":
+        return CeilingExceeded("on_unpriced_model", "0", "0", "unknown",
+                               f"policy {decision.policy_name}: the catalog has no price for model {decision.model}, "
+                               f"so no budget can bound it; on_unpriced_model is reject")
     if decision.forced_by == "state_unavailable":
         unavailable = StateUnavailable(f"policy {decision.policy_name}: {decision.errors[-1]}; on_state_unavailable is reject")
         unavailable.decision = decision

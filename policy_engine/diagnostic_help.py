@@ -89,10 +89,18 @@ HELP: dict[str, tuple[str, str]] = {
               "Guard optional fields: `has(context.tenant) ? context.tenant : 'untagged'`."),
     "PE240": ("A variable is defined but no rule, key or other variable uses it.",
               "Remove it, or use it as `vars.<name>`."),
-    "PE290": ("The policy has so many rules that the unreachable-rule analysis stopped at its comparison budget: "
-              "the rule named and those after it were not checked for PE202. Everything else was checked.",
-              "Split the policy, or merge rules that test the same thing; the analysis scales with the rules "
-              "an earlier rule could cover."),
+    "PE250": ("The policy opts out of the money guarantee: `on_invalid_context: allow_unmetered` sends requests "
+              "with an invalid context unreserved and unsettled, `on_unpriced_model: allow_unmetered` settles "
+              "unpriced models at $0, and `on_incomplete_stream: observed` settles a stream cut short at what the "
+              "client read. In each case the ledger can count less than what is billed (README, \"What is guaranteed\").",
+              "Remove the key to get the metered default, or keep it deliberately and suppress the warning with "
+              "`# policy-engine: ignore[PE250]` on its line."),
+    "PE251": ("`on_unpriced_model: {price_as: ...}` names a model the catalog does not price at standard speed, "
+              "so the fallback price itself is unknown.", "Name a model the catalog prices, or state a `rate:`."),
+    "PE290": ("The policy has so many rules that the unreachable-rule analysis reached its comparison budget "
+              "(`check.MAX_IMPLICATION_CHECKS`): the rules after the one named were not checked for PE202.",
+              "Split the policy into smaller files, or merge rules that share a condition; the decision itself "
+              "is unaffected."),
     "PE301": ("The policy has no tests, so nothing checks that it decides what its author intends.",
               "Add a `tests:` section (or a `<name>_test.yaml` file beside it); `policy-engine test` runs it."),
     "PE302": ("No test case is decided by this rule, so a change that breaks it goes unnoticed.",

@@ -13,7 +13,8 @@ from typing import Any, Final
 from .cel.types import BOOL, DOUBLE, DYN, INT, STRING, TIMESTAMP, CelType, Field, ListType, MapType, ObjectType
 
 __all__ = ["REQUEST", "MODEL", "CONTEXT", "RATELIMIT", "COST", "THROUGHPUT", "CONVERSATION", "BUDGET", "declarations", "CONTEXT_KEYS",
-           "FEATURE_DOCS", "FEATURE_SOURCES", "reference_markdown", "context_features", "request_features"]
+           "FEATURE_DOCS", "FEATURE_SOURCES", "reference_markdown", "context_features", "request_features",
+           "valid_context"]
 
 _LABELS_MAX: Final = 64
 _BETAS_MAX: Final = 32
@@ -246,6 +247,26 @@ def _checked_context(given: dict[Any, object]) -> dict[str, object]:
     for key, value in given.items():
         expected = types.get(key)
         if not _as_given(expected, value) and not _context_value_ok(key, value, expected):
+            continue
+        result[key] = value
+    return result
+
+
+def valid_context(context: object) -> dict[str, object]:
+    """The valid part of a context `context_features` refused: its well-typed known entries, with the defaults
+    (nothing of it when it is not a mapping). Never raises."""
+    result: dict[str, object] = {"interactive": False, "priority": "normal", "labels": _NO_LABELS}
+    if not isinstance(context, Mapping):
+        return result
+    from .errors import InvalidContext
+
+    types = _CONTEXT_TYPES
+    for key, value in context.items():
+        expected = types.get(key) if type(key) is str else None
+        try:
+            if expected is None or not (_as_given(expected, value) or _context_value_ok(key, value, expected)):
+                continue
+        except InvalidContext:
             continue
         result[key] = value
     return result

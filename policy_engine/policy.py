@@ -27,6 +27,9 @@ __all__ = [
     "TestState",
     "Expectation",
     "Speed",
+    "PriceAs",
+    "Rate",
+    "StatedRate",
     "parse_duration",
 ]
 
@@ -206,6 +209,24 @@ class TestCase(_Model):
     expect: Expectation = Field(description="What the decision must be.")
 
 
+class PriceAs(_Model):
+    price_as: str = Field(min_length=1, description="Price the request as this catalog model (id or alias), at its rates.")
+
+
+class StatedRate(_Model):
+    input_usd_per_mtok: Usd = Field(description="Input price, USD per million tokens (cache writes bill 1.25x (5m) and "
+                                                "2x (1h) of it, cache reads 0.1x).")
+    output_usd_per_mtok: Usd = Field(description="Output price, USD per million tokens.")
+
+
+class Rate(_Model):
+    rate: StatedRate = Field(description="Price the request at this stated rate (standard speed; a fast usage bills "
+                                         "the catalog's dearest fast rates).")
+
+
+UnpricedModel = Union[Literal["reject", "conservative", "allow_unmetered"], PriceAs, Rate]
+
+
 class Policy(_Model):
     version: Literal[1] = Field(description="Format version. Always `1`.")
     name: Name = Field(description="Policy name; traces and decisions carry it.")
@@ -225,6 +246,27 @@ class Policy(_Model):
     on_state_unavailable: Literal["standard", "reject"] = Field(
         default="standard",
         description="When shared state (budgets, rate limits) cannot be reached: decide `standard` and go on, or `reject`.",
+    )
+    on_invalid_context: Literal["standard", "reject", "allow_unmetered"] = Field(
+        default="standard",
+        description="When the caller's context has an unknown key or a wrongly typed value: `standard` decides with "
+        "the valid part of the context at standard speed, reserved and settled against every budget (a budget whose "
+        "key cannot be evaluated charges the shared `<key-error>` bucket); `reject` raises `InvalidContext` (nothing "
+        "is sent); `allow_unmetered` sends it at standard with no reservation and no settlement (lint warns, PE250).",
+    )
+    on_unpriced_model: UnpricedModel = Field(
+        default="conservative",
+        description="When the catalog has no standard price for the request's model (unknown model, or no price at "
+        "its inference geo): `conservative` prices it at the catalog's dearest rates on the platform; `reject` "
+        "refuses it; `{price_as: <model>}` prices it as that catalog model; `{rate: {input_usd_per_mtok, "
+        "output_usd_per_mtok}}` at a stated rate; `allow_unmetered` reserves and settles it at $0 (lint warns, PE250).",
+    )
+    on_incomplete_stream: Literal["worst_case", "observed"] = Field(
+        default="worst_case",
+        description="A stream that ends without its final usage (closed early, dropped, cut by the server) and an "
+        "attempt abandoned by a client timeout: `worst_case` settles the reservation's worst case (max_tokens of "
+        "output), what the server may have billed; `observed` settles only the output tokens the client read "
+        "(lint warns, PE250).",
     )
     variables: dict[Identifier, Cel] = Field(
         default_factory=dict, description="Named CEL expressions, evaluated at most once per decision, used as `vars.<name>`."

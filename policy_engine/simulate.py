@@ -255,7 +255,8 @@ class Report:
         for name, cost, premium, saved in self._rows():
             lines.append(f"  {name:12}{cost:>14}{premium:>16}{saved:>16}")
         if self.unpriced:
-            lines.append(f"note: {self.unpriced} requests use a model the catalog cannot price; they count as $0")
+            lines.append(f"note: {self.unpriced} requests use a model the catalog cannot price; they count as the "
+                         "policy's on_unpriced_model says (conservative: the catalog's dearest rates)")
         for title, counter in (("downgrades", self.downgrades), ("rejects", self.rejects)):
             if counter:
                 lines.append(f"{title} by reason: " + ", ".join(f"{k} {v}" for k, v in counter.most_common()))
@@ -283,7 +284,8 @@ class Report:
                 for rule, counts in self._by_rule()]
         notes = []
         if self.unpriced:
-            notes.append(f"{self.unpriced} requests use a model the catalog cannot price; they count as $0.")
+            notes.append(f"{self.unpriced} requests use a model the catalog cannot price; they count as the policy's "
+                         "on_unpriced_model says (conservative: the catalog's dearest rates).")
         if self.invalid:
             notes.append(f"{self.invalid} invalid log lines were skipped.")
         if notes:
@@ -558,7 +560,7 @@ class Replayer:
         fast_s = ttft_s + counts[1] / fast_otps if fast is not None and fast_otps else None
         latency = 0.0 if speed == "rejected" else fast_s if speed == "fast" and fast_s is not None else std_s
         return Outcome(number, speed, decision.rule, decision.outcome, decision.forced_by, chosen,
-                       standard, fast, latency, std_s, fast_s, mp.std_rates is not None, self._epoch)
+                       standard, fast, latency, std_s, fast_s, mp.std_rates is not None and mp.priced_by is None, self._epoch)
 
     def _expected_input(self, number: int, request: dict[str, Any]) -> int:
         try:

@@ -88,6 +88,8 @@ def _decision_attributes(decision: Decision) -> dict[str, Any]:
         attributes["policy_engine.errors"] = list(decision.errors)
     if decision.reservation_id:
         attributes["policy_engine.reservation_id"] = decision.reservation_id
+    if decision.incomplete:
+        attributes["policy_engine.incomplete_stream"] = decision.incomplete
     if decision.sticky_switch:
         attributes["policy_engine.sticky_switch.from"] = decision.sticky_switch["from"]
         attributes["policy_engine.sticky_switch.cached_prefix_tokens"] = decision.sticky_switch["cached_prefix_tokens"]

@@ -226,3 +226,19 @@ providers:
     assert "ends (2026-04-01) before it starts (2026-05-01)" in found[(9, "PE011")].message
     assert "a retirement needs its behaviour" in found[(15, "PE011")].message
     assert "'claude_api', 'claude_platform_aws', 'bedrock', 'vertex' or 'foundry'" in found[(17, "PE011")].message
+
+
+@pytest.mark.parametrize(("choice", "codes"), [
+    ("on_invalid_context: allow_unmetered", [("PE250", 3, 21)]),  # at the value
+    ("on_unpriced_model: allow_unmetered", [("PE250", 3, 20)]),
+    ("on_incomplete_stream: observed", [("PE250", 3, 23)]),
+    ("on_unpriced_model: {price_as: claude-mythos-preview}", [("PE251", 3, 31)]),  # in the catalog, unpriced
+    ("on_unpriced_model: {price_as: claude-haiku-4-5}", []),
+    ("on_unpriced_model: {rate: {input_usd_per_mtok: 3, output_usd_per_mtok: 15}}", []),
+    ("on_invalid_context: reject\non_incomplete_stream: worst_case\non_unpriced_model: conservative", []),
+])
+def test_choices_that_leave_spend_unmetered_are_warned(tmp_path: Path, choice: str, codes: list[tuple[str, int, int]]) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"version: 1\nname: p\n{choice}\n")
+    found = [(d.code, d.line, d.col) for d in lint_file(path, run_tests=False).diagnostics if d.code in ("PE250", "PE251")]
+    assert found == codes

@@ -165,7 +165,7 @@ def test_explain_rejects_bad_input_files_cleanly(tmp_path: Path, capsys: pytest.
     bad.write_text("[1, 2]")
     status, _, err = _run(["explain", str(DEFAULT), "--request", str(bad)], capsys)
     assert status == 2 and "must hold a mapping" in err
-    bad.write_text('{"model": "claude-opus-4-6"}')
+    bad.write_text('{"model": "claude-opus-4-6"}')  # the request is checked first, then the context
     context = tmp_path / "context.json"
     context.write_text('{"tenantt": "x"}')
     status, _, err = _run(["explain", str(DEFAULT), "--request", str(bad), "--context", str(context)], capsys)

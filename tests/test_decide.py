@@ -136,8 +136,12 @@ def test_guardrail_unsupported_model_not_in_catalog(eager: Engine) -> None:
     d = eager.decide({**CHAT, "model": "claude-opus-9-preview"}, WAITING, now=NOON)
     _assert_guarded(d, "unsupported_model")
     assert "not in the catalog" in d.reasons[-1] or any("not in the catalog" in r for r in d.reasons)
-    assert d.estimate_standard_micro is None and d.estimate_fast_micro is None
-    assert d.ceilings == ["per_request:unpriced"]  # the ceiling cannot be enforced, and says so
+    # on_unpriced_model defaults to conservative: the catalog's dearest standard rates bound it, never fast.
+    assert d.estimate_fast_micro is None
+    card = eager.dearest_rates("standard", "claude_api")[0][1]
+    assert d.estimate_standard_micro == -(-(d.input_tokens * card.input + 4096 * card.output) // 1_000_000)
+    assert any("on_unpriced_model" in r and "dearest" in r for r in d.reasons), d.reasons
+    assert d.ceilings == []  # priced conservatively, so the ceiling is enforced
 
 
 def test_guardrail_unsupported_model_in_a_user_catalog(tmp_path: Path) -> None:
@@ -545,7 +549,14 @@ def test_a_rejected_request_does_not_touch_the_conversation(engine: Engine) -> N
 # --------------------------------------------------------------------------- invalid input
 
 
-def test_an_unknown_context_key_suggests_the_right_one(engine: Engine) -> None:
+@pytest.fixture()
+def strict(policy_variant: Any) -> Engine:
+    """The default policy with `on_invalid_context: reject`."""
+    return load(policy_variant(("on_error: skip ", "on_invalid_context: reject\non_error: skip ")))
+
+
+def test_an_unknown_context_key_suggests_the_right_one(strict: Engine) -> None:
+    engine = strict
     with pytest.raises(InvalidContext, match=r"unknown context key 'latency_slo'; did you mean 'latency_slo_ms'\?"):
         engine.decide(CHAT, {"latency_slo": 100})
     with pytest.raises(InvalidContext, match="known keys: latency_slo_ms, tenant"):
@@ -559,9 +570,9 @@ def test_an_unknown_context_key_suggests_the_right_one(engine: Engine) -> None:
     ({"labels": {"a": 1}}, "context['labels'] must map strings to strings"),
     (["interactive"], "context must be a mapping, got list"),
 ])
-def test_a_context_value_of_the_wrong_type_is_refused(engine: Engine, context: Any, message: str) -> None:
+def test_a_context_value_of_the_wrong_type_is_refused(strict: Engine, context: Any, message: str) -> None:
     with pytest.raises(InvalidContext) as caught:
-        engine.decide(CHAT, context)
+        strict.decide(CHAT, context)
     assert message in str(caught.value)
 
 
@@ -585,10 +596,99 @@ def test_a_bad_input_token_count_is_refused(engine: Engine) -> None:
             engine.decide(CHAT, WAITING, input_tokens=bad)  # type: ignore[arg-type]
 
 
-def test_invalid_input_reserves_nothing(engine: Engine) -> None:
+def test_invalid_input_reserves_nothing(strict: Engine) -> None:
     with pytest.raises(InvalidContext):
-        engine.decide(CHAT, {**WAITING, "tennant": "acme"}, now=NOON)
-    assert engine.ledger.balances([premium_scope()])[0].reserved == 0
+        strict.decide(CHAT, {**WAITING, "tennant": "acme"}, now=NOON)
+    assert strict.ledger.balances([premium_scope()])[0].reserved == 0
+
+
+@pytest.mark.parametrize("context", [{**WAITING, "tennant": "acme"}, {**WAITING, "user": 5150}, ["interactive"]])
+def test_an_invalid_context_is_decided_at_standard_with_its_valid_part(engine: Engine, context: Any) -> None:
+    # on_invalid_context defaults to standard: the request is sent, so it is decided and metered.
+    d = engine.decide(CHAT, context, now=NOON)
+    assert d.speed == "standard" and "invalid_context" in d.guardrails
+    assert d.reservation_id is not None  # metered: settle() will charge its budgets
+    assert any(e.startswith("invalid context:") for e in d.errors) and "5150" not in " ".join(d.errors)
+    if isinstance(context, dict):  # the valid part still decides: WAITING misses its SLO, so the rule wanted fast
+        assert (d.rule, d.outcome, d.forced_by) == ("interactive-misses-slo", "downgraded", "invalid_context")
+
+
+ALL_SPEND = """\
+version: 1
+name: all-spend
+on_invalid_context: {invalid}
+on_unpriced_model: {unpriced}
+budgets:
+  - name: tenant_daily
+    key: context.tenant
+    window: day
+    limit_usd: 100
+"""
+
+
+def _all_spend(tmp_path: Path, invalid: str = "standard", unpriced: str = "conservative") -> Engine:
+    path = tmp_path / f"all-{invalid}-{abs(hash(unpriced))}.yaml"
+    path.write_text(ALL_SPEND.format(invalid=invalid, unpriced=unpriced))
+    return load(path)
+
+
+def test_a_budget_keyed_on_an_invalid_value_charges_the_shared_key_error_bucket(tmp_path: Path) -> None:
+    engine = _all_spend(tmp_path)
+    d = engine.decide({**CHAT, "model": "claude-haiku-4-5"}, {"tenant": 42}, now=NOON)
+    [(budget, scope)] = d._budget_charges
+    assert scope.key == "<key-error>" and d._held
+    settled = engine.settle(d, {"input_tokens": 100, "output_tokens": 50})
+    assert settled.cost_micro > 0 and engine.ledger.balances([scope])[0].spent == settled.cost_micro
+
+
+def test_an_invalid_context_allowed_unmetered_reserves_and_settles_nothing(tmp_path: Path) -> None:
+    engine = _all_spend(tmp_path, invalid="allow_unmetered")
+    d = engine.decide({**CHAT, "model": "claude-haiku-4-5"}, {"tenant": 42}, now=NOON)
+    assert d.reservation_id is None and "invalid_context" in d.guardrails
+
+
+@pytest.mark.parametrize("unpriced, check", [
+    ("conservative", lambda engine, cost: cost == _dearest_cost(engine)),
+    ("{price_as: claude-haiku-4-5}", lambda engine, cost: cost == 100 * 1 + 50 * 5),  # $1/$5 per MTok
+    ("{rate: {input_usd_per_mtok: 2, output_usd_per_mtok: 10}}", lambda engine, cost: cost == 100 * 2 + 50 * 10),
+    ("allow_unmetered", lambda engine, cost: cost == 0),
+])
+def test_an_unpriced_model_is_priced_as_the_policy_says(tmp_path: Path, unpriced: str, check: Any) -> None:
+    engine = _all_spend(tmp_path, unpriced=unpriced)
+    d = engine.decide({**CHAT, "model": "claude-unknown-7"}, {"tenant": "acme"}, now=NOON)
+    assert d.speed == "standard" and any("on_unpriced_model" in r for r in d.reasons)
+    settled = engine.settle(d, {"input_tokens": 100, "output_tokens": 50})
+    assert check(engine, settled.cost_micro), settled
+    [(_, scope)] = d._budget_charges
+    assert engine.ledger.balances([scope])[0].spent == settled.cost_micro
+
+
+def _dearest_cost(engine: Engine) -> int:
+    card = engine.dearest_rates("standard", "claude_api")[0][1]
+    return -(-(100 * card.input + 50 * card.output) // 1_000_000)
+
+
+def test_an_unpriced_model_under_reject_is_refused(tmp_path: Path) -> None:
+    engine = _all_spend(tmp_path, unpriced="reject")
+    with pytest.raises(CeilingExceeded, match="no price for model claude-unknown-7.*on_unpriced_model is reject"):
+        engine.decide({**CHAT, "model": "claude-unknown-7"}, {"tenant": "acme"}, now=NOON)
+
+
+def test_settlement_never_refuses_a_usage_it_cannot_price(tmp_path: Path, telemetry: Any) -> None:
+    # A fast usage on a model without a fast price (the API served it fast after all): charged at the
+    # catalog's dearest fast rates, and recorded as an event.
+    engine = _all_spend(tmp_path)
+    d = engine.decide({**CHAT, "model": "claude-haiku-4-5"}, {"tenant": "acme"}, now=NOON)
+    settled = engine.settle(d, {"input_tokens": 100, "output_tokens": 50, "speed": "fast"})
+    card = engine.dearest_rates("fast", "claude_api")[0][1]
+    assert settled.cost_micro == -(-(100 * card.input + 50 * card.output) // 1_000_000) > 0
+    events = [p.attributes["policy_engine.event"] for p in telemetry.metrics().get("policy_engine.events", [])]
+    assert "policy_engine.unpriced_settlement" in events
+
+
+def test_price_as_an_unknown_model_is_refused_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="price_as 'claude-nope' is not in the catalog"):
+        _all_spend(tmp_path, unpriced="{price_as: claude-nope}")
 
 
 def test_an_unknown_policy_name_is_a_clear_error(engine: Engine) -> None:

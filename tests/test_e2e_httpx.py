@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ budgets:
     window: day
     limit_usd: 100
 """
+BUDGET_OBSERVED = BUDGET + "on_incomplete_stream: observed\n"
 HEADERS = {"x-api-key": "sk-raw", "anthropic-version": "2023-06-01"}
 
 
@@ -134,10 +137,37 @@ def test_errors_release_the_reservation(raw: Raw, emulator: Emulator, engine: En
     assert spent(engine) == 0 and reserved(engine) == 0
 
 
-def test_a_timeout_releases_the_reservation(kind: str, emulator: Emulator, engine: Engine) -> None:  # noqa: F811
+def _billed_once_done(emulator: Emulator) -> int:
+    """The emulator's bill once it has logged the request the client gave up on (it finishes on its own)."""
+    for _ in range(150):
+        if emulator.requests():
+            break
+        time.sleep(0.02)
+    return emulator.bill_micro()
+
+
+def test_a_timeout_settles_what_the_server_may_bill(kind: str, emulator: Emulator, engine: Engine,  # noqa: F811
+                                                    telemetry: Any) -> None:
+    # The server got the request and bills it after the client stopped waiting: the ledger counts the
+    # reservation's worst case (on_incomplete_stream: worst_case, the default), never nothing.
     emulator.inject(None, hang_s=1.0)
     with pytest.raises(httpx.ReadTimeout):
         Raw(kind, emulator.url, engine, timeout=0.2).post("/v1/messages", messages_params())
+    assert reserved(engine) == 0
+    # The input as the decision bounded it (nothing of the response was read), max_tokens of output.
+    assert spent(engine) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+    assert spent(engine) >= _billed_once_done(emulator) > 0
+    [settle] = telemetry.spans("policy_engine.settle")
+    assert settle.attributes["policy_engine.incomplete_stream"] == "worst_case"
+
+
+def test_a_connection_refused_releases_the_reservation(kind: str, engine: Engine) -> None:
+    # Nothing reached a server: nothing can be billed.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(httpx.ConnectError):
+        Raw(kind, f"http://127.0.0.1:{port}", engine, timeout=0.5).post("/v1/messages", messages_params())
     assert reserved(engine) == 0 and spent(engine) == 0
 
 
@@ -150,14 +180,29 @@ def test_streams_settle_and_pass_through_byte_for_byte(raw: Raw, emulator: Emula
     assert spent(engine) == actual(OPUS, emulator.billed()[0]) and reserved(engine) == 0
 
 
-def test_an_abandoned_stream_settles_with_what_was_seen(raw: Raw, emulator: Emulator, engine: Engine,  # noqa: F811
-                                                        telemetry: Any) -> None:
+def test_an_abandoned_stream_settles_its_worst_case(raw: Raw, emulator: Emulator, engine: Engine,  # noqa: F811
+                                                   telemetry: Any) -> None:
     emulator.configure(standard_otps=40, output_tokens=60, delta_tokens=1)
     status, lines = raw.post("/v1/messages", messages_params(stream=True, max_tokens=100), lines=14)
     assert status == 200 and len(lines) == 14
     [settle] = telemetry.spans("policy_engine.settle")
+    assert settle.attributes["gen_ai.usage.output_tokens"] == 100  # max_tokens: what the server may bill
+    assert settle.attributes["policy_engine.incomplete_stream"] == "worst_case"
+    assert spent(engine) == actual(OPUS, {"input_tokens": 5, "output_tokens": 100, "speed": "fast"})
+    assert reserved(engine) == 0
+    assert spent(engine) >= _billed_once_done(emulator) > 0
+
+
+def test_an_abandoned_stream_settles_what_was_seen_under_observed(kind: str, emulator: Emulator, tmp_path: Path,  # noqa: F811
+                                                                  telemetry: Any) -> None:
+    engine = engine_for(tmp_path, BUDGET_OBSERVED)
+    emulator.configure(standard_otps=40, output_tokens=60, delta_tokens=1)
+    status, lines = Raw(kind, emulator.url, engine).post("/v1/messages", messages_params(stream=True, max_tokens=100),
+                                                         lines=14)
+    assert status == 200 and len(lines) == 14
+    [settle] = telemetry.spans("policy_engine.settle")
     output = settle.attributes["gen_ai.usage.output_tokens"]
-    assert 1 <= output < 60
+    assert 1 <= output < 60 and settle.attributes["policy_engine.incomplete_stream"] == "observed"
     assert spent(engine) == actual(OPUS, {"input_tokens": 5, "output_tokens": output, "speed": "fast"})
     assert reserved(engine) == 0
 

@@ -154,8 +154,9 @@ def test_cost_features_are_the_catalog_worst_cases(probe: Any) -> None:
     absent = "(has(cost.standard_usd) ? 's' : '-') + (has(cost.fast_usd) ? 'f' : '-') + (has(cost.premium_usd) ? 'p' : '-')"
     assert probe(absent) == "sfp"
     assert probe(absent, {**CHAT, "model": "claude-mythos-5-2"}) == "s--"  # fast mode, but no fast price
-    assert probe(absent, {**CHAT, "model": "claude-mythos-preview"}) == "---"  # no price at all
-    assert probe(absent, {**CHAT, "model": "claude-unknown"}) == "---"
+    # No price at all: on_unpriced_model (conservative by default) prices standard at the dearest rates.
+    assert probe(absent, {**CHAT, "model": "claude-mythos-preview"}) == "s--"
+    assert probe(absent, {**CHAT, "model": "claude-unknown"}) == "s--"
 
 
 def test_throughput_features(probe: Any) -> None:

@@ -199,14 +199,15 @@ def test_the_redis_journal_keeps_no_plain_id(tmp_path: Path, redis_prefix: str) 
     ({"user": 5150}, "5150", "context['user'] must be str, got int"),
     ({"tennant": "acme-corp-7731"}, "acme-corp-7731", "did you mean 'tenant'?"),
 ])
-def test_the_undecidable_request_event_never_carries_the_value(
+def test_the_invalid_context_event_never_carries_the_value(
         emulator: Emulator, tmp_path: Path, telemetry: Any, context: dict[str, Any], secret: str, says: str) -> None:  # noqa: F811
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
     client = anthropic.Anthropic(base_url=emulator.url, api_key="sk-test", middleware=[FastModePolicy(load(path))])
     with trace.get_tracer("test").start_as_current_span("request"), policy_context(**context):
         client.messages.create(**messages_params())
-    events = [e for s in telemetry.spans() for e in s.events if e.name == "policy_engine.undecidable_request"]
+    # Sent at standard and metered (on_invalid_context: standard), and said so in an event.
+    events = [e for s in telemetry.spans() for e in s.events if e.name == "policy_engine.invalid_context"]
     assert len(events) == 1
     attributes = dict(events[0].attributes)
     assert says in attributes["policy_engine.error"] and attributes["policy_engine.error.type"] == "InvalidContext"

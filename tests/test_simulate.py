@@ -80,12 +80,14 @@ def test_hand_built_log_matches_hand_computation(tmp_path: Path) -> None:
     data = report.to_dict()
     assert data["requests"] == {"lines": 7, "decided": 5, "invalid": 2, "with_usage": 4, "unpriced": 1}
     assert data["speed_mix"] == {"fast": 2, "standard": 3, "rejected": 0}
-    assert data["cost"] == {"total_usd": "0.287500", "fast_premium_usd": "0.175000"}
+    # The Mythos Preview line has no price: on_unpriced_model (conservative) prices it at the catalog's dearest
+    # standard rates, $0.000660 for its usage, rather than $0.
+    assert data["cost"] == {"total_usd": "0.288160", "fast_premium_usd": "0.175000"}
     assert data["downgrades"] == {"fast_day": 1, "unsupported_model": 1}
     assert data["rejects"] == {}
-    assert data["baselines"]["all_standard"]["cost_usd"] == "0.112500"
+    assert data["baselines"]["all_standard"]["cost_usd"] == "0.113160"  # the Mythos Preview line conservatively
     # all fast: 3 x $0.105, line 3 at fast 2000 x 30 + 2000 x 150 = $0.36, the Sonnet line $0.
-    assert data["baselines"]["all_fast"]["cost_usd"] == "0.675000"
+    assert data["baselines"]["all_fast"]["cost_usd"] == "0.675660"
     # 500 output tokens: 1.5 + 500/60 s standard, 1.5 + 500/150 s fast: 5 s saved, twice.
     assert data["latency"]["saved_s"] == pytest.approx(10.0)
     assert data["baselines"]["all_fast"]["latency_saved_s"] == pytest.approx(35.0)  # 3 x 5 + (2000/60 - 2000/150)
@@ -110,9 +112,10 @@ def test_rejects_are_counted_and_cost_nothing(tmp_path: Path) -> None:
     with open_log(str(_log(tmp_path))) as stream:
         report = Replayer(compiled).run(iter_log(stream))
     data = report.to_dict()
-    assert data["speed_mix"] == {"fast": 0, "standard": 1, "rejected": 4}
-    assert data["rejects"] == {"per_request": 4}
-    assert data["cost"]["total_usd"] == "0.000000"  # the only request sent is the unpriced Mythos Preview one
+    # The unpriced Mythos Preview line is priced conservatively too, so the ceiling rejects it as well.
+    assert data["speed_mix"] == {"fast": 0, "standard": 0, "rejected": 5}
+    assert data["rejects"] == {"per_request": 5}
+    assert data["cost"]["total_usd"] == "0.000000"
 
 
 def test_replay_agrees_with_the_public_engine(tmp_path: Path) -> None:
@@ -150,7 +153,7 @@ def test_cli_reads_gzip_from_stdin_and_renders_every_format(tmp_path: Path, caps
     blob = gzip.compress(_log(tmp_path).read_bytes())
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(blob)))
     assert main(["simulate", policy, "--requests", "-", "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["cost"]["total_usd"] == "0.287500"
+    assert json.loads(capsys.readouterr().out)["cost"]["total_usd"] == "0.288160"
     assert main(["simulate", policy, "--requests", str(_log(tmp_path)), "--format", "markdown"]) == 0
     markdown = capsys.readouterr().out
     assert "| this policy | $0.29 | $0.18 | 10 s |" in markdown

@@ -21,7 +21,7 @@ from .._fork import renew_in_child
 from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine
-from ..errors import InvalidRequest, PolicyEngineError
+from ..errors import InvalidContext, InvalidRequest, PolicyEngineError
 from ..ledger import AsyncLedger
 from ..observe import ThroughputObserver
 from ..ratelimit import account_id, parse_retry_after
@@ -181,8 +181,8 @@ class Runtime:
     def flight(self, body: Mapping[str, Any], betas: str | None, key: str | None) -> Flight | None:
         """The flight of this attempt: the one already decided for `key`, else a new decision.
 
-        Raises `CeilingExceeded` (nothing is sent). Returns None for a body the engine
-        cannot read; such a request goes out at standard speed, unmetered, and the API
+        Raises `CeilingExceeded`, or `InvalidContext` under `on_invalid_context: reject` (nothing is
+        sent). Returns None for a body the engine cannot read; such a request goes out at standard speed, unmetered, and the API
         will most likely refuse it anyway.
         """
         if key is not None:
@@ -195,6 +195,8 @@ class Runtime:
         try:
             decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy,
                                           platform=self.platform)
+        except InvalidContext:
+            raise  # the policy's on_invalid_context is reject: nothing is sent
         except InvalidRequest as exc:
             # Only what was wrong, never the value given: it may be a tenant's or a user's id.
             telemetry.record_event("policy_engine.undecidable_request", {
@@ -305,6 +307,52 @@ class Runtime:
         if flight is not None and self._finish(flight):
             self.engine.release(flight.decision)
 
+    def abandon(self, flight: Flight | None, exc: BaseException, *, retried: bool = False) -> None:
+        """An attempt ended by `exc`: if the server cannot have billed it (it never got the request), the
+        reservation is released, unless the attempt is `retried`; else it is settled as an incomplete response
+        (a read timeout: the server may still be generating), or, when retried, charged beside the reservation
+        the next attempt settles (under `worst_case`)."""
+        if flight is None:
+            return
+        if not (flight.sent_at and _may_be_billed(exc)):
+            if not retried:
+                self.release(flight)
+            return
+        if not retried:
+            self.settle_incomplete(flight, None, 0)
+            return
+        decision = flight.decision
+        if self._incomplete_rule(decision) == "worst_case" and not flight.done:
+            self.engine.charge_attempt(decision, {"input_tokens": decision.input_tokens,
+                                                  "output_tokens": decision.max_tokens, "speed": flight.speed})
+
+    def settle_incomplete(self, flight: Flight, usage: Mapping[str, Any] | None, seen: int) -> None:
+        """Settle a response that ended without its final usage, by the policy's `on_incomplete_stream`:
+        `worst_case` charges max_tokens of output (what the server may have billed), `observed` what the client read.
+
+        `usage`: the stream's `message_start` usage (None: nothing was read); `seen`: output tokens the client read."""
+        decision = flight.decision
+        rule = self._incomplete_rule(decision)
+        if usage is None and rule == "observed":
+            self.release(flight)  # nothing read: nothing observed
+            return
+        counted: dict[str, Any] = dict(usage) if usage else {"input_tokens": decision.input_tokens}
+        output = counted.get("output_tokens")
+        observed = max(output if type(output) is int else 0, seen)
+        counted["output_tokens"] = observed if rule == "observed" else max(observed, decision.max_tokens)
+        decision.incomplete = rule
+        telemetry.record_event("policy_engine.stream_abandoned", {
+            "policy_engine.on_incomplete_stream": rule, "policy_engine.output_tokens": counted["output_tokens"],
+            "policy_engine.output_tokens.observed": observed})
+        self.settle(flight, counted, timed=False)
+
+    def _incomplete_rule(self, decision: Decision) -> str:
+        """The `on_incomplete_stream` of the policy that decided (worst_case if a reload has since removed it)."""
+        try:
+            return self.engine.policy(decision.policy_name).policy.on_incomplete_stream
+        except KeyError:
+            return "worst_case"
+
     def learn_platform(self, platform: str) -> None:
         """The client turned out to talk to `platform`: decide for it from now on (and say so once)."""
         if platform != self.platform:
@@ -407,17 +455,13 @@ class StreamTracker:
         if self._finished:
             return
         self._finished = True
-        if not self._start:
-            # No message_start: nothing was generated that the API bills.
-            self.runtime.release(self.flight)
+        observer, flight = self.runtime.observer, self.flight
+        if not self._final:
+            # Ended without the final usage: the server may have billed more than the client read.
+            self.runtime.settle_incomplete(flight, self._start or None, _seen_output_tokens(self._deltas))
             return
         usage = dict(self._start)
         usage.update((k, v) for k, v in self._final.items() if v is not None)
-        if not self._final:
-            seen = _seen_output_tokens(self._deltas)
-            usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), seen)
-            telemetry.record_event("policy_engine.stream_abandoned", {"policy_engine.output_tokens": usage["output_tokens"]})
-        observer, flight = self.runtime.observer, self.flight
         self.runtime.settle(flight, usage, timed=False)
         if observer is not None and self._final and self._first_delta_at and flight.sent_at:
             output = usage.get("output_tokens")
@@ -426,6 +470,21 @@ class StreamTracker:
             observer.observe_stream(self.runtime.model_key(flight.decision.model), str(usage.get("speed") or flight.speed),
                                     output if type(output) is int else 0, self._first_delta_at - flight.sent_at,
                                     self._final_at - self._start_at)
+
+
+_BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError"})
+"""httpx's (and httpx2's) errors raised once a request may have reached the server."""
+
+
+def _may_be_billed(exc: BaseException) -> bool:
+    """Whether the server may have received, and so may bill, the request an exception ended."""
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and seen < 8:
+        if any(t.__name__ in _BILLABLE_FAILURES for t in type(cause).__mro__):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return False
 
 
 def _event(line: bytes) -> dict[str, Any] | None:

@@ -243,8 +243,7 @@ class FastModePolicy(Middleware):
                     retry = True
                     break
                 cause = cause.__cause__
-        if not retry:
-            self.runtime.release(flight)
+        self.runtime.abandon(flight, exc, retried=retry)
 
 
 def platform_of(client: Any) -> str:

@@ -147,16 +147,16 @@ class FastModeTransport(_Base, httpx.BaseTransport):
                     raise runtime.fail(flight, wait)  # type: ignore[arg-type]
                 if action == "retry":
                     runtime.sleep(wait)
-        except BaseException:
-            runtime.release(flight)
+        except BaseException as exc:
+            runtime.abandon(flight, exc)
             raise
         concluded = self._conclude(flight, response, body, _Tracked)
         if concluded is not None:
             return concluded
         try:
             content = response.read()
-        except BaseException:
-            runtime.release(flight)
+        except BaseException as exc:
+            runtime.abandon(flight, exc)
             raise
         runtime.settle_body(flight, content)
         return self._read(response, content)
@@ -200,16 +200,16 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
                     raise runtime.fail(flight, wait)  # type: ignore[arg-type]
                 if action == "retry":
                     await asyncio.sleep(wait)
-        except BaseException:
-            runtime.release(flight)
+        except BaseException as exc:
+            runtime.abandon(flight, exc)
             raise
         concluded = self._conclude(flight, response, body, _AsyncTracked)
         if concluded is not None:
             return concluded
         try:
             content = await response.aread()
-        except BaseException:
-            runtime.release(flight)
+        except BaseException as exc:
+            runtime.abandon(flight, exc)
             raise
         await self._call(runtime.settle_body, flight, content)
         return self._read(response, content)

@@ -16,6 +16,7 @@ from ..compile import CompiledPolicy
 from ..decide import ConversationStore, Decision, Engine
 from ..cel import CelError
 from ..errors import CeilingExceeded, InvalidRequest, PolicyEngineError, PolicyError
+from ..features import context_features
 from ..load import Document
 from ..ledger import Balance, Charge, MemoryLedger, ReserveResult, Scope
 from ..policy import TestCase
@@ -107,6 +108,8 @@ def run_case(compiled: CompiledPolicy, case: TestCase, catalog: Catalog, index: 
     try:
         decision = engine.decide(request, case.context, now=now, batch=batch, input_tokens=case.input_tokens,
                                  platform=case.platform)
+        # A case's context is its author's: an invalid one is the case's bug, whatever on_invalid_context does.
+        context_features(case.context)
     except CeilingExceeded as exc:
         decision = exc.decision  # type: ignore[attr-defined]
     except InvalidRequest as exc:
