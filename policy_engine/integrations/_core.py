@@ -186,6 +186,11 @@ class Runtime:
         will most likely refuse it anyway.
         """
         if key is not None:
+            model = body.get("model")
+            if model is not None:
+                # One idempotency key can carry several hops (the SDK's BetaRefusalFallbackMiddleware resends it
+                # to each fallback model): each model's hop is a flight of its own, decided and settled alone.
+                key = f"{key}\x1f{model}"
             existing = self._flights.get(key)
             if existing is not None:
                 return existing
@@ -221,6 +226,9 @@ class Runtime:
         """The body to send: `speed: "fast"` for fast, no `speed` at all otherwise (on a platform that
         asks for fast mode by model id, the fast or the standard model's id instead)."""
         if flight is not None:
+            decision = flight.decision
+            if decision._chain is not None:
+                body = _wire_chain(body, decision._wire_fallbacks, flight.speed != decision.speed)
             models = flight.decision._wire_models()
             if models is not None:
                 return apply_params(body, flight.speed, None, models)
@@ -426,6 +434,17 @@ class StreamTracker:
             observer.observe_stream(self.runtime.model_key(flight.decision.model), str(usage.get("speed") or flight.speed),
                                     output if type(output) is int else 0, self._first_delta_at - flight.sent_at,
                                     self._final_at - self._start_at)
+
+
+def _wire_chain(body: Mapping[str, Any], rewritten: list[Any] | None, fell_back: bool) -> Mapping[str, Any]:
+    """The body with the decision's `fallbacks` (entries a guardrail keeps from fast sent at standard); after a
+    fast 429 sent the request at standard, every entry goes at standard too (inheriting entries follow the request)."""
+    fallbacks: Any = rewritten if rewritten is not None else body.get("fallbacks")
+    if fell_back and isinstance(fallbacks, list):
+        fallbacks = [{**e, "speed": "standard"} if isinstance(e, Mapping) and e.get("speed") == "fast" else e for e in fallbacks]
+    elif rewritten is None:
+        return body
+    return {**body, "fallbacks": fallbacks}
 
 
 def _event(line: bytes) -> dict[str, Any] | None:
