@@ -1145,8 +1145,8 @@ class Engine:
             else:
                 if premium is None:
                     # What the response cost over the same usage at standard speed.
-                    standard_cost = self.usage_cost(decision, counts, "standard")
-                    premium = cost if standard_cost is None else cost - standard_cost if cost > standard_cost else 0
+                    at_standard = self.usage_cost(decision, counts, "standard")
+                    premium = cost if at_standard is None else cost - at_standard if cost > at_standard else 0
                 amount = premium
             if amount:
                 owed = True

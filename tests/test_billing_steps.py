@@ -338,3 +338,56 @@ def test_a_redeemed_fallback_credit_is_priced_as_the_usage_reports_it(tmp_path: 
     undiscounted = price(SONNET, input_tokens=usage["input_tokens"], cache_creation_input_tokens=usage["cache_read_input_tokens"],
                          output_tokens=usage["output_tokens"])
     assert settlement.cost_micro < undiscounted
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+@pytest.mark.parametrize("order", ["ours-first", "theirs-first"])
+def test_both_orders_with_the_async_client(tmp_path: Path, emu: Emulator, order: str, stream: bool) -> None:
+    import asyncio
+
+    eng = engine(tmp_path, "fast")
+    ours = FastModePolicy(eng, observe=False)
+    theirs = BetaRefusalFallbackMiddleware([{"model": SONNET}])
+    emu.script(refuse=[OPUS], refuse_after=10)
+
+    async def run() -> Any:
+        async with anthropic.AsyncAnthropic(base_url=emu.url, api_key="k", max_retries=0,
+                                            middleware=[ours, theirs] if order == "ours-first" else [theirs, ours]) as client:
+            if stream:
+                async with client.beta.messages.stream(**params()) as events:
+                    return await events.get_final_message()
+            return await client.beta.messages.create(**params())
+
+    message = asyncio.run(run())
+    assert message.model == SONNET
+    assert [(b["model"], b.get("speed")) for b in (e["body"] for e in emu.requests())] == [(OPUS, "fast"), (SONNET, None)]
+    assert spent(eng) == emu.bill_micro() > 0 and reserved(eng) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_the_httpx_transport_guards_the_chain_and_settles_its_steps(tmp_path: Path, emu: Emulator, stream: bool) -> None:
+    from policy_engine.integrations.httpx import FastModeTransport
+
+    eng = engine(tmp_path, "fast")
+    body = params(fallbacks=[{"model": SONNET, "speed": "fast"}], stream=stream)
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01", "anthropic-beta": FALLBACK_BETA,
+               "x-emulator-scenario": json.dumps({"refuse": [OPUS], "refuse_after": 5, "compaction": [200, 20]})}
+    with httpx.Client(base_url=emu.url, transport=FastModeTransport(eng, observe=False), timeout=10) as client:
+        response = client.post("/v1/messages", json=body, headers=headers)
+        response.read()
+    assert response.status_code == 200
+    sent = emu.requests()[-1]["body"]
+    assert sent["speed"] == "fast" and sent["fallbacks"] == [{"model": SONNET, "speed": "standard"}]
+    assert [s["type"] for s in emu.bill()] == ["compaction", "message", "fallback_message"]
+    assert spent(eng) == emu.bill_micro() > 0 and reserved(eng) == 0
+
+
+def test_a_budget_of_the_fast_premium_counts_the_premium_of_the_steps_priced_fast(tmp_path: Path, emu: Emulator) -> None:
+    path = tmp_path / "premium.yaml"
+    path.write_text(POLICY.format(speed="fast") + "    counts: premium\n")
+    eng = load(path)
+    usage = raw(emu, params(speed="fast", fallbacks=[{"model": SONNET}]), {"refuse": [OPUS], "refuse_after": 10})["usage"]
+    settlement = eng.settle(eng.decide(params(fallbacks=[{"model": SONNET}])), usage)
+    opus = settlement.steps[0]
+    premium = opus.cost_micro - price(OPUS, input_tokens=opus.input_tokens, output_tokens=opus.output_tokens)
+    assert premium > 0 and spent(eng) == premium
