@@ -182,6 +182,12 @@ class Decision:
             applied["fallbacks"] = self._wire_fallbacks
         return applied
 
+    def _sent_standard(self) -> None:
+        """A fast request went out at standard after all (a fast 429 fell back): none of its hops ran fast."""
+        self._fast_models = frozenset()
+        if self._chain is None:
+            self._chain = ()
+
     def _wire_models(self) -> tuple[str, str] | None:
         """(standard id, fast id) where the platform asks for fast mode by model id, else None."""
         mp = self._plan
@@ -1183,7 +1189,7 @@ class Engine:
         geo_key = geo if geo is not None else "global" if mp is None or mp.geo is None else mp.geo
         all_fast = counts.speed == "fast"
         sent_fast = decision._fast_models if decision._chain is not None else (
-            frozenset((decision.model,)) if decision.speed == "fast" else frozenset())
+            frozenset((decision.model,)) if decision.speed == "fast" else frozenset())  # no chain: the request alone
         priced: list[StepCost] = []
         total = standard_total = 0
         assumed = False

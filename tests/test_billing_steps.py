@@ -42,7 +42,7 @@ def params(**extra: Any) -> dict[str, Any]:
 
 def engine(tmp_path: Path, speed: str = "standard", **options: Any) -> Engine:
     path = tmp_path / f"{speed}.yaml"
-    path.write_text(POLICY.format(speed=speed))
+    path.write_text(POLICY.format(speed=speed) + "on_fast_rate_limited: fallback\n")
     return load(path, **options)
 
 
@@ -391,3 +391,18 @@ def test_a_budget_of_the_fast_premium_counts_the_premium_of_the_steps_priced_fas
     opus = settlement.steps[0]
     premium = opus.cost_micro - price(OPUS, input_tokens=opus.input_tokens, output_tokens=opus.output_tokens)
     assert premium > 0 and spent(eng) == premium
+
+
+def test_after_a_fast_429_falls_back_every_step_is_priced_at_standard(tmp_path: Path, emu: Emulator) -> None:
+    emu.inject(429, speed="fast", retry_after="1")  # the fast request is rate limited
+    eng = engine(tmp_path, "fast")
+    client = sdk(emu, FastModePolicy(eng, observe=False))
+    chain = [{"model": OPUS_55, "speed": "fast"}]
+    message = client.beta.messages.create(**params(fallbacks=chain), betas=[FALLBACK_BETA], extra_headers={
+        "x-emulator-scenario": json.dumps({"refuse": [OPUS], "refuse_after": 6, "compaction": [300, 30]})})
+    assert message.model == OPUS_55
+    first, second = (e["body"] for e in emu.requests())
+    assert first["speed"] == "fast" and "speed" not in second
+    assert second["fallbacks"] == [{"model": OPUS_55, "speed": "standard"}]  # the chain follows the request to standard
+    assert {s["speed"] for s in emu.bill()} == {"standard"}
+    assert spent(eng) == emu.bill_micro() > 0 and reserved(eng) == 0

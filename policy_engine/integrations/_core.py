@@ -284,6 +284,7 @@ class Runtime:
         telemetry.record_event("policy_engine.fast_rate_limited", attributes)
         if mode == "fallback":
             flight.speed = "standard"
+            flight.decision._sent_standard()
             return "fallback", 0.0
         if mode == "retry" and flight.fast_retries < self.fast_retries:
             flight.fast_retries += 1
