@@ -17,7 +17,7 @@ if _mypyc.PURE_PYTHON:
     _mypyc.prefer_sources()  # before any compiled module is imported
 
 from .catalog import Catalog, load_catalog
-from .decide import FAST_BETA, Decision, Engine, Settlement, load
+from .decide import FAST_BETA, Decision, Engine, Settlement, StepCost, load
 from .errors import (
     CeilingExceeded,
     Diagnostic,
@@ -49,6 +49,7 @@ __all__ = [
     "PricingError",
     "ReloadingEngine",
     "Settlement",
+    "StepCost",
     "StateUnavailable",
     "__version__",
     "load",

@@ -90,6 +90,9 @@ def _decision_attributes(decision: Decision) -> dict[str, Any]:
         attributes["policy_engine.reservation_id"] = decision.reservation_id
     if decision.incomplete:
         attributes["policy_engine.incomplete_stream"] = decision.incomplete
+    if decision.fallback_rewrites:
+        attributes["policy_engine.fallback_rewrites.models"] = [r["model"] for r in decision.fallback_rewrites]
+        attributes["policy_engine.fallback_rewrites.guardrails"] = [r["guardrail"] for r in decision.fallback_rewrites]
     if decision.sticky_switch:
         attributes["policy_engine.sticky_switch.from"] = decision.sticky_switch["from"]
         attributes["policy_engine.sticky_switch.cached_prefix_tokens"] = decision.sticky_switch["cached_prefix_tokens"]
@@ -141,10 +144,30 @@ def record_settlement(decision: Decision, settlement: Settlement) -> None:
             "policy_engine.cost.actual_usd": settlement.cost_micro / 1e6,
             "policy_engine.settled.first": settlement.first,
         })
+        steps = settlement.steps
+        if steps:
+            # One entry per billed step, index for index (OTel attributes hold flat arrays, not objects).
+            attributes.update({
+                "policy_engine.steps.types": [s.kind for s in steps],
+                "policy_engine.steps.models": [s.model for s in steps],
+                "policy_engine.steps.speeds": [s.speed for s in steps],
+                "policy_engine.steps.cost_usd": [s.cost_micro / 1e6 for s in steps],
+                "policy_engine.steps.input_tokens": [s.input_tokens + s.cache_write_tokens + s.cache_read_tokens for s in steps],
+                "policy_engine.steps.output_tokens": [s.output_tokens for s in steps],
+                "policy_engine.speed.split_unknown": settlement.speed_split_unknown,
+            })
+        if settlement.fallback_credit is not None:
+            attributes["policy_engine.fallback_credit"] = settlement.fallback_credit
         span.set_attributes(attributes)
     span.end()
     if settlement.first:
-        _cost.add(settlement.cost_micro / 1e6, {"policy_engine.speed": settlement.speed, "gen_ai.request.model": decision.model})
+        if settlement.steps:
+            # The cost metric by step: its own model and the speed it was priced at (the sum is the settled cost).
+            for step in settlement.steps:
+                _cost.add(step.cost_micro / 1e6, {"policy_engine.speed": step.speed, "gen_ai.request.model": decision.model,
+                                                  "gen_ai.response.model": step.model, "policy_engine.step.type": step.kind})
+        else:
+            _cost.add(settlement.cost_micro / 1e6, {"policy_engine.speed": settlement.speed, "gen_ai.request.model": decision.model})
 
 
 def record_event(name: str, attributes: dict[str, Any] | None = None) -> None:

@@ -15,7 +15,9 @@ once to the micro-dollar; sums of costs are exact integer sums.
 from __future__ import annotations
 
 from ._cost import (
+    ITERATION_KINDS,
     MICRO_PER_USD,
+    IterationCounts,
     UsageCounts,
     UsageError,
     actual,
@@ -23,7 +25,9 @@ from ._cost import (
     cost_with_rates,
     estimate,
     estimate_with_rates,
+    fallback_credit_status,
     format_usd,
+    parse_iterations,
     parse_usage,
     to_usd,
 )
@@ -52,6 +56,8 @@ from ._rates import PICO_PER_MICRO, PICO_PER_USD_PER_MTOK, SPEEDS, RateCard, Spe
 
 __all__ = [
     "DEFAULT_CATALOG_PATH",
+    "ITERATION_KINDS",
+    "IterationCounts",
     "FAST_MODE_BETA",
     "PLATFORMS",
     "AfterRetirement",
@@ -83,8 +89,10 @@ __all__ = [
     "cost_with_rates",
     "estimate",
     "estimate_with_rates",
+    "fallback_credit_status",
     "format_usd",
     "load_catalog",
+    "parse_iterations",
     "parse_usage",
     "to_usd",
 ]

@@ -158,6 +158,82 @@ def parse_usage(usage: Mapping[str, Any] | object) -> UsageCounts:
     return tuple.__new__(UsageCounts, (input_tokens, output_tokens, write_5m, write_1h, read, speed, geo))
 
 
+ITERATION_KINDS: Final = frozenset(("message", "compaction", "advisor_message", "fallback_message"))
+"""The `usage.iterations` entry types the engine prices (the SDK's `BetaIterationsUsageItem`)."""
+
+
+class IterationCounts(NamedTuple):
+    """One `usage.iterations` entry: a billed sampling step, normalised."""
+
+    kind: str
+    """`message`, `compaction`, `advisor_message` or `fallback_message`."""
+    model: str | None
+    """The entry's own model (advisor and fallback entries always carry one); None: the request's model."""
+    counts: UsageCounts
+    """Its tokens; `speed` is "standard" (entries report none) and `inference_geo` None (the response's holds)."""
+
+
+def parse_iterations(usage: Mapping[str, Any] | object) -> tuple[IterationCounts, ...] | None:
+    """The `usage.iterations` of a response (a dict, or the SDK's BetaUsage), or None when it has none.
+
+    Each entry is one billed sampling step with its own token counts. Its tokens are not
+    necessarily in the top-level usage (a compaction entry's never are), so a response with
+    iterations is priced from them alone. Raises `UsageError` for a malformed entry or an
+    unknown entry type (an unknown step cannot be priced, so it is not silently dropped).
+    """
+    raw = usage.get("iterations") if type(usage) is dict else _getter(usage)("iterations")
+    if raw is None:
+        return None
+    if not isinstance(raw, (list, tuple)):
+        raise UsageError(f"usage.iterations must be a list, got {type(raw).__name__}")
+    if not raw:
+        return None
+    out = []
+    for index, entry in enumerate(raw):
+        get = _getter(entry)
+        kind = get("type")
+        if kind not in ITERATION_KINDS:
+            raise UsageError(f"usage.iterations[{index}].type: unknown iteration type {kind!r}")
+        model = get("model")
+        if model is not None and not isinstance(model, str):
+            raise UsageError(f"usage.iterations[{index}].model must be a string, got {type(model).__name__}")
+        if kind in ("advisor_message", "fallback_message") and not model:
+            raise UsageError(f"usage.iterations[{index}]: a {kind} entry needs its model")
+        try:
+            counts = parse_usage(entry if type(entry) is dict else _entry_dict(get))
+        except UsageError as exc:
+            raise UsageError(f"usage.iterations[{index}]: {exc}") from None
+        if counts[5] != "standard" or counts[6] is not None:
+            # Entries report no speed and no geo: the response's top level does, for all of them.
+            counts = tuple.__new__(UsageCounts, (*counts[:5], "standard", None))
+        out.append(tuple.__new__(IterationCounts, (kind, model or None, counts)))
+    return tuple(out)
+
+
+def _entry_dict(get: Any) -> dict[str, Any]:
+    split = get("cache_creation")
+    if split is not None and not isinstance(split, Mapping):
+        sget = _getter(split)
+        split = {"ephemeral_5m_input_tokens": sget("ephemeral_5m_input_tokens"),
+                 "ephemeral_1h_input_tokens": sget("ephemeral_1h_input_tokens")}
+    return {"input_tokens": get("input_tokens"), "output_tokens": get("output_tokens"),
+            "cache_creation_input_tokens": get("cache_creation_input_tokens"),
+            "cache_read_input_tokens": get("cache_read_input_tokens"), "cache_creation": split}
+
+
+def fallback_credit_status(usage: Mapping[str, Any] | object) -> str | None:
+    """`usage.fallback_credit.status.type` (`redeemed`, `not_applied`), or None when the request carried no token.
+
+    A redeemed credit needs no pricing of its own: the API bills it as fewer cache writes and
+    as many more cache reads, which the usage's counts already show."""
+    credit = usage.get("fallback_credit") if type(usage) is dict else _getter(usage)("fallback_credit")
+    if credit is None:
+        return None
+    status = _getter(credit)("status")
+    kind = _getter(status)("type") if status is not None else None
+    return kind if isinstance(kind, str) else "unknown"
+
+
 def actual(model: ModelEntry, usage: Mapping[str, Any] | object, *, inference_geo: str | None = None) -> int:
     """What a completed request cost, in integer micro-dollars (rounded up once).
 

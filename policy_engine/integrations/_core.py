@@ -186,6 +186,11 @@ class Runtime:
         will most likely refuse it anyway.
         """
         if key is not None:
+            model = body.get("model")
+            if model is not None:
+                # One idempotency key can carry several hops (the SDK's BetaRefusalFallbackMiddleware resends it
+                # to each fallback model): each model's hop is a flight of its own, decided and settled alone.
+                key = f"{key}\x1f{model}"
             existing = self._flights.get(key)
             if existing is not None:
                 return existing
@@ -223,6 +228,9 @@ class Runtime:
         """The body to send: `speed: "fast"` for fast, no `speed` at all otherwise (on a platform that
         asks for fast mode by model id, the fast or the standard model's id instead)."""
         if flight is not None:
+            decision = flight.decision
+            if decision._chain is not None:
+                body = _wire_chain(body, decision._wire_fallbacks, flight.speed != decision.speed)
             models = flight.decision._wire_models()
             if models is not None:
                 return apply_params(body, flight.speed, None, models)
@@ -278,6 +286,7 @@ class Runtime:
         telemetry.record_event("policy_engine.fast_rate_limited", attributes)
         if mode == "fallback":
             flight.speed = "standard"
+            flight.decision._sent_standard()
             return "fallback", 0.0
         if mode == "retry" and flight.fast_retries < self.fast_retries:
             flight.fast_retries += 1
@@ -485,6 +494,17 @@ def _may_be_billed(exc: BaseException) -> bool:
             return True
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return False
+
+
+def _wire_chain(body: Mapping[str, Any], rewritten: list[Any] | None, fell_back: bool) -> Mapping[str, Any]:
+    """The body with the decision's `fallbacks` (entries a guardrail keeps from fast sent at standard); after a
+    fast 429 sent the request at standard, every entry goes at standard too (inheriting entries follow the request)."""
+    fallbacks: Any = rewritten if rewritten is not None else body.get("fallbacks")
+    if fell_back and isinstance(fallbacks, list):
+        fallbacks = [{**e, "speed": "standard"} if isinstance(e, Mapping) and e.get("speed") == "fast" else e for e in fallbacks]
+    elif rewritten is None:
+        return body
+    return {**body, "fallbacks": fallbacks}
 
 
 def _event(line: bytes) -> dict[str, Any] | None:

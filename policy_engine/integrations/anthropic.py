@@ -59,6 +59,11 @@ from ._streams import decoded_headers, tracked_streams
 
 __all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context", "platform_of"]
 
+try:  # the SDK's client-side refusal fallback, where this SDK has it
+    from anthropic.lib.middleware import BetaRefusalFallbackMiddleware as _RefusalFallback
+except ImportError:  # pragma: no cover - depends on the SDK version
+    _RefusalFallback = None  # type: ignore[assignment,misc]
+
 try:  # newer SDKs let any error opt into the retry loop
     from anthropic._exceptions import RetryableError as _RetryableError
 except ImportError:  # pragma: no cover - depends on the SDK version
@@ -159,6 +164,12 @@ class FastModePolicy(Middleware):
         passed, body = self._route(request)
         if body is None:
             return call_next(passed)  # type: ignore[arg-type]
+        inner = _refusal_fallback_next(request, call_next)
+        if inner is not None:
+            # The SDK's refusal fallback comes next: let it run its hops through this middleware, so each
+            # hop is decided, guarded and settled (the order [FallbackMiddleware, FastModePolicy]).
+            fallback, rest = inner
+            return fallback.handle(request, lambda hop: self.handle(hop, rest))
         runtime = self.runtime
         beta_name, beta = _beta(request.headers)
         flight = runtime.flight(body, beta, request.options.idempotency_key)
@@ -187,6 +198,10 @@ class FastModePolicy(Middleware):
         passed, body = self._route(request)
         if body is None:
             return await call_next(passed)  # type: ignore[arg-type]
+        inner = _refusal_fallback_next(request, call_next)
+        if inner is not None:
+            fallback, rest = inner
+            return await fallback.handle_async(request, lambda hop: self.handle_async(hop, rest))
         runtime = self.runtime
         beta_name, beta = _beta(request.headers)
         key = request.options.idempotency_key
@@ -263,6 +278,29 @@ def platform_of(client: Any) -> str:
         if classes and isinstance(client, classes):
             return platform
     return "claude_api"
+
+
+def _refusal_fallback_next(request: APIRequest, call_next: Any) -> tuple[Any, Any] | None:
+    """(the SDK's BetaRefusalFallbackMiddleware, the chain after it) when it is the next middleware, else None.
+
+    Placed after this middleware, it would send its fallback hops straight to the API, unseen: no hop
+    would be guarded and a refused hop's billed output never settled. The SDK builds its chain of
+    closures over (`handler`, `call_next`); a chain of another shape is left as it is.
+    """
+    if (request.options.qualifiers or {}).get("beta") != "true":
+        return None  # the SDK's fallback middleware handles beta requests only
+    code, cells = getattr(call_next, "__code__", None), getattr(call_next, "__closure__", None)
+    if code is None or not cells:
+        return None
+    try:
+        free = dict(zip(code.co_freevars, (cell.cell_contents for cell in cells)))
+    except ValueError:  # an empty cell
+        return None
+    handler, rest = free.get("handler"), free.get("call_next")
+    fallback = getattr(handler, "__self__", None)
+    if rest is None or _RefusalFallback is None or not isinstance(fallback, _RefusalFallback):
+        return None
+    return fallback, rest
 
 
 def _beta(headers: Mapping[str, Any]) -> tuple[str, str | None]:
