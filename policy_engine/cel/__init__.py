@@ -145,6 +145,11 @@ def _nesting_backstop(source: str, build: Callable[[], Program]) -> Program:
         raise CelSyntaxError([issue], source) from None
 
 
+_NAMESPACE: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
+_NAMESPACE.update({"_missing": _missing, "_UTC": _rt.UTC, "__builtins__": builtins})
+"""What every generated function sees: built once, copied per program (a copy is a fifth of the cost)."""
+
+
 def _compile(
     source: str,
     declarations: Mapping[str, CelType] | None,
@@ -181,11 +186,8 @@ def _compile(
         comp.lazy_mode = True
         eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
         lazy_source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None)) + "\n"
-    namespace: dict[str, Any] = {"_" + k: v for k, v in _HELPER_NAMES.items()}
+    namespace = _NAMESPACE.copy()
     namespace.update(comp.consts)
-    namespace["_missing"] = _missing
-    namespace["_UTC"] = _rt.UTC
-    namespace["__builtins__"] = builtins
     filename = f"<cel: {source[:60]!r}>"
     if lazy_source:
         namespace["_cel_lazy"] = _LazyVariant(namespace, lazy_source, filename)
