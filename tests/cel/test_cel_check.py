@@ -174,7 +174,7 @@ def test_string_literal_escapes():
 # ------------------------------------------------------------------ generated code
 def _body(prog):
     """The expression the (fast) generated function returns."""
-    return prog.python_source.split("\n    try:\n        return ", 1)[1].splitlines()[0]
+    return prog.python_source.split("\n        return ", 1)[1].splitlines()[0]
 
 
 def test_static_int_comparison_is_wrapper_free(decls):
