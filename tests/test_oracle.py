@@ -76,8 +76,11 @@ EXAMPLES = int(os.environ.get("PE_ORACLE_EXAMPLES", "20"))
 RANDOM = os.environ.get("PE_ORACLE_RANDOM") == "1"
 MAX_REQUESTS = 6
 MODEL, FALLBACK_MODELS = "claude-opus-5", ("claude-sonnet-5", "claude-haiku-4-5")
-ADVISOR = "claude-sonnet-5"
-FALLBACK_BETA = SERVER_FALLBACK_BETAS[0]
+ADVISOR, ADVISOR_MAX_TOKENS = "claude-sonnet-5", 120
+MAX_TOKENS = 64
+PROMPT_TOKENS = 8
+"""About the prompt's size (a few words and the message overhead): what a compaction step reads at most."""
+FALLBACK_BETA, COMPACT_BETA, ADVISOR_BETA = SERVER_FALLBACK_BETAS[0], "compact-2026-01-12", "advisor-tool-2026-03-01"
 CLIENT_TIMEOUT_S, HANG_S = 0.6, 1.0
 """An example with a hang fault gives its client this timeout (others 30 s, so a slow machine never
 times out an attempt the plan did not mean to)."""
@@ -112,8 +115,8 @@ class Request:
     close_after: int | None  # a stream closed after this many events; None: read to the end
     fallbacks: int  # entries in a server-side fallbacks chain (0: none); the requested model declines
     refuse_after: int  # output tokens the declining model generates first
-    compaction: tuple[int, int] | None
-    advisor: tuple[int, int] | None
+    compaction: tuple[int, int] | None  # (input, output) of a compaction step: at most the prompt, at most max_tokens
+    advisor: tuple[int, int] | None  # (input, output) of an advisor call, within its tool's max_tokens
     output_tokens: int
 
     def scenario(self) -> dict[str, Any]:
@@ -166,9 +169,10 @@ def requests(kinds: frozenset[str]) -> st.SearchStrategy[Request]:
         close_after=st.one_of(st.none(), st.integers(1, 8)) if "close_early" in kinds else st.none(),
         fallbacks=st.integers(0, 2) if "fallbacks" in kinds else st.just(0),
         refuse_after=st.sampled_from([0, 5]),
-        compaction=st.one_of(st.none(), st.tuples(st.integers(100, 3_000), st.integers(10, 400)))
+        compaction=st.one_of(st.none(), st.tuples(st.integers(1, PROMPT_TOKENS), st.integers(1, MAX_TOKENS)))
         if "iterations" in kinds else st.none(),
-        advisor=st.one_of(st.none(), st.tuples(st.integers(50, 800), st.integers(5, 120))) if "iterations" in kinds else st.none(),
+        advisor=st.one_of(st.none(), st.tuples(st.integers(1, PROMPT_TOKENS + MAX_TOKENS), st.integers(1, ADVISOR_MAX_TOKENS)))
+        if "iterations" in kinds else st.none(),
         output_tokens=st.integers(8, 48),
     ).map(lambda r: r if r.stream else Request(**{**r.__dict__, "close_after": None}))
 
@@ -209,13 +213,25 @@ def all_spend(ledger: Any) -> int:
 
 def call(client: anthropic.Anthropic, request: Request, tag: str, timeout: float) -> dict[str, Any]:
     """One logical request; what the client saw of it: full (a whole response), partial, error or rejected."""
-    params: dict[str, Any] = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": f"Hello {tag}"}],
+    params: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": f"Hello {tag}"}],
                               "extra_headers": {"x-oracle-request": tag, "x-emulator-scenario": json.dumps(request.scenario())},
                               "timeout": timeout}
-    surface: Any = client.messages
+    # Each extra step is asked for as the API asks for it, so an engine can see it coming: a fallbacks
+    # chain, context management that compacts, an advisor tool (the emulator's scenario says what runs).
+    betas = []
     if request.fallbacks:
+        betas.append(FALLBACK_BETA)
+        params["fallbacks"] = [{"model": m} for m in FALLBACK_MODELS[:request.fallbacks]]
+    if request.compaction is not None:
+        betas.append(COMPACT_BETA)
+        params["context_management"] = {"edits": [{"type": "compact_20260112"}]}
+    if request.advisor is not None:
+        betas.append(ADVISOR_BETA)
+        params["tools"] = [{"type": "advisor_20260301", "name": "advisor", "model": ADVISOR, "max_tokens": ADVISOR_MAX_TOKENS}]
+    surface: Any = client.messages
+    if betas:
         surface = client.beta.messages
-        params.update(betas=[FALLBACK_BETA], fallbacks=[{"model": m} for m in FALLBACK_MODELS[:request.fallbacks]])
+        params["betas"] = betas
     try:
         if not request.stream:
             surface.create(**params)
