@@ -38,6 +38,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from anthropic.lib.middleware import BetaRefusalFallbackMiddleware
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
@@ -63,13 +64,14 @@ ALL_KINDS = frozenset((
     "fault_529",      # a 529 the SDK retries, or one it gives up on
     "hang",           # an attempt that hangs past the client's timeout, answered (and billed) late
     "fallbacks",      # a server-side fallbacks chain; the requested model declines, before or after output
+    "client_fallback",  # the SDK's BetaRefusalFallbackMiddleware (before or after ours) retries a refusal on another model
     "iterations",     # compaction and advisor steps in usage.iterations
 ))
 KINDS = frozenset(k for k in os.environ.get("PE_ORACLE_KINDS", ",".join(sorted(ALL_KINDS))).split(",") if k)
 """What the full test draws from."""
 HOLDING_KINDS = frozenset(("threads", "fork", "redis", "redis_restart", "fast_budget", "stream", "fault_429", "fault_529"))
 """The kinds whose every scenario the engine settled exactly (ledger == bill) on main when this test was
-written. The others (close_early, hang, fallbacks, iterations) are issue 14's parts 3-5."""
+written. The others (close_early, hang, fallbacks, client_fallback, iterations) are issue 14's parts 3-5."""
 assert KINDS <= ALL_KINDS, f"unknown PE_ORACLE_KINDS: {sorted(KINDS - ALL_KINDS)}"
 
 EXAMPLES = int(os.environ.get("PE_ORACLE_EXAMPLES", "20"))
@@ -114,6 +116,7 @@ class Request:
     fault: str  # none | 429 | 529 | 529x3 (the SDK's retries exhausted) | hang
     close_after: int | None  # a stream closed after this many events; None: read to the end
     fallbacks: int  # entries in a server-side fallbacks chain (0: none); the requested model declines
+    client_fallback: bool  # (without server-side fallbacks) the model declines; the SDK's middleware retries
     refuse_after: int  # output tokens the declining model generates first
     compaction: tuple[int, int] | None  # (input, output) of a compaction step: at most the prompt, at most max_tokens
     advisor: tuple[int, int] | None  # (input, output) of an advisor call, within its tool's max_tokens
@@ -121,7 +124,7 @@ class Request:
 
     def scenario(self) -> dict[str, Any]:
         out: dict[str, Any] = {"output_tokens": self.output_tokens}
-        if self.fallbacks:
+        if self.fallbacks or self.client_fallback:
             out.update(refuse=[MODEL], refuse_after=self.refuse_after)
         if self.compaction is not None:
             out["compaction"] = list(self.compaction)
@@ -137,6 +140,7 @@ class Deployment:
     ledger: str  # sqlite | redis | redis_restart
     fast_budget: bool
     on_429: str
+    refusal_middleware: str  # where the SDK's BetaRefusalFallbackMiddleware sits: before or after FastModePolicy
     restart_after_s: float  # redis_restart: when the kill comes, after the requests start
     requests: tuple[Request, ...] = field(default_factory=tuple)
 
@@ -154,6 +158,7 @@ class Deployment:
             kinds |= {"fault_529"} if r.fault.startswith("529") else set()
             kinds |= {"hang"} if r.fault == "hang" else set()
             kinds |= {"fallbacks"} if r.fallbacks else set()
+            kinds |= {"client_fallback"} if r.client_fallback else set()
             kinds |= {"iterations"} if r.compaction or r.advisor else set()
         return kinds
 
@@ -168,13 +173,15 @@ def requests(kinds: frozenset[str]) -> st.SearchStrategy[Request]:
         fault=st.sampled_from(faults),
         close_after=st.one_of(st.none(), st.integers(1, 8)) if "close_early" in kinds else st.none(),
         fallbacks=st.integers(0, 2) if "fallbacks" in kinds else st.just(0),
+        client_fallback=st.booleans() if "client_fallback" in kinds else st.just(False),
         refuse_after=st.sampled_from([0, 5]),
         compaction=st.one_of(st.none(), st.tuples(st.integers(1, PROMPT_TOKENS), st.integers(1, MAX_TOKENS)))
         if "iterations" in kinds else st.none(),
         advisor=st.one_of(st.none(), st.tuples(st.integers(1, PROMPT_TOKENS + MAX_TOKENS), st.integers(1, ADVISOR_MAX_TOKENS)))
         if "iterations" in kinds else st.none(),
         output_tokens=st.integers(8, 48),
-    ).map(lambda r: r if r.stream else Request(**{**r.__dict__, "close_after": None}))
+    ).map(lambda r: Request(**{**r.__dict__, "close_after": r.close_after if r.stream else None,
+                               "client_fallback": r.client_fallback and not r.fallbacks}))
 
 
 def deployments(kinds: frozenset[str]) -> st.SearchStrategy[Deployment]:
@@ -186,6 +193,7 @@ def deployments(kinds: frozenset[str]) -> st.SearchStrategy[Deployment]:
         ledger=st.sampled_from(ledgers),
         fast_budget=st.booleans() if "fast_budget" in kinds else st.just(False),
         on_429=st.sampled_from(["fallback", "retry", "fail"]),
+        refusal_middleware=st.sampled_from(["before", "after"]),
         restart_after_s=st.sampled_from([0.0, 0.03, 0.1]),
         requests=st.lists(requests(kinds), min_size=1, max_size=MAX_REQUESTS).map(tuple),
     )
@@ -229,7 +237,7 @@ def call(client: anthropic.Anthropic, request: Request, tag: str, timeout: float
         betas.append(ADVISOR_BETA)
         params["tools"] = [{"type": "advisor_20260301", "name": "advisor", "model": ADVISOR, "max_tokens": ADVISOR_MAX_TOKENS}]
     surface: Any = client.messages
-    if betas:
+    if betas or request.client_fallback:  # the SDK's refusal fallback handles the beta surface only
         surface = client.beta.messages
         params["betas"] = betas
     try:
@@ -256,8 +264,12 @@ def call(client: anthropic.Anthropic, request: Request, tag: str, timeout: float
 
 
 def run_requests(middleware: FastModePolicy, url: str, items: list[tuple[str, Request]], threads: int,
-                 timeout: float) -> list[dict[str, Any]]:
-    with anthropic.Anthropic(base_url=url, api_key=API_KEY, middleware=[middleware], max_retries=2) as client:
+                 timeout: float, refusal: str = "after") -> list[dict[str, Any]]:
+    chain: list[Any] = [middleware]
+    if any(r.client_fallback for _, r in items):
+        fallback = BetaRefusalFallbackMiddleware([{"model": FALLBACK_MODELS[0]}])
+        chain = [fallback, middleware] if refusal == "before" else [middleware, fallback]
+    with anthropic.Anthropic(base_url=url, api_key=API_KEY, middleware=chain, max_retries=2) as client:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             return list(pool.map(lambda item: call(client, item[1], item[0], timeout), items))
 
@@ -310,7 +322,7 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
         engine: Engine = load(policy, ledger=ledger_for(deployment, directory, redis, prefix))
         middleware = FastModePolicy(engine)
         # One request before anything else: connections open, and the engine used, before any fork.
-        warm = run_requests(middleware, emulator.url, [("warm", Request(False, "none", None, 0, 0, None, None, 8))], 1, 30.0)
+        warm = run_requests(middleware, emulator.url, [("warm", Request(False, "none", None, 0, False, 0, None, None, 8))], 1, 30.0)
         for r in deployment.requests:
             if r.fault == "429":
                 emulator.inject(429, speed="fast", retry_after="0.05")
@@ -333,7 +345,8 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
             outage = threading.Thread(target=restart)
         if deployment.forks:
             def child(n: int) -> list[dict[str, Any]]:
-                seen = run_requests(middleware, emulator.url, items[n::deployment.forks], deployment.threads, timeout)
+                seen = run_requests(middleware, emulator.url, items[n::deployment.forks], deployment.threads, timeout,
+                                    deployment.refusal_middleware)
                 wait_journal(engine.ledger)
                 return seen
 
@@ -341,7 +354,7 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
         else:
             if outage is not None:
                 outage.start()
-            seen = run_requests(middleware, emulator.url, items, deployment.threads, timeout)
+            seen = run_requests(middleware, emulator.url, items, deployment.threads, timeout, deployment.refusal_middleware)
         if outage is not None:
             outage.join(30)
             assert restarted.is_set(), "redis-server did not come back"
@@ -368,15 +381,18 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
 
 
 def completed(seen: list[dict[str, Any]], log: list[dict[str, Any]]) -> bool:
-    """Whether every response completed: each stream read to its end, nothing abandoned, and every
-    attempt the emulator answered with a 200 one the client received (a timed-out attempt is not)."""
+    """Whether every response completed: each stream read to its end, nothing abandoned, and every attempt
+    the emulator billed a response the client received (a timed-out attempt answered late is not; a
+    refusal that billed nothing and that the SDK's fallback middleware retried does not count)."""
     if any(s["outcome"] == "partial" for s in seen) or any(e.get("abandoned") for e in log):
         return False
-    for s in seen:
-        answered = sum(1 for e in log if e["headers"].get("x-oracle-request") == s["tag"] and e["status"] == 200)
-        if answered != (1 if s["outcome"] == "full" else 0):
-            return False
-    return True
+    billed: dict[str | None, int] = {}
+    for e in log:
+        if e.get("steps"):
+            tag = e["headers"].get("x-oracle-request")
+            billed[tag] = billed.get(tag, 0) + 1
+    received = {s["tag"]: 1 if s["outcome"] == "full" else 0 for s in seen}
+    return all(count <= received.get(tag, 0) for tag, count in billed.items())
 
 
 def check(deployment: Deployment, redis: RedisServer) -> None:
