@@ -377,13 +377,13 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
     seen = warm + seen
     log = emulator.requests()
     attempts = [(e["headers"].get("x-oracle-request"), e["status"], bool(e.get("abandoned"))) for e in log]
-    return Outcome(total, emulator.bill_micro(), completed(seen, log), seen, attempts)
+    return Outcome(total, emulator.bill_micro(), completed(seen, log, dict(items)), seen, attempts)
 
 
-def completed(seen: list[dict[str, Any]], log: list[dict[str, Any]]) -> bool:
+def completed(seen: list[dict[str, Any]], log: list[dict[str, Any]], plan: dict[str, Request]) -> bool:
     """Whether every response completed: each stream read to its end, nothing abandoned, and every attempt
-    the emulator billed a response the client received (a timed-out attempt answered late is not; a
-    refusal that billed nothing and that the SDK's fallback middleware retried does not count)."""
+    the emulator billed a response the client received: the answer, and the refusal the SDK's fallback
+    middleware read before it retried (a timed-out attempt answered late is neither)."""
     if any(s["outcome"] == "partial" for s in seen) or any(e.get("abandoned") for e in log):
         return False
     billed: dict[str | None, int] = {}
@@ -391,7 +391,7 @@ def completed(seen: list[dict[str, Any]], log: list[dict[str, Any]]) -> bool:
         if e.get("steps"):
             tag = e["headers"].get("x-oracle-request")
             billed[tag] = billed.get(tag, 0) + 1
-    received = {s["tag"]: 1 if s["outcome"] == "full" else 0 for s in seen}
+    received = {s["tag"]: (s["outcome"] == "full") + (s["tag"] in plan and plan[s["tag"]].client_fallback) for s in seen}
     return all(count <= received.get(tag, 0) for tag, count in billed.items())
 
 
