@@ -14,7 +14,7 @@ and every attempt the emulator billed was a response the client received).
 
 `KINDS` says which scenario kinds are drawn; `test_ledger_covers_the_oracles_bill` draws them all.
 `test_ledger_covers_the_oracles_bill_for_kinds_main_settles` draws only `HOLDING_KINDS`, the kinds
-the engine settled exactly when this test was written (see the README, "Testing offline").
+the engine settled exactly when this test was written (see the README, "The billing oracle test").
 `PE_ORACLE_EXAMPLES` changes the number of examples, `PE_ORACLE_RANDOM=1` explores with a random
 seed instead of the fixed one `make test` uses, and `PE_ORACLE_KINDS=a,b,...` narrows the full test.
 """
@@ -248,9 +248,9 @@ def call(client: anthropic.Anthropic, request: Request, tag: str, timeout: float
         stopped = False
         stream = surface.create(stream=True, **params)
         try:
-            for event in stream:
+            for sse in stream:
                 events += 1
-                stopped = event.type == "message_stop"
+                stopped = sse.type == "message_stop"
                 if request.close_after is not None and events >= request.close_after:
                     break
         finally:
@@ -279,16 +279,27 @@ def forked(work: Any, children: int, meanwhile: threading.Thread | None = None) 
     started once they are (never before: a fork copies no thread but the caller's)."""
     context = multiprocessing.get_context("fork")
     queue = context.SimpleQueue()
-    procs = [context.Process(target=lambda n=n: queue.put(work(n))) for n in range(children)]
+
+    def child(n: int) -> None:
+        try:
+            queue.put(("ok", work(n)))
+        except BaseException:  # noqa: BLE001 - reported to the parent, which fails the example
+            import traceback
+
+            queue.put(("error", traceback.format_exc()))
+
+    procs = [context.Process(target=child, args=(n,)) for n in range(children)]
     for p in procs:
         p.start()
     if meanwhile is not None:
         meanwhile.start()
-    results = [r for _ in procs for r in queue.get()]  # read before joining: a full pipe would block a child
+    replies = [queue.get() for _ in procs]  # read before joining: a full pipe would block a child
     for p in procs:
         p.join(60)
-        assert p.exitcode == 0, f"a forked child exited with {p.exitcode}"
-    return results
+    failures = [detail for status, detail in replies if status == "error"]
+    assert not failures, f"a forked child failed:\n{failures[0]}"
+    assert [p.exitcode for p in procs] == [0] * children
+    return [r for _, results in replies for r in results]
 
 
 def wait_journal(ledger: Any) -> None:
