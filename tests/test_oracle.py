@@ -265,13 +265,14 @@ def call(client: anthropic.Anthropic, request: Request, tag: str, timeout: float
 
 def run_requests(middleware: FastModePolicy, url: str, items: list[tuple[str, Request]], threads: int,
                  timeout: float, refusal: str = "after") -> list[dict[str, Any]]:
-    chain: list[Any] = [middleware]
-    if any(r.client_fallback for _, r in items):
-        fallback = BetaRefusalFallbackMiddleware([{"model": FALLBACK_MODELS[0]}])
-        chain = [fallback, middleware] if refusal == "before" else [middleware, fallback]
-    with anthropic.Anthropic(base_url=url, api_key=API_KEY, middleware=chain, max_retries=2) as client:
+    fallback = BetaRefusalFallbackMiddleware([{"model": FALLBACK_MODELS[0]}])
+    chain = [fallback, middleware] if refusal == "before" else [middleware, fallback]
+    # Two clients on one middleware: the SDK's refusal fallback refuses requests with server-side `fallbacks`.
+    with anthropic.Anthropic(base_url=url, api_key=API_KEY, middleware=[middleware], max_retries=2) as plain, \
+            anthropic.Anthropic(base_url=url, api_key=API_KEY, middleware=chain, max_retries=2) as falling_back:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(lambda item: call(client, item[1], item[0], timeout), items))
+            return list(pool.map(lambda item: call(falling_back if item[1].client_fallback else plain, item[1], item[0],
+                                                   timeout), items))
 
 
 def forked(work: Any, children: int, meanwhile: threading.Thread | None = None) -> list[Any]:
