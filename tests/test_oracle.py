@@ -16,7 +16,8 @@ and every attempt the emulator billed was a response the client received).
 `test_ledger_covers_the_oracles_bill_for_kinds_main_settles` draws only `HOLDING_KINDS`, the kinds
 the engine settled exactly when this test was written (see the README, "The billing oracle test").
 `PE_ORACLE_EXAMPLES` changes the number of examples, `PE_ORACLE_RANDOM=1` explores with a random
-seed instead of the fixed one `make test` uses, and `PE_ORACLE_KINDS=a,b,...` narrows the full test.
+seed instead of the fixed one `make test` uses, `PE_ORACLE_SHRINK=1` shrinks a failing example, and
+`PE_ORACLE_KINDS=a,b,...` narrows the full test.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ assert KINDS <= ALL_KINDS, f"unknown PE_ORACLE_KINDS: {sorted(KINDS - ALL_KINDS)
 
 EXAMPLES = int(os.environ.get("PE_ORACLE_EXAMPLES", "20"))
 RANDOM = os.environ.get("PE_ORACLE_RANDOM") == "1"
+SHRINK = os.environ.get("PE_ORACLE_SHRINK") == "1"
+"""Shrink a failing deployment to a smaller one (off by default: each example takes a second or so)."""
 MAX_REQUESTS = 6
 MODEL, FALLBACK_MODELS = "claude-opus-5", ("claude-sonnet-5", "claude-haiku-4-5")
 ADVISOR, ADVISOR_MAX_TOKENS = "claude-sonnet-5", 120
@@ -439,7 +442,7 @@ def redis() -> Iterator[RedisServer]:
 
 def oracle_settings(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, derandomize=not RANDOM, database=None,
-                    phases=(Phase.explicit, Phase.generate), print_blob=True,
+                    phases=(Phase.explicit, Phase.generate, *((Phase.shrink,) if SHRINK else ())), print_blob=True,
                     suppress_health_check=(HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large))
 
