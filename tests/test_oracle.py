@@ -215,11 +215,14 @@ def ledger_for(deployment: Deployment, directory: Path, redis: RedisServer, pref
     return RedisLedger(url=redis.url, prefix=prefix, timeout_s=0.5, backoff_base_s=0.02, backoff_max_s=0.1)
 
 
-def all_spend(ledger: Any) -> int:
-    """The ledger's total: what the budget counting all spend has settled today."""
-    window, _, end = window_bounds("day", "UTC", datetime.now(timezone.utc))
-    [balance] = ledger.balances([Scope("all_spend", "global", window, ALL_LIMIT_USD * 10**6, end.timestamp())])
-    return balance.spent
+def all_spend(ledger: Any, since: datetime) -> int:
+    """The ledger's total: what the budget counting all spend has settled in the days from `since` to now
+    (two, for a run across midnight UTC)."""
+    scopes = {}
+    for moment in (since, datetime.now(timezone.utc)):
+        window, _, end = window_bounds("day", "UTC", moment)
+        scopes[window] = Scope("all_spend", "global", window, ALL_LIMIT_USD * 10**6, end.timestamp())
+    return sum(balance.spent for balance in ledger.balances(list(scopes.values())))
 
 
 def call(client: anthropic.Anthropic, request: Request, tag: str, timeout: float) -> dict[str, Any]:
@@ -330,6 +333,7 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
     timeout = CLIENT_TIMEOUT_S if hangs else 30.0
     emulator = Emulator(catalog=CATALOG, standard_otps=1_000.0, min_cache_tokens=0, delta_tokens=4).start()
     restarted = threading.Event()
+    started = datetime.now(timezone.utc)
     try:
         policy = directory / "policy.yaml"
         policy.write_text(POLICY.format(on_429=deployment.on_429, all_usd=ALL_LIMIT_USD,
@@ -385,7 +389,7 @@ def run(deployment: Deployment, redis: RedisServer) -> Outcome:
     assert not closer.is_alive(), "the emulator did not finish its requests"
     try:
         counter = ledger_for(deployment, directory, redis, prefix)
-        total = all_spend(counter)
+        total = all_spend(counter, started)
         counter.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
