@@ -262,3 +262,25 @@ def test_errors_bill_nothing(emu: Emulator) -> None:
         client(emu).messages.create(**PARAMS)
     assert post(emu, {**PARAMS, "speed": "fast"}).status_code == 400  # no fast beta
     assert emu.bill() == [] and emu.bill_micro() == 0
+
+
+@pytest.mark.parametrize("billing", ["generated", "complete"])
+def test_a_stream_whose_client_left_before_the_first_byte_bills_its_prompt(catalog: Any, billing: str) -> None:
+    """A streamed attempt that hangs past the client's timeout is answered to nobody: its prompt was read
+    (whichever write fails first, the headers' or message_start's), so its input is billed, and a
+    compaction that ran before it; `complete` bills the whole answer."""
+    with Emulator(catalog=catalog, standard_otps=None, min_cache_tokens=0, output_tokens=16,
+                  disconnect_billing=billing) as emu:
+        emu.inject(None, hang_s=0.5)
+        with pytest.raises(anthropic.APITimeoutError):
+            client(emu, timeout=0.1).messages.create(
+                **PARAMS, stream=True, extra_headers={"x-emulator-scenario": json.dumps({"compaction": [40, 7]})})
+        deadline = time.monotonic() + 10
+        while not emu.requests() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [entry] = emu.requests()
+        assert entry["abandoned"] is True
+        output = 16 if billing == "complete" else 0
+        assert [(s["type"], s["usage"]["output_tokens"]) for s in emu.bill()] == [("compaction", 7), ("message", output)]
+        assert emu.bill_micro() == price(catalog, OPUS, input_tokens=40, output_tokens=7) + price(
+            catalog, OPUS, input_tokens=IN, output_tokens=output)

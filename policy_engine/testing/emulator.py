@@ -938,18 +938,25 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ApiError(400, f"x-emulator-scenario: {exc}") from None
 
     def _stream(self, entry: dict[str, Any], body: Mapping[str, Any], plan: _Plan, message_id: str) -> None:
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream; charset=utf-8")
-        self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
-        self.send_header("request-id", self.owner._next_id("req"))
-        for name, value in plan.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
         start_usage = {k: v for k, v in plan.usage.items() if k not in ("output_tokens", "iterations", "fallback_credit")}
         start_usage["output_tokens"] = 1
         generated: dict[int, int] = {}  # step index -> output tokens generated so far: the bill if the client leaves
+        # The prompt is read before the first byte goes out (message_start reports its tokens): a client gone
+        # by then, even before the headers (a hang past its timeout), is billed the first hop's input and
+        # whatever ran before it.
+        for number, step in enumerate(plan.steps):
+            generated[number] = 0 if step.shown else step.output_tokens
+            if step.shown:
+                break
         try:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream; charset=utf-8")
+            self.send_header("cache-control", "no-cache")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("request-id", self.owner._next_id("req"))
+            for name, value in plan.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
             self._event("message_start", {"type": "message_start", "message": {
                 "id": message_id, "type": "message", "role": "assistant", "model": body["model"], "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": start_usage}})
