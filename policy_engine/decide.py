@@ -1349,10 +1349,15 @@ class Engine:
                 plan = mp
             else:
                 plan = self._models.get((name, geo_key, decision.platform)) or self._model_plan(name, geo_key, decision.platform)
-            fast = (all_fast or name in sent_fast) and plan.fast_rates is not None
+            may_be_fast = all_fast or name in sent_fast
+            fast = may_be_fast and plan.fast_rates is not None
             rates = plan.fast_rates if fast else plan.std_rates
             if rates is None:
-                cost = standard = 0
+                # Settlement never refuses: an unpriced step is charged as settle charges an unpriced usage, and
+                # counted whole as premium where it may have run fast (its premium is unknown).
+                unpriced_speed = "fast" if may_be_fast else "standard"
+                cost = self._unpriced_cost(decision, step, unpriced_speed)
+                standard = 0 if unpriced_speed == "fast" else cost
             else:
                 cost = cost_with_rates(rates, step)
                 standard = cost if not fast else 0 if plan.std_rates is None else cost_with_rates(plan.std_rates, step)
