@@ -45,7 +45,7 @@ from policy_engine.ledger import MemoryLedger, Scope, window_bounds  # noqa: E40
 from policy_engine.tokens import estimate_input_tokens  # noqa: E402
 
 POLICY = ROOT / "policies" / "default.yaml"
-OPUS = "claude-opus-5"
+OPUS = "claude-opus-5"  # fast mode works today (Opus 4.6's was retired on 2026-06-29)
 
 # --------------------------------------------------------------------------- corpus
 

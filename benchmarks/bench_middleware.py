@@ -48,7 +48,7 @@ from policy_engine.integrations.anthropic import FastModePolicy  # noqa: E402
 POLICY = ROOT / "policies" / "default.yaml"
 CONTEXT = {"interactive": True, "latency_slo_ms": 5_000}
 PARAMS = {
-    "model": "claude-opus-5",
+    "model": "claude-opus-5",  # fast mode works today (Opus 4.6's was retired on 2026-06-29)
     "max_tokens": 1024,
     "system": "You are a helpful assistant for an engineering team. Answer briefly.",
     "messages": [{"role": "user", "content": "How do I make this Python function faster without changing what it returns?"}],
