@@ -406,3 +406,18 @@ def test_after_a_fast_429_falls_back_every_step_is_priced_at_standard(tmp_path: 
     assert second["fallbacks"] == [{"model": OPUS_55, "speed": "standard"}]  # the chain follows the request to standard
     assert {s["speed"] for s in emu.bill()} == {"standard"}
     assert spent(eng) == emu.bill_micro() > 0 and reserved(eng) == 0
+
+
+def test_a_step_on_a_model_the_catalog_cannot_price_is_charged_conservatively(tmp_path: Path) -> None:
+    # Settlement never refuses: an advisor hop on a model nobody prices costs the dearest rates, never $0.
+    eng = engine(tmp_path)
+    decision = eng.decide(params())
+    usage = {"input_tokens": 10, "output_tokens": 5, "iterations": [
+        {"type": "message", "input_tokens": 10, "output_tokens": 5},
+        {"type": "advisor_message", "model": "claude-mystery-9", "input_tokens": 1_000, "output_tokens": 100}]}
+    settlement = eng.settle(decision, usage)
+    mystery = next(step for step in settlement.steps if step.model == "claude-mystery-9")
+    dearest = eng.dearest_rates(mystery.speed, decision.platform)
+    assert not mystery.priced and mystery.cost_micro >= -(-(1_000 * dearest[-1][1].input + 100 * dearest[-1][1].output)
+                                                         // 1_000_000) > 0
+    assert spent(eng) == settlement.cost_micro >= mystery.cost_micro
