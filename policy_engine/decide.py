@@ -65,6 +65,8 @@ _UNKNOWN_KEY: Final = "<key-error>"
 _ALL_FEATURES: Final = frozenset(FEATURE_DOCS)
 # Not a lambda in _decide: compiled, a lambda there makes every call build a closure environment.
 _FRACTION_LEFT: Final = operator.itemgetter("fraction_left")
+_MAX_FALLBACK_HOPS: Final = 3
+"""The longest server-side `fallbacks` list the API takes (the refusals-and-fallback page: up to three entries)."""
 CONVERSATION_MEMORY_S: Final = 3600.0
 """How long `conversation.*` remembers a conversation when the policy sets no stickiness (the longest prompt-cache TTL)."""
 _reservation_ids: Final = ProcessIds()
@@ -1017,8 +1019,7 @@ class Engine:
         is not billed, so the worst case never counts less than the bill."""
         if not isinstance(fallbacks, list):
             if fallbacks == "default":
-                decision.reasons.append('fallbacks "default": the API picks the models, so the reservation covers '
-                                        "the requested model's hop only")
+                self._plan_default_chain(decision, input_tokens, platform, cache_control)
             return
         hops = []
         for index, entry in enumerate(fallbacks):
@@ -1038,23 +1039,40 @@ class Engine:
             hops.append(_Hop(index, entry, name, hmp, hop_max, wants, blocked))
         decision._chain = tuple(hops)
         decision._wire_fallbacks = fallbacks  # `_rewrite_fallbacks` replaces it once the speed is final
-        primary = decision._plan
         std_total, fast_total = decision.estimate_standard_micro, decision.estimate_fast_micro
         prior = decision.max_tokens
         for hop in hops:
             hop_input = input_tokens + prior
             prior += hop.max_tokens
             std_rates = hop.plan.std_rates
-            if std_rates is None and primary is not None:
+            if std_rates is None:
+                # As settlement charges an unpriced step: the catalog's dearest rates, never less.
                 decision.reasons.append(f"fallbacks[{hop.index}]: no standard price for {hop.model}; its worst case is "
-                                        "priced as the requested model")
-                std_rates = primary.std_rates
+                                        "priced at the catalog's dearest rates")
+                std_rates = self.dearest_rates("standard", platform)
             hop_std = None if std_rates is None else estimate_with_rates(std_rates, hop_input, hop.max_tokens, cache_control)
             fast_rates = hop.plan.fast_rates if hop.wants != "standard" and hop.blocked is None else None
             hop_fast = hop_std if fast_rates is None else estimate_with_rates(fast_rates, hop_input, hop.max_tokens, cache_control)
             std_total = None if std_total is None or hop_std is None else std_total + hop_std
             fast_total = None if fast_total is None or hop_fast is None else fast_total + hop_fast
         decision.estimate_standard_micro, decision.estimate_fast_micro = std_total, fast_total
+
+    def _plan_default_chain(self, decision: Decision, input_tokens: int, platform: str, cache_control: bool) -> None:
+        """`fallbacks: "default"`: the API picks the models, so each of the longest chain's hops is reserved at the
+        catalog's dearest rates, with the request's max_tokens and the prefill bound of `_plan_chain`."""
+        std_rates, fast_rates = self.dearest_rates("standard", platform), self.dearest_rates("fast", platform)
+        std_total, fast_total = decision.estimate_standard_micro, decision.estimate_fast_micro
+        prior = decision.max_tokens
+        for _ in range(_MAX_FALLBACK_HOPS):
+            hop_input = input_tokens + prior
+            prior += decision.max_tokens
+            if std_total is not None:
+                std_total += estimate_with_rates(std_rates, hop_input, decision.max_tokens, cache_control)
+            if fast_total is not None:
+                fast_total += estimate_with_rates(fast_rates, hop_input, decision.max_tokens, cache_control)
+        decision.estimate_standard_micro, decision.estimate_fast_micro = std_total, fast_total
+        decision.reasons.append(f'fallbacks "default": the API picks the models, so each of up to {_MAX_FALLBACK_HOPS} '
+                                "hops is reserved at the catalog's dearest rates")
 
     def _per_request_ceiling(self, decision: Decision, compiled: CompiledPolicy) -> None:
         limit: int = compiled.per_request_micro  # type: ignore[assignment]

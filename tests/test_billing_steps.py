@@ -16,7 +16,7 @@ import httpx
 import pytest
 from anthropic.lib.middleware import BetaRefusalFallbackMiddleware
 
-from policy_engine.catalog import actual, load_catalog, parse_usage
+from policy_engine.catalog import actual, estimate_with_rates, load_catalog, parse_usage
 from policy_engine.decide import Engine, load
 from policy_engine.integrations.anthropic import FastModePolicy
 from policy_engine.ledger import MemoryLedger
@@ -421,3 +421,40 @@ def test_a_step_on_a_model_the_catalog_cannot_price_is_charged_conservatively(tm
     assert not mystery.priced and mystery.cost_micro >= -(-(1_000 * dearest[-1][1].input + 100 * dearest[-1][1].output)
                                                          // 1_000_000) > 0
     assert spent(eng) == settlement.cost_micro >= mystery.cost_micro
+
+
+def test_a_default_chain_and_an_unpriced_hop_are_reserved_at_the_dearest_rates(tmp_path: Path) -> None:
+    eng = engine(tmp_path)
+    plain = eng.decide(params(max_tokens=1024))
+    eng.release(plain)
+    inp = plain.input_tokens
+    dearest = eng.dearest_rates("standard", "claude_api")
+    default = eng.decide(params(max_tokens=1024, fallbacks="default"))
+    hops = sum(estimate_with_rates(dearest, inp + 1024 * k, 1024) for k in (1, 2, 3))  # up to three hops, prefills grow
+    assert default.estimate_standard_micro == plain.estimate_standard_micro + hops
+    assert any("dearest rates" in r for r in default.reasons)
+    eng.release(default)
+    unpriced = eng.decide(params(max_tokens=1024, fallbacks=[{"model": "claude-mystery-9"}]))
+    assert unpriced.estimate_standard_micro == plain.estimate_standard_micro + estimate_with_rates(dearest, inp + 1024, 1024)
+
+
+def test_a_fallback_hop_to_a_model_the_engine_cannot_price_leaves_the_ledger_at_or_above_the_bill(tmp_path: Path) -> None:
+    # The emulator (the API) knows a model the engine's catalog does not: its hop is charged conservatively, at the
+    # catalog's dearest rates (a model dearer than every catalog model is README's documented exception).
+    prices = tmp_path / "api-prices.yaml"
+    prices.write_text("version: 2\nproviders:\n  anthropic:\n    models:\n      claude-mystery-9:\n        standard:\n"
+                      "          tiers: [{above_input_tokens: 0, input: 8, output: 40}]\n"
+                      "          as_of: 2026-12-02\n          source: the emulator's own price\n"
+                      "        cache: {write_5m: '1.25', write_1h: '2', read: '0.1', as_of: 2026-12-02, source: same}\n")
+    api = Emulator(standard_otps=None, min_cache_tokens=0, output_tokens=16, catalog=load_catalog(prices))
+    api.start()
+    try:
+        eng = engine(tmp_path)
+        client = sdk(api, FastModePolicy(eng, observe=False))
+        scenario = {"extra_headers": {"x-emulator-scenario": json.dumps({"refuse": [OPUS], "refuse_after": 5})}}
+        message = client.beta.messages.create(**params(fallbacks=[{"model": "claude-mystery-9"}]), betas=[FALLBACK_BETA],
+                                              **scenario)
+        assert message.model == "claude-mystery-9"
+        assert api.bill_micro() > 0 and spent(eng) >= api.bill_micro() and reserved(eng) == 0
+    finally:
+        api.close()
