@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .catalog import format_usd
+from .check import plural
 from .compile import compile_file
 from .decide import load
 from .errors import CeilingExceeded
@@ -58,8 +59,8 @@ def main() -> int:
         results = run_policy_tests(compiled)
         passed = sum(r.passed for r in results)
         failed += len(results) - passed
-        print(f"  {path.name:20} {compiled.name:14} @{compiled.version}  {len(compiled.rules)} rules, "
-              f"{len(compiled.budgets)} budgets, tests {passed}/{len(results)} passed")
+        print(f"  {path.name:20} {compiled.name:14} @{compiled.version}  {plural(len(compiled.rules), 'rule')}, "
+              f"{plural(len(compiled.budgets), 'budget')}, tests {passed}/{len(results)} passed")
         for result in results:
             if not result.passed:
                 print("    " + result.describe().replace("\n", "\n    "))

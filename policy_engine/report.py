@@ -25,7 +25,7 @@ from .catalog import Catalog, load_catalog, to_usd
 from .compile import CompiledPolicy
 from .errors import PolicyEngineError
 from .ledger import Charge, MemoryLedger
-from .simulate import DiffReport, Outcome, Replayer, Report, _pct, _signed, _signed_s, diff
+from .simulate import DiffReport, Outcome, Replayer, Report, _changes, _pct, _signed, _signed_s, diff
 
 __all__ = ["RecordingLedger", "ReportError", "Timeline", "diff_markdown", "mermaid_chart", "render_diff",
            "render_simulate", "replay_diff", "replay_simulate", "require_plotly", "run_diff", "run_simulate",
@@ -473,7 +473,7 @@ def render_diff(result: DiffReport, old: Timeline, new: Timeline) -> str:
     page = _Page(f"Policy change: {o.policy} @{o.version} -> {n.policy} @{n.version}")
     page.text(f"<h1>Policy change: <code>{html.escape(o.policy)}</code> @{html.escape(o.version)} → "
               f"<code>{html.escape(n.policy)}</code> @{html.escape(n.version)}</h1>")
-    page.text(f"<p>Replayed over {o.decided} requests: <b>{result.changed} decisions change</b>, cost "
+    page.text(f"<p>Replayed over {o.decided} requests: <b>{_changes(result.changed)}</b>, cost "
               f"<b>{html.escape(_signed(n.cost - o.cost))}</b>, latency "
               f"<b>{html.escape(_signed_s(n.latency_s - o.latency_s))}</b>.</p>")
     page.table(["", "old", "new"], result._head(), "old-new")

@@ -247,7 +247,7 @@ class Report:
 
     def render_text(self) -> str:
         d = self.decided
-        lines = [f"policy {self.policy} @{self.version}: {d} requests decided"
+        lines = [f"policy {self.policy} @{self.version}: {d} request{'' if d == 1 else 's'} decided"
                  + (f", {self.invalid} invalid lines skipped" if self.invalid else "")]
         lines.append("speed mix:   " + "   ".join(f"{s} {self.speeds.get(s, 0)} ({_pct(self.speeds.get(s, 0), d)})"
                                                  for s in ("fast", "standard", "rejected")))
@@ -668,7 +668,7 @@ class DiffReport:
         out = [f"old: {o.policy} @{o.version}   new: {n.policy} @{n.version}   over {o.decided} requests",
                f"{'':16}{'old':>14}{'new':>14}"]
         out += [f"  {k:14}{a:>14}{b:>14}" for k, a, b in self._head()]
-        out.append(f"{self.changed} decisions change (cost {_signed(n.cost - o.cost)}, "
+        out.append(f"{_changes(self.changed)} (cost {_signed(n.cost - o.cost)}, "
                    f"latency {_signed_s(n.latency_s - o.latency_s)})")
         for (f, t, orule, nrule), c in self._sorted():
             rules = nrule if orule == nrule else f"{orule} -> {nrule}"
@@ -679,7 +679,7 @@ class DiffReport:
     def render_markdown(self) -> str:
         o, n = self.old, self.new
         out = [f"### Policy change: `{o.policy}` @{o.version} → `{n.policy}` @{n.version}", "",
-               f"Replayed over {o.decided} requests: **{self.changed} decisions change**, cost "
+               f"Replayed over {o.decided} requests: **{_changes(self.changed)}**, cost "
                f"**{_signed(n.cost - o.cost)}**, latency **{_signed_s(n.latency_s - o.latency_s)}**.", "",
                "| | old | new |", "|---|---:|---:|"]
         out += [f"| {k} | {a} | {b} |" for k, a, b in self._head()]
@@ -693,6 +693,11 @@ class DiffReport:
 
     def render(self, fmt: str) -> str:
         return {"text": self.render_text, "markdown": self.render_markdown, "json": self.render_json}[fmt]()
+
+
+def _changes(count: int) -> str:
+    """`1 decision changes`, `4 decisions change`."""
+    return "1 decision changes" if count == 1 else f"{count} decisions change"
 
 
 def _signed(micro: int) -> str:

@@ -256,7 +256,7 @@ def test_diff_reads_the_old_policy_from_a_git_revision(tmp_path: Path, capsys: p
     monkeypatch.chdir(repo)
     status, out, _ = _run(["diff", "main:policies/default.yaml", "policies/default.yaml", "--requests", str(log)], capsys)
     assert status == 0
-    assert "1 decisions change" in out and "standard -> fast  [nobody-waiting -> interactive-misses-slo]" in out
+    assert "1 decision changes" in out and "standard -> fast  [nobody-waiting -> interactive-misses-slo]" in out
     status, _, err = _run(["diff", "nosuchrev:policies/default.yaml", "policies/default.yaml", "--requests", str(log)], capsys)
     assert status == 2 and "cannot read nosuchrev:policies/default.yaml from git" in err
 
