@@ -619,6 +619,14 @@ class Engine:
             raise
         return _concluded(decision, started)
 
+    def _replan(self, decision: Decision, platform: str) -> None:
+        """Price `decision`'s settlement on `platform` (its request turned out to go there): the model plan of the
+        same model and geo on that platform. The reservation stays as it was; settlement records the cost."""
+        mp = decision._plan
+        geo = "global" if mp is None or mp.geo is None else mp.geo
+        decision._plan = self._models.get((decision.model, geo, platform)) or self._model_plan(decision.model, geo, platform)
+        decision.platform = platform
+
     def _model_plan(self, name: str, geo: str, platform: str) -> _ModelPlan:
         key = (name, geo, platform)
         found = self._models.get(key)

@@ -126,3 +126,21 @@ def test_platform_of_every_sdk_client() -> None:
     assert platform_of(anthropic.AnthropicFoundry(api_key="k", resource="r")) == "foundry"
     assert platform_of(anthropic.AnthropicVertex(region="us-east5", project_id="p", access_token="t")) == "vertex"
     assert platform_of(anthropic.AnthropicBedrock(aws_access_key="a", aws_secret_key="s", aws_region="us-east-1")) == "bedrock"
+
+
+def test_a_request_decided_for_another_platform_settles_at_its_client_s_prices() -> None:
+    # A middleware built without attach() decides its first request for the Claude API; the response shows the
+    # client is Bedrock's, whose regional endpoints cost 1.1x: that request is settled at Bedrock's prices.
+    from policy_engine import load
+    from policy_engine.integrations._core import Runtime
+
+    engine = load(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
+    runtime = Runtime(engine, observe=False)
+    flight = runtime.flight({"model": "claude-opus-5-5", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]},
+                            None, "k-1")
+    assert flight is not None and flight.decision.platform == "claude_api"
+    runtime.learn_platform("bedrock", flight)
+    assert runtime.platform == "bedrock" and flight.decision.platform == "bedrock"
+    usage = {"input_tokens": 1_000, "output_tokens": 1_000}
+    settled = engine.settle(flight.decision, usage)
+    assert settled.cost_micro == 26_400  # 1.1 x ($4 + $20) per MTok x 1,000 tokens each; the Claude API's is 24,000

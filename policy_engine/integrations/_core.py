@@ -362,12 +362,15 @@ class Runtime:
         except KeyError:
             return "worst_case"
 
-    def learn_platform(self, platform: str) -> None:
-        """The client turned out to talk to `platform`: decide for it from now on (and say so once)."""
+    def learn_platform(self, platform: str, flight: Flight | None = None) -> None:
+        """The client turned out to talk to `platform`: decide for it from now on (and say so once), and settle
+        `flight`, decided for another platform, at `platform`'s prices (a platform can charge more)."""
         if platform != self.platform:
             telemetry.record_event("policy_engine.platform_mismatch", {"policy_engine.platform": self.platform,
                                                                        "policy_engine.client_platform": platform})
             self.platform = platform
+        if flight is not None and flight.decision.platform != platform:
+            self.engine._replan(flight.decision, platform)
 
     def model_key(self, name: str) -> str:
         key = self._model_keys.get(name)

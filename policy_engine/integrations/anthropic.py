@@ -141,8 +141,8 @@ class FastModePolicy(Middleware):
         platform = self._platforms.get(type(client))
         if platform is None:
             platform = self._platforms[type(client)] = platform_of(client)
-        if platform != self.runtime.platform:
-            self.runtime.learn_platform(platform)
+        if platform != self.runtime.platform or (flight is not None and flight.decision.platform != platform):
+            self.runtime.learn_platform(platform, flight)
         # The client's key, not the sent headers: a case-insensitive header scan costs more.
         credential = getattr(client, "api_key", None) or getattr(client, "auth_token", None)
         return self.runtime.after_response(flight, http.status_code, http.headers, credential)
