@@ -21,6 +21,7 @@ from .._fork import renew_in_child
 from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine
+from ..decisionlog import Observed
 from ..errors import InvalidContext, InvalidRequest, PolicyEngineError
 from ..ledger import AsyncLedger
 from ..observe import ThroughputObserver
@@ -208,6 +209,8 @@ class Runtime:
                 "policy_engine.error": exc.redacted[:200], "policy_engine.error.type": type(exc).__name__})
             return None
         now = time.monotonic()
+        if self.engine.decision_log is not None:
+            decision._observed = Observed()
         flight = Flight(decision, decision.speed, key, now)
         if key is not None:
             with self._lock:
@@ -277,13 +280,22 @@ class Runtime:
         fast_429 = flight is not None and flight.speed == "fast" and status == 429
         account = self.account_from(credential)
         self.engine.ratelimits.record(account, headers, rate_limited=fast_429)
+        observed = flight.decision._observed if flight is not None else None
         if not fast_429:
+            if observed is not None:
+                observed.attempt(flight.speed, status, headers, "done")  # type: ignore[union-attr]
             return "done", 0.0
         assert flight is not None
         mode = self.engine.policy(self.policy).policy.on_fast_rate_limited
         wait = parse_retry_after(headers.get("retry-after"), time.time())
         attributes = {"policy_engine.policy.name": flight.decision.policy_name, "policy_engine.action": mode}
         telemetry.record_event("policy_engine.fast_rate_limited", attributes)
+        action, delay = self._on_fast_429(flight, mode, wait)
+        if observed is not None:
+            observed.attempt("fast", status, headers, action, delay)
+        return action, delay
+
+    def _on_fast_429(self, flight: Flight, mode: str, wait: float | None) -> tuple[Action, float]:
         if mode == "fallback":
             flight.speed = "standard"
             flight.decision._sent_standard()
@@ -323,6 +335,9 @@ class Runtime:
         the next attempt settles (under `worst_case`)."""
         if flight is None:
             return
+        observed = flight.decision._observed
+        if observed is not None:
+            observed.attempt(flight.speed, None, None, "error")
         if not (flight.sent_at and _may_be_billed(exc)):
             if not retried:
                 self.release(flight)
@@ -387,6 +402,9 @@ class Runtime:
         if flight is None or not self._finish(flight):
             return
         decision = flight.decision
+        observed = decision._observed
+        if observed is not None and timed and flight.sent_at:
+            observed.total_s = time.perf_counter() - flight.sent_at
         if type(usage) is dict:
             if usage.get("speed") is None:
                 usage = {**usage, "speed": flight.speed}
@@ -468,6 +486,9 @@ class StreamTracker:
             return
         self._finished = True
         observer, flight = self.runtime.observer, self.flight
+        observed = flight.decision._observed
+        if observed is not None:
+            self._observe(observed)
         if not self._final:
             # Ended without the final usage: the server may have billed more than the client read.
             self.runtime.settle_incomplete(flight, self._start or None, _seen_output_tokens(self._deltas))
@@ -482,6 +503,20 @@ class StreamTracker:
             observer.observe_stream(self.runtime.model_key(flight.decision.model), str(usage.get("speed") or flight.speed),
                                     output if type(output) is int else 0, self._first_delta_at - flight.sent_at,
                                     self._final_at - self._start_at)
+
+
+    def _observe(self, observed: Observed) -> None:
+        """The stream's timings, for the decision log: what a reader waited for, and the generation rate."""
+        sent = self.flight.sent_at
+        observed.stream = True
+        if not sent:
+            return
+        observed.total_s = (self._final_at or time.perf_counter()) - sent
+        if self._first_delta_at:
+            observed.ttft_s = self._first_delta_at - sent
+        output = self._final.get("output_tokens")
+        if self._final_at and self._start_at and type(output) is int and self._final_at > self._start_at:
+            observed.output_tps = output / (self._final_at - self._start_at)
 
 
 _BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError"})
