@@ -1,4 +1,4 @@
-"""JSON Schemas of the policy and catalog files, generated from their pydantic models.
+"""JSON Schemas of the policy and catalog files and of decision-log records, generated from their pydantic models.
 
 Editors validate policies with them (`# yaml-language-server: $schema=...`), and a
 test keeps the committed copies in `schemas/` equal to what the models generate.
@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-__all__ = ["policy_schema", "catalog_schema", "write_schemas", "SCHEMA_FILES", "policy_reference_markdown"]
+__all__ = ["policy_schema", "catalog_schema", "decision_record_schema", "write_schemas", "SCHEMA_FILES", "policy_reference_markdown"]
 
 _BASE_ID = "https://policy-engine.dev/schemas/"
 
@@ -39,7 +39,16 @@ def _finish(schema: dict[str, Any], filename: str, title: str) -> dict[str, Any]
             **{k: v for k, v in schema.items() if k != "title"}}
 
 
-SCHEMA_FILES = {"policy.schema.json": policy_schema, "catalog.schema.json": catalog_schema}
+def decision_record_schema() -> dict[str, Any]:
+    """JSON Schema of one decision-log line (`policy_engine.decisionlog`)."""
+    from .decisionlog import DecisionRecord
+
+    return _finish(DecisionRecord.model_json_schema(mode="validation"), "decision-record.schema.json",
+                   "policy_engine decision-log record (v1)")
+
+
+SCHEMA_FILES = {"policy.schema.json": policy_schema, "catalog.schema.json": catalog_schema,
+                "decision-record.schema.json": decision_record_schema}
 
 
 def render(schema: dict[str, Any]) -> str:

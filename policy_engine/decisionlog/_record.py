@@ -100,6 +100,8 @@ class RecordAttempt(_Model):
 
 class RecordRateLimit(_Model):
     status: int | None
+    account: str | None = Field(default=None, description="The account the headers were recorded for (the decision's "
+                                                          "`features.account` is the one known when it was made).")
     headers: dict[str, str] = Field(description="The last response's `anthropic-fast-*` headers (and `retry-after` "
                                                 "of a 429).")
 
@@ -141,7 +143,7 @@ class DecisionRecord(_Model):
 class Observed:
     """What an integration saw of one request on the wire; the engine's own callers leave it empty."""
 
-    __slots__ = ("stream", "ttft_s", "total_s", "output_tps", "status", "headers", "history")
+    __slots__ = ("stream", "ttft_s", "total_s", "output_tps", "status", "headers", "history", "account")
 
     def __init__(self) -> None:
         self.stream = False
@@ -151,6 +153,7 @@ class Observed:
         self.status: int | None = None
         self.headers: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
+        self.account: str | None = None
 
     def attempt(self, speed: str, status: int | None, headers: Mapping[str, str] | None, action: str,
                 wait_s: float = 0.0) -> None:
@@ -242,7 +245,7 @@ def build_record(event: str, decision: Any, settlement: Any, usage: Any, privacy
         "cost_micro": settlement.cost_micro if settlement is not None else None,
         "latency": (observed.latency(settlement.output_tokens if settlement is not None else None)
                     if observed is not None else None),
-        "ratelimit": ({"status": observed.status, "headers": dict(observed.headers)}
+        "ratelimit": ({"status": observed.status, "account": observed.account, "headers": dict(observed.headers)}
                       if observed is not None and (observed.headers or observed.status is not None) else None),
         "history": list(observed.history) if observed is not None else [],
         "sample_rate": sample_rate,

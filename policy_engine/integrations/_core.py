@@ -225,7 +225,9 @@ class Runtime:
         self._next_sweep = now + 60.0
         ttl = self.engine.reservation_ttl_s
         for key in [k for k, f in self._flights.items() if now - f.created > ttl]:
-            del self._flights[key]
+            flight = self._flights.pop(key)
+            if self.engine.decision_log is not None and not flight.decision._settled:
+                self.engine._log_end("released", flight.decision)  # its reservation has expired in the ledger
 
     def wire_body(self, flight: Flight | None, body: Mapping[str, Any]) -> dict[str, Any]:
         """The body to send: `speed: "fast"` for fast, no `speed` at all otherwise (on a platform that
@@ -281,6 +283,8 @@ class Runtime:
         account = self.account_from(credential)
         self.engine.ratelimits.record(account, headers, rate_limited=fast_429)
         observed = flight.decision._observed if flight is not None else None
+        if observed is not None:
+            observed.account = account
         if not fast_429:
             if observed is not None:
                 observed.attempt(flight.speed, status, headers, "done")  # type: ignore[union-attr]

@@ -108,7 +108,9 @@ class FastModePolicy(Middleware):
         `options` are FastModePolicy's (`context`, `policy`, ...). Works for every client class
         of the SDK, sync or async: Anthropic, AnthropicBedrock, AnthropicVertex, AnthropicFoundry."""
         options.setdefault("platform", platform_of(client))
-        return client.with_options(middleware=[*client.middleware, cls(engine, **options)])
+        policy = cls(engine, **options)
+        policy._default_max_retries = client.max_retries  # known before the first error response says it
+        return client.with_options(middleware=[*client.middleware, policy])
 
     # -- shared by both clients ----------------------------------------------------------
 
