@@ -22,8 +22,15 @@ loop with no SDK traffic between calls: between real requests its caches are col
 so its share of the added time is larger than that figure.
 The client's CPU time per request is printed too: it is what the middleware costs
 when the machine is busy and wall time is not. Target (issue 5): +150 us or less at
-p50 (wall). Last line:
-`middleware: +X us per request (p50), ratio R`.
+p50 (wall).
+
+Decision logs (issue 16): a third client sends through a FastModePolicy whose engine writes
+a decision log to a JSON Lines file, interleaved with the other two, so its p50 beside the
+policy client's is what file logging adds end to end (its writer thread included, which on
+this 2-core machine competes with the client). The hot-path figure is the engine's
+decide()+settle() with the log on beside off, interleaved call for call in a warm loop:
+what the request path itself pays (sampling and one enqueue). Target: +10 us or less at p50.
+Last line: `middleware: +X us per request (p50), ratio R`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import gc
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import anthropic  # noqa: E402
 
 from policy_engine.decide import FAST_BETA, Engine, load  # noqa: E402
+from policy_engine.decisionlog import DecisionLog, JsonlFile  # noqa: E402
 from policy_engine.integrations.anthropic import FastModePolicy  # noqa: E402
 
 POLICY = ROOT / "policies" / "default.yaml"
@@ -84,10 +93,16 @@ def main() -> int:
         assert server.stdout is not None
         url = server.stdout.readline().split()[3]
         engine = load(POLICY)
-        rounds = measure(engine, url, args.requests, args.rounds, args.warmup)
+        log_dir = tempfile.mkdtemp(prefix="bench-decision-log-")
+        log = DecisionLog(JsonlFile(Path(log_dir) / "decisions.jsonl"), queue_size=1_000_000)
+        logged = load(POLICY, decision_log=log)
+        rounds = measure(engine, logged, url, args.requests, args.rounds, args.warmup)
+        log.flush()
     finally:
         server.terminate()
         server.wait(timeout=10)
+    hot_off, hot_on = hot_path(engine, logged, args.requests * 10)
+    log.close()
 
     # The engine alone, on the same request: the decision's share of the added time.
     engine_times = []
@@ -98,6 +113,7 @@ def main() -> int:
         engine.settle(decision, usage)
         engine_times.append((time.perf_counter_ns() - started) / 1_000)
     engine_p50 = statistics.median(engine_times)
+    hot_added = hot_on - hot_off
 
     print(f"requests per client: {args.requests} x {args.rounds} rounds (interleaved), emulator on 127.0.0.1, "
           f"policy {POLICY.name}")
@@ -112,31 +128,59 @@ def main() -> int:
     print(f"client CPU per request: p50 {best.cpu_without:,.0f} us without, {best.cpu_with:,.0f} us with "
           f"(+{best.cpu_added:,.0f} us)")
     print(f"engine decide+settle alone (warm loop, a lower bound of its share): p50 {engine_p50:,.0f} us")
+    print(f"with FastModePolicy and a decision log (JSON Lines file): p50 {best.p50_logged:,.0f} us, "
+          f"{best.logged_added:+,.0f} us beside without the log; median over rounds "
+          f"{statistics.median(r.logged_added for r in rounds):+,.0f} us ({log.written} records written, {log.dropped} dropped)")
+    print(f"decision log on the hot path: decide+settle p50 {hot_off:.2f} us off, {hot_on:.2f} us on: {hot_added:+.2f} us "
+          f"(target +10 us or less -> {'met' if hot_added <= 10 else 'NOT met'})")
     print(f"target: +150 us or less at p50 -> {'met' if best.added <= 150 else 'NOT met'}")
     print(f"middleware: +{best.added:.0f} us per request (p50), ratio {best.ratio:.3f}")
     return 0
 
 
+def hot_path(engine: Engine, logged: Engine, calls: int) -> tuple[float, float]:
+    """p50 of decide()+settle() without and with the decision log, interleaved call for call (us)."""
+    usage = {"input_tokens": 40, "output_tokens": 16, "speed": "fast"}
+    off: list[float] = []
+    on: list[float] = []
+    for i in range(calls):
+        for which, times in ((engine, off), (logged, on)) if i % 2 else ((logged, on), (engine, off)):
+            started = time.perf_counter_ns()
+            which.settle(which.decide(PARAMS, CONTEXT), usage)
+            times.append((time.perf_counter_ns() - started) / 1_000)
+        if i % 1_000 == 999:
+            logged.decision_log.flush()  # type: ignore[union-attr] - the writer keeps up between stretches
+    return statistics.median(off), statistics.median(on)
+
+
 class Round:
     """One round's interleaved samples (microseconds) and their medians."""
 
-    def __init__(self, with_policy: list[float], without: list[float], cpu_with: list[float],
+    def __init__(self, with_policy: list[float], without: list[float], logged: list[float], cpu_with: list[float],
                  cpu_without: list[float]) -> None:
         self.with_policy, self.without = with_policy, without
         self.p50_with, self.p50_without = statistics.median(with_policy), statistics.median(without)
         self.added, self.ratio = self.p50_with - self.p50_without, self.p50_with / self.p50_without
+        self.p50_logged = statistics.median(logged)
+        self.logged_added = self.p50_logged - self.p50_with
         self.cpu_with, self.cpu_without = statistics.median(cpu_with), statistics.median(cpu_without)
         self.cpu_added = self.cpu_with - self.cpu_without
 
 
-def measure(engine: Engine, url: str, requests: int, rounds: int, warmup: int) -> list[Round]:
+def measure(engine: Engine, logged: Engine, url: str, requests: int, rounds: int, warmup: int) -> list[Round]:
     policy = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0,
                                  middleware=[FastModePolicy(engine, context=CONTEXT)])
+    with_log = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0,
+                                   middleware=[FastModePolicy(logged, context=CONTEXT)])
     plain = anthropic.Anthropic(base_url=url, api_key="bench", max_retries=0)
     wire = {**PARAMS, "speed": "fast", "extra_headers": {"anthropic-beta": FAST_BETA}}
 
     def send_policy() -> None:
         message = policy.messages.create(**PARAMS)
+        assert message.usage.speed == "fast"
+
+    def send_logged() -> None:
+        message = with_log.messages.create(**PARAMS)
         assert message.usage.speed == "fast"
 
     def send_plain() -> None:
@@ -151,23 +195,24 @@ def measure(engine: Engine, url: str, requests: int, rounds: int, warmup: int) -
     for _ in range(warmup):
         send_policy()
         send_plain()
+        send_logged()
     results = []
     for _ in range(rounds):
         with_policy: list[float] = []
         without: list[float] = []
+        with_logged: list[float] = []
         cpu_with: list[float] = []
         cpu_without: list[float] = []
+        cpu_logged: list[float] = []
+        sides = [(send_plain, without, cpu_without), (send_policy, with_policy, cpu_with),
+                 (send_logged, with_logged, cpu_logged)]
         gc.collect()
         for i in range(requests):
-            if i % 2:
-                timed(send_policy, with_policy, cpu_with)
-                timed(send_plain, without, cpu_without)
-            else:
-                timed(send_plain, without, cpu_without)
-                timed(send_policy, with_policy, cpu_with)
+            for send, walls, cpus in sides[i % 3:] + sides[:i % 3]:  # each side goes first a third of the time
+                timed(send, walls, cpus)
             if i % 100 == 99:
-                gc.collect()  # collections land between pairs, not inside one side's timing
-        results.append(Round(with_policy, without, cpu_with, cpu_without))
+                gc.collect()  # collections land between triples, not inside one side's timing
+        results.append(Round(with_policy, without, with_logged, cpu_with, cpu_without))
     return results
 
 

@@ -18,6 +18,7 @@ if _mypyc.PURE_PYTHON:
 
 from .catalog import Catalog, load_catalog
 from .decide import FAST_BETA, Decision, Engine, Settlement, StepCost, load
+from .decisionlog import DecisionLog
 from .errors import (
     CeilingExceeded,
     Diagnostic,
@@ -39,6 +40,7 @@ __all__ = [
     "Catalog",
     "CeilingExceeded",
     "Decision",
+    "DecisionLog",
     "Diagnostic",
     "Engine",
     "InvalidContext",
