@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Final, NamedTuple, SupportsIndex
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, SupportsIndex
 
 from . import telemetry
 from .apply import apply_headers, apply_params
@@ -43,7 +43,6 @@ from .catalog import (
 )
 from . import cel
 from .cel import CelError
-from .decisionlog import DecisionLog
 from .compile import CompiledBudget, CompiledPolicy, LazyVars, compile_file
 from .errors import CeilingExceeded, InvalidContext, InvalidRequest, PolicyEngineError, PolicyError, PricingError
 from .errors import StateUnavailable
@@ -55,6 +54,9 @@ from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
 from .policy import Policy, PriceAs, Rate
 from .ratelimit import RateLimitStore
 from .tokens import InvalidRequestParams, TokenCounter, estimate_bounds
+
+if TYPE_CHECKING:  # the decision log's record reads this module's StepCost: imported for types only
+    from .decisionlog import DecisionLog
 
 __all__ = ["Engine", "Decision", "Settlement", "StepCost", "ConversationStore", "RuleEvaluationError", "load", "FAST_BETA"]
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import typing
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 __all__ = ["RECORD_KIND", "RECORD_VERSION", "DecisionRecord", "Observed", "Privacy", "build_record"]
 
@@ -106,16 +107,16 @@ class RecordRateLimit(_Model):
                                                 "of a 429).")
 
 
-class RecordStep(_Model):
-    kind: str
-    model: str
-    speed: str
-    cost_micro: int
-    input_tokens: int
-    output_tokens: int
-    cache_write_tokens: int
-    cache_read_tokens: int
-    priced: bool
+def _step_model() -> type[BaseModel]:
+    """The record of one billed step: `decide.StepCost`'s fields, so the two cannot drift apart."""
+    from ..decide import StepCost
+
+    hints = typing.get_type_hints(StepCost)
+    return create_model("RecordStep", __base__=_Model, __doc__=StepCost.__doc__,
+                        **{name: (hints[name], ...) for name in StepCost._fields})
+
+
+RecordStep = _step_model()
 
 
 class DecisionRecord(_Model):
@@ -131,7 +132,7 @@ class DecisionRecord(_Model):
     scopes: list[RecordScope]
     usage: dict[str, Any] | None = Field(description="The response's usage as the API reported it (token counts, "
                                                      "`speed`, `iterations`): what a replay bills.")
-    steps: list[RecordStep] = Field(description="The billed steps when the usage had `iterations`.")
+    steps: list[RecordStep] = Field(description="The billed steps when the usage had `iterations`.")  # type: ignore[valid-type]
     cost_micro: int | None = Field(description="What settlement recorded, micro-dollars (None: not settled).")
     latency: RecordLatency | None
     ratelimit: RecordRateLimit | None
