@@ -1,20 +1,29 @@
-"""What the SDK middleware and the httpx transports share: one logical request's life.
+"""One logical request's life, written once for every integration: the SDK middleware, the httpx
+transports and the proxy.
 
 A *flight* is one logical Messages API request: decided once (one reservation), sent
 one or more times (SDK retries, a fallback to standard after a fast 429, `retry`
 waits), and settled once (from the body, or from the stream's `message_start` plus its
 final `message_delta`), or released when it ends without a response the API bills.
+
+`exchange` is that life as a generator that performs no I/O (as h11 and httpcore keep the
+protocol apart from the sockets): it yields what it needs done, `SEND` an attempt, `DISCARD`
+a response it will not hand back, `READ` a body, `SLEEP`, `CALL` the ledger, and is resumed
+with the result (or the exception, thrown in). `drive` performs those steps with blocking
+calls, `adrive` with awaits; an integration supplies its `Wire` (how to build its request
+and read its response, no I/O) and its three I/O functions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, Literal
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
+from typing import Any, Final, Literal, Protocol
 
 from .. import telemetry
 from .._fork import renew_in_child
@@ -28,7 +37,8 @@ from ..observe import ThroughputObserver
 from ..ratelimit import account_id, parse_retry_after
 from ..tokens import estimate_text_tokens
 
-__all__ = ["Runtime", "Flight", "StreamTracker", "FastModeRateLimited", "policy_context", "ContextSource"]
+__all__ = ["Runtime", "Flight", "StreamTracker", "FastModeRateLimited", "policy_context", "ContextSource", "Wire",
+           "exchange", "drive", "adrive", "body_usage"]
 
 ContextSource = Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None
 Action = Literal["done", "fallback", "retry", "fail"]
@@ -429,13 +439,6 @@ class Runtime:
             self.observer.observe_response(self.model_key(decision.model), settlement.speed, settlement.output_tokens,
                                            time.perf_counter() - flight.sent_at)
 
-    def settle_body(self, flight: Flight | None, content: bytes) -> None:
-        try:
-            data = json.loads(content)
-        except ValueError:
-            data = None
-        self.settle(flight, data.get("usage") if isinstance(data, dict) else None)
-
     def tracker(self, flight: Flight) -> StreamTracker:
         return StreamTracker(self, flight)
 
@@ -521,6 +524,154 @@ class StreamTracker:
         output = self._final.get("output_tokens")
         if self._final_at and self._start_at and type(output) is int and self._final_at > self._start_at:
             observed.output_tps = output / (self._final_at - self._start_at)
+
+
+# -- the life cycle -------------------------------------------------------------------------
+
+SEND: Final = 0
+"""Send this attempt (the `Wire`'s request); resumed with the response."""
+DISCARD: Final = 1
+"""Close a response that will not be handed back (a fast 429 about to be retried)."""
+READ: Final = 2
+"""Read this response's body; resumed with what the integration's reader returns."""
+SLEEP: Final = 3
+"""Wait this many seconds."""
+CALL: Final = 4
+"""Call `(function, args)`: the engine and its ledger (an async driver may run it in a worker thread)."""
+
+Step = tuple[int, Any]
+
+
+class Wire(Protocol):
+    """What an integration knows of its own request and response types. Nothing here does I/O."""
+
+    streaming: bool
+    """The caller asked for an SSE stream."""
+
+    def request(self, flight: Flight | None) -> Any:
+        """The request to send for this attempt (the flight's speed, body and beta applied)."""
+
+    def inspect(self, flight: Flight | None, response: Any) -> tuple[int, Mapping[str, str], str | None]:
+        """(status, headers, the credential it was sent with) of a response."""
+
+    def failed(self, flight: Flight, exc: BaseException) -> None:
+        """An attempt ended by `exc` (the runtime's `abandon`, told whether the caller will retry)."""
+
+    def refused(self, flight: Flight, response: Any) -> None:
+        """A final error status: release the flight, unless the caller will send it again."""
+
+    def tracked(self, response: Any, tracker: StreamTracker) -> Any:
+        """The response to hand back, its body read through `tracker`."""
+
+    def concluded(self, response: Any, body: Any) -> tuple[Any, Any]:
+        """(the usage to settle, the response to hand back) once the body was read."""
+
+
+def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | None,
+             key: str | None) -> Generator[Step, Any, Any]:
+    """One logical request from its decision to its settlement: returns the response to hand back."""
+    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key))
+    try:
+        while True:
+            response = yield SEND, wire.request(flight)
+            status, headers, credential = wire.inspect(flight, response)
+            action, wait = runtime.after_response(flight, status, headers, credential)
+            if action == "done":
+                break
+            yield DISCARD, response
+            if action == "fail":
+                raise runtime.fail(flight, wait)  # type: ignore[arg-type]
+            if action == "retry":
+                yield SLEEP, wait
+    except BaseException as exc:
+        if flight is not None:
+            wire.failed(flight, exc)
+        raise
+    if flight is None:
+        return response
+    if not 200 <= status < 300:
+        wire.refused(flight, response)
+        return response
+    if wire.streaming:
+        return wire.tracked(response, runtime.tracker(flight))
+    try:
+        read = yield READ, response
+    except BaseException as exc:
+        runtime.abandon(flight, exc)  # headers came, the body did not: billed, perhaps in full
+        raise
+    usage, handed = wire.concluded(response, read)
+    yield CALL, (runtime.settle, (flight, usage))
+    return handed
+
+
+class _Stepper:
+    """Resumes a life cycle with each step's result (or throws in its exception) until it returns."""
+
+    __slots__ = ("steps", "value", "error", "result")
+
+    def __init__(self, steps: Generator[Step, Any, Any]) -> None:
+        self.steps = steps
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+    def next(self) -> Step | None:
+        """The next step to perform; None once the life cycle has returned (its value in `result`)."""
+        try:
+            step = self.steps.send(self.value) if self.error is None else self.steps.throw(self.error)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+        self.value = self.error = None
+        return step
+
+
+def drive(steps: Generator[Step, Any, Any], send: Callable[[Any], Any], discard: Callable[[Any], Any],
+          read: Callable[[Any], Any], sleep: Callable[[float], None]) -> Any:
+    """Run a life cycle with blocking I/O."""
+    perform = (send, discard, read, sleep, _call)  # indexed by the step kinds
+    run = _Stepper(steps)
+    while (step := run.next()) is not None:
+        try:
+            run.value = perform[step[0]](step[1])
+        except BaseException as exc:
+            run.error = exc
+    return run.result
+
+
+async def adrive(steps: Generator[Step, Any, Any], send: Callable[[Any], Awaitable[Any]],
+                 discard: Callable[[Any], Awaitable[Any]], read: Callable[[Any], Awaitable[Any]], offload: bool) -> Any:
+    """Run a life cycle on an event loop; `offload`: the engine's calls go to a worker thread (a shared
+    ledger does I/O of its own, which must not hold the loop)."""
+    perform = (send, discard, read, asyncio.sleep, _offloaded if offload else _acall)
+    run = _Stepper(steps)
+    while (step := run.next()) is not None:
+        try:
+            run.value = await perform[step[0]](step[1])
+        except BaseException as exc:
+            run.error = exc
+    return run.result
+
+
+def _call(call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    return call[0](*call[1])
+
+
+async def _acall(call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    return call[0](*call[1])
+
+
+async def _offloaded(call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    return await asyncio.to_thread(call[0], *call[1])
+
+
+def body_usage(content: bytes) -> Any:
+    """The `usage` of a JSON response body (None when the body is not a JSON object)."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    return data.get("usage") if isinstance(data, dict) else None
 
 
 _BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError"})

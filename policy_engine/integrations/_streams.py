@@ -12,7 +12,7 @@ from typing import Any
 
 from ._core import StreamTracker
 
-__all__ = ["decoded_headers", "tracked_streams"]
+__all__ = ["decoded_headers", "tracked_stream"]
 
 
 _HOP_HEADERS = ("content-encoding", "content-length")
@@ -27,27 +27,35 @@ def decoded_headers(headers: Any) -> Any:
     return headers
 
 
-def tracked_streams(module: Any) -> tuple[type, type]:
-    """Sync and async byte streams (of `httpx` or `httpx2`) that feed a `StreamTracker` on the way.
+def tracked_stream(module: Any) -> type:
+    """A byte stream (of `httpx` or `httpx2`, sync and async in one class, as httpx's own `ByteStream`) that
+    feeds a `StreamTracker` on the way.
 
     The tracker settles when the body ends, when it is closed, and, should the caller just
     drop the stream, when the stream is garbage-collected.
     """
 
-    class Tracked(module.SyncByteStream):  # type: ignore[misc,name-defined]
+    class Tracked(module.SyncByteStream, module.AsyncByteStream):  # type: ignore[misc,name-defined]
         def __init__(self, response: Any, tracker: StreamTracker) -> None:
             self._response = response
             self._tracker = tracker
             weakref.finalize(self, tracker.finish)
 
         def __iter__(self) -> Iterator[bytes]:
-            tracker = self._tracker
             try:
                 for chunk in self._response.iter_bytes():
-                    tracker.feed(chunk)
+                    self._tracker.feed(chunk)
                     yield chunk
             finally:
-                tracker.finish()
+                self._tracker.finish()
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            try:
+                async for chunk in self._response.aiter_bytes():
+                    self._tracker.feed(chunk)
+                    yield chunk
+            finally:
+                self._tracker.finish()
 
         def close(self) -> None:
             try:
@@ -55,25 +63,10 @@ def tracked_streams(module: Any) -> tuple[type, type]:
             finally:
                 self._tracker.finish()
 
-    class AsyncTracked(module.AsyncByteStream):  # type: ignore[misc,name-defined]
-        def __init__(self, response: Any, tracker: StreamTracker) -> None:
-            self._response = response
-            self._tracker = tracker
-            weakref.finalize(self, tracker.finish)
-
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            tracker = self._tracker
-            try:
-                async for chunk in self._response.aiter_bytes():
-                    tracker.feed(chunk)
-                    yield chunk
-            finally:
-                tracker.finish()
-
         async def aclose(self) -> None:
             try:
                 await self._response.aclose()
             finally:
                 self._tracker.finish()
 
-    return Tracked, AsyncTracked
+    return Tracked

@@ -29,8 +29,6 @@ one it decided for switches to the client's from the next request on, and record
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -50,12 +48,17 @@ from ._core import (
     FastModeRateLimited,
     Flight,
     Runtime,
+    StreamTracker,
+    adrive,
+    body_usage,
+    drive,
     endpoint,
+    exchange,
     policy_context,
     sdk_will_retry,
     strip_batch_speed,
 )
-from ._streams import decoded_headers, tracked_streams
+from ._streams import decoded_headers, tracked_stream
 
 __all__ = ["FastModePolicy", "FastModeRateLimited", "policy_context", "platform_of"]
 
@@ -125,111 +128,44 @@ class FastModePolicy(Middleware):
             return request, None
         return None, body
 
-    def _wire(self, request: APIRequest, flight: Flight | None, body: Mapping[str, Any], beta_name: str,
-              beta: str | None) -> APIRequest:
-        runtime = self.runtime
-        headers = request.headers
-        wire_beta = runtime.wire_beta(flight, beta)
-        if wire_beta is not None and wire_beta != beta:
-            headers = {**headers, beta_name: wire_beta}
-        wire = _derive(request, runtime.wire_body(flight, body), headers)
-        if flight is not None:
-            flight.sent_at = time.perf_counter()
-        return wire
+    def _start(self, request: APIRequest, call_next: Any) -> tuple[APIRequest | None, Any, _Call | None]:
+        """What to do with a request: (pass it on as it is, -, None), (None, the SDK's refusal fallback and the
+        chain after it, None) or (None, None, the call to run through the life cycle)."""
+        passed, body = self._route(request)
+        if body is None:
+            return passed, None, None
+        inner = _refusal_fallback_next(request, call_next)
+        if inner is not None:
+            # The SDK's refusal fallback comes next: let it run its hops through this middleware, so each
+            # hop is decided, guarded and settled (the order [FallbackMiddleware, FastModePolicy]).
+            return None, inner, None
+        beta_name, beta = _beta(request.headers)
+        call = _Call(self, request, body, beta_name, beta)
+        return None, None, call
 
-    def _next(self, flight: Flight | None, response: APIResponse[Any] | AsyncAPIResponse[Any]) -> tuple[str, float]:
-        http = response.http_response
-        client = response._client
+    def handle(self, request: APIRequest, call_next: CallNext) -> APIResponse[Any]:
+        passed, fallback, call = self._start(request, call_next)
+        if call is None:
+            if fallback is None:
+                return call_next(passed)  # type: ignore[arg-type]
+            return fallback[0].handle(request, lambda hop: self.handle(hop, fallback[1]))  # type: ignore[no-any-return]
+        return drive(call.steps(), call_next, _close, call.read, self.runtime.sleep)  # type: ignore[no-any-return]
+
+    async def handle_async(self, request: APIRequest, call_next: AsyncCallNext) -> AsyncAPIResponse[Any]:
+        passed, fallback, call = self._start(request, call_next)
+        if call is None:
+            if fallback is None:
+                return await call_next(passed)  # type: ignore[arg-type]
+            return await fallback[0].handle_async(request, lambda hop: self.handle_async(hop, fallback[1]))  # type: ignore[no-any-return]
+        return await adrive(call.steps(), call_next, _aclose, call.aread, self._offload)  # type: ignore[no-any-return]
+
+    def _platform(self, client: Any, flight: Flight | None) -> None:
+        """Follow the client's platform: decide for it from now on, and settle this flight at its prices."""
         platform = self._platforms.get(type(client))
         if platform is None:
             platform = self._platforms[type(client)] = platform_of(client)
         if platform != self.runtime.platform or (flight is not None and flight.decision.platform != platform):
             self.runtime.learn_platform(platform, flight)
-        # The client's key, not the sent headers: a case-insensitive header scan costs more.
-        credential = getattr(client, "api_key", None) or getattr(client, "auth_token", None)
-        return self.runtime.after_response(flight, http.status_code, http.headers, credential)
-
-    def _conclude(self, request: APIRequest, flight: Flight | None, response: Any, tracked: type) -> tuple[Any, bool]:
-        """The response to hand back, and whether its body still has to be settled."""
-        if flight is None:
-            return response, False
-        if not 200 <= response.http_response.status_code < 300:  # is_success, without its property chain
-            self._error_response(request, flight, response)
-            return response, False
-        if request.stream:
-            return _rewrap(response, tracked(response.http_response, self.runtime.tracker(flight))), False
-        return response, True
-
-    # -- sync --------------------------------------------------------------------------
-
-    def handle(self, request: APIRequest, call_next: CallNext) -> APIResponse[Any]:
-        passed, body = self._route(request)
-        if body is None:
-            return call_next(passed)  # type: ignore[arg-type]
-        inner = _refusal_fallback_next(request, call_next)
-        if inner is not None:
-            # The SDK's refusal fallback comes next: let it run its hops through this middleware, so each
-            # hop is decided, guarded and settled (the order [FallbackMiddleware, FastModePolicy]).
-            fallback, rest = inner
-            return fallback.handle(request, lambda hop: self.handle(hop, rest))
-        runtime = self.runtime
-        beta_name, beta = _beta(request.headers)
-        flight = runtime.flight(body, beta, request.options.idempotency_key)
-        try:
-            while True:
-                response = call_next(self._wire(request, flight, body, beta_name, beta))
-                action, wait = self._next(flight, response)
-                if action == "done":
-                    break
-                response.http_response.close()
-                if action == "fail":
-                    raise runtime.fail(flight, wait)  # type: ignore[arg-type]
-                if action == "retry":
-                    runtime.sleep(wait)
-        except BaseException as exc:
-            self._attempt_failed(request, flight, exc)
-            raise
-        response, unsettled = self._conclude(request, flight, response, _Tracked)
-        if unsettled:
-            runtime.settle(flight, _usage(request, response))
-        return response
-
-    # -- async -------------------------------------------------------------------------
-
-    async def handle_async(self, request: APIRequest, call_next: AsyncCallNext) -> AsyncAPIResponse[Any]:
-        passed, body = self._route(request)
-        if body is None:
-            return await call_next(passed)  # type: ignore[arg-type]
-        inner = _refusal_fallback_next(request, call_next)
-        if inner is not None:
-            fallback, rest = inner
-            return await fallback.handle_async(request, lambda hop: self.handle_async(hop, rest))
-        runtime = self.runtime
-        beta_name, beta = _beta(request.headers)
-        key = request.options.idempotency_key
-        flight = await asyncio.to_thread(runtime.flight, body, beta, key) if self._offload else runtime.flight(body, beta, key)
-        try:
-            while True:
-                response = await call_next(self._wire(request, flight, body, beta_name, beta))
-                action, wait = self._next(flight, response)
-                if action == "done":
-                    break
-                await response.http_response.aclose()
-                if action == "fail":
-                    raise runtime.fail(flight, wait)  # type: ignore[arg-type]
-                if action == "retry":
-                    await asyncio.sleep(wait)
-        except BaseException as exc:
-            self._attempt_failed(request, flight, exc)
-            raise
-        response, unsettled = self._conclude(request, flight, response, _AsyncTracked)
-        if unsettled:
-            usage = await _ausage(request, response)
-            if self._offload:
-                await asyncio.to_thread(runtime.settle, flight, usage)
-            else:
-                runtime.settle(flight, usage)
-        return response
 
     # -- the SDK's retry loop ------------------------------------------------------------
 
@@ -261,6 +197,74 @@ class FastModePolicy(Middleware):
                     break
                 cause = cause.__cause__
         self.runtime.abandon(flight, exc, retried=retry)
+
+
+class _Call:
+    """The `Wire` of one SDK call: the SDK's request and response types, for the life cycle (`_core.exchange`)."""
+
+    __slots__ = ("policy", "sdk_request", "body", "beta_name", "beta", "streaming")
+
+    def __init__(self, policy: FastModePolicy, request: APIRequest, body: Mapping[str, Any], beta_name: str,
+                 beta: str | None) -> None:
+        self.policy = policy
+        self.sdk_request = request
+        self.body = body
+        self.beta_name = beta_name
+        self.beta = beta
+        self.streaming = request.stream
+
+    def steps(self) -> Any:
+        return exchange(self.policy.runtime, self, self.body, self.beta, self.sdk_request.options.idempotency_key)
+
+    def request(self, flight: Flight | None) -> APIRequest:
+        runtime, request = self.policy.runtime, self.sdk_request
+        headers = request.headers
+        wire_beta = runtime.wire_beta(flight, self.beta)
+        if wire_beta is not None and wire_beta != self.beta:
+            headers = {**headers, self.beta_name: wire_beta}
+        wire = _derive(request, runtime.wire_body(flight, self.body), headers)
+        if flight is not None:
+            flight.sent_at = time.perf_counter()
+        return wire
+
+    def inspect(self, flight: Flight | None, response: Any) -> tuple[int, Any, str | None]:
+        client = response._client
+        self.policy._platform(client, flight)
+        # The client's key, not the sent headers: a case-insensitive header scan costs more.
+        credential = getattr(client, "api_key", None) or getattr(client, "auth_token", None)
+        http = response.http_response
+        return http.status_code, http.headers, credential
+
+    def failed(self, flight: Flight, exc: BaseException) -> None:
+        self.policy._attempt_failed(self.sdk_request, flight, exc)
+
+    def refused(self, flight: Flight, response: Any) -> None:
+        self.policy._error_response(self.sdk_request, flight, response)
+
+    def tracked(self, response: Any, tracker: StreamTracker) -> Any:
+        return _rewrap(response, _Tracked(response.http_response, tracker))
+
+    def concluded(self, response: Any, usage: Any) -> tuple[Any, Any]:
+        return usage, response
+
+    def read(self, response: APIResponse[Any]) -> Any:
+        # Parsing through the response caches the model the SDK hands the caller: parsed once.
+        if _parses_to_model(self.sdk_request):
+            return getattr(response.parse(), "usage", None)
+        return body_usage(response.http_response.read() or b"null")
+
+    async def aread(self, response: AsyncAPIResponse[Any]) -> Any:
+        if _parses_to_model(self.sdk_request):
+            return getattr(await response.parse(), "usage", None)
+        return body_usage(await response.http_response.aread() or b"null")
+
+
+def _close(response: APIResponse[Any]) -> None:
+    response.http_response.close()
+
+
+async def _aclose(response: AsyncAPIResponse[Any]) -> None:
+    await response.http_response.aclose()
 
 
 def platform_of(client: Any) -> str:
@@ -332,22 +336,7 @@ def _parses_to_model(request: APIRequest) -> bool:
     return isinstance(cast_to, type) and issubclass(cast_to, SDKModel)
 
 
-def _usage(request: APIRequest, response: APIResponse[Any]) -> Any:
-    # Parsing through the response caches the model the SDK hands the caller: parsed once.
-    if _parses_to_model(request):
-        return getattr(response.parse(), "usage", None)
-    data = json.loads(response.http_response.read() or b"null")
-    return data.get("usage") if isinstance(data, dict) else None
-
-
-async def _ausage(request: APIRequest, response: AsyncAPIResponse[Any]) -> Any:
-    if _parses_to_model(request):
-        return getattr(await response.parse(), "usage", None)
-    data = json.loads(await response.http_response.aread() or b"null")
-    return data.get("usage") if isinstance(data, dict) else None
-
-
-_Tracked, _AsyncTracked = tracked_streams(httpx2)
+_Tracked = tracked_stream(httpx2)
 
 
 def _rewrap(response: Any, stream: httpx2.SyncByteStream | httpx2.AsyncByteStream) -> Any:

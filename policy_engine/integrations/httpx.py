@@ -20,7 +20,6 @@ transport reads them on the way.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -35,15 +34,20 @@ from ._core import (
     FastModeRateLimited,
     Flight,
     Runtime,
+    StreamTracker,
+    adrive,
+    body_usage,
+    drive,
     endpoint,
+    exchange,
     policy_context,
     strip_batch_speed,
 )
-from ._streams import decoded_headers, tracked_streams
+from ._streams import decoded_headers, tracked_stream
 
 __all__ = ["FastModeTransport", "AsyncFastModeTransport", "FastModeRateLimited", "policy_context"]
 
-_Tracked, _AsyncTracked = tracked_streams(httpx)
+_Tracked = tracked_stream(httpx)
 
 
 def _json_body(request: httpx.Request) -> Any:
@@ -51,10 +55,6 @@ def _json_body(request: httpx.Request) -> Any:
         return json.loads(request.content or b"null")
     except (ValueError, httpx.RequestNotRead):
         return None
-
-
-def _credential(request: httpx.Request) -> str | None:
-    return request.headers.get("x-api-key") or request.headers.get("authorization")
 
 
 def _rebuild(request: httpx.Request, body: Any, beta: str | None) -> httpx.Request:
@@ -74,9 +74,8 @@ class _Base:
         self.runtime = Runtime(engine, context=context, policy=policy, account=account, observe=observe,
                                fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
 
-    @staticmethod
-    def _route(request: httpx.Request) -> tuple[httpx.Request | None, Mapping[str, Any] | None]:
-        """(a request to pass on as it is, None) or (None, the Messages body to decide)."""
+    def _call(self, request: httpx.Request) -> tuple[httpx.Request | None, _Call | None]:
+        """(a request to pass on as it is, None) or (None, the call to run through the life cycle)."""
         kind = endpoint(request.url.path) if request.method == "POST" else None
         body = _json_body(request) if kind is not None else None
         if kind == "batches" and isinstance(body, Mapping):
@@ -84,34 +83,52 @@ class _Base:
             return (request if stripped is body else _rebuild(request, stripped, None)), None
         if kind != "messages" or not isinstance(body, Mapping):
             return request, None
-        return None, body
+        return None, _Call(self.runtime, request, body)
 
-    def _conclude(self, flight: Flight | None, response: httpx.Response, body: Mapping[str, Any],
-                  tracked: type) -> httpx.Response | None:
-        """The response to hand back, or None when its body must be read and settled first."""
-        if flight is None:
-            return response
-        if not 200 <= response.status_code < 300:
-            self.runtime.release(flight)
-            return response
-        if body.get("stream") is True:
-            return httpx.Response(response.status_code, headers=decoded_headers(response.headers),
-                                  stream=tracked(response, self.runtime.tracker(flight)), extensions=response.extensions)
-        return None
 
-    @staticmethod
-    def _read(response: httpx.Response, content: bytes) -> httpx.Response:
-        return httpx.Response(response.status_code, headers=decoded_headers(response.headers), content=content,
-                              extensions=response.extensions)
+class _Call:
+    """The `Wire` of one httpx request, for the life cycle (`_core.exchange`). httpx has no retry loop of its
+    own: an error status or a transport error ends the logical request."""
 
-    def _wire(self, request: httpx.Request, flight: Flight | None, body: Mapping[str, Any], beta: str | None) -> httpx.Request:
-        runtime = self.runtime
+    __slots__ = ("runtime", "original", "body", "beta", "streaming", "credential")
+
+    def __init__(self, runtime: Runtime, request: httpx.Request, body: Mapping[str, Any]) -> None:
+        self.runtime = runtime
+        self.original = request
+        self.body = body
+        self.beta = request.headers.get("anthropic-beta")
+        self.streaming = body.get("stream") is True
+        # A transport's response has no request: the key the attempts are sent with is the caller's.
+        self.credential = request.headers.get("x-api-key") or request.headers.get("authorization")
+
+    def steps(self) -> Any:
+        return exchange(self.runtime, self, self.body, self.beta, None)
+
+    def request(self, flight: Flight | None) -> httpx.Request:
         if flight is not None:
             flight.sent_at = time.perf_counter()
-        wire_body, wire_beta = runtime.wire_body(flight, body), runtime.wire_beta(flight, beta)
-        if wire_body is body and wire_beta == beta:
-            return request
-        return _rebuild(request, wire_body, wire_beta)
+        wire_body, wire_beta = self.runtime.wire_body(flight, self.body), self.runtime.wire_beta(flight, self.beta)
+        if wire_body is self.body and wire_beta == self.beta:
+            return self.original
+        return _rebuild(self.original, wire_body, wire_beta)
+
+    def inspect(self, flight: Flight | None, response: httpx.Response) -> tuple[int, Any, str | None]:
+        return response.status_code, response.headers, self.credential
+
+    def failed(self, flight: Flight, exc: BaseException) -> None:
+        self.runtime.abandon(flight, exc)
+
+    def refused(self, flight: Flight, response: httpx.Response) -> None:
+        self.runtime.release(flight)
+
+    def tracked(self, response: httpx.Response, tracker: StreamTracker) -> httpx.Response:
+        return httpx.Response(response.status_code, headers=decoded_headers(response.headers),
+                              stream=_Tracked(response, tracker), extensions=response.extensions)
+
+    def concluded(self, response: httpx.Response, content: bytes) -> tuple[Any, httpx.Response]:
+        read = httpx.Response(response.status_code, headers=decoded_headers(response.headers), content=content,
+                              extensions=response.extensions)
+        return body_usage(content), read
 
 
 class FastModeTransport(_Base, httpx.BaseTransport):
@@ -129,37 +146,11 @@ class FastModeTransport(_Base, httpx.BaseTransport):
         self._inner = transport or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        passed, body = self._route(request)
-        if body is None:
+        passed, call = self._call(request)
+        if call is None:
             return self._inner.handle_request(passed)  # type: ignore[arg-type]
-        runtime = self.runtime
-        beta = request.headers.get("anthropic-beta")
-        flight = runtime.flight(body, beta, None)
-        try:
-            while True:
-                wire = self._wire(request, flight, body, beta)
-                response = self._inner.handle_request(wire)
-                action, wait = runtime.after_response(flight, response.status_code, response.headers, _credential(wire))
-                if action == "done":
-                    break
-                response.close()
-                if action == "fail":
-                    raise runtime.fail(flight, wait)  # type: ignore[arg-type]
-                if action == "retry":
-                    runtime.sleep(wait)
-        except BaseException as exc:
-            runtime.abandon(flight, exc)
-            raise
-        concluded = self._conclude(flight, response, body, _Tracked)
-        if concluded is not None:
-            return concluded
-        try:
-            content = response.read()
-        except BaseException as exc:
-            runtime.abandon(flight, exc)
-            raise
-        runtime.settle_body(flight, content)
-        return self._read(response, content)
+        return drive(call.steps(), self._inner.handle_request, httpx.Response.close, httpx.Response.read,  # type: ignore[no-any-return]
+                     self.runtime.sleep)
 
     def close(self) -> None:
         self._inner.close()
@@ -174,45 +165,16 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
         super().__init__(engine, context=context, policy=policy, account=account, observe=observe,
                          fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
         self._inner = transport or httpx.AsyncHTTPTransport()
-        self._offload = not isinstance(engine.ledger, MemoryLedger)
-
-    async def _call(self, function: Any, *args: Any) -> Any:
         # A shared ledger does I/O: keep it off the event loop.
-        return await asyncio.to_thread(function, *args) if self._offload else function(*args)
+        self._offload = not isinstance(engine.ledger, MemoryLedger)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
-        passed, body = self._route(request)
-        if body is None:
+        passed, call = self._call(request)
+        if call is None:
             return await self._inner.handle_async_request(passed)  # type: ignore[arg-type]
-        runtime = self.runtime
-        beta = request.headers.get("anthropic-beta")
-        flight = await self._call(runtime.flight, body, beta, None)
-        try:
-            while True:
-                wire = self._wire(request, flight, body, beta)
-                response = await self._inner.handle_async_request(wire)
-                action, wait = runtime.after_response(flight, response.status_code, response.headers, _credential(wire))
-                if action == "done":
-                    break
-                await response.aclose()
-                if action == "fail":
-                    raise runtime.fail(flight, wait)  # type: ignore[arg-type]
-                if action == "retry":
-                    await asyncio.sleep(wait)
-        except BaseException as exc:
-            runtime.abandon(flight, exc)
-            raise
-        concluded = self._conclude(flight, response, body, _AsyncTracked)
-        if concluded is not None:
-            return concluded
-        try:
-            content = await response.aread()
-        except BaseException as exc:
-            runtime.abandon(flight, exc)
-            raise
-        await self._call(runtime.settle_body, flight, content)
-        return self._read(response, content)
+        return await adrive(call.steps(), self._inner.handle_async_request, httpx.Response.aclose,  # type: ignore[no-any-return]
+                            httpx.Response.aread, self._offload)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
