@@ -54,7 +54,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -680,6 +680,25 @@ class _RedisLedgerCore(Generic[_Client]):
     def _start_flusher(self) -> None:
         raise NotImplementedError
 
+    def _journal_replay(self) -> Generator[_Call, Any, int]:
+        """Delivering the journal, oldest entry first, written once for both ledgers: yields each script call
+        to run (resumed with its reply, or a `RedisError` thrown in); returns how many entries were delivered.
+        A `StateUnavailable` (Redis still unreachable) ends it with the rest kept."""
+        delivered = 0
+        with self._state_lock:
+            self._retry_at = 0.0  # asked to try now: skip what is left of the backoff
+        while (entry := self._journal_head()) is not None:
+            kind, rid, token, charges = entry
+            try:
+                yield self._settle_call(rid, charges, token) if kind == "settle" else self._release_call(rid)
+            except RedisError as exc:
+                self._journal_undeliverable(entry, exc)
+            self._journal_done(entry)
+            delivered += 1
+        if delivered:
+            log.info("delivered %d journaled ledger entries", delivered)
+        return delivered
+
     def _journal_head(self) -> _Entry | None:
         with self._journal_lock:
             return self._journal[0] if self._journal else None
@@ -840,22 +859,18 @@ class RedisLedger(_RedisLedgerCore[redis_lib.Redis], Ledger):
 
         Raises `StateUnavailable` (after keeping the rest) when Redis is still unreachable.
         """
-        delivered = 0
-        with self._state_lock:
-            self._retry_at = 0.0  # asked to try now: skip what is left of the backoff
-        while (entry := self._journal_head()) is not None:
-            kind, rid, token, charges = entry
-            try:
-                self._run(self._settle_call(rid, charges, token) if kind == "settle" else self._release_call(rid))
-            except StateUnavailable:
-                raise
-            except RedisError as exc:
-                self._journal_undeliverable(entry, exc)
-            self._journal_done(entry)
-            delivered += 1
-        if delivered:
-            log.info("delivered %d journaled ledger entries", delivered)
-        return delivered
+        steps = self._journal_replay()
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = self._run(call)
+                except RedisError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _start_flusher(self) -> None:
         with self._journal_lock:
@@ -1138,22 +1153,18 @@ class AsyncRedisLedger(_RedisLedgerCore[redis_asyncio.Redis], AsyncLedger):
 
         Raises `StateUnavailable` (after keeping the rest) when Redis is still unreachable.
         """
-        delivered = 0
-        with self._state_lock:
-            self._retry_at = 0.0  # asked to try now: skip what is left of the backoff
-        while (entry := self._journal_head()) is not None:
-            kind, rid, token, charges = entry
-            try:
-                await self._run(self._settle_call(rid, charges, token) if kind == "settle" else self._release_call(rid))
-            except StateUnavailable:
-                raise
-            except RedisError as exc:
-                self._journal_undeliverable(entry, exc)
-            self._journal_done(entry)
-            delivered += 1
-        if delivered:
-            log.info("delivered %d journaled ledger entries", delivered)
-        return delivered
+        steps = self._journal_replay()
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = await self._run(call)
+                except RedisError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _start_flusher(self) -> None:
         if self._closed:
