@@ -94,7 +94,7 @@ def test_schema_still_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFi
     status, out, _ = _run(["schema"], capsys)
     assert status == 0 and json.loads(out)["title"]
     status, out, _ = _run(["schema", "--write", str(tmp_path)], capsys)
-    assert status == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["catalog.schema.json", "policy.schema.json"]
+    assert status == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["catalog.schema.json", "decision-record.schema.json", "policy.schema.json"]
 
 
 # -- test -------------------------------------------------------------------------------------
