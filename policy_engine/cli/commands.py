@@ -593,8 +593,9 @@ def run_fmt(args: argparse.Namespace) -> int:
 
 
 def setup_schema(p: argparse.ArgumentParser) -> None:
-    """Print the JSON Schema of policy (default) or catalog files, or write both."""
-    p.add_argument("kind", nargs="?", choices=("policy", "catalog"), default="policy", help="which schema to print")
+    """Print the JSON Schema of policy (default) or catalog files or decision-log records, or write them all."""
+    p.add_argument("kind", nargs="?", choices=("policy", "catalog", "decision-record"), default="policy",
+                   help="which schema to print")
     p.add_argument("--write", metavar="DIR", help="write every schema into DIR instead of printing one")
     p.set_defaults(run=run_schema)
 
