@@ -220,14 +220,14 @@ class LogLines:
             seen += len(chunk)
             if seen > limit:
                 self.stopped = LogError(number, f"no end of line after {seen:,} bytes ({ENDLESS_FACTOR} times the "
-                                                f"{self.max_line_bytes:,}-byte line cap): this is not a log; "
-                                                f"{_lines(number - 1)} before it were read")
+                                                f"{self.max_line_bytes:,}-byte line cap): this is not a log; the "
+                                                f"report covers {_lines(number - 1)} before it")
                 return
 
 
 def _read_error(number: int, exc: BaseException) -> LogError:
     """Where and why the log could not be read on; every line before `number` was."""
-    before = f"{_lines(number - 1)} before it were read"
+    before = f"the report covers {_lines(number - 1)} before it"
     if isinstance(exc, EOFError):
         return LogError(number, f"the compressed log ends early (a truncated gzip file); {before}")
     if isinstance(exc, (zlib.error, gzip.BadGzipFile)):
@@ -236,7 +236,7 @@ def _read_error(number: int, exc: BaseException) -> LogError:
 
 
 def _lines(count: int) -> str:
-    return "the 1 line" if count == 1 else f"the {count:,} lines"
+    return "no line" if count == 0 else "the 1 line" if count == 1 else f"the {count:,} lines"
 
 
 def iter_log(stream: IO[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> LogLines:
