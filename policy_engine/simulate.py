@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from operator import truediv
-from typing import Any, Final, IO
+from typing import IO, Any, Final, cast
 
 from .catalog import Catalog, UsageCounts, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
@@ -521,7 +521,7 @@ def _request_reads(compiled: CompiledPolicy) -> tuple[tuple[str, ...], ...]:
     programs.extend(b.key for b in compiled.budgets)
     if compiled.stickiness_key is not None:
         programs.append(compiled.stickiness_key)
-    paths = {(name,) for name in _ENGINE_READS}
+    paths: set[tuple[str, ...]] = {(name,) for name in _ENGINE_READS}
     for program in programs:
         references = getattr(program, "references", None)
         if references is None:  # a stand-in for a program (a test probe): it may read anything
@@ -662,13 +662,15 @@ class Replayer:
             decision = self.engine._decide_scanned(request, scanned, context, self._now, account, batch, given)
         except (PolicyEngineError, RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
             decision = _failed(number, exc)
+        billed: dict[str, Any]
         if counts is None:
             expected = given if given is not None else self._expected_input(number, request)
-            usage = _estimated_usage(expected, scanned["cache_control"] is True, decision.max_tokens)
-            counts = parse_usage(usage)
+            billed = _estimated_usage(expected, scanned["cache_control"] is True, decision.max_tokens)
+            counts = parse_usage(billed)
         else:
+            billed = cast("dict[str, Any]", usage)  # _counts took it: a dict
             self.report.with_usage += 1
-        return self._bill(number, decision, request, usage, counts, batch, account, headers, record.get("status"))
+        return self._bill(number, decision, request, billed, counts, batch, account, headers, record.get("status"))
 
     def _step_recorded(self, number: int, record: dict[str, Any]) -> Outcome:
         """Decide and settle one decision-log record from its features, as the original request was decided.
@@ -724,10 +726,12 @@ class Replayer:
                                            time.perf_counter_ns(), scanned, platform)
         except (PolicyEngineError, RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
             decision = _failed(number, exc)
+        billed: dict[str, Any]
         if counts is None:
-            usage = _estimated_usage(given, scanned["cache_control"] is True, decision.max_tokens)
-            counts = parse_usage(usage)
+            billed = _estimated_usage(given, scanned["cache_control"] is True, decision.max_tokens)
+            counts = parse_usage(billed)
         else:
+            billed = cast("dict[str, Any]", usage)  # _counts took it: a dict
             self.report.with_usage += 1
         ratelimit = record.get("ratelimit")
         headers = status = None
@@ -735,7 +739,7 @@ class Replayer:
             headers, status = ratelimit.get("headers"), ratelimit.get("status")
             if headers is not None and not isinstance(headers, dict):
                 raise LogError(number, "'ratelimit.headers' must be an object")
-        return self._bill(number, decision, params, usage, counts, batch, account, headers, status)
+        return self._bill(number, decision, params, billed, counts, batch, account, headers, status)
 
     def _bill(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
               counts: UsageCounts, batch: bool, account: str, headers: dict[str, Any] | None, status: Any) -> Outcome:
