@@ -37,24 +37,28 @@ import io
 import json
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from operator import truediv
-from typing import Any, Final, IO
+from typing import IO, Any, Final, cast
 
 from .catalog import Catalog, UsageCounts, load_catalog, parse_usage, to_usd
 from .compile import CompiledPolicy
 from .decide import Decision, Engine
+from .decisionlog import DecisionLog, Observed
+from .decisionlog._record import RECORD_KIND, RECORD_VERSION
 from .errors import PolicyEngineError
-from .features import request_features
+from .features import REQUEST, request_features
 from .ledger import MemoryLedger
 from .testing.runner import DEFAULT_TEST_TIME
 from .tokens import estimate_input_tokens
 
-__all__ = ["DiffReport", "LogError", "Outcome", "Report", "Replayer", "diff", "iter_log", "open_log", "simulate", "START_TIME"]
+__all__ = ["DiffReport", "LogError", "LogLines", "MAX_LINE_BYTES", "MissingFeatures", "Outcome", "Report", "Replayer", "diff",
+           "iter_log", "open_log", "simulate", "START_TIME"]
 
 START_TIME = DEFAULT_TEST_TIME
 """Decision time of the lines before the first one that carries a `ts`."""
@@ -69,6 +73,20 @@ class LogError(PolicyEngineError):
     def __init__(self, line: int, message: str) -> None:
         self.line = line
         super().__init__(f"line {line}: {message}")
+
+
+class MissingFeatures(LogError):
+    """A decision-log record lacks request features the policy reads (a record older than the feature)."""
+
+    def __init__(self, line: int, features: list[str]) -> None:
+        self.features = features
+        named = ", ".join(f"request.{f}" for f in features)
+        super().__init__(line, f"the record has no {named}, which this policy reads (a record written before "
+                               f"{'that feature' if len(features) == 1 else 'those features'} existed); skipped")
+
+
+class Released(LogError):
+    """A decision-log record of a request that was released: never sent, so there is nothing to bill or replay."""
 
 
 @dataclass(slots=True, init=False)
@@ -130,15 +148,101 @@ def open_log(path: str, stdin: IO[bytes] | None = None) -> IO[bytes]:
     return buffered
 
 
-def iter_log(stream: IO[bytes]) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line; undecodable bytes become LogError lines later."""
-    for number, raw in enumerate(stream, 1):
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = "\x00"  # not JSON: parse() reports it with the line number
-        if text:
-            yield number, text
+MAX_LINE_BYTES: Final = 32 * 1024 * 1024
+"""The longest log line read (bytes, without its newline): the Messages API's request size limit, so a
+longer line cannot hold a request the API took. Longer lines are invalid and skipped."""
+ENDLESS_FACTOR: Final = 64
+"""A line still without its newline this many caps past its start ends the reading: the input is no log
+(`/dev/zero`, a binary file), and skipping it would never end."""
+_SKIP_CHUNK: Final = 1024 * 1024
+
+_UNREADABLE: Final = "\x00"
+"""Starts the text `iter_log` yields for a line it could not read (the rest says why); `Replayer.parse`
+makes it that line's LogError. No JSON text starts with it, so it costs the valid lines nothing."""
+
+
+class LogLines:
+    """(line number, text) of each non-blank line of a log stream, read in bounded memory.
+
+    A line longer than `max_line_bytes` is read no further than that: it is skipped to its end, in
+    chunks, and yielded as an unreadable line (so the replay counts it invalid). Where reading cannot
+    go on, the lines stop and `stopped` says why and where: a compressed log that ends early or is
+    corrupt, a line with no end in sight, a read error. The lines before it were yielded as usual.
+    """
+
+    def __init__(self, stream: IO[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        if type(max_line_bytes) is not int or max_line_bytes < 1:
+            raise ValueError(f"max_line_bytes must be a positive int, got {max_line_bytes!r}")
+        self.stream = stream
+        self.max_line_bytes = max_line_bytes
+        self.stopped: LogError | None = None
+        """Why the lines ended before the end of the log, at which line (None: they did not)."""
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        readline = self.stream.readline
+        cap = self.max_line_bytes
+        number = 0
+        while True:
+            line = number + 1
+            too_long = False
+            try:
+                raw = readline(cap + 1)
+                if len(raw) > cap and raw[-1] != 10:  # cap + 1 bytes and no newline among them
+                    too_long = True
+                    self._skip(line, len(raw))
+            except (EOFError, zlib.error, OSError) as exc:
+                self.stopped = _read_error(line, exc)
+                return
+            if not raw or self.stopped is not None:
+                return
+            number = line
+            if too_long:
+                yield number, f"{_UNREADABLE}the line is longer than {cap:,} bytes (the line cap); skipped"
+                continue
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                yield number, f"{_UNREADABLE}not UTF-8 text ({exc.reason} at byte {exc.start})"
+                continue
+            if text:
+                if text[0] == _UNREADABLE:  # not JSON either way; never to be taken for the marker
+                    text = _UNREADABLE + "invalid JSON: the line starts with a NUL byte"
+                yield number, text
+
+    def _skip(self, number: int, seen: int) -> None:
+        """Read past the rest of an over-long line, a chunk at a time; give up on one with no end in sight."""
+        readline = self.stream.readline
+        limit = self.max_line_bytes * ENDLESS_FACTOR
+        while True:
+            chunk = readline(_SKIP_CHUNK)
+            if not chunk or chunk[-1] == 10:
+                return
+            seen += len(chunk)
+            if seen > limit:
+                self.stopped = LogError(number, f"no end of line after {seen:,} bytes ({ENDLESS_FACTOR} times the "
+                                                f"{self.max_line_bytes:,}-byte line cap): this is not a log; the "
+                                                f"report covers {_lines(number - 1)} before it")
+                return
+
+
+def _read_error(number: int, exc: BaseException) -> LogError:
+    """Where and why the log could not be read on; every line before `number` was."""
+    before = f"the report covers {_lines(number - 1)} before it"
+    if isinstance(exc, EOFError):
+        return LogError(number, f"the compressed log ends early (a truncated gzip file); {before}")
+    if isinstance(exc, (zlib.error, gzip.BadGzipFile)):
+        return LogError(number, f"the compressed log is corrupt ({exc}); {before}")
+    return LogError(number, f"cannot read the log: {getattr(exc, 'strerror', None) or exc}; {before}")
+
+
+def _lines(count: int) -> str:
+    return "no line" if count == 0 else "the 1 line" if count == 1 else f"the {count:,} lines"
+
+
+def iter_log(stream: IO[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> LogLines:
+    """(line number, text) of each non-blank line; lines it cannot read become LogError lines later,
+    and where it cannot read on, `.stopped` says so (see `LogLines`)."""
+    return LogLines(stream, max_line_bytes)
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -172,6 +276,12 @@ class Report:
     all_standard: _Scenario = field(default_factory=_Scenario)
     all_fast: _Scenario = field(default_factory=_Scenario)
     elapsed_s: float = 0.0
+    missing_features: Counter[str] = field(default_factory=Counter)
+    """Decision-log lines skipped for lacking a feature the policy reads, by feature (also in `invalid`)."""
+    released: int = 0
+    """Decision-log records of released requests (never sent): not replayed, not invalid."""
+    stopped: str | None = None
+    """Why the log could not be read to its end, at which line: the report covers the lines before it."""
 
     MAX_ERRORS = 20
 
@@ -198,6 +308,12 @@ class Report:
             self.premium += o.cost_micro - o.standard_micro
 
     def error(self, exc: LogError) -> None:
+        if isinstance(exc, Released):
+            self.released += 1
+            return
+        if isinstance(exc, MissingFeatures):
+            for name in exc.features:
+                self.missing_features["request." + name] += 1
         self.invalid += 1
         if len(self.errors) < self.MAX_ERRORS:
             self.errors.append(str(exc))
@@ -212,7 +328,9 @@ class Report:
         return {
             "policy": {"name": self.policy, "version": self.version},
             "requests": {"lines": self.lines, "decided": decided, "invalid": self.invalid,
-                         "with_usage": self.with_usage, "unpriced": self.unpriced},
+                         "with_usage": self.with_usage, "unpriced": self.unpriced, "released": self.released,
+                         "missing_features": dict(self.missing_features.most_common())},
+            "stopped": self.stopped,
             "speed_mix": {s: self.speeds.get(s, 0) for s in ("fast", "standard", "rejected")},
             "cost": {"total_usd": _usd(self.cost), "fast_premium_usd": _usd(self.premium)},
             "latency": {"saved_s": round(self.policy_standard_latency_s - self.latency_s, 3),
@@ -263,8 +381,23 @@ class Report:
         lines.append("by rule:")
         for rule, counts in self._by_rule():
             lines.append(f"  {rule:32} " + "  ".join(f"{s} {counts[s]}" for s in ("fast", "standard", "rejected") if counts.get(s)))
+        lines.extend(self._notes())
         lines.extend(f"invalid: {e}" for e in self.errors)
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
         return "\n".join(lines) + "\n"
+
+    def _notes(self) -> list[str]:
+        """What a replay from a decision log skipped, in words."""
+        notes = []
+        if self.missing_features:
+            total = sum(self.missing_features.values())
+            notes.append(f"missing features: records lack a feature this policy reads ({total} of the invalid "
+                         "lines; older records): " + ", ".join(f"{k} {v}" for k, v in self.missing_features.most_common()))
+        if self.released:
+            notes.append(f"released: {self.released} record{'' if self.released == 1 else 's'} of requests never "
+                         "sent, not replayed")
+        return notes
 
     def render_markdown(self) -> str:
         d = self.decided
@@ -288,6 +421,9 @@ class Report:
                          "on_unpriced_model says (conservative: the catalog's dearest rates).")
         if self.invalid:
             notes.append(f"{self.invalid} invalid log lines were skipped.")
+        notes.extend(n[0].upper() + n[1:] + "." for n in self._notes())
+        if self.stopped:
+            notes.append(f"The log could not be read to its end: {self.stopped}.")
         if notes:
             out += [""] + [f"> {n}" for n in notes]
         return "\n".join(out) + "\n"
@@ -338,13 +474,103 @@ def _json_value(text: str) -> Any:
     return value
 
 
+def _counts(number: int, usage: Any) -> UsageCounts | None:
+    """A line's usage parsed at standard (None: it has none), checked before deciding, so a bad line
+    leaves no trace in budgets or stickiness. Its `speed` is set to standard in place: a logged speed
+    is not what this policy did, and settlement sets its own."""
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise LogError(number, "'usage' must be an object")
+    usage["speed"] = "standard"
+    try:
+        return parse_usage(usage)
+    except ValueError as exc:
+        raise LogError(number, f"invalid usage: {exc}") from None
+
+
+def _estimated_usage(expected: int, cache_control: bool, max_tokens: int) -> dict[str, Any]:
+    """The usage of a line without one, as the estimate expects: the expected prompt (as cache writes
+    when the request caches, which is how the estimate prices it) and max_tokens of output."""
+    usage: dict[str, Any] = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if cache_control
+                             else {"input_tokens": expected})
+    usage["output_tokens"] = max_tokens
+    return usage
+
+
+def _failed(number: int, exc: BaseException) -> Decision:
+    """The decision a failed decide carries (a ceiling's CeilingExceeded, on_error: raise's
+    RuleEvaluationError: rejected ones), or the line's LogError: anything else means the line is bad."""
+    if isinstance(exc, PolicyEngineError):
+        failed = getattr(exc, "decision", None)
+        if isinstance(failed, Decision):
+            return failed
+        raise LogError(number, str(exc)) from None
+    # The engine should have said InvalidRequest; one odd line must not stop a long replay.
+    raise LogError(number, f"the engine could not decide this line: {type(exc).__name__}: {exc}") from None
+
+
+def _request_reads(compiled: CompiledPolicy) -> tuple[tuple[str, ...], ...]:
+    """The recorded `request` features a replay from a decision log needs: those the engine decides
+    with, and every `request.*` field (down to `thinking.*`) an expression of the policy reads."""
+    programs: list[Any] = [p for _, p in compiled.variables]
+    for rule in compiled.rules:
+        programs.append(rule.when)
+        if rule.reason_expr is not None:
+            programs.append(rule.reason_expr)
+    programs.extend(b.key for b in compiled.budgets)
+    if compiled.stickiness_key is not None:
+        programs.append(compiled.stickiness_key)
+    paths: set[tuple[str, ...]] = {(name,) for name in _ENGINE_READS}
+    for program in programs:
+        references = getattr(program, "references", None)
+        if references is None:  # a stand-in for a program (a test probe): it may read anything
+            paths.update((name,) for name in REQUEST.fields)
+            continue
+        for ref in references:
+            parts = ref.split(".")
+            if parts[0] != "request":
+                continue
+            if len(parts) == 1:  # the whole object (`[request][0].stream`): every field
+                paths.update((name,) for name in REQUEST.fields)
+                continue
+            # Down the declared objects only: past them (a list, a map) the value is read whole.
+            path: list[str] = []
+            kind: Any = REQUEST
+            for part in parts[1:]:
+                fields = getattr(kind, "fields", None)
+                if not isinstance(fields, dict) or part not in fields:
+                    break
+                path.append(part)
+                kind = fields[part].type
+            if path:
+                paths.add(tuple(path))
+    return tuple(sorted(paths))
+
+
+_ENGINE_READS: Final = ("model", "max_tokens", "input_tokens", "input_tokens_exact", "inference_geo", "cache_control",
+                        "service_tier", "batch", "platform")
+"""The recorded `request` features the engine itself decides with, whatever the policy reads."""
+
+
+def _has_path(features: dict[str, Any], path: tuple[str, ...]) -> bool:
+    value: Any = features
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
 class Replayer:
     """Replays log lines in order through one compiled policy with its own fresh state."""
 
     def __init__(self, compiled: CompiledPolicy, catalog: Catalog | None = None,
-                 ledger: Callable[..., MemoryLedger] = MemoryLedger) -> None:
+                 ledger: Callable[..., MemoryLedger] = MemoryLedger, decision_log: DecisionLog | None = None) -> None:
         """`ledger` makes the replay's ledger (called with the replay's `clock` and `settled_memory_s`):
-        a MemoryLedger subclass can watch what the engine records, as the HTML report does."""
+        a MemoryLedger subclass can watch what the engine records, as the HTML report does.
+        `decision_log` is the engine's: the replay then writes the decision log of its lines, as
+        production would have (each record's ratelimit from the line's headers and status)."""
         self.compiled = compiled
         self.catalog = catalog or load_catalog()
         self._now: datetime | None = START_TIME
@@ -353,7 +579,9 @@ class Replayer:
         # The replay's clock is a compiled method, not a lambda: the engine and the ledger read it
         # three times a line, and a lambda would be an interpreted call each time.
         self.ledger = ledger(clock=self._clock, settled_memory_s=0.0)
-        self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=self._clock)
+        self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=self._clock, decision_log=decision_log)
+        self._logged = decision_log is not None
+        self._request_reads = _request_reads(compiled)
         self._requests: dict[str, Any] = {}
         self._scans: dict[int, tuple[dict[str, Any], dict[str, object]]] = {}
         self._minutes: dict[str, int] = {}
@@ -390,6 +618,8 @@ class Replayer:
             try:
                 record = json.loads(text)
             except ValueError as exc:
+                if text[0] == _UNREADABLE:
+                    raise LogError(number, text[1:]) from None  # what iter_log found wrong with the line
                 raise LogError(number, f"invalid JSON: {exc}") from None
             except RecursionError:
                 raise LogError(number, "invalid JSON: nested too deeply") from None
@@ -404,6 +634,8 @@ class Replayer:
         `speed` is set to the speed the policy chose (a logged speed is not what this policy did)."""
         request = record.get("request")
         if not isinstance(request, dict):
+            if record.get("record") == RECORD_KIND:
+                return self._step_recorded(number, record)
             raise LogError(number, "missing 'request' (the Messages API parameters)")
         ts = record.get("ts")
         if ts is not None:
@@ -424,44 +656,103 @@ class Replayer:
         if headers is not None and not isinstance(headers, dict):
             raise LogError(number, "'headers' must be an object")
         usage = record.get("usage")
-        counts = None
-        if usage is not None:
-            # Checked before deciding, so a bad line leaves no trace in budgets or stickiness.
-            if not isinstance(usage, dict):
-                raise LogError(number, "'usage' must be an object")
-            usage["speed"] = "standard"  # a logged speed is not what this policy did: settle sets its own
-            try:
-                counts = parse_usage(usage)
-            except ValueError as exc:
-                raise LogError(number, f"invalid usage: {exc}") from None
+        counts = _counts(number, usage)
         try:
             scanned = self._scanned(request)  # bound below: when this raises, so does the line
             decision = self.engine._decide_scanned(request, scanned, context, self._now, account, batch, given)
-        except PolicyEngineError as exc:
-            # A ceiling's CeilingExceeded and on_error: raise's RuleEvaluationError carry the
-            # (rejected) decision; anything else means the line itself is bad.
-            failed = getattr(exc, "decision", None)
-            if not isinstance(failed, Decision):
-                raise LogError(number, str(exc)) from None
-            decision = failed
-        except (RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            # The engine should have said InvalidRequest; one odd line must not stop a long replay.
-            raise LogError(number, f"the engine could not decide this line: {type(exc).__name__}: {exc}") from None
+        except (PolicyEngineError, RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            decision = _failed(number, exc)
+        billed: dict[str, Any]
         if counts is None:
-            # Billed as the estimate expects: the expected prompt (as cache writes when the request
-            # caches, which is how the estimate prices it) and max_tokens of output.
             expected = given if given is not None else self._expected_input(number, request)
-            usage = ({"input_tokens": 0, "cache_creation_input_tokens": expected} if scanned["cache_control"]
-                     else {"input_tokens": expected})
-            usage["output_tokens"] = decision.max_tokens
-            counts = parse_usage(usage)
+            billed = _estimated_usage(expected, scanned["cache_control"] is True, decision.max_tokens)
+            counts = parse_usage(billed)
         else:
+            billed = cast("dict[str, Any]", usage)  # _counts took it: a dict
             self.report.with_usage += 1
-        outcome = self._settle(number, decision, request, usage, counts, batch)  # type: ignore[arg-type]
+        return self._bill(number, decision, request, billed, counts, batch, account, headers, record.get("status"))
+
+    def _step_recorded(self, number: int, record: dict[str, Any]) -> Outcome:
+        """Decide and settle one decision-log record from its features, as the original request was decided.
+
+        The record holds the request's features, not its params: the engine decides from them
+        (`request_features` is not run again), with the recorded exact-or-estimated input tokens,
+        batch and platform, the recorded context (its hashed ids as they are), account and
+        `fallbacks`, at the recorded decision time. It is billed with the recorded usage; a
+        rejected request has none, and is billed as the estimate expects, from the recorded
+        input tokens (an upper bound where they were estimated)."""
+        if record.get("v") != RECORD_VERSION:
+            raise LogError(number, f"a decision-log record of version {record.get('v')!r}; this replay reads "
+                                   f"version {RECORD_VERSION}")
+        event = record.get("event")
+        if event == "released":
+            raise Released(number, "a released request (never sent, nothing billed): not replayed")
+        features = record.get("features")
+        if not isinstance(features, dict):
+            raise LogError(number, "a decision-log record without its 'features'")
+        scanned = features.get("request")
+        context = features.get("context")
+        account = features.get("account", "default")
+        fallbacks = features.get("fallbacks")
+        if not isinstance(scanned, dict):
+            raise LogError(number, "'features.request' must be an object")
+        if context is not None and not isinstance(context, dict):
+            raise LogError(number, "'features.context' must be an object")
+        if type(account) is not str:
+            raise LogError(number, "'features.account' must be a string")
+        missing = [".".join(path) for path in self._request_reads if not _has_path(scanned, path)]
+        if missing:
+            raise MissingFeatures(number, missing)
+        given = scanned["input_tokens"]
+        exact, batch, platform = scanned["input_tokens_exact"], scanned["batch"], scanned["platform"]
+        if type(given) is not int or given < 0:
+            raise LogError(number, f"'features.request.input_tokens' must be a non-negative integer, got {given!r}")
+        if type(exact) is not bool or type(batch) is not bool or type(platform) is not str:
+            raise LogError(number, "'features.request': input_tokens_exact and batch must be true or false, "
+                                   "platform a string")
+        ts = record.get("ts")
+        if ts is not None:
+            self._advance(number, ts)
+        usage = record.get("usage")
+        counts = _counts(number, usage)
+        # The params the engine reads beside the features: what decides and prices the fallbacks
+        # chain, and the service tier the all-fast baseline checks.
+        params: dict[str, Any] = {"model": scanned["model"], "max_tokens": scanned["max_tokens"],
+                                  "service_tier": scanned["service_tier"]}
+        if fallbacks is not None:
+            params["fallbacks"] = fallbacks
+        try:
+            decision = self.engine._finish(params, context, self._now, account, batch, given, exact, None,
+                                           time.perf_counter_ns(), scanned, platform)
+        except (PolicyEngineError, RecursionError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            decision = _failed(number, exc)
+        billed: dict[str, Any]
+        if counts is None:
+            billed = _estimated_usage(given, scanned["cache_control"] is True, decision.max_tokens)
+            counts = parse_usage(billed)
+        else:
+            billed = cast("dict[str, Any]", usage)  # _counts took it: a dict
+            self.report.with_usage += 1
+        ratelimit = record.get("ratelimit")
+        headers = status = None
+        if isinstance(ratelimit, dict):
+            headers, status = ratelimit.get("headers"), ratelimit.get("status")
+            if headers is not None and not isinstance(headers, dict):
+                raise LogError(number, "'ratelimit.headers' must be an object")
+        return self._bill(number, decision, params, billed, counts, batch, account, headers, status)
+
+    def _bill(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
+              counts: UsageCounts, batch: bool, account: str, headers: dict[str, Any] | None, status: Any) -> Outcome:
+        if self._logged:
+            # The replay stands in for the integration: its record holds what the line says the response was.
+            observed = Observed()
+            observed.attempt(decision.speed, status if type(status) is int else None, headers, "done")
+            decision._observed = observed
+        outcome = self._settle(number, decision, request, usage, counts, batch)
         if headers:
             # What the response said about the account's fast limits, for the next lines' `ratelimit.*`
             # and the rate_limited guardrail; a 429's retry-after only when the line says it was one.
-            self.engine.ratelimits.record(account, headers, rate_limited=record.get("status") == 429, now=self._epoch)
+            self.engine.ratelimits.record(account, headers, rate_limited=status == 429, now=self._epoch)
         return outcome
 
     def _clock(self) -> float:
@@ -540,9 +831,15 @@ class Replayer:
             speed = "rejected"
         else:
             usage["speed"] = speed
-            # Settled from the counts parsed (at standard) before deciding: parse_usage passes them through.
-            billed = counts if speed == "standard" else tuple.__new__(
-                UsageCounts, (counts[0], counts[1], counts[2], counts[3], counts[4], speed, counts[6]))
+            billed: UsageCounts | dict[str, Any]
+            if self._logged or "iterations" in usage:
+                # The usage itself: a response with iterations is billed step by step, and a record
+                # holds the usage as the response reported it.
+                billed = usage
+            else:
+                # Settled from the counts parsed (at standard) before deciding: parse_usage passes them through.
+                billed = counts if speed == "standard" else tuple.__new__(
+                    UsageCounts, (counts[0], counts[1], counts[2], counts[3], counts[4], speed, counts[6]))
             try:
                 chosen = self.engine.settle(decision, billed).cost_micro
             except ValueError as exc:
@@ -588,12 +885,14 @@ class Replayer:
             if progress is not None and not report.lines & 1023:
                 progress(report.lines)
         report.elapsed_s = time.perf_counter() - started
+        report.stopped = _stopped(lines)
         return report
 
 
 def simulate(compiled: CompiledPolicy, lines: Iterable[tuple[int, str]], catalog: Catalog | None = None,
              **kwargs: Any) -> Report:
-    """Replay `lines` ((number, text) pairs, as `iter_log` yields) through `compiled`."""
+    """Replay `lines` ((number, text) pairs, as `iter_log` yields: a request log's or a decision log's,
+    each line told by its content) through `compiled`."""
     return Replayer(compiled, catalog).run(lines, **kwargs)
 
 
@@ -739,4 +1038,11 @@ def diff(old: CompiledPolicy | Replayer, new: CompiledPolicy | Replayer, lines: 
         if progress is not None and not a.report.lines & 1023:
             progress(a.report.lines)
     a.report.elapsed_s = b.report.elapsed_s = time.perf_counter() - started
+    a.report.stopped = b.report.stopped = _stopped(lines)
     return result
+
+
+def _stopped(lines: Iterable[tuple[int, str]]) -> str | None:
+    """Why `lines` (a `LogLines`, or a wrapper that passes its `stopped` on) ended before their log did."""
+    stopped = getattr(lines, "stopped", None)
+    return None if stopped is None else str(stopped)

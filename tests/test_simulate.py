@@ -78,7 +78,8 @@ def test_hand_built_log_matches_hand_computation(tmp_path: Path) -> None:
     with open_log(str(_log(tmp_path, ["not json", '{"ts": "2026-03-03T10:00:00Z"}']))) as stream:
         report = Replayer(compiled).run(iter_log(stream))
     data = report.to_dict()
-    assert data["requests"] == {"lines": 7, "decided": 5, "invalid": 2, "with_usage": 4, "unpriced": 1}
+    assert data["requests"] == {"lines": 7, "decided": 5, "invalid": 2, "with_usage": 4, "unpriced": 1,
+                                "released": 0, "missing_features": {}}
     assert data["speed_mix"] == {"fast": 2, "standard": 3, "rejected": 0}
     # The Mythos Preview line has no price: on_unpriced_model (conservative) prices it at the catalog's dearest
     # standard rates, $0.000660 for its usage, rather than $0.

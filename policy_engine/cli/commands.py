@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import PolicyEngineError, PolicyError
-from . import EXIT_FINDINGS, EXIT_OK, UsageError, gates
+from . import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, UsageError, gates
 from .catalog import setup_catalog
 from .review import setup_review
 
@@ -465,14 +465,48 @@ def setup_simulate(p: argparse.ArgumentParser) -> None:
     reason, and the all-standard and all-fast baselines. --format markdown adds a chart of
     the spend per hour (mermaid, as GitHub renders it); --format html writes one
     self-contained page of charts (needs the `report` extra: pip install
-    'policy-engine[report]')."""
+    'policy-engine[report]').
+
+    A decision log (the engine's DecisionLog, told by its content) replays too: each
+    record is decided from its recorded features and billed with its recorded usage. A
+    record lacking a feature the policy reads is skipped with a message. Exit 2 when the
+    log cannot be read to its end (a truncated gzip file, a line with no end): the
+    report then covers the lines before."""
     p.add_argument("policy", metavar="POLICY", help="policy file (or git rev:path)")
-    p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
+    p.add_argument("--requests", required=True, metavar="LOG",
+                   help="request log or decision log (.jsonl, .jsonl.gz, or - for stdin)")
     p.add_argument("--format", choices=FORMATS_REPORT, default="text", help="output format (default text)")
     p.add_argument("--strict", action="store_true", help="exit 1 when some log lines are invalid")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_log_options(p)
     _add_catalog(p)
     p.set_defaults(run=run_simulate)
+
+
+def _add_log_options(p: argparse.ArgumentParser) -> None:
+    from ..simulate import MAX_LINE_BYTES
+
+    p.add_argument("--max-line-bytes", type=_positive_int, default=MAX_LINE_BYTES, metavar="N",
+                   help=f"longest log line read (default {MAX_LINE_BYTES:,}: the Messages API's request size limit); "
+                        "longer lines are invalid and skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _log_stopped(verb: str, stopped: Any) -> bool:
+    """Say on stderr where and why the log could not be read to its end (the report covers the lines before)."""
+    if stopped is None:
+        return False
+    print(f"policy-engine {verb}: the log could not be read to its end: {stopped}", file=sys.stderr)
+    return True
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -484,12 +518,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     with _open_requests(args.requests) as stream:
         progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
-        report, text = replay(compiled, iter_log(stream), args.format, catalog, progress=progress)
+        lines = iter_log(stream, args.max_line_bytes)
+        report, text = replay(compiled, lines, args.format, catalog, progress=progress)
         progress.done()
     _write(text)
     if report.invalid:
         print(f"policy-engine simulate: {report.invalid} invalid log lines skipped (first: {report.errors[0]})",
               file=sys.stderr)
+    if _log_stopped("simulate", lines.stopped):
+        return EXIT_USAGE  # an unreadable input: the figures are partial, whatever --strict says
     return EXIT_FINDINGS if args.strict and report.invalid else EXIT_OK
 
 
@@ -502,12 +539,14 @@ def setup_diff(p: argparse.ArgumentParser) -> None:
     --format html one self-contained page charting old against new (needs the `report`
     extra). Thresholds (options below, or the settings file's `thresholds:`) turn it into a
     gate: exit 1 when the change crosses one, and the report says which; exit 0 otherwise,
-    2 on usage errors."""
+    2 on usage errors and on a log that cannot be read to its end. The log may be a
+    request log or a decision log (told by its content), as for simulate."""
     p.add_argument("old", metavar="OLD", help="old policy: a file or git rev:path")
     p.add_argument("new", metavar="NEW", help="new policy: a file or git rev:path")
-    p.add_argument("--requests", required=True, metavar="LOG", help="request log (.jsonl, .jsonl.gz, or - for stdin)")
+    p.add_argument("--requests", required=True, metavar="LOG",
+                   help="request log or decision log (.jsonl, .jsonl.gz, or - for stdin)")
     p.add_argument("--format", choices=FORMATS_REPORT, default="text", help="output format (default text)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_log_options(p)
     _add_catalog(p)
     gates.add_options(p)
     p.set_defaults(run=run_diff)
@@ -522,7 +561,7 @@ def run_diff(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     with _open_requests(args.requests) as stream:
         progress = _Progress(stream, sys.stderr.isatty() and not args.no_progress)
-        span = gates.LogSpan(iter_log(stream))
+        span = gates.LogSpan(iter_log(stream, args.max_line_bytes))
         result, text = replay(old, new, span, args.format, catalog, progress=progress)
         progress.done()
     found = gates.evaluate(result, span, args, _settings(args))
@@ -530,6 +569,8 @@ def run_diff(args: argparse.Namespace) -> int:
     _write(out)
     if err:
         print(err, end="", file=sys.stderr)
+    if _log_stopped("diff", span.stopped):
+        return EXIT_USAGE  # an unreadable input: the comparison is partial, whatever the gates say
     return EXIT_FINDINGS if any(g.crossed for g in found) else EXIT_OK
 
 

@@ -78,6 +78,11 @@ class LogSpan:
             yield number, text
 
     @property
+    def stopped(self) -> Any:
+        """The wrapped lines' `stopped` (see `simulate.LogLines`): why they ended before the log did."""
+        return getattr(self._lines, "stopped", None)
+
+    @property
     def seconds(self) -> float:
         return 0.0 if self.first is None or self.last is None else self.last - self.first
 
