@@ -735,11 +735,15 @@ class Replayer:
             self.report.with_usage += 1
         ratelimit = record.get("ratelimit")
         headers = status = None
+        answered = account
         if isinstance(ratelimit, dict):
             headers, status = ratelimit.get("headers"), ratelimit.get("status")
             if headers is not None and not isinstance(headers, dict):
                 raise LogError(number, "'ratelimit.headers' must be an object")
-        return self._bill(number, decision, params, billed, counts, batch, account, headers, status)
+            if type(ratelimit.get("account")) is str:
+                # The response's account: the first request of a key is decided before its account is known.
+                answered = ratelimit["account"]
+        return self._bill(number, decision, params, billed, counts, batch, answered, headers, status)
 
     def _bill(self, number: int, decision: Decision, request: dict[str, Any], usage: dict[str, Any],
               counts: UsageCounts, batch: bool, account: str, headers: dict[str, Any] | None, status: Any) -> Outcome:
@@ -747,6 +751,7 @@ class Replayer:
             # The replay stands in for the integration: its record holds what the line says the response was.
             observed = Observed()
             observed.attempt(decision.speed, status if type(status) is int else None, headers, "done")
+            observed.account = account
             decision._observed = observed
         outcome = self._settle(number, decision, request, usage, counts, batch)
         if headers:

@@ -140,7 +140,7 @@ def test_a_decision_log_carries_and_replays_the_rate_limits_the_responses_report
     _write_decision_log(compiled, _lines(requests), path)
     records = [json.loads(text) for _, text in _lines(path)]
     assert records[0]["ratelimit"]["headers"] == spent
-    assert records[3]["ratelimit"] == {"status": 429, "headers": {"retry-after": "20"}}
+    assert records[3]["ratelimit"] == {"status": 429, "account": "ws:b", "headers": {"retry-after": "20"}}
     assert [r["features"]["account"] for r in records] == ["ws:a", "ws:a", "ws:b", "ws:b", "ws:b", "ws:b"]
     _, replayed = _replay(compiled, _lines(path))
     assert [_decided(o) + _priced(o) for o in replayed] == [_decided(o) + _priced(o) for o in from_requests]
