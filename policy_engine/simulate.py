@@ -973,6 +973,9 @@ class DiffReport:
             rules = nrule if orule == nrule else f"{orule} -> {nrule}"
             out.append(f"  {c.count:>7}  {f} -> {t}  [{rules}]  cost {_signed(c.cost_delta)}  "
                        f"latency {_signed_s(c.latency_delta_s)}  e.g. lines {', '.join(map(str, c.lines))}")
+        out.extend(o._notes())
+        if o.stopped:
+            out.append(f"stopped: {o.stopped}")
         return "\n".join(out) + "\n"
 
     def render_markdown(self) -> str:
@@ -988,6 +991,11 @@ class DiffReport:
                 rules = f"`{nrule}`" if orule == nrule else f"`{orule}` → `{nrule}`"
                 out.append(f"| {c.count} | {f} → {t} | {rules} | {_signed(c.cost_delta)} | "
                            f"{_signed_s(c.latency_delta_s)} | {', '.join(map(str, c.lines))} |")
+        notes = [n[0].upper() + n[1:] + "." for n in o._notes()]
+        if o.stopped:
+            notes.append(f"The log could not be read to its end: {o.stopped}.")
+        if notes:
+            out += [""] + [f"> {n}" for n in notes]
         return "\n".join(out) + "\n"
 
     def render(self, fmt: str) -> str:

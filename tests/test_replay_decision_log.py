@@ -387,3 +387,16 @@ def test_an_endless_line_on_stdin_ends_diff_cleanly_in_bounded_memory(sample: li
     assert re.search(r"line 3: no end of line after [\d,]+ bytes \(64 times the 100,000-byte line cap\): this is not a "
                      r"log; the report covers the 2 lines before it", err.decode())
     assert json.loads(out)["old"]["requests"]["decided"] == 2
+
+
+def test_a_diff_over_a_truncated_log_says_where_it_stopped_in_every_format(
+        tmp_path: Path, sample: list[tuple[int, str]]) -> None:
+    path, whole = _truncated_gzip(tmp_path, sample[:1500])
+    default, latency_first = (compile_file(str(POLICIES / f"{p}.yaml")) for p in ("default", "latency-first"))
+    with open_log(str(path)) as stream:
+        result = diff(default, latency_first, iter_log(stream))
+    message = f"line {whole + 1}: the compressed log ends early (a truncated gzip file)"
+    assert result.old.stopped is not None and result.old.stopped.startswith(message)
+    assert f"stopped: {message}" in result.render_text()
+    assert f"> The log could not be read to its end: {message}" in result.render_markdown()
+    assert json.loads(result.render_json())["new"]["stopped"].startswith(message)
