@@ -28,6 +28,13 @@ parsed requests are shared and never change). What the replay adds: a `MemoryLed
 on the replay's clock, request parsing and scanning shared by identical requests, both
 prices of every line for the baselines, and the report. Its own per-line work is kept small next to
 the engine's (benchmarks/bench_simulate.py).
+
+A decision log (`decisionlog.DecisionLog`'s JSON Lines) replays too: a line whose `record` is
+`policy_engine.decision` is decided from its recorded features through `Engine._finish`, the
+engine's own path after feature extraction, and billed with its recorded usage (see
+`Replayer._step_recorded`). Lines are read in bounded memory (`LogLines`): a line over the cap is
+skipped, and a log that cannot be read on (a truncated gzip file, a line with no end) stops the
+lines there with `stopped` saying where.
 """
 
 from __future__ import annotations
