@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import zlib
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from policy_engine.cli import main
 from policy_engine.compile import compile_file
+from policy_engine.decide import load as load_engine
 from policy_engine.decisionlog import RECORD_KIND, DecisionLog, DecisionRecord, JsonlFile
 from policy_engine.simulate import Outcome, Replayer, diff, iter_log, open_log
 
@@ -400,3 +402,28 @@ def test_a_diff_over_a_truncated_log_says_where_it_stopped_in_every_format(
     assert f"stopped: {message}" in result.render_text()
     assert f"> The log could not be read to its end: {message}" in result.render_markdown()
     assert json.loads(result.render_json())["new"]["stopped"].startswith(message)
+
+
+def test_usage_iterations_are_billed_step_by_step_from_both_log_kinds(tmp_path: Path) -> None:
+    """A compaction step is not in the top-level usage: billed per step, it is, as settle bills it live;
+    and a request's `fallbacks` chain reserves the same worst case when decided from its record."""
+    usage = {"input_tokens": 1000, "output_tokens": 100, "iterations": [
+        {"type": "compaction", "input_tokens": 50_000, "output_tokens": 2_000},
+        {"type": "message", "input_tokens": 1000, "output_tokens": 100}]}
+    request = dict(OPUS, fallbacks=[{"model": "claude-sonnet-4-6", "max_tokens": 50}])
+    line = {"ts": "2026-03-02T10:00:00Z", "context": {"interactive": False}, "input_tokens": 1000,
+            "usage": usage, "request": request}
+    records = _records(tmp_path, [line])
+    assert records[0]["features"]["fallbacks"] == [{"model": "claude-sonnet-4-6", "max_tokens": 50}]
+    assert [s["kind"] for s in records[0]["steps"]] == ["compaction", "message"]
+    compiled = compile_file(str(tmp_path / "p.yaml"))
+    _, from_requests = _replay(compiled, _lines(tmp_path / "requests.jsonl"))
+    # Opus 4.6 standard ($5 / $25 per MTok): (51,000 x 5 + 2,100 x 25) / 1e6 dollars = 307,500 micro-dollars.
+    assert [(o.speed, o.cost_micro) for o in from_requests] == [("standard", 307_500)]
+    _, replayed = _replay(compiled, _lines(tmp_path / "decisions.jsonl"))
+    assert [_decided(o) + _priced(o) for o in replayed] == [_decided(o) + _priced(o) for o in from_requests]
+    live = load_engine(tmp_path / "p.yaml")
+    decision = live.decide(request, {"interactive": False}, input_tokens=1000,
+                           now=datetime(2026, 3, 2, 10, tzinfo=timezone.utc))
+    assert records[0]["decision"]["estimate_micro"] == decision.estimate_micro
+    assert live.settle(decision, dict(usage, speed="standard")).cost_micro == 307_500
