@@ -88,7 +88,7 @@ class MissingFeatures(LogError):
     def __init__(self, line: int, features: list[str]) -> None:
         self.features = features
         named = ", ".join(f"request.{f}" for f in features)
-        super().__init__(line, f"the record has no {named}, which this policy reads (a record written before "
+        super().__init__(line, f"the record has no {named}, which a replayed policy reads (a record written before "
                                f"{'that feature' if len(features) == 1 else 'those features'} existed); skipped")
 
 
@@ -399,7 +399,7 @@ class Report:
         notes = []
         if self.missing_features:
             total = sum(self.missing_features.values())
-            notes.append(f"missing features: records lack a feature this policy reads ({total} of the invalid "
+            notes.append(f"missing features: records lack a feature a replayed policy reads ({total} of the invalid "
                          "lines; older records): " + ", ".join(f"{k} {v}" for k, v in self.missing_features.most_common()))
         if self.released:
             notes.append(f"released: {self.released} record{'' if self.released == 1 else 's'} of requests never "
@@ -1033,6 +1033,8 @@ def diff(old: CompiledPolicy | Replayer, new: CompiledPolicy | Replayer, lines: 
     a = old if isinstance(old, Replayer) else Replayer(old, catalog)
     b = new if isinstance(new, Replayer) else Replayer(new, catalog)
     result = DiffReport(a.report, b.report)
+    # A decision-log record either policy cannot be decided from is skipped by both, never half replayed.
+    a._request_reads = b._request_reads = tuple(sorted(set(a._request_reads) | set(b._request_reads)))
     started = time.perf_counter()
     for number, text in lines:
         a.report.lines += 1

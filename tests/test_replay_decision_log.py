@@ -187,15 +187,22 @@ def test_a_record_lacking_a_feature_the_policy_reads_is_named_and_counted(tmp_pa
     assert [o.line for o in outcomes] == [3]
     assert report.invalid == 2
     assert dict(report.missing_features) == {"request.has_tools": 1, "request.thinking.budget_tokens": 1}
-    assert report.errors[0].startswith("line 1: the record has no request.has_tools, which this policy reads")
+    assert report.errors[0].startswith("line 1: the record has no request.has_tools, which a replayed policy reads")
     assert report.errors[1].startswith("line 2: the record has no request.thinking.budget_tokens")
     assert report.to_dict()["requests"]["missing_features"] == {"request.has_tools": 1,
                                                                 "request.thinking.budget_tokens": 1}
-    assert "missing features: records lack a feature this policy reads" in report.render_text()
+    assert "missing features: records lack a feature a replayed policy reads" in report.render_text()
     assert "Missing features" in report.render_markdown()
     # A policy that reads neither decides all three.
     report, outcomes = _replay(compile_file(str(tmp_path / "p.yaml")), _lines(path))
     assert report.invalid == 0 and len(outcomes) == 3
+    # What the engine itself decides with is needed whatever the policy reads.
+    # In a diff, a record either policy cannot be decided from is skipped by both.
+    old = Replayer(compile_file(str(tmp_path / "p.yaml")))
+    result = diff(old, compile_file(str(tmp_path / "reads.yaml")), _lines(path))
+    assert (result.old.decided, result.new.decided, result.old.invalid, result.new.invalid) == (1, 1, 2, 2)
+    assert result.old.missing_features == result.new.missing_features
+    assert sum(old.ledger.totals().values()) == result.old.cost > 0  # nothing of the skipped lines was billed
     # What the engine itself decides with is needed whatever the policy reads.
     del records[2]["features"]["request"]["inference_geo"]
     report, _ = _replay(compile_file(str(tmp_path / "p.yaml")), _lines(_write(tmp_path / "older.jsonl", records)))
