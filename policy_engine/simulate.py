@@ -588,7 +588,7 @@ class Replayer:
         self.ledger = ledger(clock=self._clock, settled_memory_s=0.0)
         self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=self._clock, decision_log=decision_log)
         self._logged = decision_log is not None
-        self._request_reads = _request_reads(compiled)
+        self._reads(_request_reads(compiled))
         self._requests: dict[str, Any] = {}
         self._scans: dict[int, tuple[dict[str, Any], dict[str, object]]] = {}
         self._minutes: dict[str, int] = {}
@@ -707,9 +707,10 @@ class Replayer:
             raise LogError(number, "'features.context' must be an object")
         if type(account) is not str:
             raise LogError(number, "'features.account' must be a string")
-        missing = [".".join(path) for path in self._request_reads if not _has_path(scanned, path)]
-        if missing:
-            raise MissingFeatures(number, missing)
+        # One C-level subset test of the top-level names a line; the nested paths are few (thinking.*).
+        if not scanned.keys() >= self._read_names or (
+                self._read_nested and not all(_has_path(scanned, path) for path in self._read_nested)):
+            raise MissingFeatures(number, [".".join(path) for path in self._request_reads if not _has_path(scanned, path)])
         given = scanned["input_tokens"]
         exact, batch, platform = scanned["input_tokens_exact"], scanned["batch"], scanned["platform"]
         if type(given) is not int or given < 0:
@@ -761,6 +762,12 @@ class Replayer:
             # and the rate_limited guardrail; a 429's retry-after only when the line says it was one.
             self.engine.ratelimits.record(account, headers, rate_limited=status == 429, now=self._epoch)
         return outcome
+
+    def _reads(self, paths: tuple[tuple[str, ...], ...]) -> None:
+        """Set the recorded request features a decision-log line must hold (see `_request_reads`)."""
+        self._request_reads = paths
+        self._read_names = frozenset(path[0] for path in paths)
+        self._read_nested = tuple(path for path in paths if len(path) > 1)
 
     def _clock(self) -> float:
         return self._epoch
@@ -1034,7 +1041,9 @@ def diff(old: CompiledPolicy | Replayer, new: CompiledPolicy | Replayer, lines: 
     b = new if isinstance(new, Replayer) else Replayer(new, catalog)
     result = DiffReport(a.report, b.report)
     # A decision-log record either policy cannot be decided from is skipped by both, never half replayed.
-    a._request_reads = b._request_reads = tuple(sorted(set(a._request_reads) | set(b._request_reads)))
+    both = tuple(sorted(set(a._request_reads) | set(b._request_reads)))
+    a._reads(both)
+    b._reads(both)
     started = time.perf_counter()
     for number, text in lines:
         a.report.lines += 1
