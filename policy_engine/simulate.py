@@ -28,6 +28,13 @@ parsed requests are shared and never change). What the replay adds: a `MemoryLed
 on the replay's clock, request parsing and scanning shared by identical requests, both
 prices of every line for the baselines, and the report. Its own per-line work is kept small next to
 the engine's (benchmarks/bench_simulate.py).
+
+A decision log (`decisionlog.DecisionLog`'s JSON Lines) replays too: a line whose `record` is
+`policy_engine.decision` is decided from its recorded features through `Engine._finish`, the
+engine's own path after feature extraction, and billed with its recorded usage (see
+`Replayer._step_recorded`). Lines are read in bounded memory (`LogLines`): a line over the cap is
+skipped, and a log that cannot be read on (a truncated gzip file, a line with no end) stops the
+lines there with `stopped` saying where.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ class MissingFeatures(LogError):
     def __init__(self, line: int, features: list[str]) -> None:
         self.features = features
         named = ", ".join(f"request.{f}" for f in features)
-        super().__init__(line, f"the record has no {named}, which this policy reads (a record written before "
+        super().__init__(line, f"the record has no {named}, which a replayed policy reads (a record written before "
                                f"{'that feature' if len(features) == 1 else 'those features'} existed); skipped")
 
 
@@ -392,7 +399,7 @@ class Report:
         notes = []
         if self.missing_features:
             total = sum(self.missing_features.values())
-            notes.append(f"missing features: records lack a feature this policy reads ({total} of the invalid "
+            notes.append(f"missing features: records lack a feature a replayed policy reads ({total} of the invalid "
                          "lines; older records): " + ", ".join(f"{k} {v}" for k, v in self.missing_features.most_common()))
         if self.released:
             notes.append(f"released: {self.released} record{'' if self.released == 1 else 's'} of requests never "
@@ -581,7 +588,7 @@ class Replayer:
         self.ledger = ledger(clock=self._clock, settled_memory_s=0.0)
         self.engine = Engine([compiled], self.catalog, ledger=self.ledger, clock=self._clock, decision_log=decision_log)
         self._logged = decision_log is not None
-        self._request_reads = _request_reads(compiled)
+        self._reads(_request_reads(compiled))
         self._requests: dict[str, Any] = {}
         self._scans: dict[int, tuple[dict[str, Any], dict[str, object]]] = {}
         self._minutes: dict[str, int] = {}
@@ -700,9 +707,10 @@ class Replayer:
             raise LogError(number, "'features.context' must be an object")
         if type(account) is not str:
             raise LogError(number, "'features.account' must be a string")
-        missing = [".".join(path) for path in self._request_reads if not _has_path(scanned, path)]
-        if missing:
-            raise MissingFeatures(number, missing)
+        # One C-level subset test of the top-level names a line; the nested paths are few (thinking.*).
+        if not scanned.keys() >= self._read_names or (
+                self._read_nested and not all(_has_path(scanned, path) for path in self._read_nested)):
+            raise MissingFeatures(number, [".".join(path) for path in self._request_reads if not _has_path(scanned, path)])
         given = scanned["input_tokens"]
         exact, batch, platform = scanned["input_tokens_exact"], scanned["batch"], scanned["platform"]
         if type(given) is not int or given < 0:
@@ -759,6 +767,12 @@ class Replayer:
             # and the rate_limited guardrail; a 429's retry-after only when the line says it was one.
             self.engine.ratelimits.record(account, headers, rate_limited=status == 429, now=self._epoch)
         return outcome
+
+    def _reads(self, paths: tuple[tuple[str, ...], ...]) -> None:
+        """Set the recorded request features a decision-log line must hold (see `_request_reads`)."""
+        self._request_reads = paths
+        self._read_names = frozenset(path[0] for path in paths)
+        self._read_nested = tuple(path for path in paths if len(path) > 1)
 
     def _clock(self) -> float:
         return self._epoch
@@ -978,6 +992,9 @@ class DiffReport:
             rules = nrule if orule == nrule else f"{orule} -> {nrule}"
             out.append(f"  {c.count:>7}  {f} -> {t}  [{rules}]  cost {_signed(c.cost_delta)}  "
                        f"latency {_signed_s(c.latency_delta_s)}  e.g. lines {', '.join(map(str, c.lines))}")
+        out.extend(o._notes())
+        if o.stopped:
+            out.append(f"stopped: {o.stopped}")
         return "\n".join(out) + "\n"
 
     def render_markdown(self) -> str:
@@ -993,6 +1010,11 @@ class DiffReport:
                 rules = f"`{nrule}`" if orule == nrule else f"`{orule}` → `{nrule}`"
                 out.append(f"| {c.count} | {f} → {t} | {rules} | {_signed(c.cost_delta)} | "
                            f"{_signed_s(c.latency_delta_s)} | {', '.join(map(str, c.lines))} |")
+        notes = [n[0].upper() + n[1:] + "." for n in o._notes()]
+        if o.stopped:
+            notes.append(f"The log could not be read to its end: {o.stopped}.")
+        if notes:
+            out += [""] + [f"> {n}" for n in notes]
         return "\n".join(out) + "\n"
 
     def render(self, fmt: str) -> str:
@@ -1023,6 +1045,10 @@ def diff(old: CompiledPolicy | Replayer, new: CompiledPolicy | Replayer, lines: 
     a = old if isinstance(old, Replayer) else Replayer(old, catalog)
     b = new if isinstance(new, Replayer) else Replayer(new, catalog)
     result = DiffReport(a.report, b.report)
+    # A decision-log record either policy cannot be decided from is skipped by both, never half replayed.
+    both = tuple(sorted(set(a._request_reads) | set(b._request_reads)))
+    a._reads(both)
+    b._reads(both)
     started = time.perf_counter()
     for number, text in lines:
         a.report.lines += 1

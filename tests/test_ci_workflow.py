@@ -247,3 +247,16 @@ def test_fit_counts_bytes_and_keeps_whole_sections() -> None:
     kept = body.count("#### s")
     assert 10 <= kept < 40 and f"{40 - kept} more report(s) did not fit" in body
     assert all(f"#### s{i}\n" + "é" * 2000 + "\n" in body for i in range(kept))
+
+
+def test_review_of_a_truncated_log_writes_its_comment_and_exits_2(pull_request: Path, tmp_path: Path) -> None:
+    data = (pull_request / "data" / "requests.jsonl.gz").read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "comment.md"
+    done = _bash(f'policy-engine review --base origin/main --requests "{cut}" --output "{out}"', pull_request, {})
+    assert done.returncode == 2, done.stderr
+    assert "the compressed log ends early (a truncated gzip file)" in done.stderr and "Traceback" not in done.stderr
+    comment = out.read_text(encoding="utf-8")
+    assert "> The log could not be read to its end: line " in comment
+    assert comment.count("could not be read to its end") >= 5  # every diff and simulate section says so

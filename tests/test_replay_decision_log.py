@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import zlib
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from policy_engine.cli import main
 from policy_engine.compile import compile_file
+from policy_engine.decide import load as load_engine
 from policy_engine.decisionlog import RECORD_KIND, DecisionLog, DecisionRecord, JsonlFile
 from policy_engine.simulate import Outcome, Replayer, diff, iter_log, open_log
 
@@ -185,15 +187,22 @@ def test_a_record_lacking_a_feature_the_policy_reads_is_named_and_counted(tmp_pa
     assert [o.line for o in outcomes] == [3]
     assert report.invalid == 2
     assert dict(report.missing_features) == {"request.has_tools": 1, "request.thinking.budget_tokens": 1}
-    assert report.errors[0].startswith("line 1: the record has no request.has_tools, which this policy reads")
+    assert report.errors[0].startswith("line 1: the record has no request.has_tools, which a replayed policy reads")
     assert report.errors[1].startswith("line 2: the record has no request.thinking.budget_tokens")
     assert report.to_dict()["requests"]["missing_features"] == {"request.has_tools": 1,
                                                                 "request.thinking.budget_tokens": 1}
-    assert "missing features: records lack a feature this policy reads" in report.render_text()
+    assert "missing features: records lack a feature a replayed policy reads" in report.render_text()
     assert "Missing features" in report.render_markdown()
     # A policy that reads neither decides all three.
     report, outcomes = _replay(compile_file(str(tmp_path / "p.yaml")), _lines(path))
     assert report.invalid == 0 and len(outcomes) == 3
+    # What the engine itself decides with is needed whatever the policy reads.
+    # In a diff, a record either policy cannot be decided from is skipped by both.
+    old = Replayer(compile_file(str(tmp_path / "p.yaml")))
+    result = diff(old, compile_file(str(tmp_path / "reads.yaml")), _lines(path))
+    assert (result.old.decided, result.new.decided, result.old.invalid, result.new.invalid) == (1, 1, 2, 2)
+    assert result.old.missing_features == result.new.missing_features
+    assert sum(old.ledger.totals().values()) == result.old.cost > 0  # nothing of the skipped lines was billed
     # What the engine itself decides with is needed whatever the policy reads.
     del records[2]["features"]["request"]["inference_geo"]
     report, _ = _replay(compile_file(str(tmp_path / "p.yaml")), _lines(_write(tmp_path / "older.jsonl", records)))
@@ -387,3 +396,41 @@ def test_an_endless_line_on_stdin_ends_diff_cleanly_in_bounded_memory(sample: li
     assert re.search(r"line 3: no end of line after [\d,]+ bytes \(64 times the 100,000-byte line cap\): this is not a "
                      r"log; the report covers the 2 lines before it", err.decode())
     assert json.loads(out)["old"]["requests"]["decided"] == 2
+
+
+def test_a_diff_over_a_truncated_log_says_where_it_stopped_in_every_format(
+        tmp_path: Path, sample: list[tuple[int, str]]) -> None:
+    path, whole = _truncated_gzip(tmp_path, sample[:1500])
+    default, latency_first = (compile_file(str(POLICIES / f"{p}.yaml")) for p in ("default", "latency-first"))
+    with open_log(str(path)) as stream:
+        result = diff(default, latency_first, iter_log(stream))
+    message = f"line {whole + 1}: the compressed log ends early (a truncated gzip file)"
+    assert result.old.stopped is not None and result.old.stopped.startswith(message)
+    assert f"stopped: {message}" in result.render_text()
+    assert f"> The log could not be read to its end: {message}" in result.render_markdown()
+    assert json.loads(result.render_json())["new"]["stopped"].startswith(message)
+
+
+def test_usage_iterations_are_billed_step_by_step_from_both_log_kinds(tmp_path: Path) -> None:
+    """A compaction step is not in the top-level usage: billed per step, it is, as settle bills it live;
+    and a request's `fallbacks` chain reserves the same worst case when decided from its record."""
+    usage = {"input_tokens": 1000, "output_tokens": 100, "iterations": [
+        {"type": "compaction", "input_tokens": 50_000, "output_tokens": 2_000},
+        {"type": "message", "input_tokens": 1000, "output_tokens": 100}]}
+    request = dict(OPUS, fallbacks=[{"model": "claude-sonnet-4-6", "max_tokens": 50}])
+    line = {"ts": "2026-03-02T10:00:00Z", "context": {"interactive": False}, "input_tokens": 1000,
+            "usage": usage, "request": request}
+    records = _records(tmp_path, [line])
+    assert records[0]["features"]["fallbacks"] == [{"model": "claude-sonnet-4-6", "max_tokens": 50}]
+    assert [s["kind"] for s in records[0]["steps"]] == ["compaction", "message"]
+    compiled = compile_file(str(tmp_path / "p.yaml"))
+    _, from_requests = _replay(compiled, _lines(tmp_path / "requests.jsonl"))
+    # Opus 4.6 standard ($5 / $25 per MTok): (51,000 x 5 + 2,100 x 25) / 1e6 dollars = 307,500 micro-dollars.
+    assert [(o.speed, o.cost_micro) for o in from_requests] == [("standard", 307_500)]
+    _, replayed = _replay(compiled, _lines(tmp_path / "decisions.jsonl"))
+    assert [_decided(o) + _priced(o) for o in replayed] == [_decided(o) + _priced(o) for o in from_requests]
+    live = load_engine(tmp_path / "p.yaml")
+    decision = live.decide(request, {"interactive": False}, input_tokens=1000,
+                           now=datetime(2026, 3, 2, 10, tzinfo=timezone.utc))
+    assert records[0]["decision"]["estimate_micro"] == decision.estimate_micro
+    assert live.settle(decision, dict(usage, speed="standard")).cost_micro == 307_500

@@ -13,11 +13,12 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PolicyError
-from . import EXIT_FINDINGS, EXIT_OK, UsageError
+from . import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, UsageError
 
 MARKER = "<!-- policy-engine-review -->"
 """First line of the comment: how the workflow finds its earlier comment to update it."""
@@ -141,6 +142,7 @@ def run_review(args: argparse.Namespace) -> int:
         html_dir.mkdir(parents=True, exist_ok=True)
     sections: list[_Section] = []
     status = EXIT_OK
+    partial = False
     for path in policies:
         title = f"`{path}`"
         try:
@@ -160,6 +162,10 @@ def run_review(args: argparse.Namespace) -> int:
             else:
                 report, timeline = replay_simulate(new, iter_log(stream), catalog)
                 result = None
+        if report.stopped is not None:
+            # A partial replay must not pass for a review of the whole log.
+            print(f"policy-engine review: {path}: the log could not be read to its end: {report.stopped}", file=sys.stderr)
+            partial = True
         heading = "" if old is not None else f"#### {title} (new policy)\n\n"  # a diff section heads it otherwise
         sections.append(_Section(f"{title} (simulate)", heading + simulate_markdown(report, timeline)))
         if html_dir is not None:
@@ -180,4 +186,4 @@ def run_review(args: argparse.Namespace) -> int:
     if args.summary:
         with open(args.summary, "a", encoding="utf-8") as summary:
             summary.write(fit(sections, SUMMARY_LIMIT, args.reports_url))
-    return status
+    return EXIT_USAGE if partial else status
