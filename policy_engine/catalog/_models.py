@@ -296,6 +296,10 @@ class Throughput(_Strict):
     ttft_s: float | None = Field(default=None, ge=0, description="Time to first token, seconds (same for both speeds).")
     assumption: bool = Field(default=True, description="True when the figures are defaults rather than measured.")
     note: str | None = Field(default=None, description="Where the figures come from.")
+    samples: int | None = Field(default=None, ge=0, description="Requests the measured figures were fitted from "
+                                                              "(`policy-engine calibrate`).")
+    observed_from: datetime | None = Field(default=None, description="First request of the measurement (UTC).")
+    observed_to: datetime | None = Field(default=None, description="Last request of the measurement (UTC).")
 
 
 class ModelEntry(_Strict):
