@@ -257,6 +257,10 @@ class ModelPlatform(_Claimed):
     price_multiplier: Multiplier | None = Field(
         default=None, description="Factor on every rate of this model here; absent: the platform's."
     )
+    throughput: Throughput | None = Field(
+        default=None, description="Speed figures on this platform (e.g. measured by `policy-engine calibrate`); "
+                                  "absent: the model's."
+    )
 
     @model_validator(mode="after")
     def _priced_with_source(self) -> ModelPlatform:
@@ -300,6 +304,9 @@ class Throughput(_Strict):
                                                               "(`policy-engine calibrate`).")
     observed_from: datetime | None = Field(default=None, description="First request of the measurement (UTC).")
     observed_to: datetime | None = Field(default=None, description="Last request of the measurement (UTC).")
+
+
+ModelPlatform.model_rebuild()
 
 
 class ModelEntry(_Strict):
@@ -383,6 +390,8 @@ class ModelEntry(_Strict):
         if not platform.data_residency:
             data["data_residency"] = None
         data["aliases"] = [*offer.aliases, *([offer.fast_model_id] if offer.fast_model_id else [])]
+        if offer.throughput is not None:
+            data["throughput"] = offer.throughput.model_dump()
         variant = ModelEntry.model_validate(data)
         variant._id, variant._provider, variant._platform = self._id, self._provider, platform_id
         variant._wire_id, variant._fast_model_id = offer.model_id, offer.fast_model_id

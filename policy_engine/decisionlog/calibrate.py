@@ -7,7 +7,9 @@
 
 What is fitted, from the `latency` of settled records:
 
-* time to first token: streams only (`latency.ttft_s`);
+* time to first token: streams only, as the wait before generation starts, `total_s - output_tokens /
+  output_tps` (the `ttft_s` that `throughput.est_*_s = ttft_s + max_tokens / otps` adds; the logged
+  `latency.ttft_s`, first content seen, is later by the first delta's generation);
 * output tokens per second: a stream's `latency.output_tps` (generation after message_start);
   a non-streaming response has only its total time, so its rate is
   `output_tokens / (total_s - TTFT)` with the TTFT fitted from the streams of the same model
@@ -284,11 +286,13 @@ def _add(result: Calibration, catalog: Catalog, text: str, min_output_tokens: in
     g.seen(record.get("ts"))
     if latency.get("stream"):
         g.streams += 1
-        ttft, tps = latency.get("ttft_s"), latency.get("output_tps")
-        if _positive(ttft):
-            g.ttft.append(float(ttft))
+        total, tps = latency.get("total_s"), latency.get("output_tps")
         if _positive(tps):
             g.otps.append(float(tps))
+            if _positive(total) and total - output / tps > 0:
+                # The wait before generation: what `est_*_s = ttft_s + max_tokens / otps` adds. The logged
+                # first-content time (`ttft_s`) is later by the first delta's generation.
+                g.ttft.append(float(total) - output / float(tps))
         return None
     total = latency.get("total_s")
     if not _positive(total):
