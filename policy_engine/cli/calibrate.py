@@ -9,7 +9,7 @@ from collections.abc import Callable
 from ..errors import PolicyEngineError
 from . import EXIT_FINDINGS, EXIT_OK, UsageError
 
-__all__ = ["VERBS", "setup_calibrate"]
+__all__ = ["VERBS", "setup_calibrate", "setup_import_otel"]
 
 
 def setup_calibrate(p: argparse.ArgumentParser) -> None:
@@ -61,4 +61,51 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK if result.used else EXIT_FINDINGS
 
 
-VERBS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"calibrate": setup_calibrate}
+def setup_import_otel(p: argparse.ArgumentParser) -> None:
+    """Convert OpenTelemetry GenAI spans (OTLP JSON) into decision-log lines for simulate, diff and calibrate.
+
+    SPANS is an OTLP JSON document (`{"resourceSpans": ...}`) or JSON Lines of them (the
+    collector's file exporter), - for stdin. Anthropic inference spans become one line each:
+    model, max_tokens, usage (cache reads and writes included) and timing come from the
+    span; the features no span carries (tools, images, documents, thinking, betas,
+    cache_control, message count, the caller's context and account) get defaults listed in
+    each line's `source.assumed` and in the README. A summary of what was converted and
+    what was skipped (and why) goes to stderr. Exit 0 when some span was converted, 1 when
+    none was, 2 on unreadable input."""
+    p.add_argument("spans", metavar="SPANS", help="OTLP JSON file (or JSON Lines of documents, or - for stdin)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the decision-log lines here (default stdout)")
+    p.set_defaults(run=run_import_otel)
+
+
+def run_import_otel(args: argparse.Namespace) -> int:
+    import json
+
+    from ..decisionlog.otel import convert
+
+    try:
+        if args.spans == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.spans, encoding="utf-8") as source:
+                text = source.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {args.spans}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        records, report = convert(text)
+    except PolicyEngineError as exc:
+        raise UsageError(f"{args.spans}: {exc}") from None
+    lines = "".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in records)
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as out:
+                out.write(lines)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    else:
+        sys.stdout.write(lines)
+    print(report.render(), file=sys.stderr)
+    return EXIT_OK if records else EXIT_FINDINGS
+
+
+VERBS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"calibrate": setup_calibrate,
+                                                                "import-otel": setup_import_otel}
