@@ -17,8 +17,10 @@ from policy_engine.integrations.anthropic import FastModePolicy, policy_context
 from policy_engine.simulate import iter_log, open_log
 from policy_engine.testing.emulator import Emulator
 
-STANDARD_OTPS, FAST_RATIO, TTFT_S = 1_000.0, 2.5, 0.05
-OUTPUT_TOKENS = 200  # 0.2 s at standard, 0.08 s fast: long enough that timer noise stays far below 10%
+STANDARD_OTPS, FAST_RATIO, TTFT_S = 1_000.0, 2.5, 0.1
+# 0.25 s at standard, 0.1 s fast, in deltas of 25 tokens: the per-request and per-delta overheads (a few ms and
+# a fraction of one) stay far below 10% of what they add to.
+OUTPUT_TOKENS = 250
 POLICY = """
 version: 1
 name: by-label
@@ -44,20 +46,20 @@ rules:
 
 @pytest.fixture(scope="module")
 def log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A decision log of 12 streams and 4 non-streaming requests at each speed, through the SDK middleware."""
+    """A decision log of 8 streams and 4 non-streaming requests at each speed, through the SDK middleware."""
     tmp = tmp_path_factory.mktemp("calib")
     (tmp / "policy.yaml").write_text(POLICY)
     path = tmp / "decisions.jsonl"
     log = DecisionLog(JsonlFile(path))
     engine = load(tmp / "policy.yaml", decision_log=log)
     emu = Emulator(standard_otps=STANDARD_OTPS, fast_ratio=FAST_RATIO, ttft_s=TTFT_S, output_tokens=OUTPUT_TOKENS,
-                   delta_tokens=10, min_cache_tokens=0)
+                   delta_tokens=25, min_cache_tokens=0)
     with emu:
         client = anthropic.Anthropic(base_url=emu.url, api_key="sk-test", middleware=[FastModePolicy(engine)])
         params = {"model": "claude-opus-5", "max_tokens": 400, "messages": [{"role": "user", "content": "Hello"}]}
         for fast in (False, True):
             with policy_context(interactive=fast):
-                for _ in range(12):
+                for _ in range(8):
                     with client.messages.stream(**params) as stream:
                         stream.until_done()
                 for _ in range(4):
@@ -74,22 +76,22 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 
 def test_the_log_holds_valid_records_of_both_speeds(log_path: Path) -> None:
     records = [DecisionRecord.model_validate_json(text) for _, text in _lines(log_path)]
-    assert len(records) == 32
+    assert len(records) == 24
     assert {(r.decision.speed, r.latency.stream) for r in records if r.latency} == {
         ("standard", True), ("standard", False), ("fast", True), ("fast", False)}
 
 
 def test_calibrate_recovers_the_emulators_speeds_within_ten_percent(log_path: Path) -> None:
     result = calibrate(_lines(log_path))
-    assert result.read == 32 and result.used == 32, result.skipped
+    assert result.read == 24 and result.used == 24, result.skipped
     standard = result.groups[("claude-opus-5", "claude_api", "standard")]
     fast = result.groups[("claude-opus-5", "claude_api", "fast")]
-    assert (standard.streams, standard.non_streams, len(standard.otps), len(standard.ttft)) == (12, 4, 16, 12)
+    assert (standard.streams, standard.non_streams, len(standard.otps), len(standard.ttft)) == (8, 4, 12, 8)
     block = result.overlay()["providers"]["anthropic"]["models"]["claude-opus-5"]["throughput"]
     assert block["standard_otps"] == pytest.approx(STANDARD_OTPS, rel=0.10)
     assert block["fast_otps"] == pytest.approx(STANDARD_OTPS * FAST_RATIO, rel=0.10)
     assert block["ttft_s"] == pytest.approx(TTFT_S, rel=0.10)
-    assert block["assumption"] is False and block["samples"] == 32
+    assert block["assumption"] is False and block["samples"] == 24
     assert block["observed_from"] <= block["observed_to"]
     assert fast.otps and sorted(fast.otps)[0] > sorted(standard.otps)[-1]  # no overlap between the speeds
 
@@ -99,7 +101,7 @@ def test_the_overlay_feeds_latency_rules(log_path: Path, tmp_path: Path) -> None
     assert main(["calibrate", str(log_path), "-o", str(overlay), "--format", "json"]) == 0
     catalog = load_catalog(overlay)
     figures = catalog.model("claude-opus-5").throughput
-    assert figures is not None and figures.assumption is False and figures.samples == 32
+    assert figures is not None and figures.assumption is False and figures.samples == 24
     assert figures.standard_otps == pytest.approx(STANDARD_OTPS, rel=0.10)
     assert figures.observed_from is not None
     # Packaged: 60 vs 120 otps: 500 output tokens save 4.2 s, so fast. Measured (1000 vs 2500): 0.5 s vs 0.2 s.
@@ -119,11 +121,11 @@ def test_text_report_shows_percentiles_and_skips(log_path: Path, tmp_path: Path,
     mixed.write_text(log_path.read_text() + '{"request": {"model": "x"}}\nnot json\n')
     assert main(["calibrate", str(mixed)]) == 0
     out = capsys.readouterr().out
-    assert "34 records read, 32 used: skipped 1 not a decision record, 1 not JSON" in out
+    assert "26 records read, 24 used: skipped 1 not a decision record, 1 not JSON" in out
     assert "p10" in out and "p99" in out and "stdev" in out and "output_tps" in out
     data = calibrate(_lines(mixed)).to_dict()
     ttft = next(g for g in data["groups"] if g["speed"] == "standard")["ttft_s"]
-    assert ttft["p10"] <= ttft["p50"] <= ttft["p90"] <= ttft["p99"] and ttft["count"] == 12
+    assert ttft["p10"] <= ttft["p50"] <= ttft["p90"] <= ttft["p99"] and ttft["count"] == 8
 
 
 def test_bad_input_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
