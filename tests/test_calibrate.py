@@ -135,3 +135,22 @@ def test_bad_input_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     empty.write_text('{"record": "policy_engine.decision", "event": "released"}\n')
     assert main(["calibrate", str(empty)]) == 1
     assert "no record had the timings" in capsys.readouterr().out
+
+
+def test_other_platforms_get_their_own_figures(log_path: Path, tmp_path: Path) -> None:
+    lines = []
+    for number, text in _lines(log_path):
+        record = json.loads(text)
+        record["decision"].update(platform="bedrock", model="anthropic.claude-opus-5")
+        lines.append((number, json.dumps(record)))
+    result = calibrate(lines)
+    assert set(result.groups) == {("claude-opus-5", "bedrock", "standard"), ("claude-opus-5", "bedrock", "fast")}
+    overlay = tmp_path / "bedrock.yaml"
+    overlay.write_text(result.overlay_yaml())
+    catalog = load_catalog(overlay)
+    on_bedrock = catalog.find("anthropic.claude-opus-5", platform="bedrock")
+    assert on_bedrock is not None and on_bedrock.throughput is not None
+    assert on_bedrock.throughput.assumption is False
+    assert on_bedrock.throughput.standard_otps == pytest.approx(STANDARD_OTPS, rel=0.10)
+    packaged = catalog.model("claude-opus-5").throughput
+    assert packaged is not None and packaged.assumption is True  # the Claude API keeps the packaged figures
