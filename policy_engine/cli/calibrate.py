@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..errors import PolicyEngineError
 from . import EXIT_FINDINGS, EXIT_OK, UsageError
@@ -39,7 +39,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     catalog = load_catalog(args.catalog) if args.catalog else load_catalog()
 
-    def lines() -> object:
+    def lines() -> Iterator[tuple[int, str]]:
         for path in args.logs:
             try:
                 stream = open_log(path)
@@ -50,7 +50,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     if args.min_output_tokens < 1:
         raise UsageError("--min-output-tokens must be at least 1")
-    result = calibrate(lines(), catalog, min_output_tokens=args.min_output_tokens)  # type: ignore[arg-type]
+    result = calibrate(lines(), catalog, min_output_tokens=args.min_output_tokens)
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as out:

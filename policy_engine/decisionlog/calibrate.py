@@ -234,10 +234,10 @@ def calibrate(lines: Iterable[tuple[int, str]], catalog: Catalog | None = None, 
             result.skipped[why] += 1
     # Non-streaming responses: their generation time is the total less the TTFT of the model's streams.
     for g in result.groups.values():
-        ttft = [t for other in result.groups.values()
-                if (other.model, other.platform) == (g.model, g.platform) for t in other.ttft]
         if not g.pending:
             continue
+        ttft = [t for other in result.groups.values()
+                if (other.model, other.platform) == (g.model, g.platform) for t in other.ttft]
         if not ttft:
             result.used -= len(g.pending)
             result.skipped["non-streaming, no stream to fit the TTFT from"] += len(g.pending)
