@@ -114,3 +114,18 @@ def test_bad_input_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "no `resourceSpans` list" in capsys.readouterr().err
     assert main(["import-otel", str(tmp_path / "none.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_converted_lines_replay_through_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spans = tmp_path / "spans.json"
+    spans.write_text(_spans())
+    out = tmp_path / "decisions.jsonl"
+    assert main(["import-otel", str(spans), "-o", str(out)]) == 0
+    capsys.readouterr()
+    policy = Path(__file__).parent.parent / "policies" / "latency-first.yaml"
+    assert main(["simulate", str(policy), "--requests", str(out), "--format", "json", "--strict"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"]["decided"] == 12 and report["requests"]["with_usage"] == 12
+    assert report["requests"]["invalid"] == 0 and report["requests"]["missing_features"] == {}
+    # The spans say nothing of the caller: the replay decides them as a non-interactive caller's.
+    assert report["speed_mix"]["fast"] == 0
