@@ -257,6 +257,10 @@ class ModelPlatform(_Claimed):
     price_multiplier: Multiplier | None = Field(
         default=None, description="Factor on every rate of this model here; absent: the platform's."
     )
+    throughput: Throughput | None = Field(
+        default=None, description="Speed figures on this platform (e.g. measured by `policy-engine calibrate`); "
+                                  "absent: the model's."
+    )
 
     @model_validator(mode="after")
     def _priced_with_source(self) -> ModelPlatform:
@@ -296,6 +300,13 @@ class Throughput(_Strict):
     ttft_s: float | None = Field(default=None, ge=0, description="Time to first token, seconds (same for both speeds).")
     assumption: bool = Field(default=True, description="True when the figures are defaults rather than measured.")
     note: str | None = Field(default=None, description="Where the figures come from.")
+    samples: int | None = Field(default=None, ge=0, description="Requests the measured figures were fitted from "
+                                                              "(`policy-engine calibrate`).")
+    observed_from: datetime | None = Field(default=None, description="First request of the measurement (UTC).")
+    observed_to: datetime | None = Field(default=None, description="Last request of the measurement (UTC).")
+
+
+ModelPlatform.model_rebuild()
 
 
 class ModelEntry(_Strict):
@@ -379,6 +390,8 @@ class ModelEntry(_Strict):
         if not platform.data_residency:
             data["data_residency"] = None
         data["aliases"] = [*offer.aliases, *([offer.fast_model_id] if offer.fast_model_id else [])]
+        if offer.throughput is not None:
+            data["throughput"] = offer.throughput.model_dump()
         variant = ModelEntry.model_validate(data)
         variant._id, variant._provider, variant._platform = self._id, self._provider, platform_id
         variant._wire_id, variant._fast_model_id = offer.model_id, offer.fast_model_id

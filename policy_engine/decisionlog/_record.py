@@ -119,6 +119,16 @@ def _step_model() -> type[BaseModel]:
 RecordStep = _step_model()
 
 
+class RecordSource(_Model):
+    """Where an imported record comes from (absent: written by the engine)."""
+
+    kind: Literal["otel"] = Field(description="`otel`: converted from an OpenTelemetry GenAI span.")
+    trace_id: str | None = None
+    span_id: str | None = None
+    assumed: list[str] = Field(description="Features the source could not supply: the record holds documented "
+                                           "defaults for them (README, `import-otel`).")
+
+
 class DecisionRecord(_Model):
     """One line of a decision log (JSON Lines): one request from its decision to its end."""
 
@@ -139,6 +149,8 @@ class DecisionRecord(_Model):
     history: list[RecordAttempt] = Field(description="Every attempt, in order (retries, fast 429 fallbacks).")
     sample_rate: float = Field(description="The probability this record was kept with (1: every record).")
     dropped: int = Field(description="Records dropped (the queue was full) since the previous record written.")
+    source: RecordSource | None = Field(default=None, description="Set on records imported from elsewhere "
+                                                                  "(`policy-engine import-otel`).")
 
 
 class Observed:
