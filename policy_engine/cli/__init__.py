@@ -33,9 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _verbs() -> dict[str, Callable[[argparse.ArgumentParser], None]]:
-    from . import calibrate, commands, tools
+    from . import calibrate, commands, serve, tools
 
-    return {**commands.VERBS, **tools.VERBS, **calibrate.VERBS}
+    return {**commands.VERBS, **tools.VERBS, **calibrate.VERBS, **serve.VERBS}
 
 
 def build_parser() -> argparse.ArgumentParser:

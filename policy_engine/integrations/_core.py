@@ -29,7 +29,7 @@ from .. import telemetry
 from .._fork import renew_in_child
 from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
-from ..decide import Decision, Engine
+from ..decide import Decision, Engine, Settlement
 from ..decisionlog import Observed
 from ..errors import InvalidContext, InvalidRequest, PolicyEngineError
 from ..ledger import AsyncLedger
@@ -189,8 +189,12 @@ class Runtime:
             return base
         return {**base, **extra} if base else extra
 
-    def flight(self, body: Mapping[str, Any], betas: str | None, key: str | None) -> Flight | None:
+    def flight(self, body: Mapping[str, Any], betas: str | None, key: str | None,
+               account: str | None = None) -> Flight | None:
         """The flight of this attempt: the one already decided for `key`, else a new decision.
+
+        `account`: the rate-limit account the request is sent with, when the caller knows it before
+        deciding (the proxy, serving many API keys); otherwise the last one a response showed.
 
         Raises `CeilingExceeded`, or `InvalidContext` under `on_invalid_context: reject` (nothing is
         sent). Returns None for a body the engine cannot read; such a request goes out at standard speed, unmetered, and the API
@@ -209,7 +213,7 @@ class Runtime:
         if betas:
             params = {**body, "betas": [b.strip() for b in betas.split(",") if b.strip()]}
         try:
-            decision = self.engine.decide(params, self._context_for(body), account=self.account, policy=self.policy,
+            decision = self.engine.decide(params, self._context_for(body), account=account or self.account, policy=self.policy,
                                           platform=self.platform)
         except InvalidContext:
             raise  # the policy's on_invalid_context is reject: nothing is sent
@@ -408,13 +412,14 @@ class Runtime:
             key = self._model_keys[name] = entry.id if entry is not None else name
         return key
 
-    def settle(self, flight: Flight | None, usage: Any, *, timed: bool = True) -> None:
+    def settle(self, flight: Flight | None, usage: Any, *, timed: bool = True) -> Settlement | None:
         """Settle from a response's usage (a dict or the SDK's Usage); a missing speed is the one sent.
 
         `timed`: feed the throughput observer with this non-streaming response's total time.
+        Returns what was recorded (None when the flight had ended already).
         """
         if flight is None or not self._finish(flight):
-            return
+            return None
         decision = flight.decision
         observed = decision._observed
         if observed is not None and timed and flight.sent_at:
@@ -438,6 +443,7 @@ class Runtime:
         if timed and self.observer is not None and flight.sent_at:
             self.observer.observe_response(self.model_key(decision.model), settlement.speed, settlement.output_tokens,
                                            time.perf_counter() - flight.sent_at)
+        return settlement
 
     def tracker(self, flight: Flight) -> StreamTracker:
         return StreamTracker(self, flight)
@@ -568,9 +574,9 @@ class Wire(Protocol):
 
 
 def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | None,
-             key: str | None) -> Generator[Step, Any, Any]:
+             key: str | None, account: str | None = None) -> Generator[Step, Any, Any]:
     """One logical request from its decision to its settlement: returns the response to hand back."""
-    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key))
+    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key, account))
     try:
         while True:
             response = yield SEND, wire.request(flight)

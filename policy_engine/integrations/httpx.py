@@ -74,7 +74,7 @@ class _Base:
         self.runtime = Runtime(engine, context=context, policy=policy, account=account, observe=observe,
                                fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
 
-    def _call(self, request: httpx.Request) -> tuple[httpx.Request | None, _Call | None]:
+    def _call(self, request: httpx.Request) -> tuple[httpx.Request | None, MessagesCall | None]:
         """(a request to pass on as it is, None) or (None, the call to run through the life cycle)."""
         kind = endpoint(request.url.path) if request.method == "POST" else None
         body = _json_body(request) if kind is not None else None
@@ -83,14 +83,15 @@ class _Base:
             return (request if stripped is body else _rebuild(request, stripped, None)), None
         if kind != "messages" or not isinstance(body, Mapping):
             return request, None
-        return None, _Call(self.runtime, request, body)
+        return None, MessagesCall(self.runtime, request, body)
 
 
-class _Call:
+class MessagesCall:
     """The `Wire` of one httpx request, for the life cycle (`_core.exchange`). httpx has no retry loop of its
-    own: an error status or a transport error ends the logical request."""
+    own: an error status or a transport error ends the logical request. The proxy (`policy_engine.serve`)
+    drives the same wire: its upstream requests are httpx requests too."""
 
-    __slots__ = ("runtime", "original", "body", "beta", "streaming", "credential")
+    __slots__ = ("runtime", "original", "body", "beta", "streaming", "credential", "flight")
 
     def __init__(self, runtime: Runtime, request: httpx.Request, body: Mapping[str, Any]) -> None:
         self.runtime = runtime
@@ -100,11 +101,14 @@ class _Call:
         self.streaming = body.get("stream") is True
         # A transport's response has no request: the key the attempts are sent with is the caller's.
         self.credential = request.headers.get("x-api-key") or request.headers.get("authorization")
+        self.flight: Flight | None = None
+        """The flight of the last attempt sent (None: undecidable, sent as it was)."""
 
-    def steps(self) -> Any:
-        return exchange(self.runtime, self, self.body, self.beta, None)
+    def steps(self, account: str | None = None) -> Any:
+        return exchange(self.runtime, self, self.body, self.beta, None, account)
 
     def request(self, flight: Flight | None) -> httpx.Request:
+        self.flight = flight
         if flight is not None:
             flight.sent_at = time.perf_counter()
         wire_body, wire_beta = self.runtime.wire_body(flight, self.body), self.runtime.wire_beta(flight, self.beta)

@@ -1,0 +1,196 @@
+"""The decision API, for services that call Anthropic themselves: decide, then settle or release.
+
+    POST /v1/decide   {"params": {...}, "context": {...}}  -> the decision, the params and headers to send
+    POST /v1/settle   {"decision_id": "...", "usage": {...}} -> what was counted
+    POST /v1/release  {"decision_id": "..."}               -> the reservation freed
+
+A decision is kept in this process until it is settled or released, or until the engine's
+`reservation_ttl_s` passes (its reservation then expires in the ledger too), so settle on the
+replica that decided. `usage: null` settles at the worst case the decision reserved for (max_tokens
+of output): for a response that was billed but whose usage the caller does not have.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import CeilingExceeded, InvalidContext, InvalidRequest, StateUnavailable
+from ..integrations._core import Flight, Runtime
+
+__all__ = ["DecideRequest", "DecideResponse", "SettleRequest", "SettleResponse", "ReleaseRequest", "ReleaseResponse",
+           "ApiError", "ErrorResponse", "DecisionStore", "DecisionApi", "ApiFailure"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DecideRequest(_Model):
+    params: dict[str, Any] = Field(description="The Messages API request parameters, as the service would send them.")
+    context: dict[str, Any] | None = Field(None, description="The decision context (the keys of `policy_context`).")
+    account: str | None = Field(None, description="Rate-limit account the request is sent with (default: `default`).")
+    policy: str | None = Field(None, description="Policy to decide with (default: the first loaded).")
+    platform: str | None = Field(None, description="Platform the request goes to (default: the server's).")
+
+
+class DecideResponse(_Model):
+    decision_id: str = Field(description="Settle or release the decision with this id.")
+    speed: Literal["fast", "standard"]
+    decision: dict[str, Any] = Field(description="The full decision (`Decision.to_dict()`): rule, reasons, estimates.")
+    params: dict[str, Any] = Field(description="The parameters to send: `speed` set or removed as decided.")
+    headers: dict[str, str] = Field(description="Headers to add to the request (`anthropic-beta` when fast needs it).")
+    expires_in_s: float = Field(description="Seconds this decision stays settleable.")
+
+
+class SettleRequest(_Model):
+    decision_id: str
+    usage: dict[str, Any] | None = Field(
+        description="The response's `usage` object; null counts the worst case (max_tokens of output).")
+
+
+class SettleResponse(_Model):
+    decision_id: str
+    speed: str
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+
+
+class ReleaseRequest(_Model):
+    decision_id: str
+
+
+class ReleaseResponse(_Model):
+    decision_id: str
+    released: bool
+
+
+class ApiError(_Model):
+    code: str = Field(description="Stable machine-readable code, e.g. `ceiling_exceeded`, `unknown_decision`.")
+    message: str
+
+
+class ErrorResponse(_Model):
+    error: ApiError
+
+
+class ApiFailure(Exception):
+    """A request the decision API answers with an error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=ApiError(code=self.code, message=self.message)).model_dump()
+
+
+class DecisionStore:
+    """The decisions waiting for their settlement, by id; those older than the reservation TTL are dropped."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._flights: dict[str, Flight] = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def add(self, flight: Flight) -> str:
+        decision_id = secrets.token_urlsafe(16)
+        now = self._clock()
+        with self._lock:
+            self._flights[decision_id] = flight
+            if now >= self._next_sweep:
+                self._next_sweep = now + min(60.0, self.ttl_s)
+                for stale in [k for k, f in self._flights.items() if now - f.created > self.ttl_s]:
+                    del self._flights[stale]  # its reservation has expired in the ledger on its own
+        return decision_id
+
+    def take(self, decision_id: str) -> Flight:
+        with self._lock:
+            flight = self._flights.pop(decision_id, None)
+        if flight is None or self._clock() - flight.created > self.ttl_s:
+            raise ApiFailure(404, "unknown_decision", "no such decision: it was settled or released already, "
+                                                      "expired (reservation_ttl_s), or made by another replica")
+        return flight
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+
+Call = Callable[..., Awaitable[Any]]
+"""`call(function, *args, **kwargs)`: runs an engine call (in a worker thread when the ledger does I/O)."""
+
+
+class DecisionApi:
+    """The three verbs, on the same runtime (engine, ledger, rate limits) as the proxy."""
+
+    def __init__(self, runtime: Callable[[], Runtime], call: Call) -> None:
+        self.runtime = runtime
+        self.call = call
+        self.store: DecisionStore | None = None
+
+    def _store(self, runtime: Runtime) -> DecisionStore:
+        if self.store is None:
+            self.store = DecisionStore(runtime.engine.reservation_ttl_s)
+        return self.store
+
+    async def decide(self, data: Any) -> dict[str, Any]:
+        request = _parsed(DecideRequest, data)
+        runtime = self.runtime()
+        try:
+            decision = await self.call(runtime.engine.decide, request.params, request.context,
+                                       account=request.account or "default", policy=request.policy,
+                                       platform=request.platform or runtime.platform)
+        except CeilingExceeded as exc:
+            raise ApiFailure(403, "ceiling_exceeded", str(exc)) from None
+        except InvalidContext as exc:
+            raise ApiFailure(400, "invalid_context", str(exc)) from None
+        except InvalidRequest as exc:
+            raise ApiFailure(400, "invalid_request", str(exc)) from None
+        except StateUnavailable as exc:
+            raise ApiFailure(503, "state_unavailable", str(exc)) from None
+        except KeyError as exc:
+            raise ApiFailure(400, "unknown_policy", f"no policy named {exc.args[0]!r} is loaded") from None
+        except ValueError as exc:
+            raise ApiFailure(400, "invalid_request", str(exc)) from None
+        flight = Flight(decision, decision.speed, None, time.monotonic())
+        beta = runtime.wire_beta(flight, None)
+        store = self._store(runtime)
+        return DecideResponse(
+            decision_id=store.add(flight), speed=decision.speed, decision=decision.to_dict(),  # type: ignore[arg-type]
+            params=runtime.wire_body(flight, request.params), headers={"anthropic-beta": beta} if beta else {},
+            expires_in_s=store.ttl_s).model_dump()
+
+    async def settle(self, data: Any) -> dict[str, Any]:
+        request = _parsed(SettleRequest, data)
+        runtime = self.runtime()
+        flight = self._store(runtime).take(request.decision_id)
+        settlement = await self.call(runtime.settle, flight, request.usage, timed=False)
+        if settlement is None:  # settled by another call in the meantime
+            raise ApiFailure(404, "unknown_decision", "the decision was settled or released already")
+        return SettleResponse(decision_id=request.decision_id, speed=settlement.speed,
+                              cost_usd=settlement.cost_micro / 1_000_000, input_tokens=settlement.input_tokens,
+                              output_tokens=settlement.output_tokens).model_dump()
+
+    async def release(self, data: Any) -> dict[str, Any]:
+        request = _parsed(ReleaseRequest, data)
+        runtime = self.runtime()
+        flight = self._store(runtime).take(request.decision_id)
+        await self.call(runtime.release, flight)
+        return ReleaseResponse(decision_id=request.decision_id, released=True).model_dump()
+
+
+def _parsed(model: type[_Model], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiFailure(400, "invalid_body", f"{where}: {first['msg']}") from None

@@ -1,0 +1,92 @@
+"""The proxy's HTTP headers: the decision context a client sends, what is forwarded, what is answered.
+
+A client gives the context of its request in headers under `x-policy-`: one per context key, the
+key's underscores written as dashes (`x-policy-latency-slo-ms: 8000`, `x-policy-tenant: acme`,
+`x-policy-interactive: true`), and one per label (`x-policy-label-team: search`). They are never
+forwarded upstream. Values are converted to the key's type when they read as one; a value that
+does not (`x-policy-latency-slo-ms: soon`), or an unknown key, is passed on as it came, so the
+engine refuses it exactly as it refuses a bad `policy_context` (the policy's `on_invalid_context`).
+
+Each proxied Messages response carries the decision under the same prefix (`x-policy-speed`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from ..integrations._core import Flight
+
+__all__ = ["PREFIX", "context_from_headers", "upstream_headers", "client_headers", "decision_headers"]
+
+PREFIX: Final = "x-policy-"
+_LABEL: Final = PREFIX + "label-"
+
+_HOP_BY_HOP: Final = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length",
+})
+"""Headers that describe one connection, not the message: each hop sets its own."""
+
+_INTS: Final = frozenset({"latency_slo_ms"})
+_BOOLS: Final = frozenset({"interactive"})
+
+
+def context_from_headers(headers: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
+    """The decision context of a request's `x-policy-*` headers (None when it has none)."""
+    context: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for name, value in headers:
+        name = name.lower()
+        if not name.startswith(PREFIX):
+            continue
+        if name.startswith(_LABEL):
+            labels[name[len(_LABEL):]] = value
+            continue
+        key = name[len(PREFIX):].replace("-", "_")
+        context[key] = _typed(key, value.strip())
+    if labels:
+        context["labels"] = labels
+    return context or None
+
+
+def _typed(key: str, value: str) -> Any:
+    if key in _INTS:
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    if key in _BOOLS:
+        lowered = value.lower()
+        return True if lowered == "true" else False if lowered == "false" else value
+    return value
+
+
+def upstream_headers(headers: Iterable[tuple[str, str]], *, identity: bool) -> list[tuple[str, str]]:
+    """A client's request headers as they go upstream: its credentials unchanged, without hop-by-hop headers
+    or the `x-policy-*` context. `identity`: ask for an uncompressed body (the proxy reads it on the way)."""
+    kept = [(n, v) for n, v in headers if (low := n.lower()) not in _HOP_BY_HOP and not low.startswith(PREFIX)
+            and not (identity and low == "accept-encoding")]
+    if identity:
+        kept.append(("accept-encoding", "identity"))
+    return kept
+
+
+def client_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An upstream response's headers as they go back to the client (the server sets the framing)."""
+    items = headers.multi_items() if hasattr(headers, "multi_items") else headers.items() if isinstance(headers, Mapping) else headers
+    return [(n, v) for n, v in items if n.lower() not in _HOP_BY_HOP]
+
+
+def decision_headers(flight: Flight | None) -> list[tuple[str, str]]:
+    """What was decided for a proxied Messages request, for its response."""
+    if flight is None:
+        return [(PREFIX + "decision", "undecidable")]  # sent at standard speed, unmetered
+    decision = flight.decision
+    return [
+        (PREFIX + "speed", flight.speed),
+        (PREFIX + "decided-speed", decision.speed),
+        (PREFIX + "rule", decision.rule),
+        (PREFIX + "outcome", decision.outcome),
+        (PREFIX + "policy", f"{decision.policy_name}@{decision.policy_version}"),
+    ]
