@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-__all__ = ["policy_schema", "catalog_schema", "decision_record_schema", "write_schemas", "SCHEMA_FILES", "policy_reference_markdown"]
+__all__ = ["policy_schema", "catalog_schema", "decision_record_schema", "serve_openapi", "write_schemas", "SCHEMA_FILES", "policy_reference_markdown"]
 
 _BASE_ID = "https://policy-engine.dev/schemas/"
 
@@ -47,8 +47,15 @@ def decision_record_schema() -> dict[str, Any]:
                    "policy_engine decision-log record (v1)")
 
 
+def serve_openapi() -> dict[str, Any]:
+    """OpenAPI description of `policy-engine serve`'s decision API."""
+    from .serve.decisions import openapi
+
+    return openapi()
+
+
 SCHEMA_FILES = {"policy.schema.json": policy_schema, "catalog.schema.json": catalog_schema,
-                "decision-record.schema.json": decision_record_schema}
+                "decision-record.schema.json": decision_record_schema, "serve-openapi.json": serve_openapi}
 
 
 def render(schema: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ class Server:
     url: str
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
-    """What the server wrote to stderr so far."""
+    """What the server wrote (stderr and stdout) so far."""
 
     def stderr(self) -> str:
         return "".join(self.lines)
@@ -50,14 +50,14 @@ def start(policies: Sequence[str | Path], *, upstream: str, args: Sequence[str] 
           env: dict[str, str] | None = None, timeout_s: float = 30.0) -> Server:
     command = [sys.executable, "-m", "policy_engine", "serve", *map(str, policies), "--listen", "127.0.0.1:0",
                "--upstream", upstream, "--allow-http-upstream", *args]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **(env or {})})
     server = Server("", process)
     found = threading.Event()
 
     def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
+        assert process.stdout is not None
+        for line in process.stdout:
             server.lines.append(line)
             match = re.search(r"listening on (http://\S+)", line)
             if match and not found.is_set():

@@ -2,20 +2,25 @@
 
     policy-engine serve policies/default.yaml --listen 127.0.0.1:8080 --upstream https://api.anthropic.com
 
-Needs the `serve` extra (`pip install 'policy-engine[serve]'`: uvicorn and starlette). The proxy
-is a third driver of the one request life cycle (`integrations._core.exchange`), beside the SDK
-middleware and the httpx transports: see `proxy`. The decision API is in `decisions`.
+The server needs the `serve` extra (`pip install 'policy-engine[serve]'`: uvicorn and starlette).
+The proxy is a third driver of the one request life cycle (`integrations._core.exchange`), beside
+the SDK middleware and the httpx transports: see `proxy`. The decision API is `decisions` (its
+models and OpenAPI description need only pydantic).
 """
 
 from __future__ import annotations
 
-try:
-    import starlette  # noqa: F401
-    import uvicorn  # noqa: F401
-except ImportError as exc:  # pragma: no cover - exercised by installs without the extra
-    raise ImportError("policy-engine serve needs the serve extra: pip install 'policy-engine[serve]'") from exc
-
-from .app import ServeOptions, Service, create_app, run
-from .headers import PREFIX
+from typing import Any
 
 __all__ = ["ServeOptions", "Service", "create_app", "run", "PREFIX"]
+
+
+def __getattr__(name: str) -> Any:
+    # The server's parts import starlette: only when asked for, so the models load without the extra.
+    if name not in __all__:
+        raise AttributeError(name)
+    try:
+        from . import app, headers
+    except ImportError as exc:
+        raise ImportError(f"policy-engine serve needs the serve extra: pip install 'policy-engine[serve]' ({exc})") from exc
+    return getattr(headers if name == "PREFIX" else app, name)

@@ -209,7 +209,7 @@ def run(options: ServeOptions, *, access_log: bool = False) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((options.host, options.port))
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=access_log, lifespan="on",
+    config = uvicorn.Config(create_app(service), log_level="info" if access_log else "warning", access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=options.drain_timeout_s, server_header=False, date_header=False)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host

@@ -194,3 +194,55 @@ def _parsed(model: type[_Model], data: Any) -> Any:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiFailure(400, "invalid_body", f"{where}: {first['msg']}") from None
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the decision API (and the probes), from the models above."""
+    models: list[type[_Model]] = [DecideRequest, DecideResponse, SettleRequest, SettleResponse, ReleaseRequest,
+                                  ReleaseResponse, ErrorResponse]
+    components: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    errors = {str(status): {"description": meaning, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for status, meaning in _ERRORS.items()}
+
+    def verb(summary: str, request: type[_Model], response: type[_Model]) -> dict[str, Any]:
+        return {"post": {
+            "summary": summary, "security": [{}, {"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{request.__name__}"}}}},
+            "responses": {"200": {"description": "OK", "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{response.__name__}"}}}}, **errors}}}
+
+    probe = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "policy_engine decision API", "version": "1",
+                 "description": "Served by `policy-engine serve` beside its Messages API proxy. Auth: "
+                                "`Authorization: Bearer <token>` when the server runs with --auth-token-env."},
+        "paths": {
+            "/v1/decide": verb("Decide a request's speed and reserve its worst-case cost", DecideRequest, DecideResponse),
+            "/v1/settle": verb("Settle a decision with the response's usage", SettleRequest, SettleResponse),
+            "/v1/release": verb("Release a decision whose request was never billed", ReleaseRequest, ReleaseResponse),
+            "/healthz": {"get": {"summary": "The process is up", "responses": {"200": {
+                "description": "OK", "content": {"application/json": {"schema": probe}}}}}},
+            "/readyz": {"get": {"summary": "Policies loaded and shared state reachable (or not needed)", "responses": {
+                "200": {"description": "ready", "content": {"application/json": {"schema": probe}}},
+                "503": {"description": "not ready", "content": {"application/json": {"schema": probe}}}}}},
+        },
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+_ERRORS: dict[int, str] = {
+    400: "invalid_json, invalid_body, invalid_request, invalid_context or unknown_policy",
+    401: "unauthorized: the bearer token is missing or wrong",
+    403: "ceiling_exceeded: the policy rejects the request (a ceiling or budget)",
+    404: "unknown_decision: settled or released already, expired, or decided by another replica",
+    413: "request_too_large",
+    503: "state_unavailable: the shared budget state did not answer and the policy says reject",
+}

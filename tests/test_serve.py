@@ -1,0 +1,375 @@
+"""`policy-engine serve` as a real process in front of the emulator: the proxy's behaviour, its faults,
+the decision API, and operations (probes, reload, drain). Clients are the real anthropic SDK, httpx and sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import jsonschema
+import pytest
+
+from policy_engine.cli import main
+from policy_engine.ledger.sqlite import SqliteLedger
+from policy_engine.schemas import serve_openapi
+from policy_engine.serve.headers import context_from_headers, upstream_headers
+
+from tests._emulator import emulator, messages_params, write_policy  # noqa: F401 - fixtures
+from tests._serve import serving
+
+API_KEY = "sk-test-serve-key"
+TENANTS = """
+rules:
+  - name: background
+    when: "!context.interactive"
+    speed: standard
+  - name: slow-tenant
+    when: has(context.tenant) && context.tenant == 'thrifty'
+    speed: standard
+"""
+BUDGET = """
+budgets:
+  - name: daily
+    window: day
+    limit_usd: 100
+"""
+
+
+def client(url: str, **options: Any) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key=API_KEY, **options)
+
+
+def policy_headers(response: Any) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("x-policy-")}
+
+
+def ledger_spent_micro(path: Path) -> int:
+    """What the server's SQLite ledger settled (micro-dollars), read from its file."""
+    if not path.exists():
+        return 0
+    ledger = SqliteLedger(path)
+    try:
+        return sum(ledger.totals().values())
+    finally:
+        ledger.close()
+
+
+# -- headers (no server) ----------------------------------------------------------------------
+
+def test_context_headers_are_typed_and_labels_grouped() -> None:
+    headers = [("X-Policy-Tenant", "acme"), ("x-policy-latency-slo-ms", "8000"), ("x-policy-interactive", "true"),
+               ("x-policy-label-team", "search"), ("x-api-key", "k")]
+    assert context_from_headers(headers) == {"tenant": "acme", "latency_slo_ms": 8000, "interactive": True,
+                                             "labels": {"team": "search"}}
+    # A value that does not read as its type is passed on as it came: the engine refuses it.
+    assert context_from_headers([("x-policy-latency-slo-ms", "soon")]) == {"latency_slo_ms": "soon"}
+    assert context_from_headers([("accept", "*/*")]) is None
+
+
+def test_context_and_hop_headers_never_go_upstream() -> None:
+    sent = upstream_headers([("x-policy-tenant", "acme"), ("host", "proxy"), ("x-api-key", "k"),
+                             ("accept-encoding", "gzip"), ("connection", "keep-alive")], identity=True)
+    assert sent == [("x-api-key", "k"), ("accept-encoding", "identity")]
+
+
+# -- the proxy --------------------------------------------------------------------------------
+
+def test_messages_are_decided_by_context_headers_and_answer_with_the_decision(tmp_path: Path, emulator: Any) -> None:
+    policy = write_policy(tmp_path, TENANTS)
+    with serving(policy, upstream=emulator.url) as server:
+        sdk = client(server.url)
+        fast = sdk.messages.with_raw_response.create(**messages_params(), extra_headers={
+            "x-policy-interactive": "true", "x-policy-tenant": "acme"})
+        assert policy_headers(fast) == {"x-policy-speed": "fast", "x-policy-decided-speed": "fast",
+                                        "x-policy-rule": "default", "x-policy-outcome": "allowed",
+                                        "x-policy-policy": policy_headers(fast)["x-policy-policy"]}
+        assert fast.parse().usage.speed == "fast"
+        thrifty = sdk.messages.with_raw_response.create(**messages_params(), extra_headers={
+            "x-policy-interactive": "true", "x-policy-tenant": "thrifty"})
+        assert policy_headers(thrifty)["x-policy-rule"] == "slow-tenant"
+        assert sdk.messages.create(**messages_params()).usage.speed == "standard"  # not interactive
+    arrived = emulator.requests()
+    assert [r["speed"] for r in arrived] == ["fast", "standard", "standard"]
+    assert all(not any(k.lower().startswith("x-policy") for k in r.get("headers", {})) for r in arrived)
+
+
+def test_a_stream_passes_through_and_settles_when_it_ends(tmp_path: Path, emulator: Any) -> None:
+    emulator.configure(output_tokens=40, delta_tokens=2)
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url, args=["--ledger-path", str(ledger)]) as server:
+        with client(server.url).messages.stream(**messages_params()) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert text and final.usage.speed == "fast" and final.usage.output_tokens == 40
+    assert ledger_spent_micro(ledger) == emulator.bill_micro() > 0
+
+
+def test_count_tokens_and_other_paths_pass_through_untouched(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path), upstream=emulator.url) as server:
+        counted = client(server.url).messages.count_tokens(model="claude-opus-5",
+                                                           messages=[{"role": "user", "content": "Hello there"}])
+        assert counted.input_tokens > 0
+        models = httpx.get(server.url + "/v1/models", headers={"x-api-key": API_KEY})
+        assert models.status_code == emulator_status(emulator, "/v1/models")
+        assert "x-policy-speed" not in models.headers
+
+
+def emulator_status(emulator: Any, path: str) -> int:
+    return httpx.get(emulator.url + path, headers={"x-api-key": API_KEY}).status_code
+
+
+def test_a_batch_never_asks_for_fast_mode(tmp_path: Path, emulator: Any) -> None:
+    batch = {"requests": [{"custom_id": "a", "params": {**messages_params(), "speed": "fast"}}]}
+    with serving(write_policy(tmp_path), upstream=emulator.url) as server:
+        httpx.post(server.url + "/v1/messages/batches", json=batch,
+                   headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"})
+    sent = [r for r in emulator.requests() if r.get("path", "").startswith("/v1/messages/batches")]
+    assert sent, emulator.requests()
+    assert "speed" not in json.dumps(sent[0].get("body", {}))
+
+
+def test_a_ceiling_refusal_is_an_api_error_the_sdk_does_not_retry(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path, "ceilings:\n  per_request_usd: 0.0001\n"), upstream=emulator.url) as server:
+        with pytest.raises(anthropic.PermissionDeniedError, match="per_request") as caught:
+            client(server.url, max_retries=3).messages.create(**messages_params())
+        assert caught.value.response.headers["x-policy-error"] == "ceiling_exceeded"
+    assert emulator.requests() == []
+
+
+def test_an_invalid_context_header_is_refused_under_reject(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path, "on_invalid_context: reject\n"), upstream=emulator.url) as server:
+        with pytest.raises(anthropic.BadRequestError, match="latency_slo_ms") as caught:
+            client(server.url).messages.create(**messages_params(), extra_headers={"x-policy-latency-slo-ms": "soon"})
+        assert caught.value.response.headers["x-policy-error"] == "invalid_context"
+        with pytest.raises(anthropic.BadRequestError, match="unknown context key"):
+            client(server.url).messages.create(**messages_params(), extra_headers={"x-policy-tenat": "acme"})
+    assert emulator.requests() == []
+
+
+def test_a_fast_429_storm_falls_back_to_standard(tmp_path: Path, emulator: Any) -> None:
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET + "on_fast_rate_limited: fallback\n"), upstream=emulator.url,
+                 args=["--ledger-path", str(ledger)]) as server:
+        emulator.inject(429, speed="fast", times=50, retry_after="30")
+        sdk = client(server.url, max_retries=0)
+        answers = [policy_headers(sdk.messages.with_raw_response.create(**messages_params())) for _ in range(5)]
+    # The first is decided fast and falls back on its 429; the 429's retry-after then keeps the rest at standard.
+    assert answers[0]["x-policy-decided-speed"] == "fast" and answers[0]["x-policy-speed"] == "standard"
+    assert all(a["x-policy-decided-speed"] == a["x-policy-speed"] == "standard" for a in answers[1:])
+    assert {a["x-policy-outcome"] for a in answers[1:]} == {"downgraded"}
+    sent = [(r["status"], r["body"].get("speed", "standard")) for r in emulator.requests()]
+    assert sent == [(429, "fast")] + [(200, "standard")] * 5
+    assert ledger_spent_micro(ledger) == emulator.bill_micro()
+
+
+def test_the_upstream_down_is_a_502_and_nothing_is_counted(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=f"http://127.0.0.1:{port}",
+                 args=["--ledger-path", str(ledger)]) as server:
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            client(server.url, max_retries=0).messages.create(**messages_params())
+        assert caught.value.status_code == 502
+        assert caught.value.response.headers["x-policy-error"] == "upstream_unavailable"
+    assert ledger_spent_micro(ledger) == 0  # never reached a server: released
+
+
+def test_a_slow_upstream_times_out_as_504_counted_at_the_worst_case(tmp_path: Path, emulator: Any) -> None:
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url,
+                 args=["--ledger-path", str(ledger), "--upstream-timeout", "0.5"]) as server:
+        emulator.inject(None, hang_s=2.0)
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            client(server.url, max_retries=0).messages.create(**messages_params())
+        assert caught.value.status_code == 504
+    # The server may still have generated (and billed) it: counted at max_tokens of fast output.
+    assert ledger_spent_micro(ledger) >= emulator.bill_micro()
+    assert ledger_spent_micro(ledger) > 0
+
+
+def test_a_client_that_leaves_mid_stream_is_settled_at_the_worst_case(tmp_path: Path, emulator: Any) -> None:
+    emulator.configure(output_tokens=400, delta_tokens=1, standard_otps=400.0, fast_ratio=2.5)
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url, args=["--ledger-path", str(ledger)]) as server:
+        with httpx.stream("POST", server.url + "/v1/messages", json=messages_params(max_tokens=1000, stream=True),
+                          headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as response:
+            for line in response.iter_lines():
+                if "content_block_delta" in line:
+                    break  # and close the connection with the stream half read
+        deadline = time.monotonic() + 10
+        while ledger_spent_micro(ledger) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    counted = ledger_spent_micro(ledger)
+    assert counted >= emulator.bill_micro() > 0  # never less than billed
+    assert counted > emulator.bill_micro()  # max_tokens of output: the server may have gone on generating
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path), upstream=emulator.url, args=["--max-body-bytes", "1000"]) as server:
+        big = httpx.post(server.url + "/v1/messages", json=messages_params("x" * 5000), headers={"x-api-key": API_KEY})
+        assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
+    assert emulator.requests() == []
+
+
+def test_the_api_key_is_never_logged(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path), upstream=emulator.url, args=["--access-log"]) as server:
+        client(server.url).messages.create(**messages_params())
+        httpx.post(server.url + "/v1/messages", content=b"{", headers={"x-api-key": API_KEY})
+        server.stop()
+    assert "POST /v1/messages" in server.stderr()
+    assert API_KEY not in server.stderr()
+
+
+# -- the decision API -------------------------------------------------------------------------
+
+def test_decide_settle_release_round_trip_matches_the_openapi_description(tmp_path: Path, emulator: Any) -> None:
+    spec = serve_openapi()
+    schemas = spec["components"]["schemas"]
+
+    def valid(body: Any, name: str) -> None:
+        assert name in schemas
+        jsonschema.validate(body, {"$ref": f"#/components/schemas/{name}", "components": spec["components"]})
+
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url, args=["--ledger-path", str(ledger)]) as server:
+        decided = httpx.post(server.url + "/v1/decide", json={"params": messages_params(), "context": {"tenant": "a"}})
+        assert decided.status_code == 200, decided.text
+        body = decided.json()
+        valid(body, "DecideResponse")
+        assert body["speed"] == "fast" and body["params"]["speed"] == "fast"
+        assert body["headers"] == {"anthropic-beta": "fast-mode-2026-02-01"}
+        # The service sends the request itself, with what the API said ...
+        sent = httpx.post(emulator.url + "/v1/messages", json=body["params"],
+                          headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01", **body["headers"]}).json()
+        settled = httpx.post(server.url + "/v1/settle", json={"decision_id": body["decision_id"], "usage": sent["usage"]})
+        assert settled.status_code == 200, settled.text
+        valid(settled.json(), "SettleResponse")
+        assert settled.json()["speed"] == "fast"
+        again = httpx.post(server.url + "/v1/settle", json={"decision_id": body["decision_id"], "usage": sent["usage"]})
+        assert again.status_code == 404 and again.json()["error"]["code"] == "unknown_decision"
+        valid(again.json(), "ErrorResponse")
+        unsent = httpx.post(server.url + "/v1/decide", json={"params": messages_params()}).json()
+        released = httpx.post(server.url + "/v1/release", json={"decision_id": unsent["decision_id"]})
+        assert released.json() == {"decision_id": unsent["decision_id"], "released": True}
+        valid(released.json(), "ReleaseResponse")
+    assert ledger_spent_micro(ledger) == emulator.bill_micro()
+
+
+def test_settling_without_usage_counts_the_worst_case(tmp_path: Path, emulator: Any) -> None:
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url, args=["--ledger-path", str(ledger)]) as server:
+        decided = httpx.post(server.url + "/v1/decide", json={"params": messages_params(max_tokens=1000)}).json()
+        settled = httpx.post(server.url + "/v1/settle", json={"decision_id": decided["decision_id"], "usage": None})
+        assert settled.status_code == 200 and settled.json()["output_tokens"] == 1000
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"not json", "invalid_json"),
+    (b'{"params": 3}', "invalid_body"),
+    (b'{"params": {}, "extra": 1}', "invalid_body"),
+    (b'{"params": {"model": "claude-opus-5", "max_tokens": 10, "messages": []}, "policy": "nope"}', "unknown_policy"),
+    (b'{"params": {"model": "claude-opus-5", "max_tokens": 10, "messages": []}, "context": {"tenat": "a"}}',
+     "invalid_context"),
+])
+def test_decision_api_errors_are_json_with_a_code(tmp_path: Path, emulator: Any, body: bytes, code: str) -> None:
+    with serving(write_policy(tmp_path, "on_invalid_context: reject\n"), upstream=emulator.url) as server:
+        answer = httpx.post(server.url + "/v1/decide", content=body)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == code, answer.text
+
+
+def test_decision_api_bearer_auth(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path), upstream=emulator.url, args=["--auth-token-env", "PE_TOKEN"],
+                 env={"PE_TOKEN": "s3cret"}) as server:
+        body = {"params": messages_params()}
+        assert httpx.post(server.url + "/v1/decide", json=body).status_code == 401
+        assert httpx.post(server.url + "/v1/decide", json=body, headers={"authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.post(server.url + "/v1/decide", json=body, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["speed"] == "fast"
+        # The proxy is not behind it: clients authenticate to Anthropic with their own key.
+        assert client(server.url).messages.create(**messages_params()).usage.speed == "fast"
+
+
+def test_the_openapi_file_describes_every_decision_route() -> None:
+    spec = json.loads((Path(__file__).parent.parent / "schemas" / "serve-openapi.json").read_text())
+    assert spec == serve_openapi()
+    assert set(spec["paths"]) == {"/v1/decide", "/v1/settle", "/v1/release", "/healthz", "/readyz"}
+    jsonschema.Draft202012Validator.check_schema({"$defs": spec["components"]["schemas"]})
+
+
+# -- operations -------------------------------------------------------------------------------
+
+def test_probes(tmp_path: Path, emulator: Any) -> None:
+    with serving(write_policy(tmp_path), upstream=emulator.url) as server:
+        assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+        ready = httpx.get(server.url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["policies"] == {"always-fast": ready.json()["policies"]["always-fast"]}
+
+
+def test_readyz_follows_the_shared_state_and_on_state_unavailable(tmp_path: Path, emulator: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # no Redis there
+    reject = write_policy(tmp_path, "on_state_unavailable: reject\n", name="reject.yaml")
+    with serving(reject, upstream=emulator.url, args=["--redis", dead]) as server:
+        ready = httpx.get(server.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["state_reachable"] is False
+    standard = write_policy(tmp_path, "on_state_unavailable: standard\n", name="standard.yaml")
+    with serving(standard, upstream=emulator.url, args=["--redis", dead]) as server:
+        assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_sighup_reloads_the_policies(tmp_path: Path, emulator: Any) -> None:
+    policy = write_policy(tmp_path)
+    with serving(policy, upstream=emulator.url) as server:
+        sdk = client(server.url)
+        assert policy_headers(sdk.messages.with_raw_response.create(**messages_params()))["x-policy-speed"] == "fast"
+        policy.write_text(policy.read_text().replace("default: fast", "default: standard"))
+        server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            speed = policy_headers(sdk.messages.with_raw_response.create(**messages_params()))["x-policy-speed"]
+            if speed == "standard":
+                break
+            time.sleep(0.05)
+        assert speed == "standard"
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_settles_it(tmp_path: Path, emulator: Any) -> None:
+    emulator.configure(output_tokens=60, delta_tokens=1, standard_otps=100.0, fast_ratio=2.5)  # ~0.25 s of stream
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url,
+                 args=["--ledger-path", str(ledger), "--drain-timeout", "10"]) as server:
+        chunks = []
+        with httpx.stream("POST", server.url + "/v1/messages", json=messages_params(max_tokens=500, stream=True),
+                          headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                chunks.append(line)
+                if "content_block_delta" in line:
+                    server.signal(signal.SIGTERM)  # mid-stream
+                    break
+            chunks.extend(lines)
+        status = server.process.wait(20)
+    assert any("message_stop" in c for c in chunks), chunks[-3:]
+    assert status in (0, -signal.SIGTERM)
+    assert ledger_spent_micro(ledger) == emulator.bill_micro() > 0
+
+
+def test_serve_refuses_a_plain_http_upstream_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", str(write_policy(tmp_path)), "--upstream", "http://api.example.com"]) == 2
+    assert "--allow-http-upstream" in capsys.readouterr().err
+
+
+def test_serve_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "policy_engine", "serve", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--upstream" in out.stdout and "x-policy-" in out.stdout
