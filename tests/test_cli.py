@@ -85,7 +85,7 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 
 def test_every_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for verb in ("lint", "test", "explain", "eval", "simulate", "diff", "bench", "fmt", "schema", "check"):
+    for verb in ("lint", "test", "explain", "eval", "simulate", "diff", "bench", "fmt", "schema", "check", "serve"):
         status, out, _ = _run([verb, "--help"], capsys)
         assert status == 0 and out.startswith("usage: policy-engine " + verb)
 
@@ -94,7 +94,8 @@ def test_schema_still_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFi
     status, out, _ = _run(["schema"], capsys)
     assert status == 0 and json.loads(out)["title"]
     status, out, _ = _run(["schema", "--write", str(tmp_path)], capsys)
-    assert status == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["catalog.schema.json", "decision-record.schema.json", "policy.schema.json"]
+    assert status == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["catalog.schema.json", "decision-record.schema.json",
+                                                                          "policy.schema.json", "serve-openapi.json"]
 
 
 # -- test -------------------------------------------------------------------------------------
