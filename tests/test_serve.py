@@ -102,14 +102,26 @@ def test_messages_are_decided_by_context_headers_and_answer_with_the_decision(tm
 
 
 def test_a_stream_passes_through_and_settles_when_it_ends(tmp_path: Path, emulator: Any) -> None:
-    emulator.configure(output_tokens=40, delta_tokens=2)
+    emulator.configure(output_tokens=40, delta_tokens=2, standard_otps=200.0, fast_ratio=2.5)  # ~0.1 s of stream
     ledger = tmp_path / "ledger.sqlite"
     with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url, args=["--ledger-path", str(ledger)]) as server:
         with client(server.url).messages.stream(**messages_params()) as stream:
-            text = "".join(stream.text_stream)
+            pieces = iter(stream.text_stream)
+            first = next(pieces)
+            assert ledger_spent_micro(ledger) == 0  # under way: reserved, not settled
+            text = first + "".join(pieces)
             final = stream.get_final_message()
         assert text and final.usage.speed == "fast" and final.usage.output_tokens == 40
-    assert ledger_spent_micro(ledger) == emulator.bill_micro() > 0
+        assert wait_for(lambda: ledger_spent_micro(ledger) == emulator.bill_micro() > 0)  # settled at its end
+
+
+def wait_for(condition: Any, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_count_tokens_and_other_paths_pass_through_untouched(tmp_path: Path, emulator: Any) -> None:
@@ -206,9 +218,7 @@ def test_a_client_that_leaves_mid_stream_is_settled_at_the_worst_case(tmp_path: 
             for line in response.iter_lines():
                 if "content_block_delta" in line:
                     break  # and close the connection with the stream half read
-        deadline = time.monotonic() + 10
-        while ledger_spent_micro(ledger) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_for(lambda: ledger_spent_micro(ledger) > 0)
     counted = ledger_spent_micro(ledger)
     assert counted >= emulator.bill_micro() > 0  # never less than billed
     assert counted > emulator.bill_micro()  # max_tokens of output: the server may have gone on generating
