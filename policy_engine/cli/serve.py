@@ -76,7 +76,9 @@ def _options(args: argparse.Namespace) -> Any:
     except (UpstreamRefused, ValueError) as exc:
         raise UsageError(str(exc)) from None
     host, port = _listen(args.listen)
-    ledger = ratelimits = decision_log = None
+    ledger: Any = None
+    ratelimits: Any = None
+    decision_log: Any = None
     if args.redis:
         from ..ledger.redis import RedisLedger, RedisRateLimitStore
 

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -210,7 +211,7 @@ def run(options: ServeOptions, *, access_log: bool = False) -> int:
     sock.bind((options.host, options.port))
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(service), log_level="info" if access_log else "warning", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=options.drain_timeout_s, server_header=False, date_header=False)
+                            timeout_graceful_shutdown=math.ceil(options.drain_timeout_s), server_header=False, date_header=False)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"policy-engine serve: listening on http://{shown}:{port} (upstream {options.upstream}; "
