@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench schemas clean redis-server chromium shellcheck lcov release-check
+.PHONY: test demo bench schemas clean redis-server chromium shellcheck lcov curl node-sdk release-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ apt-install = command -v $(1) >/dev/null 2>&1 || { \
 redis-server:
 	@$(call apt-install,redis-server,redis-server)
 
+# The serve client tests call the proxy with curl and with the official TypeScript SDK under node:
+# Debian's node and npm, then the SDK at the version tests/ts/package-lock.json pins (again only
+# when the lock file changed since the last install).
+curl:
+	@$(call apt-install,curl,curl)
+
+NODE_STAMP := tests/ts/node_modules/.installed
+
+$(NODE_STAMP): tests/ts/package.json tests/ts/package-lock.json
+	@$(call apt-install,node,nodejs npm)
+	@$(call apt-install,npm,npm)
+	npm ci --prefix tests/ts --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-sdk: $(NODE_STAMP)
+
 # The HTML report tests open the pages in Debian's headless Chromium (no browser download).
 chromium:
 	@$(call apt-install,chromium,chromium)
@@ -51,7 +67,7 @@ lcov:
 
 # Every test against the compiled build (what installs get), then the decision path's own tests
 # against its pure-Python sources (what an install without a C compiler gets): both must agree.
-test: $(STAMP) redis-server chromium shellcheck lcov
+test: $(STAMP) redis-server chromium shellcheck lcov curl node-sdk
 	$(BIN)/python -m pytest -q
 	POLICY_ENGINE_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_decide.py tests/test_decide_settle.py \
 	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py \

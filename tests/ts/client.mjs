@@ -1,0 +1,89 @@
+// The official TypeScript SDK (@anthropic-ai/sdk) as a client of `policy-engine serve`.
+//
+//   node tests/ts/client.mjs BASE_URL < spec.json
+//
+// spec: {"api_key": "...", "requests": [{"mode": "create" | "stream" | "create_stream",
+//        "params": {...Messages params...}, "headers": {"x-policy-tenant": "acme", ...}}, ...]}
+// mode: `create` is messages.create(...).withResponse(); `stream` the messages.stream() helper;
+// `create_stream` messages.create({stream: true}).withResponse() read event by event.
+// Prints one JSON object: {"sdk": version, "results": [...]}, each result
+// {"status", "headers": {x-policy-* of the response}, "usage", "text", "events"} or, for a request
+// the SDK raised on, {"status", "headers", "error": {"name", "message", "type"}}.
+// Requests run one after the other, in order; no retries (a failure must show).
+
+import Anthropic from "@anthropic-ai/sdk";
+import { VERSION } from "@anthropic-ai/sdk/version";
+
+function policyHeaders(headers) {
+  const out = {};
+  if (!headers) return out;
+  for (const [name, value] of headers.entries()) {
+    if (name.toLowerCase().startsWith("x-policy-")) out[name.toLowerCase()] = value;
+  }
+  return out;
+}
+
+function textOf(message) {
+  return (message.content || []).filter((b) => b.type === "text").map((b) => b.text).join("");
+}
+
+async function run(client, request) {
+  const options = { headers: request.headers || {} };
+  if (request.mode === "create") {
+    const { data, response } = await client.messages.create(request.params, options).withResponse();
+    return { status: response.status, headers: policyHeaders(response.headers), usage: data.usage, text: textOf(data),
+             events: null };
+  }
+  if (request.mode === "stream") {
+    const stream = client.messages.stream(request.params, options);
+    const { response } = await stream.withResponse();
+    let events = 0;
+    for await (const _event of stream) events += 1;
+    const message = await stream.finalMessage();
+    return { status: response.status, headers: policyHeaders(response.headers), usage: message.usage,
+             text: textOf(message), events };
+  }
+  if (request.mode === "create_stream") {
+    const { data, response } = await client.messages.create({ ...request.params, stream: true }, options).withResponse();
+    let events = 0;
+    let usage = null;
+    let text = "";
+    for await (const event of data) {
+      events += 1;
+      if (event.type === "message_start") usage = { ...event.message.usage };
+      else if (event.type === "message_delta") usage = { ...usage, ...event.usage };
+      else if (event.type === "content_block_delta" && event.delta.type === "text_delta") text += event.delta.text;
+    }
+    return { status: response.status, headers: policyHeaders(response.headers), usage, text, events };
+  }
+  throw new Error(`unknown mode ${JSON.stringify(request.mode)}`);
+}
+
+async function readStdin() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(chunk);
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+async function main() {
+  const baseURL = process.argv[2];
+  if (!baseURL) throw new Error("usage: node client.mjs BASE_URL < spec.json");
+  const spec = JSON.parse(await readStdin());
+  const client = new Anthropic({ baseURL, apiKey: spec.api_key, maxRetries: 0, timeout: 30_000 });
+  const results = [];
+  for (const request of spec.requests) {
+    try {
+      results.push(await run(client, request));
+    } catch (error) {
+      if (!(error instanceof Anthropic.APIError)) throw error;
+      results.push({ status: error.status ?? null, headers: policyHeaders(error.headers),
+                     error: { name: error.name, message: error.message, type: error.error?.error?.type ?? null } });
+    }
+  }
+  process.stdout.write(JSON.stringify({ sdk: VERSION, results }) + "\n");
+}
+
+main().catch((error) => {
+  process.stderr.write(`${error?.stack || error}\n`);
+  process.exit(1);
+});
