@@ -236,20 +236,24 @@ def wire(entry: dict[str, Any]) -> tuple[str, bool]:
 # -- the clients -------------------------------------------------------------------------------------------
 
 
+def text_of(message: Any) -> str:
+    return "".join(getattr(block, "text", "") for block in message.content)
+
+
 def python_call(mode: str, url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[dict[str, str], Any]:
     """One Messages request with the Python SDK: (the response's x-policy-* headers, the usage)."""
     if mode == "sync":
         with anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0) as client:
             raw = client.messages.with_raw_response.create(**body, extra_headers=headers)
             message = raw.parse()
-            assert message.content[0].text
+            assert text_of(message)
             return policy_headers(raw.headers), message.usage
     if mode == "stream":
         with anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0) as client:
             with client.messages.stream(**body, extra_headers=headers) as stream:
                 events = sum(1 for _ in stream)
                 message = stream.get_final_message()
-                assert events > 0 and message.content[0].text
+                assert events > 0 and text_of(message)
                 return policy_headers(stream.response.headers), message.usage
 
     async def run() -> tuple[dict[str, str], Any]:
@@ -257,7 +261,7 @@ def python_call(mode: str, url: str, body: dict[str, Any], headers: dict[str, st
             if mode == "async":
                 raw = await client.messages.with_raw_response.create(**body, extra_headers=headers)
                 message = await raw.parse()
-                assert message.content[0].text
+                assert text_of(message)
                 return policy_headers(raw.headers), message.usage
             assert mode == "async_stream", mode
             async with client.messages.stream(**body, extra_headers=headers) as stream:
@@ -265,7 +269,7 @@ def python_call(mode: str, url: str, body: dict[str, Any], headers: dict[str, st
                 async for _ in stream:
                     events += 1
                 message = await stream.get_final_message()
-                assert events > 0 and message.content[0].text
+                assert events > 0 and text_of(message)
                 return policy_headers(stream.response.headers), message.usage
 
     return asyncio.run(run())
@@ -352,6 +356,17 @@ def test_typescript_sdk_with_and_without_streaming(served: Served, emu: Emulator
     assert [wire(e) for e in upstream] == [("fast", True), ("standard", False)] * 3
     assert [e["stream"] for e in upstream] == [False, False, True, True, True, True]
     books.settled()
+
+
+def test_typescript_sdk_count_tokens_passes_through_undecided(served: Served, emu: Emulator) -> None:
+    seen = len(emu.requests())
+    [result] = ts_calls(served.url, [{"mode": "count_tokens", "params": params(),
+                                      "headers": {"x-policy-interactive": "true"}}])
+    assert result["status"] == 200 and result["usage"]["input_tokens"] > 0, result
+    assert result["headers"] == {}  # nothing decided, nothing reserved
+    [entry] = emu.requests()[seen:]
+    assert entry["path"] == "/v1/messages/count_tokens" and "speed" not in entry["body"]
+    assert not [h for h in entry["headers"] if h.lower().startswith("x-policy-")]
 
 
 def test_typescript_sdk_sees_the_proxys_refusal_as_an_api_error(served: Served, emu: Emulator) -> None:
@@ -506,10 +521,12 @@ def test_decision_api_round_trip(kind: str, either: Served, emu: Emulator) -> No
 def test_decision_api_errors_keep_their_shape(served_auth: Served) -> None:
     """Bad bodies are refused in the decision API's own error shape, after the token is checked."""
     api = DecisionClient("httpx", served_auth.url)
-    for body, code in [({"params": params(), "context": {"latency_slo_ms": "soon"}}, "invalid_context"),
-                       ({"prams": params()}, "invalid_body"),
-                       ({"decision_id": "no-such-decision", "usage": None}, "unknown_decision")]:
-        path = "/v1/settle" if "decision_id" in body else "/v1/decide"
+    refused: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/decide", {"params": params(), "context": {"latency_slo_ms": "soon"}}, "invalid_context"),
+        ("/v1/decide", {"prams": params()}, "invalid_body"),
+        ("/v1/settle", {"decision_id": "no-such-decision", "usage": None}, "unknown_decision"),
+    ]
+    for path, body, code in refused:
         status, answer = api.post(path, body, TOKEN)
         assert status in (400, 404) and answer["error"]["code"] == code, answer
         assert set(answer) == {"error"} and set(answer["error"]) == {"code", "message"}

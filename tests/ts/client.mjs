@@ -2,10 +2,11 @@
 //
 //   node tests/ts/client.mjs BASE_URL < spec.json
 //
-// spec: {"api_key": "...", "requests": [{"mode": "create" | "stream" | "create_stream",
+// spec: {"api_key": "...", "requests": [{"mode": "create" | "stream" | "create_stream" | "count_tokens",
 //        "params": {...Messages params...}, "headers": {"x-policy-tenant": "acme", ...}}, ...]}
 // mode: `create` is messages.create(...).withResponse(); `stream` the messages.stream() helper;
-// `create_stream` messages.create({stream: true}).withResponse() read event by event.
+// `create_stream` messages.create({stream: true}).withResponse() read event by event; `count_tokens`
+// messages.countTokens() (its result as "usage": a path the proxy passes through undecided).
 // Prints one JSON object: {"sdk": version, "results": [...]}, each result
 // {"status", "headers": {x-policy-* of the response}, "usage", "text", "events"} or, for a request
 // the SDK raised on, {"status", "headers", "error": {"name", "message", "type"}}.
@@ -55,6 +56,12 @@ async function run(client, request) {
       else if (event.type === "content_block_delta" && event.delta.type === "text_delta") text += event.delta.text;
     }
     return { status: response.status, headers: policyHeaders(response.headers), usage, text, events };
+  }
+  if (request.mode === "count_tokens") {
+    const { model, messages, system } = request.params;
+    const { data, response } = await client.messages.countTokens({ model, messages, ...(system ? { system } : {}) },
+                                                                 options).withResponse();
+    return { status: response.status, headers: policyHeaders(response.headers), usage: data, text: null, events: null };
   }
   throw new Error(`unknown mode ${JSON.stringify(request.mode)}`);
 }
