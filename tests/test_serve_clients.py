@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -275,11 +276,13 @@ def python_call(mode: str, url: str, body: dict[str, Any], headers: dict[str, st
     return asyncio.run(run())
 
 
-def ts_calls(url: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Requests with the TypeScript SDK (tests/ts/client.mjs), one node process for all, in order."""
-    spec = {"api_key": API_KEY, "requests": requests}
-    done = subprocess.run([node(), str(TS_CLIENT), url], input=json.dumps(spec), capture_output=True, text=True,
-                          timeout=120, cwd=TS_DIR)
+def ts_calls(url: str | None, requests: list[dict[str, Any]], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Requests with the TypeScript SDK (tests/ts/client.mjs), one node process for all, in order. `url` None: the
+    SDK finds the server in ANTHROPIC_BASE_URL (and the key in ANTHROPIC_API_KEY) of `env`."""
+    spec = {"api_key": API_KEY if url else None, "requests": requests}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    done = subprocess.run([node(), str(TS_CLIENT), *([url] if url else [])], input=json.dumps(spec),
+                          capture_output=True, text=True, timeout=120, cwd=TS_DIR, env={**environ, **(env or {})})
     assert done.returncode == 0, f"node client failed ({done.returncode}):\n{done.stderr}"
     out = json.loads(done.stdout)
     assert out["sdk"] == pinned_ts_sdk()  # the very SDK the lock file pins
@@ -355,6 +358,25 @@ def test_typescript_sdk_with_and_without_streaming(served: Served, emu: Emulator
     upstream = books.upstream()
     assert [wire(e) for e in upstream] == [("fast", True), ("standard", False)] * 3
     assert [e["stream"] for e in upstream] == [False, False, True, True, True, True]
+    books.settled()
+
+
+def test_typescript_sdk_finds_the_proxy_in_anthropic_base_url_and_the_beta_surface_keeps_its_betas(
+        served: Served, emu: Emulator) -> None:
+    """Set up as Claude Code is (ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY), on the beta surface, with betas of its own:
+    the fast-mode beta is added beside the caller's."""
+    assert served.ledger is not None
+    books = Books(emu, served.ledger)
+    body = {**params(), "betas": ["context-management-2025-06-27"]}
+    results = ts_calls(None, [{"mode": "beta_create", "params": body, "headers": {"x-policy-interactive": "true"}},
+                              {"mode": "beta_create", "params": body, "headers": {}}],
+                       env={"ANTHROPIC_BASE_URL": served.url, "ANTHROPIC_API_KEY": API_KEY})
+    assert [(r["status"], r["headers"]["x-policy-speed"], r["usage"]["speed"]) for r in results] == [
+        (200, "fast", "fast"), (200, "standard", "standard")]
+    fast, slow = books.upstream()
+    assert fast["headers"]["anthropic-beta"].split(",") == ["context-management-2025-06-27", "fast-mode-2026-02-01"]
+    assert slow["headers"]["anthropic-beta"].split(",") == ["context-management-2025-06-27"]
+    assert (fast["body"]["speed"], "speed" in slow["body"]) == ("fast", False)
     books.settled()
 
 
@@ -434,11 +456,14 @@ MESSAGES_HEADERS = {"x-api-key": API_KEY, "anthropic-version": ANTHROPIC_VERSION
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_curl_messages_request_through_the_proxy(stream: bool, either: Served, emu: Emulator) -> None:
     """A plain HTTP client gets the decision in headers; with auth on, the Messages path still wants only the
-    client's own API key (passed on upstream), not the decision API's token."""
+    client's own API key (passed on upstream), not the decision API's token. The stream goes as Claude Code sends
+    its requests: to /v1/messages?beta=true, with a beta of its own."""
     seen = len(emu.requests())
-    status, headers, text = curl(either.url + "/v1/messages", body={**params(), "stream": stream},
-                                 headers={**MESSAGES_HEADERS, "x-policy-tenant": "acme", "x-policy-label-team": "search"},
-                                 stream=stream)
+    beta = {"anthropic-beta": "context-management-2025-06-27"} if stream else {}
+    status, headers, text = curl(either.url + "/v1/messages" + ("?beta=true" if stream else ""),
+                                 body={**params(), "stream": stream}, stream=stream,
+                                 headers={**MESSAGES_HEADERS, **beta, "x-policy-tenant": "acme",
+                                          "x-policy-label-team": "search"})
     assert status == 200, text
     assert decided(headers) == ("fast", "search-team", "allowed") and headers["x-policy-speed"] == "fast"
     if stream:
@@ -452,6 +477,8 @@ def test_curl_messages_request_through_the_proxy(stream: bool, either: Served, e
         assert json.loads(text)["usage"]["speed"] == "fast"
     [entry] = wait_until(lambda: emu.requests()[seen:], "the emulator's record")
     assert wire(entry) == ("fast", True) and entry["headers"]["x-api-key"] == "<redacted>"
+    assert entry["query"] == ("beta=true" if stream else "")
+    assert entry["headers"]["anthropic-beta"].split(",") == [*beta.values(), "fast-mode-2026-02-01"]
 
 
 class DecisionClient:

@@ -1,10 +1,11 @@
 // The official TypeScript SDK (@anthropic-ai/sdk) as a client of `policy-engine serve`.
 //
-//   node tests/ts/client.mjs BASE_URL < spec.json
+//   node tests/ts/client.mjs [BASE_URL] < spec.json
 //
 // spec: {"api_key": "...", "requests": [{"mode": "create" | "stream" | "create_stream" | "count_tokens",
 //        "params": {...Messages params...}, "headers": {"x-policy-tenant": "acme", ...}}, ...]}
-// mode: `create` is messages.create(...).withResponse(); `stream` the messages.stream() helper;
+// mode: `create` is messages.create(...).withResponse(), `beta_create` the same on client.beta.messages
+// (POST /v1/messages?beta=true, `betas` as the anthropic-beta header); `stream` the messages.stream() helper;
 // `create_stream` messages.create({stream: true}).withResponse() read event by event; `count_tokens`
 // messages.countTokens() (its result as "usage": a path the proxy passes through undecided).
 // Prints one JSON object: {"sdk": version, "results": [...]}, each result
@@ -32,6 +33,11 @@ async function run(client, request) {
   const options = { headers: request.headers || {} };
   if (request.mode === "create") {
     const { data, response } = await client.messages.create(request.params, options).withResponse();
+    return { status: response.status, headers: policyHeaders(response.headers), usage: data.usage, text: textOf(data),
+             events: null };
+  }
+  if (request.mode === "beta_create") {
+    const { data, response } = await client.beta.messages.create(request.params, options).withResponse();
     return { status: response.status, headers: policyHeaders(response.headers), usage: data.usage, text: textOf(data),
              events: null };
   }
@@ -73,10 +79,11 @@ async function readStdin() {
 }
 
 async function main() {
+  // No BASE_URL argument: the SDK's own default, ANTHROPIC_BASE_URL (and ANTHROPIC_API_KEY), as Claude Code reads.
   const baseURL = process.argv[2];
-  if (!baseURL) throw new Error("usage: node client.mjs BASE_URL < spec.json");
   const spec = JSON.parse(await readStdin());
-  const client = new Anthropic({ baseURL, apiKey: spec.api_key, maxRetries: 0, timeout: 30_000 });
+  const client = new Anthropic({ ...(baseURL ? { baseURL } : {}), ...(spec.api_key ? { apiKey: spec.api_key } : {}),
+                                 maxRetries: 0, timeout: 30_000 });
   const results = [];
   for (const request of spec.requests) {
     try {
