@@ -27,6 +27,7 @@ import anthropic
 import httpx
 import pytest
 
+from policy_engine.catalog import actual, load_catalog
 from policy_engine.decide import Engine, load
 from policy_engine.integrations.anthropic import FastModePolicy, policy_context
 from policy_engine.ledger.sqlite import SqliteLedger
@@ -40,6 +41,7 @@ API_KEY = "sk-test-clients"
 TOKEN = "pe-clients-test-token"
 TOKEN_ENV = "PE_TEST_SERVE_TOKEN"
 ANTHROPIC_VERSION = "2023-06-01"
+CATALOG = load_catalog()
 
 POLICY = """\
 version: 1
@@ -378,6 +380,29 @@ def test_typescript_sdk_finds_the_proxy_in_anthropic_base_url_and_the_beta_surfa
     assert slow["headers"]["anthropic-beta"].split(",") == ["context-management-2025-06-27"]
     assert (fast["body"]["speed"], "speed" in slow["body"]) == ("fast", False)
     books.settled()
+
+
+def test_a_stream_the_typescript_sdk_leaves_early_is_settled_at_the_worst_case(served: Served, emu: Emulator) -> None:
+    """The client aborts after a few events: the proxy stops relaying, and the policy's on_incomplete_stream
+    (worst_case: max_tokens of output) settles the reservation, at or above what the emulator billed."""
+    assert served.ledger is not None
+    books = Books(emu, served.ledger)
+    emu.configure(standard_otps=200, output_tokens=120, delta_tokens=1)  # 0.6 s of output: time to leave
+    try:
+        [result] = ts_calls(served.url, [{"mode": "stream_abort", "abort_after": 4,
+                                          "params": {**params(), "max_tokens": 150}, "headers": {}}])
+        [entry] = wait_until(lambda: [e for e in books.upstream() if e["usage"] is not None], "the emulator's bill")
+    finally:
+        emu.configure(standard_otps=None, output_tokens=16, delta_tokens=4)
+    assert result["status"] == 200 and result["events"] == 4 and result["headers"]["x-policy-speed"] == "standard"
+    assert 0 < entry["usage"]["output_tokens"] < 120  # billed for what was generated before the client left
+    worst = actual(CATALOG.model("claude-opus-5"), {**entry["usage"], "output_tokens": 150, "speed": "standard"})
+
+    def counted() -> int:
+        return ledger_spent(served.ledger) - books.spent0 if ledger_held(served.ledger) <= books.held0 else 0
+
+    assert wait_until(counted, "the abandoned stream's settlement") == worst
+    assert worst > emu.bill_micro() - books.bill0 > 0
 
 
 def test_typescript_sdk_count_tokens_passes_through_undecided(served: Served, emu: Emulator) -> None:

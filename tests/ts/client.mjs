@@ -6,7 +6,8 @@
 //        "params": {...Messages params...}, "headers": {"x-policy-tenant": "acme", ...}}, ...]}
 // mode: `create` is messages.create(...).withResponse(), `beta_create` the same on client.beta.messages
 // (POST /v1/messages?beta=true, `betas` as the anthropic-beta header); `stream` the messages.stream() helper;
-// `create_stream` messages.create({stream: true}).withResponse() read event by event; `count_tokens`
+// `create_stream` messages.create({stream: true}).withResponse() read event by event (`stream_abort`: left after
+// the request's `abort_after` events); `count_tokens`
 // messages.countTokens() (its result as "usage": a path the proxy passes through undecided).
 // Prints one JSON object: {"sdk": version, "results": [...]}, each result
 // {"status", "headers": {x-policy-* of the response}, "usage", "text", "events"} or, for a request
@@ -62,6 +63,16 @@ async function run(client, request) {
       else if (event.type === "content_block_delta" && event.delta.type === "text_delta") text += event.delta.text;
     }
     return { status: response.status, headers: policyHeaders(response.headers), usage, text, events };
+  }
+  if (request.mode === "stream_abort") {
+    // Leave a stream after `abort_after` events: breaking out of the loop aborts the HTTP request.
+    const { data, response } = await client.messages.create({ ...request.params, stream: true }, options).withResponse();
+    let events = 0;
+    for await (const _event of data) {
+      events += 1;
+      if (events >= request.abort_after) break;
+    }
+    return { status: response.status, headers: policyHeaders(response.headers), usage: null, text: null, events };
   }
   if (request.mode === "count_tokens") {
     const { model, messages, system } = request.params;
