@@ -399,7 +399,7 @@ def test_a_stream_the_typescript_sdk_leaves_early_is_settled_at_the_worst_case(s
     worst = actual(CATALOG.model("claude-opus-5"), {**entry["usage"], "output_tokens": 150, "speed": "standard"})
 
     def counted() -> int:
-        return ledger_spent(served.ledger) - books.spent0 if ledger_held(served.ledger) <= books.held0 else 0
+        return ledger_spent(books.ledger) - books.spent0 if ledger_held(books.ledger) <= books.held0 else 0
 
     assert wait_until(counted, "the abandoned stream's settlement") == worst
     assert worst > emu.bill_micro() - books.bill0 > 0
