@@ -2,13 +2,14 @@
 //
 //   node tests/ts/client.mjs [BASE_URL] < spec.json
 //
-// spec: {"api_key": "...", "requests": [{"mode": "create" | "stream" | "create_stream" | "count_tokens",
-//        "params": {...Messages params...}, "headers": {"x-policy-tenant": "acme", ...}}, ...]}
-// mode: `create` is messages.create(...).withResponse(), `beta_create` the same on client.beta.messages
-// (POST /v1/messages?beta=true, `betas` as the anthropic-beta header); `stream` the messages.stream() helper;
-// `create_stream` messages.create({stream: true}).withResponse() read event by event (`stream_abort`: left after
-// the request's `abort_after` events); `count_tokens`
-// messages.countTokens() (its result as "usage": a path the proxy passes through undecided).
+// spec: {"api_key": "..." (null: ANTHROPIC_API_KEY), "requests": [{"mode": ..., "params": {...Messages params...},
+//        "headers": {"x-policy-tenant": "acme", ...}}, ...]}
+// modes: `create`        messages.create(...).withResponse()
+//        `beta_create`   the same on client.beta.messages (`betas` go as the anthropic-beta header)
+//        `stream`        the messages.stream() helper, read to its final message
+//        `create_stream` messages.create({stream: true}).withResponse(), read event by event
+//        `stream_abort`  the same, left (the request aborted) after the request's `abort_after` events
+//        `count_tokens`  messages.countTokens() (its result as "usage": a path the proxy passes on undecided)
 // Prints one JSON object: {"sdk": version, "results": [...]}, each result
 // {"status", "headers": {x-policy-* of the response}, "usage", "text", "events"} or, for a request
 // the SDK raised on, {"status", "headers", "error": {"name", "message", "type"}}.
