@@ -19,7 +19,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import pytest
 
 from policy_engine.catalog import actual, load_catalog
 from policy_engine.decide import Engine, load
+from policy_engine.decisionlog import DecisionLog, Sink
 from policy_engine.integrations.anthropic import FastModePolicy, policy_context
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.testing.emulator import Emulator
@@ -292,27 +293,34 @@ def ts_calls(url: str | None, requests: list[dict[str, Any]], env: dict[str, str
     return out["results"]  # type: ignore[no-any-return]
 
 
+class Collected(Sink):
+    """A decision-log sink keeping the records in memory: what the in-process middleware decided."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, records: Sequence[dict[str, Any]], lines: Sequence[str]) -> None:
+        self.records.extend(records)
+
+
 def in_process(emu: Emulator, policy_path: Path) -> list[tuple[tuple[str, str, str], tuple[str, bool]]]:
     """Each case through the in-process middleware straight to the emulator: (decision, what went upstream)."""
-    engine: Engine = load(policy_path)
-    decisions: list[Any] = []
-    decide = engine.decide
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        decisions.append(decide(*args, **kwargs))
-        return decisions[-1]
-
-    engine.decide = recording  # type: ignore[method-assign]
+    collected = Collected()
+    log = DecisionLog(collected)
+    engine: Engine = load(policy_path, decision_log=log)
     seen = len(emu.requests())
     with anthropic.Anthropic(base_url=emu.url, api_key=API_KEY, max_retries=0,
                              middleware=[FastModePolicy(engine)]) as client:
         for body, context, _ in CASES:
             with policy_context(**context):
                 client.messages.create(**body)
+    assert log.flush()
+    log.close()
+    decisions = [r["decision"] for r in collected.records]
     assert len(decisions) == len(CASES)
     sent = emu.requests()[seen:]
     assert len(sent) == len(CASES) and all(e["status"] == 200 for e in sent)
-    return [((d.speed, d.rule, d.outcome), wire(e)) for d, e in zip(decisions, sent)]
+    return [((d["speed"], d["rule"], d["outcome"]), wire(e)) for d, e in zip(decisions, sent)]
 
 
 # -- the Python SDK ----------------------------------------------------------------------------------------
