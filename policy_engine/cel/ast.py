@@ -395,13 +395,15 @@ class _Builder:
     def t_member_dot_arg(self, t: Tree) -> Node:
         operand, name = t.children[0], t.children[1]
         target = self.build(operand)
-        args = self._args(t.children[2:])
-        fn = str(name)
+        return self.method_call(str(name), name.start_pos, t.meta.end_pos, target, self._args(t.children[2:]))
+
+    def method_call(self, fn: str, off: int, end: int, target: Node, args: list[Node]) -> Node:
+        """`target.fn(args)`: a method call, or one of the macros written as one (`cel.bind`, `exists`, ...)."""
         if fn == "bind" and isinstance(target, Ident) and target.name == "cel" and not target.root:
-            return self._bind(name.start_pos, t.meta.end_pos, args)
+            return self._bind(off, end, args)
         if fn in MACROS:
-            return self._macro(fn, name.start_pos, t.meta.end_pos, target, args)
-        return Call(name.start_pos, t.meta.end_pos, fn, args, target)
+            return self._macro(fn, off, end, target, args)
+        return Call(off, end, fn, args, target)
 
     def _var(self, fn: str, var: Node) -> Ident | None:
         if not isinstance(var, Ident) or var.root:
@@ -471,18 +473,20 @@ class _Builder:
 
     def t_ident_arg(self, t: Tree) -> Node:
         name = t.children[0]
-        args = self._args(t.children[1:])
-        fn = str(name)
+        return self.function_call(str(name), name.start_pos, t.meta.end_pos, self._args(t.children[1:]))
+
+    def function_call(self, fn: str, off: int, end: int, args: list[Node]) -> Node:
+        """`fn(args)`: a function call, or the macro `has(x.f)`."""
         if fn == "has":
             if len(args) != 1:
-                self.issue(name.start_pos, f"macro 'has' takes 1 argument, got {len(args)}", "macro-arity", end=t.meta.end_pos)
-                return Invalid(name.start_pos, t.meta.end_pos)
+                self.issue(off, f"macro 'has' takes 1 argument, got {len(args)}", "macro-arity", end=end)
+                return Invalid(off, end)
             arg = args[0]
             if not isinstance(arg, Select):
                 self.issue(arg.offset, "has() requires a field selection argument, e.g. has(x.field)", "has-arg", end=arg.end)
-                return Invalid(name.start_pos, t.meta.end_pos)
-            return Select(arg.offset, t.meta.end_pos, arg.operand, arg.field, test_only=True)
-        return Call(name.start_pos, t.meta.end_pos, fn, args)
+                return Invalid(off, end)
+            return Select(arg.offset, end, arg.operand, arg.field, test_only=True)
+        return Call(off, end, fn, args)
 
     def t_ident(self, t: Tree) -> Node:
         name = t.children[0]
@@ -516,9 +520,10 @@ class _Builder:
 
     def t_literal(self, t: Tree) -> Node:
         tok: Token = t.children[0]
-        s, e = tok.start_pos, tok.end_pos
-        text = str(tok)
-        typ = tok.type
+        return self.literal(tok.type, str(tok), tok.start_pos, tok.end_pos)
+
+    def literal(self, typ: str, text: str, s: int, e: int) -> Lit:
+        """The literal token `text` of terminal `typ` at [s, e); a bad one is an issue (and a null)."""
         try:
             if typ == "INT_LIT":
                 v = _parse_int(text)
@@ -679,12 +684,20 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _parse(source: str) -> tuple[Node, list[CelIssue]]:
+def _parse(source: str, fast: bool = True) -> tuple[Node, list[CelIssue]]:
+    """Parse: the fast path (`lalr.py`) when it takes the source and `fast`, else lark."""
     b = _Builder(source)
     if len(source) > MAX_EXPRESSION_CHARS:
         b.issue(0, f"expression is {len(source):,} characters long, over the limit of {MAX_EXPRESSION_CHARS:,}", "size",
                 "move long lists of values out of the expression, or split it into variables", end=len(source))
         raise CelSyntaxError(b.issues, source)
+    from .lalr import fast_parser  # (a module that imports this one)
+
+    fast_path = fast_parser() if fast else None
+    node = None if fast_path is None else fast_path.parse(b)
+    if node is not None:
+        return node, b.semantic
+    # lark's parse: what the fast path declines (every syntax error, too) and the reference it is tested against
     try:
         tree = _parser().parse(source)
     except UnexpectedInput as ex:
