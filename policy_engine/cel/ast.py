@@ -676,7 +676,7 @@ def _child_fields(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls) if "Node" in str(f.type))
 
 
-_CHILD_FIELDS = {cls: _child_fields(cls) for cls in (Lit, Ident, Select, OptSelect, Index, Call, Cond, ListLit, MapLit,
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {cls: _child_fields(cls) for cls in (Lit, Ident, Select, OptSelect, Index, Call, Cond, ListLit, MapLit,
                                                      ObjLit, Comprehension, Bind, OptMap, Invalid)}
 
 
