@@ -43,13 +43,14 @@ class _Val:
 
     __slots__ = ("kind", "node", "extra", "qual", "h", "s", "e", "cs", "ce")
 
-    def __init__(self, kind: str, node: Node | None, extra: Any, h: int, s: int, e: int, cs: int, ce: int) -> None:
+    def __init__(self, kind: str, node: Node | None, extra: Any, h: int, s: int, e: int) -> None:
         self.kind = kind  # a terminal's name, or what the value holds: node chain op list entry opt
         self.node = node
         self.extra = extra  # a token's text; a chain's, op's, list's or entry's parts
         self.qual: str | None = None  # `a.b.c` when the value is a qualified name (for `a.b.c{...}`)
         self.h = h  # the builder's recursion depth below this tree (its nesting)
-        self.s, self.e, self.cs, self.ce = s, e, cs, ce
+        self.s = self.cs = s  # the container is the tree itself until lark inlines it into parentheses
+        self.e = self.ce = e
 
 
 _OPS = {  # the operator rules' trees: rule -> (operator, function)
@@ -151,7 +152,7 @@ class FastParser:
                 text = source[pos:end]
                 if kind == "IDENT":
                     kind = keywords.get(text, kind)
-                out.append(_Val(kind, None, text, 0, pos, end, pos, end))  # type: ignore[arg-type]
+                out.append(_Val(kind, None, text, 0, pos, end))  # type: ignore[arg-type]
             pos = end
         return out
 
@@ -160,7 +161,7 @@ class FastParser:
         try:
             toks = self.tokens(builder.src)
             end = len(builder.src)
-            toks.append(_Val("$END", None, "", 0, end, end, end, end))
+            toks.append(_Val("$END", None, "", 0, end, end))
             return _FastBuild(builder).run(self, toks)
         except _Decline:
             del builder.issues[:], builder.semantic[:]  # lark's path finds them again, in its order
@@ -216,7 +217,7 @@ class _FastBuild:
         if node.start < 0:
             node.start = s
         e = kids[-1].ce
-        return _Val("node", node, None, h, s, e, s, e)
+        return _Val("node", node, None, h, s, e)
 
     def node(self, v: _Val) -> Node:
         """The node a value stands for; a `||`/`&&` chain is built into its balanced tree here."""
@@ -246,12 +247,12 @@ class _FastBuild:
 
     def sequence(self, kids: list[_Val], kept: tuple[tuple[int, bool], ...]) -> _Val:
         """A list rule (`exprlist`, ...) or one of lark's `__x_star_n` helpers spliced into it."""
-        return _Val("list", None, self.keep(kids, kept), 0, kids[0].cs, kids[-1].ce, kids[0].cs, kids[-1].ce)
+        return _Val("list", None, self.keep(kids, kept), 0, kids[0].cs, kids[-1].ce)
 
     def operator(self, kids: list[_Val], op: tuple[str, str]) -> _Val:
         """`relation_lt: relation "<"` and the like, `unary_not: "!"`: the operator and its left operand."""
         s, e = kids[0].cs, kids[-1].ce
-        return _Val("op", None, (op, kids[0] if len(kids) == 2 else None), 0, s, e, s, e)
+        return _Val("op", None, (op, kids[0] if len(kids) == 2 else None), 0, s, e)
 
     def chain(self, kids: list[_Val], rule: tuple[str, str]) -> _Val:
         """`a || b || c` (or `&&`): the builder walks the left spine of such trees, parentheses or
@@ -268,7 +269,7 @@ class _FastBuild:
         if h > MAX_NESTING:
             raise _Decline
         s, e = left.cs, right.ce
-        return _Val("chain", None, (rule, operands), h, s, e, s, e)
+        return _Val("chain", None, (rule, operands), h, s, e)
 
     # -- the rules of `_Builder` ---------------------------------------------
     def r_expr(self, kids: list[_Val], spec: None) -> _Val:
@@ -392,13 +393,13 @@ class _FastBuild:
         return self.made(MapLit(kids[0].cs, kids[-1].ce, entries, frozenset(optional)), 1 + h, kids)
 
     def r_opt_elem(self, kids: list[_Val], spec: None) -> _Val:
-        return _Val("opt", None, kids[1], 0, kids[0].cs, kids[-1].ce, kids[0].cs, kids[-1].ce)
+        return _Val("opt", None, kids[1], 0, kids[0].cs, kids[-1].ce)
 
     def r_map_entry(self, kids: list[_Val], spec: None) -> _Val:
-        return _Val("entry", None, (kids[0], kids[2], False), 0, kids[0].cs, kids[-1].ce, kids[0].cs, kids[-1].ce)
+        return _Val("entry", None, (kids[0], kids[2], False), 0, kids[0].cs, kids[-1].ce)
 
     def r_opt_entry(self, kids: list[_Val], spec: None) -> _Val:
-        return _Val("entry", None, (kids[1], kids[3], True), 0, kids[0].cs, kids[-1].ce, kids[0].cs, kids[-1].ce)
+        return _Val("entry", None, (kids[1], kids[3], True), 0, kids[0].cs, kids[-1].ce)
 
     def r_literal(self, kids: list[_Val], spec: None) -> _Val:
         tok = kids[0]
