@@ -71,23 +71,28 @@ class FastParser:
         scanner = lexer.scanner
         # The lexer: lark's terminals in lark's order, one alternation as lark's scanner has it,
         # and in front of it the same alternation cut down to the terminals no other terminal
-        # before them can start like (names, operators, whitespace). Python's re tries each
-        # alternative in turn, and numbers and strings come first in lark's: a name matched there
-        # costs a fifth of what it costs in the whole. What the front one leaves (numbers,
-        # strings, `-`, `/`, `.5`, `r'...'`), the whole one lexes.
+        # before them can start like (names, operators), after any whitespace. Python's re tries
+        # each alternative in turn, and numbers and strings come first in lark's: a name matched
+        # there costs a fifth of what it costs in the whole. What the front one leaves (numbers,
+        # strings, comments, `-`, `/`, `.5`, `r'...'`), the whole one lexes.
         terminals = scanner.terminals
         self.pattern = re.compile("|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals),
                                   lexer.g_regex_flags)
-        front = []
+        front, space = [], None
         for t in terminals:
             regexp = t.pattern.to_regexp()
             if t.name == "IDENT":  # unless it is a string's prefix (r, b, br): `r'a'`, `b"a"`
                 front.append(f"(?P<IDENT>{regexp})(?![\'\"])")
             elif t.name == "DOT":  # unless it starts a number: `.5`
                 front.append(f"(?P<DOT>{regexp})(?![0-9])")
-            elif t.name == "WHITESPACE" or (isinstance(t.pattern, PatternStr) and t.pattern.value[0] not in "-/."):
+            elif t.name == "WHITESPACE":
+                space = regexp
+            elif isinstance(t.pattern, PatternStr) and t.pattern.value[0] not in "-/.":
                 front.append(f"(?P<{t.name}>{regexp})")
-        self.front = re.compile("|".join(front), lexer.g_regex_flags)
+        if space is None or "WHITESPACE" not in lexer.ignore_types:  # pragma: no cover - another grammar
+            raise RuntimeError("cel-python's grammar changed: no ignored WHITESPACE")
+        self.front = re.compile(f"(?:{space})?(?:{'|'.join(front)})", lexer.g_regex_flags)
+        self.front_kinds = {i: name for name, i in self.front.groupindex.items()}
         self.ignore = frozenset(lexer.ignore_types)
         self.keywords = _keywords(lexer.callback)
         table = parser.parser.parser.parser.parse_table
@@ -141,19 +146,25 @@ class FastParser:
     def tokens(self, source: str) -> list[_Val]:
         out = []
         pos, n = 0, len(source)
-        ignore, keywords, front, whole = self.ignore, self.keywords, self.front.match, self.pattern.match
+        ignore, keywords, front, whole, kinds = self.ignore, self.keywords, self.front.match, self.pattern.match, self.front_kinds
         while pos < n:
-            m = front(source, pos) or whole(source, pos)
-            if m is None:  # a character no terminal matches
-                raise _Decline
-            kind = m.lastgroup
-            end = m.end()
-            if kind not in ignore:
-                text = source[pos:end]
-                if kind == "IDENT":
-                    kind = keywords.get(text, kind)
-                out.append(_Val(kind, None, text, 0, pos, end))  # type: ignore[arg-type]
-            pos = end
+            m = front(source, pos)
+            if m is not None:
+                i = m.lastindex
+                kind = kinds[i]
+                start, pos = m.span(i)
+            else:
+                m = whole(source, pos)
+                if m is None:  # a character no terminal matches
+                    raise _Decline
+                kind = m.lastgroup  # type: ignore[assignment]
+                start, pos = pos, m.end()
+                if kind in ignore:
+                    continue
+            text = source[start:pos]
+            if kind == "IDENT":
+                kind = keywords.get(text, kind)
+            out.append(_Val(kind, None, text, 0, start, pos))
         return out
 
     def parse(self, builder: _Builder) -> Node | None:
