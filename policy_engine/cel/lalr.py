@@ -445,10 +445,15 @@ _TRIED = False
 
 
 def fast_parser() -> FastParser | None:
-    """The fast parser, built once; None when this lark version is not one it was tested with."""
+    """The fast parser, built once; None when this lark version is not one it was tested with, or
+    cel-python's grammar is not the one it was written for (the RuntimeErrors above): parsing
+    then stays lark's, as slow as before and as right (test_cel_lalr.py fails on it)."""
     global _FAST, _TRIED
     if not _TRIED:
-        _TRIED = True
         if lark.__version__ in TESTED_LARK_VERSIONS:
-            _FAST = FastParser(_parser())
+            try:
+                _FAST = FastParser(_parser())
+            except RuntimeError:  # pragma: no cover - a cel-python upgrade
+                _FAST = None
+        _TRIED = True  # (two threads may both build it: the same tables, the last one kept)
     return _FAST
