@@ -8,7 +8,8 @@ Usage::
     prog.evaluate({"request": {"input_tokens": 5000}})   # True
 
 Pipeline: celpy's lark grammar parses the source (with token positions) into a
-small AST (:mod:`.ast`); :mod:`.compiler` type-checks it against the
+small AST (:mod:`.ast`; :mod:`.lalr` is the fast path that drives lark's tables
+itself and builds the AST without lark's parse tree); :mod:`.compiler` type-checks it against the
 declarations, estimates its cost and generates the Python source of one
 function ``_cel(act)``, which is compiled once with :func:`compile`.
 

@@ -1,4 +1,8 @@
-"""A small CEL AST built from celpy's lark parse tree, with exact source offsets."""
+"""A small CEL AST built from celpy's lark parse tree, with exact source offsets.
+
+`_Builder` makes the nodes from lark's tree; `lalr.py` is the fast path that makes the same
+nodes with the same builder, straight from lark's LALR tables, and leaves lark's path (below)
+every source that does not parse cleanly."""
 
 from __future__ import annotations
 
