@@ -8,7 +8,8 @@ Usage::
     prog.evaluate({"request": {"input_tokens": 5000}})   # True
 
 Pipeline: celpy's lark grammar parses the source (with token positions) into a
-small AST (:mod:`.ast`); :mod:`.compiler` type-checks it against the
+small AST (:mod:`.ast`; :mod:`.lalr` is the fast path that drives lark's tables
+itself and builds the AST without lark's parse tree); :mod:`.compiler` type-checks it against the
 declarations, estimates its cost and generates the Python source of one
 function ``_cel(act)``, which is compiled once with :func:`compile`.
 
@@ -194,13 +195,14 @@ def _compile(
         raise CelTypeError(issues, source)
     refs = frozenset(comp.paths.values())
     lazy = sorted(set(comp.globals) - comp.strict_globals)
-    fast = "\n".join(_function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None)) + "\n"
+    namespace = _NAMESPACE.copy()
+    fast = "\n".join(_function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None,
+                               namespace)) + "\n"
     lazy_source = ""
     if lazy:  # variables read only where they are used, for when the activation lacks one
         comp.lazy_mode = True
         eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
-        lazy_source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None)) + "\n"
-    namespace = _NAMESPACE.copy()
+        lazy_source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None, namespace)) + "\n"
     namespace.update(comp.consts)
     filename = f"<cel: {source[:60]!r}>"
     if lazy_source:
@@ -224,8 +226,11 @@ class _LazyVariant:
 
 
 def _function(name: str, comp: Compiler, node: Any, check_result: str | None,
-              eager: Mapping[str, str], fallback: str | None) -> list[str]:
-    """The lines of one generated function: read the `eager` variables, evaluate the body."""
+              eager: Mapping[str, str], fallback: str | None, namespace: dict[str, Any]) -> list[str]:
+    """The lines of one generated function: read the `eager` variables, evaluate the body.
+
+    Its exception handler, `_recover` with the function's variables and fallback bound, goes
+    into `namespace`: the handler's line is the shorter (a tenth of CPython's compile, before)."""
     body = comp.gen(node)
     if check_result is not None:
         body = f"_check_result({body}, {check_result!r})"
@@ -240,8 +245,17 @@ def _function(name: str, comp: Compiler, node: Any, check_result: str | None,
         lines.append("        _n = [0]")
     lines.append(f"        return {body}")
     lines.append("    except Exception as e:")
-    lines.append(f"        return _recover(e, act, {names!r}, {fallback})")
+    lines.append(f"        return _recover{name}(e, act)")
+    namespace["_recover" + name] = _handler(namespace, names, fallback)
     return lines
+
+
+def _handler(namespace: dict[str, Any], names: tuple[str, ...],
+             fallback: str | None) -> Callable[[Exception, Mapping[str, object]], object]:
+    if fallback is None:
+        return lambda e, act: _recover(e, act, names, None)
+    # looked up when an error happens: the lazy variant's stub replaces itself in the namespace
+    return lambda e, act: _recover(e, act, names, namespace[fallback])
 
 
 def _tn(t: CelType) -> str:

@@ -1,9 +1,13 @@
-"""A small CEL AST built from celpy's lark parse tree, with exact source offsets."""
+"""A small CEL AST built from celpy's lark parse tree, with exact source offsets.
+
+`_Builder` makes the nodes from lark's tree; `lalr.py` is the fast path that makes the same
+nodes with the same builder, straight from lark's LALR tables, and leaves lark's path (below)
+every source that does not parse cleanly."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -395,13 +399,15 @@ class _Builder:
     def t_member_dot_arg(self, t: Tree) -> Node:
         operand, name = t.children[0], t.children[1]
         target = self.build(operand)
-        args = self._args(t.children[2:])
-        fn = str(name)
+        return self.method_call(str(name), name.start_pos, t.meta.end_pos, target, self._args(t.children[2:]))
+
+    def method_call(self, fn: str, off: int, end: int, target: Node, args: list[Node]) -> Node:
+        """`target.fn(args)`: a method call, or one of the macros written as one (`cel.bind`, `exists`, ...)."""
         if fn == "bind" and isinstance(target, Ident) and target.name == "cel" and not target.root:
-            return self._bind(name.start_pos, t.meta.end_pos, args)
+            return self._bind(off, end, args)
         if fn in MACROS:
-            return self._macro(fn, name.start_pos, t.meta.end_pos, target, args)
-        return Call(name.start_pos, t.meta.end_pos, fn, args, target)
+            return self._macro(fn, off, end, target, args)
+        return Call(off, end, fn, args, target)
 
     def _var(self, fn: str, var: Node) -> Ident | None:
         if not isinstance(var, Ident) or var.root:
@@ -471,18 +477,20 @@ class _Builder:
 
     def t_ident_arg(self, t: Tree) -> Node:
         name = t.children[0]
-        args = self._args(t.children[1:])
-        fn = str(name)
+        return self.function_call(str(name), name.start_pos, t.meta.end_pos, self._args(t.children[1:]))
+
+    def function_call(self, fn: str, off: int, end: int, args: list[Node]) -> Node:
+        """`fn(args)`: a function call, or the macro `has(x.f)`."""
         if fn == "has":
             if len(args) != 1:
-                self.issue(name.start_pos, f"macro 'has' takes 1 argument, got {len(args)}", "macro-arity", end=t.meta.end_pos)
-                return Invalid(name.start_pos, t.meta.end_pos)
+                self.issue(off, f"macro 'has' takes 1 argument, got {len(args)}", "macro-arity", end=end)
+                return Invalid(off, end)
             arg = args[0]
             if not isinstance(arg, Select):
                 self.issue(arg.offset, "has() requires a field selection argument, e.g. has(x.field)", "has-arg", end=arg.end)
-                return Invalid(name.start_pos, t.meta.end_pos)
-            return Select(arg.offset, t.meta.end_pos, arg.operand, arg.field, test_only=True)
-        return Call(name.start_pos, t.meta.end_pos, fn, args)
+                return Invalid(off, end)
+            return Select(arg.offset, end, arg.operand, arg.field, test_only=True)
+        return Call(off, end, fn, args)
 
     def t_ident(self, t: Tree) -> Node:
         name = t.children[0]
@@ -516,9 +524,10 @@ class _Builder:
 
     def t_literal(self, t: Tree) -> Node:
         tok: Token = t.children[0]
-        s, e = tok.start_pos, tok.end_pos
-        text = str(tok)
-        typ = tok.type
+        return self.literal(tok.type, str(tok), tok.start_pos, tok.end_pos)
+
+    def literal(self, typ: str, text: str, s: int, e: int) -> Lit:
+        """The literal token `text` of terminal `typ` at [s, e); a bad one is an issue (and a null)."""
         try:
             if typ == "INT_LIT":
                 v = _parse_int(text)
@@ -666,11 +675,26 @@ def parsed(source: str) -> tuple[Node, tuple[CelIssue, ...]]:
     return found  # type: ignore[no-any-return]
 
 
+def _child_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a node class that hold nodes (alone, or in lists and tuples)."""
+    return tuple(f.name for f in fields(cls) if "Node" in str(f.type))
+
+
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {cls: _child_fields(cls) for cls in (Lit, Ident, Select, OptSelect, Index, Call, Cond, ListLit, MapLit,
+                                                     ObjLit, Comprehension, Bind, OptMap, Invalid)}
+
+
 def _copy(value: Any) -> Any:
-    """A deep copy of an AST (its nodes, and the lists and tuples that hold them)."""
+    """A deep copy of an AST (its nodes, and the lists and tuples that hold them).
+
+    Only the fields that hold nodes are descended into (a fifth of the copy's time, before)."""
     if isinstance(value, Node):
-        node = object.__new__(type(value))
-        node.__dict__.update({k: _copy(v) for k, v in value.__dict__.items()})
+        cls = type(value)
+        node = object.__new__(cls)
+        attrs = value.__dict__.copy()
+        for name in _CHILD_FIELDS[cls]:
+            attrs[name] = _copy(attrs[name])
+        node.__dict__ = attrs
         return node
     if type(value) is list:
         return [_copy(v) for v in value]
@@ -679,12 +703,20 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _parse(source: str) -> tuple[Node, list[CelIssue]]:
+def _parse(source: str, fast: bool = True) -> tuple[Node, list[CelIssue]]:
+    """Parse: the fast path (`lalr.py`) when it takes the source and `fast`, else lark."""
     b = _Builder(source)
     if len(source) > MAX_EXPRESSION_CHARS:
         b.issue(0, f"expression is {len(source):,} characters long, over the limit of {MAX_EXPRESSION_CHARS:,}", "size",
                 "move long lists of values out of the expression, or split it into variables", end=len(source))
         raise CelSyntaxError(b.issues, source)
+    from .lalr import fast_parser  # (a module that imports this one)
+
+    fast_path = fast_parser() if fast else None
+    node = None if fast_path is None else fast_path.parse(b)
+    if node is not None:
+        return node, b.semantic
+    # lark's parse: what the fast path declines (every syntax error, too) and the reference it is tested against
     try:
         tree = _parser().parse(source)
     except UnexpectedInput as ex:
