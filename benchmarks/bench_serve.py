@@ -53,16 +53,9 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from bench_middleware import CONTEXT, PARAMS, POLICY  # noqa: E402 - the same request and policy
 from policy_engine.decide import FAST_BETA  # noqa: E402
 
-POLICY = ROOT / "policies" / "default.yaml"
-CONTEXT = {"interactive": True, "latency_slo_ms": 5_000}
-PARAMS = {
-    "model": "claude-opus-5",  # fast mode works today (Opus 4.6's was retired on 2026-06-29)
-    "max_tokens": 1024,
-    "system": "You are a helpful assistant for an engineering team. Answer briefly.",
-    "messages": [{"role": "user", "content": "How do I make this Python function faster without changing what it returns?"}],
-}
 COMMON = {"x-api-key": "bench", "anthropic-version": "2023-06-01", "content-type": "application/json"}
 DIRECT_HEADERS = {**COMMON, "anthropic-beta": FAST_BETA}
 PROXIED_HEADERS = {**COMMON, "x-policy-interactive": "true", "x-policy-latency-slo-ms": str(CONTEXT["latency_slo_ms"])}

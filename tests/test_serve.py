@@ -80,6 +80,25 @@ def test_context_and_hop_headers_never_go_upstream() -> None:
     assert sent == [("x-api-key", "k"), ("accept-encoding", "identity")]
 
 
+def test_a_decision_stays_settleable_past_its_reservation_ttl(tmp_path: Path) -> None:
+    from policy_engine.decide import load
+    from policy_engine.integrations._core import Flight
+    from policy_engine.serve.decisions import ApiFailure, DecisionStore
+
+    now = [1000.0]
+    store = DecisionStore(ttl_s=600, clock=lambda: now[0])
+    decision = load(write_policy(tmp_path)).decide(messages_params())
+    late = store.add(Flight(decision, decision.speed, None, now[0]))
+    now[0] += 601  # past the TTL: a long response's usage still counts in the ledger, so it is still taken
+    assert store.take(late).decision is decision
+    gone = store.add(Flight(decision, decision.speed, None, now[0]))
+    now[0] += 600 + 3600 + 61
+    store.add(Flight(decision, decision.speed, None, now[0]))  # sweeps what is over an hour past the TTL
+    with pytest.raises(ApiFailure) as caught:
+        store.take(gone)
+    assert caught.value.code == "unknown_decision"
+
+
 # -- the proxy --------------------------------------------------------------------------------
 
 def test_messages_are_decided_by_context_headers_and_answer_with_the_decision(tmp_path: Path, emulator: Any) -> None:

@@ -31,7 +31,7 @@ from ..integrations._core import Runtime
 from ..ledger import Ledger, MemoryLedger
 from ..ratelimit import RateLimitStore
 from ..reload import ReloadingEngine
-from .decisions import ApiFailure, DecisionApi
+from .decisions import ApiFailure, DecisionApi, DecisionStore
 from .proxy import BodyTooLarge, Proxy, read_body
 
 __all__ = ["ServeOptions", "Service", "create_app", "run"]
@@ -94,7 +94,7 @@ class Service:
         self.offload = not isinstance(self.engines.engine.ledger, MemoryLedger)
         self.proxy = Proxy(options.upstream, self.runtime, offload=self.offload, max_body_bytes=options.max_body_bytes,
                            timeout=options.upstream_timeout, transport=options.transport)
-        self.decisions = DecisionApi(self.runtime, self.call)
+        self.decisions = DecisionApi(self.runtime, self.call, DecisionStore(self.engines.engine.reservation_ttl_s))
 
     def runtime(self) -> Runtime:
         """The runtime of the engine deciding now (a reload makes a new one; requests in flight keep theirs)."""

@@ -4,9 +4,9 @@
     POST /v1/settle   {"decision_id": "...", "usage": {...}} -> what was counted
     POST /v1/release  {"decision_id": "..."}               -> the reservation freed
 
-A decision is kept in this process until it is settled or released, or until the engine's
-`reservation_ttl_s` passes (its reservation then expires in the ledger too), so settle on the
-replica that decided. `usage: null` settles at the worst case the decision reserved for (max_tokens
+A decision is kept in this process until it is settled or released, or for an hour past the
+engine's `reservation_ttl_s` (its reservation expires in the ledger at the TTL; a later settlement
+still counts), so settle on the replica that decided. `usage: null` settles at the worst case the decision reserved for (max_tokens
 of output): for a response that was billed but whose usage the caller does not have.
 """
 
@@ -91,11 +91,17 @@ class ApiFailure(Exception):
         return ErrorResponse(error=ApiError(code=self.code, message=self.message)).model_dump()
 
 
+_LATE_SETTLE_S = 3600.0
+
+
 class DecisionStore:
-    """The decisions waiting for their settlement, by id; those older than the reservation TTL are dropped."""
+    """The decisions waiting for their settlement, by id.
+
+    A decision stays settleable for an hour past its reservation's TTL: the ledger still counts a
+    late settlement (a long response), and refusing it would leave billed spend uncounted."""
 
     def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s = ttl_s
+        self.keep_s = ttl_s + _LATE_SETTLE_S
         self._clock = clock
         self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
@@ -107,17 +113,17 @@ class DecisionStore:
         with self._lock:
             self._flights[decision_id] = flight
             if now >= self._next_sweep:
-                self._next_sweep = now + min(60.0, self.ttl_s)
-                for stale in [k for k, f in self._flights.items() if now - f.created > self.ttl_s]:
-                    del self._flights[stale]  # its reservation has expired in the ledger on its own
+                self._next_sweep = now + 60.0
+                for stale in [k for k, f in self._flights.items() if now - f.created > self.keep_s]:
+                    del self._flights[stale]
         return decision_id
 
     def take(self, decision_id: str) -> Flight:
         with self._lock:
             flight = self._flights.pop(decision_id, None)
-        if flight is None or self._clock() - flight.created > self.ttl_s:
+        if flight is None:
             raise ApiFailure(404, "unknown_decision", "no such decision: it was settled or released already, "
-                                                      "expired (reservation_ttl_s), or made by another replica")
+                                                      "expired (reservation_ttl_s + 1 h), or made by another replica")
         return flight
 
     def __len__(self) -> int:
@@ -131,15 +137,10 @@ Call = Callable[..., Awaitable[Any]]
 class DecisionApi:
     """The three verbs, on the same runtime (engine, ledger, rate limits) as the proxy."""
 
-    def __init__(self, runtime: Callable[[], Runtime], call: Call) -> None:
+    def __init__(self, runtime: Callable[[], Runtime], call: Call, store: DecisionStore) -> None:
         self.runtime = runtime
         self.call = call
-        self.store: DecisionStore | None = None
-
-    def _store(self, runtime: Runtime) -> DecisionStore:
-        if self.store is None:
-            self.store = DecisionStore(runtime.engine.reservation_ttl_s)
-        return self.store
+        self.store = store
 
     async def decide(self, data: Any) -> dict[str, Any]:
         request = _parsed(DecideRequest, data)
@@ -162,16 +163,16 @@ class DecisionApi:
             raise ApiFailure(400, "invalid_request", str(exc)) from None
         flight = Flight(decision, decision.speed, None, time.monotonic())
         beta = runtime.wire_beta(flight, None)
-        store = self._store(runtime)
+        store = self.store
         return DecideResponse(
             decision_id=store.add(flight), speed=decision.speed, decision=decision.to_dict(),  # type: ignore[arg-type]
             params=runtime.wire_body(flight, request.params), headers={"anthropic-beta": beta} if beta else {},
-            expires_in_s=store.ttl_s).model_dump()
+            expires_in_s=store.keep_s).model_dump()
 
     async def settle(self, data: Any) -> dict[str, Any]:
         request = _parsed(SettleRequest, data)
         runtime = self.runtime()
-        flight = self._store(runtime).take(request.decision_id)
+        flight = self.store.take(request.decision_id)
         settlement = await self.call(runtime.settle, flight, request.usage, timed=False)
         if settlement is None:  # settled by another call in the meantime
             raise ApiFailure(404, "unknown_decision", "the decision was settled or released already")
@@ -182,7 +183,7 @@ class DecisionApi:
     async def release(self, data: Any) -> dict[str, Any]:
         request = _parsed(ReleaseRequest, data)
         runtime = self.runtime()
-        flight = self._store(runtime).take(request.decision_id)
+        flight = self.store.take(request.decision_id)
         await self.call(runtime.release, flight)
         return ReleaseResponse(decision_id=request.decision_id, released=True).model_dump()
 

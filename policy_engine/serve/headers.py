@@ -12,8 +12,10 @@ Each proxied Messages response carries the decision under the same prefix (`x-po
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Final
+
+import httpx
 
 from ..integrations._core import Flight
 
@@ -72,10 +74,9 @@ def upstream_headers(headers: Iterable[tuple[str, str]], *, identity: bool) -> l
     return kept
 
 
-def client_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def client_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
     """An upstream response's headers as they go back to the client (the server sets the framing)."""
-    items = headers.multi_items() if hasattr(headers, "multi_items") else headers.items() if isinstance(headers, Mapping) else headers
-    return [(n, v) for n, v in items if n.lower() not in _HOP_BY_HOP]
+    return [(n, v) for n, v in headers.multi_items() if n.lower() not in _HOP_BY_HOP]
 
 
 def decision_headers(flight: Flight | None) -> list[tuple[str, str]]:
