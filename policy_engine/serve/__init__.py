@@ -2,7 +2,8 @@
 
     policy-engine serve policies/default.yaml --listen 127.0.0.1:8080 --upstream https://api.anthropic.com
 
-The server needs the `serve` extra (`pip install 'policy-engine[serve]'`: uvicorn and starlette).
+The server needs the `serve` extra (`pip install 'policy-engine[serve]'`: uvicorn, starlette,
+httptools and uvloop). The proxy's upstream client is `upstream.UpstreamTransport`.
 The proxy is a third driver of the one request life cycle (`integrations._core.exchange`), beside
 the SDK middleware and the httpx transports: see `proxy`. The decision API is `decisions` (its
 models and OpenAPI description need only pydantic).

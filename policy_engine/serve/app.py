@@ -18,13 +18,14 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..catalog import Catalog
 from ..integrations._core import Runtime
@@ -32,7 +33,7 @@ from ..ledger import Ledger, MemoryLedger
 from ..ratelimit import RateLimitStore
 from ..reload import ReloadingEngine
 from .decisions import ApiFailure, DecisionApi, DecisionStore
-from .proxy import BodyTooLarge, Proxy, read_body
+from .proxy import BodyTooLarge, ClientGone, Proxy, read_body
 
 __all__ = ["ServeOptions", "Service", "create_app", "run"]
 
@@ -146,8 +147,12 @@ def _reachable(ledger: Any) -> bool:
         return False
 
 
-def create_app(service: Service) -> Starlette:
-    """The ASGI application serving `service`."""
+API_PATHS: Final = frozenset({"/v1/decide", "/v1/settle", "/v1/release", "/healthz", "/readyz"})
+
+
+def create_app(service: Service) -> ASGIApp:
+    """The ASGI application serving `service`: the proxy for every path but the server's own (`API_PATHS`),
+    which a Starlette application serves, with the lifespan."""
     token = service.options.auth_token
 
     def authorized(request: Request) -> bool:
@@ -162,7 +167,10 @@ def create_app(service: Service) -> Starlette:
                 if not authorized(request):
                     raise ApiFailure(401, "unauthorized", "the decision API wants Authorization: Bearer <token>")
                 try:
-                    data = json.loads(await read_body(request, service.options.max_body_bytes))
+                    data = json.loads(await read_body(request.receive, request.headers.get("content-length"),
+                                                      service.options.max_body_bytes))
+                except ClientGone:
+                    raise ApiFailure(400, "client_gone", "the client left before sending its request") from None
                 except BodyTooLarge:
                     raise ApiFailure(413, "request_too_large", "request body too large") from None
                 except ValueError:
@@ -189,15 +197,21 @@ def create_app(service: Service) -> Starlette:
         finally:
             await service.aclose()
 
-    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    return Starlette(lifespan=lifespan, routes=[
+    own = Starlette(lifespan=lifespan, routes=[
         Route("/v1/decide", api(service.decisions.decide), methods=["POST"]),
         Route("/v1/settle", api(service.decisions.settle), methods=["POST"]),
         Route("/v1/release", api(service.decisions.release), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/{path:path}", service.proxy.handle, methods=methods),
     ])
+    proxy = service.proxy
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in API_PATHS:
+            await proxy(scope, receive, send)
+        else:
+            await own(scope, receive, send)
+    return app
 
 
 def run(options: ServeOptions, *, access_log: bool = False) -> int:

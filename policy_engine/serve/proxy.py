@@ -10,39 +10,49 @@ engine's refusals as Anthropic-shaped error responses. Every other path passes t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from ..errors import CeilingExceeded, InvalidContext, StateUnavailable
 from ..integrations._core import FastModeRateLimited, Runtime, adrive, endpoint, policy_context, strip_batch_speed
 from ..integrations.httpx import MessagesCall
 from .headers import PREFIX, client_headers, context_from_headers, decision_headers, upstream_headers
+from .upstream import UpstreamTransport
 
-__all__ = ["Proxy", "BodyTooLarge", "read_body"]
+__all__ = ["Proxy", "BodyTooLarge", "ClientGone", "read_body"]
 
 
 class BodyTooLarge(Exception):
     """A request body over the server's `max_body_bytes`."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The whole request body, refusing one longer than `limit` bytes before reading it all."""
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge()
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge()
         chunks.append(chunk)
+        more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read: there is no one to answer."""
 
 
 def api_error(status: int, kind: str, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -54,9 +64,14 @@ def api_error(status: int, kind: str, message: str, code: str, headers: dict[str
 _NO_RETRY: Final = {"x-should-retry": "false"}
 """The anthropic SDKs honour it: a refusal by policy is not worth sending again."""
 
+_URLS_KEPT: Final = 1024
+
 
 class Proxy:
-    """Forwards Anthropic API requests upstream, deciding and settling the Messages calls."""
+    """An ASGI application forwarding Anthropic API requests upstream, deciding and settling the Messages calls.
+
+    Plain ASGI rather than a framework's request and response objects: they cost more than the rest of the
+    hop together (issue 17's target is at most 1 ms added per request)."""
 
     def __init__(self, upstream: str, runtime: Callable[[], Runtime], *, offload: bool, max_body_bytes: int,
                  timeout: httpx.Timeout, transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -66,41 +81,58 @@ class Proxy:
         """The engine's calls go to a worker thread: a shared ledger does I/O that must not hold the loop."""
         self.max_body_bytes = max_body_bytes
         self._timeout = {"connect": timeout.connect, "read": timeout.read, "write": timeout.write, "pool": timeout.pool}
-        self.transport = transport or httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(
-            max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0))
+        self.transport = transport or UpstreamTransport(max_connections=512, max_keepalive=128, keepalive_expiry_s=30.0)
+        self._urls: dict[tuple[bytes, bytes], httpx.URL] = {}
 
     async def aclose(self) -> None:
         await self.transport.aclose()
 
-    def _upstream_request(self, request: Request, body: bytes, *, identity: bool) -> httpx.Request:
-        path = request.url.path
-        query = request.url.query
-        url = self.upstream.copy_with(raw_path=(self.upstream.raw_path.rstrip(b"/") + path.encode()
-                                                + (b"?" + query.encode() if query else b"")))
-        return httpx.Request(request.method, url, headers=upstream_headers(request.headers.items(), identity=identity),
-                             content=body, extensions={"timeout": self._timeout})
-
-    async def handle(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Any request: a Messages call through the life cycle, everything else passed on."""
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
         try:
-            body = await read_body(request, self.max_body_bytes)
+            body = await read_body(receive, _header(headers, "content-length"), self.max_body_bytes)
         except BodyTooLarge:
-            return api_error(413, "request_too_large", f"request body over {self.max_body_bytes} bytes",
-                             "request_too_large", _NO_RETRY)
-        kind = endpoint(request.url.path) if request.method == "POST" else None
+            response = api_error(413, "request_too_large", f"request body over {self.max_body_bytes} bytes",
+                                 "request_too_large", _NO_RETRY)
+            return await response(scope, receive, send)
+        except ClientGone:
+            return None
+        method, path = scope["method"], scope["path"]
+        kind = endpoint(path) if method == "POST" else None
         parsed = _json_object(body) if kind is not None else None
         if kind == "messages" and parsed is not None:
-            return await self._messages(request, body, parsed)
-        if kind == "batches" and parsed is not None:
-            stripped = strip_batch_speed(parsed)
-            if stripped is not parsed:
-                body = json.dumps(stripped, separators=(",", ":")).encode()
-        return await self._forward(self._upstream_request(request, body, identity=False))
+            relayed = await self._messages(scope, headers, body, parsed)
+        else:
+            if kind == "batches" and parsed is not None:
+                stripped = strip_batch_speed(parsed)
+                if stripped is not parsed:
+                    body = json.dumps(stripped, separators=(",", ":")).encode()
+            relayed = await self._forward(self._upstream_request(scope, headers, body, identity=False))
+        if isinstance(relayed, JSONResponse):
+            return await relayed(scope, receive, send)
+        await _relay(relayed[0], relayed[1], receive, send)
 
-    async def _messages(self, request: Request, raw: bytes, body: dict[str, Any]) -> Response:
+    def _url(self, scope: Scope) -> httpx.URL:
+        key = (scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= _URLS_KEPT:
+                self._urls.clear()  # a client probing random paths must not grow the cache without end
+            target = self.upstream.raw_path.rstrip(b"/") + key[0] + (b"?" + key[1] if key[1] else b"")
+            url = self._urls[key] = self.upstream.copy_with(raw_path=target)
+        return url
+
+    def _upstream_request(self, scope: Scope, headers: list[tuple[str, str]], body: bytes, *,
+                          identity: bool) -> httpx.Request:
+        return httpx.Request(scope["method"], self._url(scope), headers=upstream_headers(headers, identity=identity),
+                             content=body, extensions={"timeout": self._timeout})
+
+    async def _messages(self, scope: Scope, headers: list[tuple[str, str]], raw: bytes,
+                        body: dict[str, Any]) -> Relayed | JSONResponse:
         runtime = self.runtime()
-        call = MessagesCall(runtime, self._upstream_request(request, raw, identity=True), body)
-        context = context_from_headers(request.headers.items())
+        call = MessagesCall(runtime, self._upstream_request(scope, headers, raw, identity=True), body)
+        context = context_from_headers(headers)
         account = runtime.account_from(call.credential)  # each API key has rate limits of its own
         try:
             with policy_context(**context) if context else contextlib.nullcontext():
@@ -119,38 +151,63 @@ class Proxy:
             return api_error(504, "api_error", f"upstream timed out: {type(exc).__name__}", "upstream_timeout")
         except httpx.TransportError as exc:
             return api_error(502, "api_error", f"upstream unreachable: {type(exc).__name__}", "upstream_unavailable")
-        return _relay(response, decision_headers(call.flight))
+        return response, decision_headers(call.flight)
 
-    async def _forward(self, upstream: httpx.Request) -> Response:
+    async def _forward(self, upstream: httpx.Request) -> Relayed | JSONResponse:
         try:
             response = await self.transport.handle_async_request(upstream)
         except httpx.TimeoutException as exc:
             return api_error(504, "api_error", f"upstream timed out: {type(exc).__name__}", "upstream_timeout")
         except httpx.TransportError as exc:
             return api_error(502, "api_error", f"upstream unreachable: {type(exc).__name__}", "upstream_unavailable")
-        return _relay(response, [])
+        return response, []
 
 
-def _relay(response: httpx.Response, extra: list[tuple[str, str]]) -> Response:
-    """The client's response: a body already read as it is, anything else streamed as it arrives."""
-    headers = client_headers(response.headers) + extra
+Relayed = tuple[httpx.Response, list[tuple[str, str]]]
+"""An upstream response and the decision headers to add to it."""
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for n, v in headers if n == name), None)
+
+
+async def _relay(response: httpx.Response, extra: list[tuple[str, str]], receive: Receive, send: Send) -> None:
+    """The client's response: a body already read sent as it is, anything else streamed as it arrives."""
+    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in client_headers(response.headers) + extra]
     if response.is_stream_consumed:
-        relayed = Response(response.content, status_code=response.status_code)
-    else:
-        relayed = StreamingResponse(_chunks(response), status_code=response.status_code)
-    # Starlette's Response takes a dict; a response may repeat a header (set-cookie), so set the raw list.
-    relayed.raw_headers = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers] + [
-        h for h in relayed.raw_headers if h[0] == b"content-length"]
-    return relayed
+        content = response.content
+        raw.append((b"content-length", b"%d" % len(content)))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+        return
+    await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
+    await _stream(response, receive, send)
 
 
-async def _chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    # Closing settles a tracked stream: at its end, or where the client went away (the server then
-    # stops iterating here), by the policy's on_incomplete_stream.
+async def _stream(response: httpx.Response, receive: Receive, send: Send) -> None:
+    """Each part of the body sent as it arrives. Closing the response settles a tracked stream: at its end, or
+    where the client went away (the stream is then cancelled here), by the policy's on_incomplete_stream."""
+    streaming = asyncio.current_task()
+    assert streaming is not None
+    left = asyncio.get_running_loop().create_future()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        left.set_result(None)
+        streaming.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
         async for chunk in response.aiter_raw():
-            yield chunk
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if not left.done():
+            raise  # cancelled from outside (the server stopping), not by the client leaving
+        streaming.uncancel()
     finally:
+        watcher.cancel()
         await response.aclose()
 
 
