@@ -185,30 +185,30 @@ async def _relay(response: httpx.Response, extra: list[tuple[str, str]], receive
 
 
 async def _stream(response: httpx.Response, receive: Receive, send: Send) -> None:
-    """Each part of the body sent as it arrives. Closing the response settles a tracked stream: at its end, or
-    where the client went away (the stream is then cancelled here), by the policy's on_incomplete_stream."""
-    streaming = asyncio.current_task()
-    assert streaming is not None
-    left = asyncio.get_running_loop().create_future()
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        left.set_result(None)
-        streaming.cancel()
-
-    watcher = asyncio.create_task(watch())
+    """Each part of the body sent as it arrives, until its end or until the client goes away. Closing the
+    response settles a tracked stream: at its end, or where it was cut, by the policy's on_incomplete_stream."""
+    pump = asyncio.ensure_future(_pump(response, send))
+    gone = asyncio.ensure_future(_disconnected(receive))
     try:
-        async for chunk in response.aiter_raw():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    except asyncio.CancelledError:
-        if not left.done():
-            raise  # cancelled from outside (the server stopping), not by the client leaving
-        streaming.uncancel()
+        await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
+        if pump.done():
+            pump.result()  # an upstream failure mid-stream ends the response here
     finally:
-        watcher.cancel()
+        for task in (pump, gone):
+            task.cancel()
+        await asyncio.gather(pump, gone, return_exceptions=True)
         await response.aclose()
+
+
+async def _pump(response: httpx.Response, send: Send) -> None:
+    async for chunk in response.aiter_raw():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
