@@ -161,6 +161,24 @@ def test_a_timeout_settles_what_the_server_may_bill(kind: str, emulator: Emulato
     assert settle.attributes["policy_engine.incomplete_stream"] == "worst_case"
 
 
+def test_a_request_cancelled_after_it_was_sent_counts_what_the_server_may_bill(emulator: Emulator,  # noqa: F811
+                                                                               engine: Engine) -> None:
+    # A task cancelled by its caller (a timeout around it, a server shutting down) while the server is
+    # generating: the server bills what it got, so the ledger counts the worst case, not nothing.
+    emulator.inject(None, hang_s=1.0)
+    transport = AsyncFastModeTransport(engine)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=emulator.url, transport=transport, timeout=10) as client:
+            await asyncio.wait_for(client.post("/v1/messages", json=messages_params(), headers=HEADERS), 0.3)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(run())
+    assert reserved(engine) == 0
+    assert spent(engine) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+    assert spent(engine) >= _billed_once_done(emulator) > 0
+
+
 def test_a_connection_refused_releases_the_reservation(kind: str, engine: Engine) -> None:
     # Nothing reached a server: nothing can be billed.
     with socket.socket() as probe:

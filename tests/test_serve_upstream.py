@@ -147,6 +147,46 @@ def test_failures_are_httpx_errors_the_life_cycle_judges() -> None:
                                     "RemoteProtocolError", "ConnectError"]
 
 
+def test_bytes_after_a_response_end_it_and_the_connection() -> None:
+    connections = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            # A wrong Content-Length (or a body after a 204): what follows must not become the next response.
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+            await writer.drain()
+
+    async def test(url: str) -> list[bytes]:
+        transport = UpstreamTransport()
+        bodies = []
+        for _ in range(2):
+            response = await transport.handle_async_request(request(url))
+            bodies.append(await response.aread())
+        return bodies
+
+    assert serve(handler)(test) == [b"ok", b"ok"]
+    assert len(connections) == 2  # the first connection was not reused
+
+
+def test_an_early_answer_to_a_large_body_is_the_response() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body is refused unread
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+        await writer.drain()
+        await asyncio.sleep(3)  # neither reading the rest nor closing: the answer must not wait for the body
+
+    async def test(url: str) -> tuple[int, bytes]:
+        response = await UpstreamTransport().handle_async_request(request(url, b"x" * (32 << 20), write=1.0))
+        return response.status_code, await response.aread()
+
+    assert serve(handler)(test) == (413, b"too big!")
+
+
 def test_a_body_left_unread_closes_its_connection_and_the_next_request_gets_a_new_one() -> None:
     connections = []
 

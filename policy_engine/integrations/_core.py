@@ -680,8 +680,11 @@ def body_usage(content: bytes) -> Any:
     return data.get("usage") if isinstance(data, dict) else None
 
 
-_BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError"})
-"""httpx's (and httpx2's) errors raised once a request may have reached the server."""
+_BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError",
+                                       "CancelledError"})
+"""httpx's (and httpx2's) errors raised once a request may have reached the server, and a cancellation (a
+task cancelled by its caller or by a server shutting down): once an attempt was handed to the transport,
+nothing says its bytes had not gone out, and the server goes on generating what it got."""
 
 
 def _may_be_billed(exc: BaseException) -> bool:

@@ -74,9 +74,12 @@ def upstream_headers(headers: Iterable[tuple[str, str]], *, identity: bool) -> l
     return kept
 
 
-def client_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
-    """An upstream response's headers as they go back to the client (the server sets the framing)."""
-    return [(n, v) for n, v in headers.multi_items() if n.lower() not in _HOP_BY_HOP]
+_HOP_BY_HOP_BYTES: Final = frozenset(name.encode() for name in _HOP_BY_HOP)
+
+
+def client_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
+    """An upstream response's headers as they go back to the client, byte for byte (the server sets the framing)."""
+    return [(n, v) for n, v in headers.raw if n.lower() not in _HOP_BY_HOP_BYTES]
 
 
 def decision_headers(flight: Flight | None) -> list[tuple[str, str]]:

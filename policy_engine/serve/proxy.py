@@ -125,8 +125,11 @@ class Proxy:
 
     def _upstream_request(self, scope: Scope, headers: list[tuple[str, str]], body: bytes, *,
                           identity: bool) -> httpx.Request:
-        return httpx.Request(scope["method"], self._url(scope), headers=upstream_headers(headers, identity=identity),
-                             content=body, extensions={"timeout": self._timeout})
+        # Back to the client's bytes (latin-1 maps each byte to one character and back): a header httpx would
+        # refuse to encode as str (anything not ASCII) goes on as it came.
+        sent = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream_headers(headers, identity=identity)]
+        return httpx.Request(scope["method"], self._url(scope), headers=sent, content=body,
+                             extensions={"timeout": self._timeout})
 
     async def _messages(self, scope: Scope, headers: list[tuple[str, str]], raw: bytes,
                         body: dict[str, Any]) -> Relayed | JSONResponse:
@@ -173,14 +176,18 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
 
 async def _relay(response: httpx.Response, extra: list[tuple[str, str]], receive: Receive, send: Send) -> None:
     """The client's response: a body already read sent as it is, anything else streamed as it arrives."""
-    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in client_headers(response.headers) + extra]
-    if response.is_stream_consumed:
-        content = response.content
-        raw.append((b"content-length", b"%d" % len(content)))
+    try:
+        raw = client_headers(response.headers) + [(n.encode(), v.encode()) for n, v in extra]
+        if response.is_stream_consumed:
+            content = response.content
+            raw.append((b"content-length", b"%d" % len(content)))
+            await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
+            await send({"type": "http.response.body", "body": content})
+            return
         await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
-        await send({"type": "http.response.body", "body": content})
-        return
-    await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
+    except BaseException:
+        await response.aclose()  # its connection goes back, and a tracked stream settles (nothing of it read)
+        raise
     await _stream(response, receive, send)
 
 

@@ -86,6 +86,10 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.has_head:  # httptools raises it as HttpParserCallbackError: the connection is dropped
+            raise httpx.RemoteProtocolError("upstream sent bytes after its response")
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
@@ -97,6 +101,11 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is complete
         if self.status >= 200:  # an interim 1xx is followed by the real response
             self.has_head = True
+            if self._writable is not None and not self._writable.done():
+                # An early answer (a 413 or 401 before a large body is read): it is the response. The rest of
+                # the body is not sent; the connection cannot serve another request.
+                self.keep_alive = False
+                self._writable.set_result(None)
             self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -128,6 +137,9 @@ class _Connection(asyncio.Protocol):
             await asyncio.wait_for(asyncio.shield(self._writable), timeout)
         except asyncio.TimeoutError:
             raise httpx.WriteTimeout("upstream took too long to accept the request body") from None
+        except httpx.WriteError:
+            if not self.has_head:  # the upstream answered, then closed: its answer counts
+                raise
 
     async def head(self, timeout: float | None) -> None:
         while not self.has_head:
@@ -186,8 +198,10 @@ class _Connection(asyncio.Protocol):
             raise self.closed
 
     def _delimited_by_close(self) -> bool:
-        names = {name.lower() for name, _ in self.headers}
-        return b"content-length" not in names and b"transfer-encoding" not in names
+        """No length and not chunked: the body ends with the connection (RFC 9112, 6.3)."""
+        lengths = [v for n, v in self.headers if n.lower() == b"content-length"]
+        codings = b",".join(v for n, v in self.headers if n.lower() == b"transfer-encoding")
+        return not lengths and codings.rsplit(b",", 1)[-1].strip().lower() != b"chunked"
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -231,6 +245,7 @@ class _Pool:
         self.idle: list[_Connection] = []
         self.slots = asyncio.Semaphore(size)
         self.keepalive, self.expiry_s = keepalive, expiry_s
+        self.closed = False
 
     async def acquire(self, timeouts: dict[str, float | None]) -> _Connection:
         if self.slots.locked():
@@ -244,8 +259,9 @@ class _Pool:
             now = time.monotonic()
             while self.idle:
                 connection = self.idle.pop()
-                if connection.closed is None and now - connection.idle_since < self.expiry_s:
-                    return connection
+                if (connection.closed is None and now - connection.idle_since < self.expiry_s
+                        and connection.transport is not None and not connection.transport.is_closing()):
+                    return connection  # (closing: the peer's EOF seen, connection_lost not yet called)
                 connection.abort()
             return await self._connect(timeouts.get("connect"))
         except BaseException:
@@ -253,7 +269,7 @@ class _Pool:
             raise
 
     def release(self, connection: _Connection, reusable: bool) -> None:
-        if reusable and connection.reusable and len(self.idle) < self.keepalive:
+        if reusable and connection.reusable and len(self.idle) < self.keepalive and not self.closed:
             connection.recycle()
             connection.idle_since = time.monotonic()
             self.idle.append(connection)
@@ -275,6 +291,8 @@ class _Pool:
         return connection
 
     def close(self) -> None:
+        """Close the idle connections; those in use close when their response ends."""
+        self.closed = True
         for connection in self.idle:
             connection.abort()
         self.idle.clear()
