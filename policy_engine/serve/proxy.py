@@ -21,7 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import CeilingExceeded, InvalidContext, StateUnavailable
-from ..integrations._core import FastModeRateLimited, Runtime, adrive, endpoint, policy_context, strip_batch_speed
+from ..integrations._core import (FastModeRateLimited, Runtime, adrive, body_usage, endpoint, policy_context,
+                                  strip_batch_speed)
 from ..integrations.httpx import MessagesCall
 from .headers import PREFIX, client_headers, context_from_headers, decision_headers, upstream_headers
 from .upstream import UpstreamTransport
@@ -134,7 +135,7 @@ class Proxy:
     async def _messages(self, scope: Scope, headers: list[tuple[str, str]], raw: bytes,
                         body: dict[str, Any]) -> Relayed | JSONResponse:
         runtime = self.runtime()
-        call = MessagesCall(runtime, self._upstream_request(scope, headers, raw, identity=True), body)
+        call = _Call(runtime, self._upstream_request(scope, headers, raw, identity=True), body)
         context = context_from_headers(headers)
         account = runtime.account_from(call.credential)  # each API key has rate limits of its own
         try:
@@ -166,6 +167,16 @@ class Proxy:
         return response, []
 
 
+class _Call(MessagesCall):
+    """The httpx transports' wire, but a body read whole is handed on as the upstream response itself: the proxy
+    asked for it uncompressed and relays its bytes, so the decoded copy made for an SDK is not needed."""
+
+    __slots__ = ()
+
+    def concluded(self, response: httpx.Response, content: bytes) -> tuple[Any, httpx.Response]:
+        return body_usage(content), response
+
+
 Relayed = tuple[httpx.Response, list[tuple[str, str]]]
 """An upstream response and the decision headers to add to it."""
 
@@ -179,7 +190,8 @@ async def _relay(response: httpx.Response, extra: list[tuple[str, str]], receive
     try:
         raw = client_headers(response.headers) + [(n.encode(), v.encode()) for n, v in extra]
         if response.is_stream_consumed:
-            content = response.content
+            content = response.content  # decoded, should the upstream have compressed it anyway
+            raw = [(n, v) for n, v in raw if n.lower() != b"content-encoding"]
             raw.append((b"content-length", b"%d" % len(content)))
             await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
             await send({"type": "http.response.body", "body": content})
