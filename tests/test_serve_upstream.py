@@ -26,6 +26,20 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+def answering(reply: bytes, connections: list[asyncio.StreamWriter]) -> Handler:
+    """A handler answering every request of a connection with `reply`, noting each connection."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(reply)
+            await writer.drain()
+    return handler
+
+
 def serve(handler: Handler, *, tls: ssl.SSLContext | None = None) -> Callable[[Callable[[str], Awaitable[Any]]], Any]:
     """Run `test(url)` on an event loop with `handler` serving on a free port."""
     def run(test: Callable[[str], Awaitable[Any]]) -> Any:
@@ -148,18 +162,10 @@ def test_failures_are_httpx_errors_the_life_cycle_judges() -> None:
 
 
 def test_bytes_after_a_response_end_it_and_the_connection() -> None:
-    connections = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            # A wrong Content-Length (or a body after a 204): what follows must not become the next response.
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
-            await writer.drain()
+    connections: list[asyncio.StreamWriter] = []
+    # A wrong Content-Length (or a body after a 204): what follows must not become the next response.
+    handler = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale",
+                        connections)
 
     async def test(url: str) -> list[bytes]:
         transport = UpstreamTransport()
@@ -188,17 +194,8 @@ def test_an_early_answer_to_a_large_body_is_the_response() -> None:
 
 
 def test_a_body_left_unread_closes_its_connection_and_the_next_request_gets_a_new_one() -> None:
-    connections = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
-            await writer.drain()
+    connections: list[asyncio.StreamWriter] = []
+    handler = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", connections)
 
     async def test(url: str) -> bytes:
         transport = UpstreamTransport()
