@@ -151,20 +151,22 @@ class Proxy:
         except FastModeRateLimited as exc:
             wait = {"retry-after": f"{exc.retry_after_s:g}"} if exc.retry_after_s else {}
             return api_error(429, "rate_limit_error", f"policy_engine: {exc}", "fast_rate_limited", wait)
-        except httpx.TimeoutException as exc:
-            return api_error(504, "api_error", f"upstream timed out: {type(exc).__name__}", "upstream_timeout")
         except httpx.TransportError as exc:
-            return api_error(502, "api_error", f"upstream unreachable: {type(exc).__name__}", "upstream_unavailable")
+            return _upstream_failed(exc)
         return response, decision_headers(call.flight)
 
     async def _forward(self, upstream: httpx.Request) -> Relayed | JSONResponse:
         try:
             response = await self.transport.handle_async_request(upstream)
-        except httpx.TimeoutException as exc:
-            return api_error(504, "api_error", f"upstream timed out: {type(exc).__name__}", "upstream_timeout")
         except httpx.TransportError as exc:
-            return api_error(502, "api_error", f"upstream unreachable: {type(exc).__name__}", "upstream_unavailable")
+            return _upstream_failed(exc)
         return response, []
+
+
+def _upstream_failed(exc: httpx.TransportError) -> JSONResponse:
+    if isinstance(exc, httpx.TimeoutException):
+        return api_error(504, "api_error", f"upstream timed out: {type(exc).__name__}", "upstream_timeout")
+    return api_error(502, "api_error", f"upstream unreachable: {type(exc).__name__}", "upstream_unavailable")
 
 
 class _Call(MessagesCall):

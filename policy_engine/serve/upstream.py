@@ -225,15 +225,15 @@ class _Body(httpx.AsyncByteStream):
         except BaseException:
             await self.aclose()
             raise
-        self._finish(connection.reusable)
+        self._finish(keep=True)  # the pool keeps it if the response left it reusable
 
     async def aclose(self) -> None:
-        self._finish(False)
+        self._finish(keep=False)
 
-    def _finish(self, reusable: bool) -> None:
+    def _finish(self, *, keep: bool) -> None:
         if not self._done:
             self._done = True
-            self._pool.release(self._connection, reusable)
+            self._pool.release(self._connection, keep)
 
 
 class _Pool:
@@ -268,8 +268,8 @@ class _Pool:
             self.slots.release()
             raise
 
-    def release(self, connection: _Connection, reusable: bool) -> None:
-        if reusable and connection.reusable and len(self.idle) < self.keepalive and not self.closed:
+    def release(self, connection: _Connection, keep: bool) -> None:
+        if keep and connection.reusable and len(self.idle) < self.keepalive and not self.closed:
             connection.recycle()
             connection.idle_since = time.monotonic()
             self.idle.append(connection)
