@@ -71,7 +71,7 @@ test: $(STAMP) redis-server chromium shellcheck lcov curl node-sdk
 	$(BIN)/python -m pytest -q
 	POLICY_ENGINE_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/test_decide.py tests/test_decide_settle.py \
 	  tests/test_decide_async_ledger.py tests/test_features.py tests/test_tokens.py tests/test_cost.py tests/test_ledger.py \
-	  tests/test_ratelimit.py tests/test_observe.py tests/test_simulate.py tests/test_telemetry.py
+	  tests/test_ratelimit.py tests/test_observe.py tests/test_simulate.py tests/test_telemetry.py tests/test_schemas.py
 	$(MAKE) --no-print-directory release-check
 
 demo: $(STAMP)

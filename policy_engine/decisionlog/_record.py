@@ -112,7 +112,11 @@ def _step_model() -> type[BaseModel]:
     from ..decide import StepCost
 
     hints = typing.get_type_hints(StepCost)
-    return create_model("RecordStep", __base__=_Model, __doc__=StepCost.__doc__,
+    # The docstring is written here, not taken from StepCost: mypyc gives a compiled NamedTuple a filler one,
+    # and the schema would then differ between the compiled and the pure-Python build.
+    return create_model("RecordStep", __base__=_Model,
+                        __doc__="One billed step of a response (a `usage.iterations` entry), priced at its own model "
+                                "and speed.",
                         **{name: (hints[name], ...) for name in StepCost._fields})
 
 
