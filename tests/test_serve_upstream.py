@@ -298,3 +298,82 @@ def test_tls_upstream_is_verified(certificate: tuple[Path, Path]) -> None:
         return outcomes
 
     assert serve(handler, tls=server_context)(test) == ["refused", "refused", "secure"]
+
+
+def test_an_idle_connection_the_upstream_closed_is_not_reused() -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # keep-alive by HTTP/1.1's default...
+        await writer.drain()
+        writer.close()  # ...and closed at once, as an upstream's idle timeout would
+
+    async def test(url: str) -> list[bytes]:
+        transport = UpstreamTransport()
+        first = await transport.handle_async_request(request(url))
+        bodies = [await first.aread()]
+        await asyncio.sleep(0.2)  # the close reaches the idle connection
+        second = await transport.handle_async_request(request(url))
+        bodies.append(await second.aread())
+        return bodies
+
+    assert serve(handler)(test) == [b"ok", b"ok"]
+    assert len(connections) == 2
+
+
+def test_a_closed_transport_takes_no_connection_back() -> None:
+    ended = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # until the proxy side closes the connection
+        ended.set()
+
+    async def test(url: str) -> bytes:
+        transport = UpstreamTransport()
+        response = await transport.handle_async_request(request(url))
+        await transport.aclose()  # shutting down while a response is still being read
+        body = await response.aread()  # it finishes, and its connection is closed rather than kept idle
+        await asyncio.wait_for(ended.wait(), 5)
+        return body
+
+    assert serve(handler)(test) == b"ok"
+
+
+def test_open_connections_never_exceed_max_connections() -> None:
+    open_now, most = [0], [0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            while True:
+                try:
+                    await read_request(reader)
+                except asyncio.IncompleteReadError:
+                    return
+                await asyncio.sleep(0.02)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        finally:
+            open_now[0] -= 1
+
+    async def test(url: str) -> list[bytes]:
+        transport = UpstreamTransport(max_connections=3, max_keepalive=8)
+
+        async def one() -> bytes:
+            response = await transport.handle_async_request(request(url))
+            return await response.aread()
+
+        bodies = []
+        for _ in range(3):  # bursts, with idle connections kept between them
+            bodies += await asyncio.gather(*(one() for _ in range(10)))
+        await transport.aclose()
+        return bodies
+
+    assert serve(handler)(test) == [b"ok"] * 30
+    assert most[0] <= 3, most[0]  # idle connections count too: max_connections bounds every open socket
