@@ -239,8 +239,6 @@ def _function(name: str, comp: Compiler, node: Any, check_result: str | None,
     # missing variable (some name is absent from the activation) from an error of the body.
     lines = [f"def {name}(act):", "    try:"]
     names = tuple(sorted(eager))
-    for cel_name in names:
-        lines.append(f"        {eager[cel_name]} = act[{cel_name!r}]")
     if comp.uses_iter:
         lines.append("        _n = [0]")
     lines.append(f"        return {body}")

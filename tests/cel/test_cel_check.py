@@ -180,7 +180,7 @@ def _body(prog):
 def test_static_int_comparison_is_wrapper_free(decls):
     prog = compile("request.input_tokens > 1000 && context.interactive", decls)
     body = _body(prog)
-    assert body == "((v_request['input_tokens'] > 1000) and v_context['interactive'])"
+    assert body == "((act['request']['input_tokens'] > 1000) and act['context']['interactive'])"
     assert prog.evaluate({"request": {"input_tokens": 2000}, "context": {"interactive": True}}) is True
 
 
