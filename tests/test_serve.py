@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import httpx
 import jsonschema
 import pytest
 
+from policy_engine.catalog import load_catalog
 from policy_engine.cli import main
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.schemas import serve_openapi
@@ -241,6 +243,55 @@ def test_a_client_that_leaves_mid_stream_is_settled_at_the_worst_case(tmp_path: 
     counted = ledger_spent_micro(ledger)
     assert counted >= emulator.bill_micro() > 0  # never less than billed
     assert counted > emulator.bill_micro()  # max_tokens of output: the server may have gone on generating
+
+
+def _cutting_upstream() -> tuple[str, threading.Thread]:
+    """An upstream that answers one stream with its status line and first event, then drops the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    first = {"type": "message_start", "message": {
+        "id": "msg_cut", "type": "message", "role": "assistant", "model": "claude-opus-5", "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 1, "speed": "fast"}}}
+    event = f"event: message_start\ndata: {json.dumps(first)}\n\n".encode()
+
+    def answer() -> None:
+        with listener, listener.accept()[0] as conn:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(event), event))
+            time.sleep(0.2)  # the event reaches the client before the cut
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+def test_an_upstream_cut_mid_stream_cuts_the_client_and_is_counted_at_the_worst_case(tmp_path: Path) -> None:
+    upstream, answering = _cutting_upstream()
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=upstream, args=["--ledger-path", str(ledger)]) as server:
+        seen: list[str] = []
+        with pytest.raises(httpx.RemoteProtocolError):  # the client learns the stream was cut: no clean end
+            with httpx.stream("POST", server.url + "/v1/messages", json=messages_params(max_tokens=1000, stream=True),
+                              headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}) as response:
+                assert response.status_code == 200
+                seen.extend(response.iter_lines())
+        answering.join(5)
+        assert any("message_start" in line for line in seen)
+        assert wait_for(lambda: ledger_spent_micro(ledger) > 0)
+        server.stop()
+    # The server may have generated up to max_tokens, which nobody saw: counted at max_tokens of fast output.
+    fast = load_catalog().model("claude-opus-5").rates("fast", 12)
+    assert ledger_spent_micro(ledger) >= 1000 * fast.output // 1_000_000
+    log = server.stderr()
+    assert "upstream failed mid-stream (RemoteProtocolError" in log, log
+    assert "Traceback" not in log, log
 
 
 def test_an_oversized_body_is_refused_before_it_is_read(tmp_path: Path, emulator: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -28,6 +29,8 @@ from .headers import PREFIX, client_headers, context_from_headers, decision_head
 from .upstream import UpstreamTransport
 
 __all__ = ["Proxy", "BodyTooLarge", "ClientGone", "read_body"]
+
+log = logging.getLogger("policy_engine.serve")
 
 
 class BodyTooLarge(Exception):
@@ -213,7 +216,12 @@ async def _stream(response: httpx.Response, receive: Receive, send: Send) -> Non
     try:
         await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
         if pump.done():
-            pump.result()  # an upstream failure mid-stream ends the response here
+            pump.result()
+    except httpx.TransportError as exc:
+        # The status line is gone already: returning without the body's end makes the server close the
+        # connection, which is how the client learns that the stream was cut. One line, not a traceback.
+        log.warning("upstream failed mid-stream (%s: %s): the client's response is cut short; the stream "
+                    "settles by the policy's on_incomplete_stream", type(exc).__name__, exc)
     finally:
         for task in (pump, gone):
             task.cancel()
