@@ -135,20 +135,8 @@ POLICIES = Path(__file__).resolve().parent.parent / "policies"
 def packaged_expressions() -> list[str]:
     """Every CEL expression of the packaged policies (policies/*.yaml): what "typical" is measured against."""
     from policy_engine.load import parse_policy
-    from policy_engine.policy import ExprText
 
-    found: list[str] = []
-    for path in sorted(POLICIES.glob("*.yaml")):
-        policy, _ = parse_policy(str(path))
-        found.extend(policy.variables.values())
-        for rule in policy.rules:
-            found.append(rule.when)
-            if isinstance(rule.reason, ExprText):
-                found.append(rule.reason.expr)
-        found.extend(b.key for b in policy.budgets if b.key)
-        if policy.stickiness is not None and policy.stickiness.key:
-            found.append(policy.stickiness.key)
-    return found
+    return [e for path in sorted(POLICIES.glob("*.yaml")) for e in parse_policy(str(path))[0].expressions()]
 
 
 def typical_line() -> str:

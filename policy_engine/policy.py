@@ -276,3 +276,16 @@ class Policy(_Model):
     budgets: list[Budget] = Field(default_factory=list, description="Spend limits per calendar window and scope key.")
     stickiness: Stickiness | None = Field(default=None, description="Keep a conversation's speed to protect its prompt cache.")
     tests: list[TestCase] = Field(default_factory=list, description="Embedded test cases, run by `policy-engine test`.")
+
+    def expressions(self) -> list[str]:
+        """Every CEL expression of the policy: its variables, each rule's `when` and `reason.expr`, the budgets'
+        keys and the stickiness key."""
+        found = list(self.variables.values())
+        for rule in self.rules:
+            found.append(rule.when)
+            if isinstance(rule.reason, ExprText):
+                found.append(rule.reason.expr)
+        found.extend(b.key for b in self.budgets if b.key)
+        if self.stickiness is not None and self.stickiness.key:
+            found.append(self.stickiness.key)
+        return found

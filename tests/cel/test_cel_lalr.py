@@ -83,17 +83,8 @@ def project_expressions() -> list[str]:
 
 def packaged_expressions() -> list[str]:
     from policy_engine.load import parse_policy
-    from policy_engine.policy import ExprText
 
-    found: list[str] = []
-    for path in sorted((ROOT / "policies").glob("*.yaml")):
-        policy, _ = parse_policy(str(path))
-        found.extend(policy.variables.values())
-        for rule in policy.rules:
-            found.append(rule.when)
-            if isinstance(rule.reason, ExprText):
-                found.append(rule.reason.expr)
-    return found
+    return [e for path in sorted((ROOT / "policies").glob("*.yaml")) for e in parse_policy(str(path))[0].expressions()]
 
 
 def conformance_expressions() -> list[str]:
