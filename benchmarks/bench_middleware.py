@@ -69,16 +69,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def round_arguments(parser: argparse.ArgumentParser, requests: str, minimum: int) -> None:
+    """--requests (at least `minimum`), --rounds and --warmup: how many interleaved requests are timed."""
+
+    def at_least(low: int) -> Callable[[str], int]:
+        def check(text: str) -> int:
+            value = int(text)
+            if value < low:
+                raise argparse.ArgumentTypeError(f"at least {low}, got {value}")
+            return value
+        return check
+
+    parser.add_argument("--requests", type=at_least(minimum), default=1_000, help=f"{requests} (at least {minimum})")
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="rounds of interleaved requests (default 3)")
+    parser.add_argument("--warmup", type=int, default=200)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=1_000, help="timed requests per client and round (at least 500)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of interleaved requests (default 3)")
-    parser.add_argument("--warmup", type=int, default=200)
+    round_arguments(parser, "timed requests per client and round", 500)
     args = parser.parse_args()
-    if args.requests < 500:
-        parser.error("--requests must be at least 500")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
 
     print(f"build: {_mypyc.checked_build('this would measure')}", flush=True)

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from bench_middleware import CONTEXT, PARAMS, POLICY  # noqa: E402 - the same request and policy
+from bench_middleware import CONTEXT, PARAMS, POLICY, percentile, round_arguments  # noqa: E402 - the same request and policy
 from policy_engine.decide import FAST_BETA  # noqa: E402
 
 COMMON = {"x-api-key": "bench", "anthropic-version": "2023-06-01", "content-type": "application/json"}
@@ -63,11 +63,6 @@ DIRECT_BODY = json.dumps({**PARAMS, "speed": "fast"}).encode()
 PROXIED_BODY = json.dumps(PARAMS).encode()
 DIRECT_STREAM = json.dumps({**PARAMS, "speed": "fast", "stream": True}).encode()
 PROXIED_STREAM = json.dumps({**PARAMS, "stream": True}).encode()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def ms(ns: int) -> float:
@@ -251,19 +246,12 @@ def decision_api(client: httpx.Client, base: str, requests: int) -> tuple[list[i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=1_000,
-                        help="interleaved pairs per round, of non-streaming requests and of streams (at least 200)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of interleaved requests (default 3)")
-    parser.add_argument("--warmup", type=int, default=200)
+    round_arguments(parser, "interleaved pairs per round, of non-streaming requests and of streams", 200)
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight for the throughput figure")
     parser.add_argument("--throughput-requests", type=int, default=2_000, help="requests per throughput block")
     parser.add_argument("--decisions", type=int, default=2_000, help="decide+settle round trips timed")
     parser.add_argument("--no-accel", action="store_true", help="hide httptools and uvloop from the server process")
     args = parser.parse_args()
-    if args.requests < 200:
-        parser.error("--requests must be at least 200")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     from policy_engine import _mypyc  # after the imports above: it names the compiled modules they loaded
     import policy_engine.decide  # noqa: F401 - the decision path, as the server imports it
 
