@@ -291,22 +291,44 @@ def _refusal_fallback_next(request: APIRequest, call_next: Any) -> tuple[Any, An
 
     Placed after this middleware, it would send its fallback hops straight to the API, unseen: no hop
     would be guarded and a refused hop's billed output never settled. The SDK builds its chain of
-    closures over (`handler`, `call_next`); a chain of another shape is left as it is.
+    closures over (`handler`, `call_next`); since 2.17 each middleware's `call_next` is a `forward`
+    closure over (`req`, `call_next`) that hands the client's headers on before calling the next one.
+    A chain of another shape is left as it is.
     """
     if (request.options.qualifiers or {}).get("beta") != "true":
         return None  # the SDK's fallback middleware handles beta requests only
-    code, cells = getattr(call_next, "__code__", None), getattr(call_next, "__closure__", None)
-    if code is None or not cells:
-        return None
-    try:
-        free = dict(zip(code.co_freevars, (cell.cell_contents for cell in cells)))
-    except ValueError:  # an empty cell
+    free = _free_variables(call_next)
+    forwarded = free is not None and "handler" not in free and "req" in free
+    if forwarded:
+        free = _free_variables(free.get("call_next"))  # type: ignore[union-attr]
+    if free is None:
         return None
     handler, rest = free.get("handler"), free.get("call_next")
     fallback = getattr(handler, "__self__", None)
     if rest is None or _RefusalFallback is None or not isinstance(fallback, _RefusalFallback):
         return None
+    if forwarded:
+        rest = _forwarding(rest, request)
     return fallback, rest
+
+
+def _free_variables(function: Any) -> dict[str, Any] | None:
+    code, cells = getattr(function, "__code__", None), getattr(function, "__closure__", None)
+    if code is None or not cells:
+        return None
+    try:
+        return dict(zip(code.co_freevars, (cell.cell_contents for cell in cells)))
+    except ValueError:  # an empty cell
+        return None
+
+
+def _forwarding(rest: Any, request: APIRequest) -> Any:
+    """`rest` behind the `forward` step the SDK puts before each middleware's next one (sync or async alike): a
+    hop carries the client's headers on, so the SDK still tells them from the call's own."""
+    def forward(hop: APIRequest) -> Any:
+        hop._client_headers = request._client_headers
+        return rest(hop)
+    return forward
 
 
 def _beta(headers: Mapping[str, Any]) -> tuple[str, str | None]:
