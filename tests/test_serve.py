@@ -3,6 +3,7 @@ the decision API, and operations (probes, reload, drain). Clients are the real a
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
@@ -292,6 +293,27 @@ def test_an_upstream_cut_mid_stream_cuts_the_client_and_is_counted_at_the_worst_
     log = server.stderr()
     assert "upstream failed mid-stream (RemoteProtocolError" in log, log
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("path", ["/v1/x/../messages", "/v1/messages/.", "/v1/./messages", "/v1/x/%2e%2e/messages",
+                                  "/v1/messages/count_tokens/..", "/v1//messages", "/v1/messages/", "/v1/messages;x",
+                                  "/V1/Messages", "/v1/messages/batches/"])
+def test_another_spelling_of_a_metered_path_is_refused_not_passed_on_unmetered(tmp_path: Path, emulator: Any,
+                                                                              path: str) -> None:
+    body = json.dumps(messages_params(speed="fast")).encode()
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)  # sends the path as written (httpx resolves it)
+        conn.request("POST", path, body, {"x-api-key": API_KEY, "content-type": "application/json"})
+        answer = conn.getresponse()
+        error = json.loads(answer.read())
+        conn.close()
+        assert answer.status == 404 and answer.getheader("x-policy-error") == "non_canonical_path"
+        assert error["error"]["type"] == "not_found_error" and "/v1/messages" in error["error"]["message"]
+        # The usual spelling, with a query, is still decided and metered.
+        metered = client(server.url).messages.with_raw_response.create(**messages_params(), extra_query={"beta": "true"})
+        assert metered.headers["x-policy-speed"] == "fast"
+    assert [r["path"] for r in emulator.requests()] == ["/v1/messages"]
 
 
 def test_an_oversized_body_is_refused_before_it_is_read(tmp_path: Path, emulator: Any) -> None:

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import posixpath
+import re
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -94,6 +96,12 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Any request: a Messages call through the life cycle, everything else passed on."""
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"]]
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and _respelt(path):
+            response = api_error(404, "not_found_error", f"policy_engine: {path!r} names {_canonical(path)!r}: send it "
+                                 "by that name (the proxy meters Messages and batch calls by their path)",
+                                 "non_canonical_path", _NO_RETRY)
+            return await response(scope, receive, send)
         try:
             body = await read_body(receive, _header(headers, "content-length"), self.max_body_bytes)
         except BodyTooLarge:
@@ -102,7 +110,6 @@ class Proxy:
             return await response(scope, receive, send)
         except ClientGone:
             return None
-        method, path = scope["method"], scope["path"]
         kind = endpoint(path) if method == "POST" else None
         parsed = _json_object(body) if kind is not None else None
         if kind == "messages" and parsed is not None:
@@ -238,6 +245,23 @@ async def _pump(response: httpx.Response, send: Send) -> None:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _canonical(path: str) -> str:
+    """`path` as a server may route it: dot segments resolved, empty segments and `;` parameters dropped, in lower case."""
+    return posixpath.normpath(_PARAMETERS.sub("", path)).lower().replace("//", "/")
+
+
+def _respelt(path: str) -> bool:
+    """Does `path` name a Messages or batch endpoint in another spelling (`/v1/x/../messages`, `/v1//messages/`)?
+    Passed on, it would reach the API unmetered: the proxy tells the endpoints by their path as spelt."""
+    if "/." not in path and "//" not in path and ";" not in path and not path.endswith("/") and path.islower():
+        return False  # the usual spelling, told without normalising
+    canonical = _canonical(path)
+    return canonical != path and endpoint(canonical) is not None
+
+
+_PARAMETERS: Final = re.compile(r";[^/]*")
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
