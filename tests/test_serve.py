@@ -246,16 +246,11 @@ def test_a_client_that_leaves_mid_stream_is_settled_at_the_worst_case(tmp_path: 
     assert counted > emulator.bill_micro()  # max_tokens of output: the server may have gone on generating
 
 
-def _cutting_upstream() -> tuple[str, threading.Thread]:
-    """An upstream that answers one stream with its status line and first event, then drops the connection."""
+def _upstream_answering(answer: bytes) -> tuple[str, threading.Thread]:
+    """An upstream that reads one request, writes `answer` as it is, and drops the connection."""
     listener = socket.create_server(("127.0.0.1", 0))
-    first = {"type": "message_start", "message": {
-        "id": "msg_cut", "type": "message", "role": "assistant", "model": "claude-opus-5", "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 12, "output_tokens": 1, "speed": "fast"}}}
-    event = f"event: message_start\ndata: {json.dumps(first)}\n\n".encode()
 
-    def answer() -> None:
+    def serve_one() -> None:
         with listener, listener.accept()[0] as conn:
             received = b""
             while b"\r\n\r\n" not in received:
@@ -264,13 +259,41 @@ def _cutting_upstream() -> tuple[str, threading.Thread]:
             length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
             while len(body) < length:
                 body += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                         + b"%x\r\n%s\r\n" % (len(event), event))
-            time.sleep(0.2)  # the event reaches the client before the cut
+            conn.sendall(answer)
+            time.sleep(0.2)  # what was written reaches the proxy before the connection drops
 
-    thread = threading.Thread(target=answer, daemon=True)
+    thread = threading.Thread(target=serve_one, daemon=True)
     thread.start()
     return f"http://127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+def _cutting_upstream() -> tuple[str, threading.Thread]:
+    """An upstream that answers one stream with its status line and first event, then drops the connection."""
+    first = {"type": "message_start", "message": {
+        "id": "msg_cut", "type": "message", "role": "assistant", "model": "claude-opus-5", "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 1, "speed": "fast"}}}
+    event = f"event: message_start\ndata: {json.dumps(first)}\n\n".encode()
+    return _upstream_answering(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                               + b"%x\r\n%s\r\n" % (len(event), event))
+
+
+def test_a_success_whose_body_cannot_be_decoded_is_a_502_counted_at_the_worst_case(tmp_path: Path) -> None:
+    garbage = b"\x1f\x8b\x08\x00not really gzip at all"
+    upstream, answering = _upstream_answering(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                              b"content-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(garbage), garbage))
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=upstream, args=["--ledger-path", str(ledger)]) as server:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            client(server.url, max_retries=0).messages.create(**messages_params(max_tokens=1000))
+        answering.join(5)
+        server.stop()
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-policy-error"] == "upstream_unreadable"
+    # A success status says it was billed: counted at max_tokens of fast output, not released.
+    fast = load_catalog().model("claude-opus-5").rates("fast", 12)
+    assert ledger_spent_micro(ledger) >= 1000 * fast.output // 1_000_000
+    assert "Traceback" not in server.stderr(), server.stderr()
 
 
 def test_an_upstream_cut_mid_stream_cuts_the_client_and_is_counted_at_the_worst_case(tmp_path: Path) -> None:

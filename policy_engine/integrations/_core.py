@@ -346,17 +346,19 @@ class Runtime:
         if flight is not None and self._finish(flight):
             self.engine.release(flight.decision)
 
-    def abandon(self, flight: Flight | None, exc: BaseException, *, retried: bool = False) -> None:
+    def abandon(self, flight: Flight | None, exc: BaseException, *, retried: bool = False,
+                answered: bool = False) -> None:
         """An attempt ended by `exc`: if the server cannot have billed it (it never got the request), the
         reservation is released, unless the attempt is `retried`; else it is settled as an incomplete response
         (a read timeout: the server may still be generating), or, when retried, charged beside the reservation
-        the next attempt settles (under `worst_case`)."""
+        the next attempt settles (under `worst_case`). `answered`: a success status came, so it is billed
+        whatever `exc` is (a body that cannot be decoded, say)."""
         if flight is None:
             return
         observed = flight.decision._observed
         if observed is not None:
             observed.attempt(flight.speed, None, None, "error")
-        if not (flight.sent_at and _may_be_billed(exc)):
+        if not (answered or (flight.sent_at and _may_be_billed(exc))):
             if not retried:
                 self.release(flight)
             return
@@ -603,7 +605,7 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
     try:
         read = yield READ, response
     except BaseException as exc:
-        runtime.abandon(flight, exc)  # headers came, the body did not: billed, perhaps in full
+        runtime.abandon(flight, exc, answered=True)  # a success status came, the body did not: billed, perhaps in full
         raise
     usage, handed = wire.concluded(response, read)
     yield CALL, (runtime.settle, (flight, usage))

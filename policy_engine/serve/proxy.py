@@ -161,7 +161,7 @@ class Proxy:
         except FastModeRateLimited as exc:
             wait = {"retry-after": f"{exc.retry_after_s:g}"} if exc.retry_after_s else {}
             return api_error(429, "rate_limit_error", f"policy_engine: {exc}", "fast_rate_limited", wait)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             return _upstream_failed(exc)
         return response, decision_headers(call.flight)
 
@@ -173,9 +173,11 @@ class Proxy:
         return response, []
 
 
-def _upstream_failed(exc: httpx.TransportError) -> JSONResponse:
+def _upstream_failed(exc: httpx.HTTPError) -> JSONResponse:
     if isinstance(exc, httpx.TimeoutException):
         return api_error(504, "api_error", f"upstream timed out: {type(exc).__name__}", "upstream_timeout")
+    if isinstance(exc, httpx.DecodingError):
+        return api_error(502, "api_error", f"upstream answer unreadable: {exc}", "upstream_unreadable")
     return api_error(502, "api_error", f"upstream unreachable: {type(exc).__name__}", "upstream_unavailable")
 
 
