@@ -83,6 +83,18 @@ def test_context_and_hop_headers_never_go_upstream() -> None:
     assert sent == [("x-api-key", "k"), ("accept-encoding", "identity")]
 
 
+def test_the_accounts_of_client_credentials_are_remembered_within_a_bound() -> None:
+    from policy_engine.decide import load
+    from policy_engine.integrations._core import Runtime
+
+    runtime = Runtime(load(Path(__file__).resolve().parents[1] / "policies" / "default.yaml"), observe=False)
+    first = runtime.account_from("sk-a")
+    for i in range(3_000):  # a client sending a new key with every request
+        runtime.account_from(f"sk-random-{i}")
+    assert len(runtime._accounts) <= 1_024
+    assert runtime.account_from("sk-a") == runtime.account_from("Bearer sk-a") == first  # forgotten, then the same
+
+
 def test_a_decision_stays_settleable_past_its_reservation_ttl(tmp_path: Path) -> None:
     from policy_engine.decide import load
     from policy_engine.integrations._core import Flight

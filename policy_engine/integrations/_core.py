@@ -282,6 +282,8 @@ class Runtime:
         account = self._accounts.get(key)
         if account is None:
             secret = key[7:] if key[:7].lower() == "bearer " else key  # the same account either way it is sent
+            if len(self._accounts) >= _ACCOUNTS_KEPT:
+                self._accounts.clear()  # credentials come from clients (a proxy's, any): keep the cache bounded
             account = self._accounts[key] = account_id(api_key=secret or None)
         # Decisions are made before the request has auth headers: they use the last account seen.
         self.account = account
@@ -681,6 +683,10 @@ def body_usage(content: bytes) -> Any:
         return None
     return data.get("usage") if isinstance(data, dict) else None
 
+
+_ACCOUNTS_KEPT: Final = 1024
+"""Credentials whose account hash is remembered (a deployment has a few keys; a client sending random ones
+must not grow the cache without end)."""
 
 _BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError",
                                        "CancelledError"})
