@@ -23,7 +23,7 @@ from policy_engine.catalog import load_catalog
 from policy_engine.cli import main
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.schemas import serve_openapi
-from policy_engine.serve.headers import context_from_headers, upstream_headers
+from policy_engine.serve.headers import client_headers, context_from_headers, upstream_headers
 
 from tests._emulator import emulator, messages_params, write_policy  # noqa: F401 - fixtures
 from tests._serve import serving
@@ -81,6 +81,13 @@ def test_context_and_hop_headers_never_go_upstream() -> None:
     sent = upstream_headers([("x-policy-tenant", "acme"), ("host", "proxy"), ("x-api-key", "k"),
                              ("accept-encoding", "gzip"), ("connection", "keep-alive")], identity=True)
     assert sent == [("x-api-key", "k"), ("accept-encoding", "identity")]
+    # So do the headers a Connection header names, either way.
+    sent = upstream_headers([("Connection", "keep-alive, X-Hop-Only"), ("x-hop-only", "1"), ("x-api-key", "k")],
+                            identity=False)
+    assert sent == [("x-api-key", "k")]
+    answered = httpx.Headers([(b"connection", b"close, x-upstream-hop"), (b"x-upstream-hop", b"1"),
+                              (b"request-id", b"req_1")])
+    assert client_headers(answered) == [(b"request-id", b"req_1")]
 
 
 def test_the_accounts_of_client_credentials_are_remembered_within_a_bound() -> None:

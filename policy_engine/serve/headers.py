@@ -67,7 +67,9 @@ def _typed(key: str, value: str) -> Any:
 def upstream_headers(headers: Iterable[tuple[str, str]], *, identity: bool) -> list[tuple[str, str]]:
     """A client's request headers as they go upstream: its credentials unchanged, without hop-by-hop headers
     or the `x-policy-*` context. `identity`: ask for an uncompressed body (the proxy reads it on the way)."""
-    kept = [(n, v) for n, v in headers if (low := n.lower()) not in _HOP_BY_HOP and not low.startswith(PREFIX)
+    headers = list(headers)
+    dropped = _HOP_BY_HOP | _named_by_connection(v for n, v in headers if n.lower() == "connection")
+    kept = [(n, v) for n, v in headers if (low := n.lower()) not in dropped and not low.startswith(PREFIX)
             and not (identity and low == "accept-encoding")]
     if identity:
         kept.append(("accept-encoding", "identity"))
@@ -79,7 +81,14 @@ _HOP_BY_HOP_BYTES: Final = frozenset(name.encode() for name in _HOP_BY_HOP)
 
 def client_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
     """An upstream response's headers as they go back to the client, byte for byte (the server sets the framing)."""
-    return [(n, v) for n, v in headers.raw if n.lower() not in _HOP_BY_HOP_BYTES]
+    named = _named_by_connection(v for n, v in headers.items() if n == "connection")
+    dropped = _HOP_BY_HOP_BYTES | {name.encode("latin-1") for name in named} if named else _HOP_BY_HOP_BYTES
+    return [(n, v) for n, v in headers.raw if n.lower() not in dropped]
+
+
+def _named_by_connection(values: Iterable[str]) -> frozenset[str]:
+    """The headers a `Connection` header names: they are about this connection only (RFC 9110, 7.6.1)."""
+    return frozenset(name.strip().lower() for value in values for name in value.split(",") if name.strip())
 
 
 def decision_headers(flight: Flight | None) -> list[tuple[str, str]]:
