@@ -514,6 +514,15 @@ def test_serve_refuses_a_plain_http_upstream_unless_told(tmp_path: Path, capsys:
     assert "--allow-http-upstream" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("platform", ["bedrock", "vertex"])
+def test_serve_refuses_a_platform_whose_clients_call_other_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 platform: str) -> None:
+    # Their clients call InvokeModel or rawPredict: passed on, every call would go undecided and unmetered.
+    assert main(["serve", str(write_policy(tmp_path)), "--platform", platform]) == 2
+    err = capsys.readouterr().err
+    assert f"--platform {platform}" in err and "unmetered" in err and "claude_api" in err
+
+
 def test_serve_help() -> None:
     out = subprocess.run([sys.executable, "-m", "policy_engine", "serve", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--upstream" in out.stdout and "x-policy-" in out.stdout

@@ -32,7 +32,8 @@ def setup_serve(p: argparse.ArgumentParser) -> None:
                    help="allow a plain-http upstream (a local emulator): API keys would cross it in the clear")
     p.add_argument("--catalog", metavar="FILE", help="catalog file extending the packaged one")
     p.add_argument("--platform", default="claude_api",
-                   help="platform the upstream is (prices and fast availability are its): default claude_api")
+                   help="platform the upstream is (prices and fast availability are its): claude_api (default), "
+                        "claude_platform_aws or foundry")
     p.add_argument("--redis", metavar="URL",
                    help="share budgets and fast rate limits with every replica on this Redis (redis://host:6379/0)")
     p.add_argument("--redis-prefix", default="pe:", metavar="PREFIX", help="key prefix in Redis (default pe:)")
@@ -63,7 +64,7 @@ def _options(args: argparse.Namespace) -> Any:
     import httpx
 
     from ..serve import ServeOptions
-    from ..serve.app import UpstreamRefused, check_upstream, serve_env_token
+    from ..serve.app import UpstreamRefused, check_platform, check_upstream, serve_env_token
 
     for path in args.policies:
         if not os.path.isfile(path):
@@ -72,6 +73,7 @@ def _options(args: argparse.Namespace) -> Any:
         raise UsageError("--redis and --ledger-path are two places for the same budgets: give one")
     try:
         check_upstream(args.upstream, args.allow_http_upstream)
+        check_platform(args.platform)
         token = serve_env_token(args.auth_token_env)
     except (UpstreamRefused, ValueError) as exc:
         raise UsageError(str(exc)) from None

@@ -69,6 +69,20 @@ class UpstreamRefused(ValueError):
     """An upstream URL the server will not send API keys to."""
 
 
+PROXIED_PLATFORMS: Final = ("claude_api", "claude_platform_aws", "foundry")
+"""The platforms whose clients call the Messages API's own paths (`/v1/messages`), which the proxy decides."""
+
+
+def check_platform(platform: str) -> str:
+    if platform not in PROXIED_PLATFORMS:
+        raise UpstreamRefused(
+            f"--platform {platform}: the proxy decides calls to /v1/messages, and "
+            f"{'Bedrock' if platform == 'bedrock' else 'Vertex AI' if platform == 'vertex' else 'that platform'}'s "
+            f"clients call endpoints of their own, which it would pass on undecided and unmetered; give one of "
+            f"{', '.join(PROXIED_PLATFORMS)}, or put the engine in the client (FastModePolicy, FastModeTransport)")
+    return platform
+
+
 def check_upstream(url: str, allow_http: bool) -> str:
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -85,6 +99,7 @@ class Service:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         check_upstream(options.upstream, options.allow_http_upstream)
+        check_platform(options.platform)
         engine_options: dict[str, Any] = {"platform": options.platform}
         for name in ("ledger", "ratelimits", "decision_log"):
             if getattr(options, name) is not None:
