@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import pytest
 
 from policy_engine.catalog import actual, load_catalog
 from policy_engine.decide import Engine
+from policy_engine.decisionlog import DecisionLog
 from policy_engine.errors import CeilingExceeded
 from policy_engine.integrations.httpx import AsyncFastModeTransport, FastModeRateLimited, FastModeTransport
+from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.ratelimit import account_id
 from policy_engine.testing.emulator import Emulator
 from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
@@ -177,6 +180,36 @@ def test_a_request_cancelled_after_it_was_sent_counts_what_the_server_may_bill(e
     assert reserved(engine) == 0
     assert spent(engine) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
     assert spent(engine) >= _billed_once_done(emulator) > 0
+
+
+def test_a_request_cancelled_while_its_decision_is_reserving_is_released(emulator: Emulator,  # noqa: F811
+                                                                          tmp_path: Path) -> None:
+    # A shared ledger reserves on a worker thread, which a cancellation cannot stop: the reservation it makes
+    # for a request that will never be sent must be released, not held until it expires.
+    path, log_path = tmp_path / "ledger.sqlite", tmp_path / "decisions.jsonl"
+    log = DecisionLog(str(log_path))
+    eng = engine_for(tmp_path, BUDGET, ledger=SqliteLedger(path), decision_log=log)
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holds the file: the reservation waits for it
+    transport = AsyncFastModeTransport(eng)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=emulator.url, transport=transport, timeout=10) as client:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.post("/v1/messages", json=messages_params(), headers=HEADERS), 0.3)
+            lock.execute("COMMIT")  # the reservation goes on, for a request nobody will send
+            for _ in range(500):  # the loop keeps running, as a server's does
+                log.flush()
+                if log_path.exists() and '"released"' in log_path.read_text():
+                    return
+                await asyncio.sleep(0.02)
+
+    asyncio.run(run())
+    log.close()
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    assert [r["event"] for r in records] == ["released"]  # (nothing before: the reservation was held until it expired)
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM holds").fetchone() == (0,)
+    assert emulator.requests() == [] and spent(eng) == 0
 
 
 def test_a_connection_refused_releases_the_reservation(kind: str, engine: Engine) -> None:

@@ -547,7 +547,9 @@ READ: Final = 2
 SLEEP: Final = 3
 """Wait this many seconds."""
 CALL: Final = 4
-"""Call `(function, args)`: the engine and its ledger (an async driver may run it in a worker thread)."""
+"""Call `(function, args)` or `(function, args, undo)`: the engine and its ledger (an async driver may run it in a
+worker thread). `undo` takes the result when nobody will receive it: the caller was cancelled while a worker thread,
+which cannot be stopped, went on (a reservation made for a request that will never be sent is released)."""
 
 Step = tuple[int, Any]
 
@@ -580,7 +582,7 @@ class Wire(Protocol):
 def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | None,
              key: str | None, account: str | None = None) -> Generator[Step, Any, Any]:
     """One logical request from its decision to its settlement: returns the response to hand back."""
-    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key, account))
+    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key, account), runtime.release)
     try:
         while True:
             response = yield SEND, wire.request(flight)
@@ -663,16 +665,27 @@ async def adrive(steps: Generator[Step, Any, Any], send: Callable[[Any], Awaitab
     return run.result
 
 
-def _call(call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+def _call(call: tuple[Any, ...]) -> Any:
     return call[0](*call[1])
 
 
-async def _acall(call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+async def _acall(call: tuple[Any, ...]) -> Any:
     return call[0](*call[1])
 
 
-async def _offloaded(call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
-    return await asyncio.to_thread(call[0], *call[1])
+async def _offloaded(call: tuple[Any, ...]) -> Any:
+    work = asyncio.ensure_future(asyncio.to_thread(call[0], *call[1]))
+    try:
+        return await asyncio.shield(work)  # a cancellation stops the waiting, never the thread
+    except asyncio.CancelledError:
+        if len(call) > 2:
+            work.add_done_callback(lambda done: _undo(call[2], done))
+        raise
+
+
+def _undo(undo: Callable[[Any], Any], done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        undo(done.result())
 
 
 def body_usage(content: bytes) -> Any:
