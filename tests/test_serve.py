@@ -358,6 +358,16 @@ def test_another_spelling_of_a_metered_path_is_refused_not_passed_on_unmetered(t
     assert [r["path"] for r in emulator.requests()] == ["/v1/messages"]
 
 
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"model": 5, "messages": "Hi"}'])
+def test_a_messages_body_the_engine_cannot_read_goes_as_it_is_and_says_so(tmp_path: Path, emulator: Any,
+                                                                         body: bytes) -> None:
+    with serving(write_policy(tmp_path), upstream=emulator.url) as server:
+        answer = httpx.post(server.url + "/v1/messages", content=body,
+                            headers={"x-api-key": API_KEY, "content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"  # the API's answer
+    assert answer.headers["x-policy-decision"] == "undecidable"
+
+
 def test_an_oversized_body_is_refused_before_it_is_read(tmp_path: Path, emulator: Any) -> None:
     with serving(write_policy(tmp_path), upstream=emulator.url, args=["--max-body-bytes", "1000"]) as server:
         big = httpx.post(server.url + "/v1/messages", json=messages_params("x" * 5000), headers={"x-api-key": API_KEY})

@@ -205,7 +205,8 @@ def create_app(service: Service) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows, or not the main thread
+        # Not on Windows, nor off the main thread (asyncio raises RuntimeError there, uvloop ValueError).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, service.reload))
         try:
             yield

@@ -119,7 +119,8 @@ class Proxy:
                 stripped = strip_batch_speed(parsed)
                 if stripped is not parsed:
                     body = json.dumps(stripped, separators=(",", ":")).encode()
-            relayed = await self._forward(self._upstream_request(scope, headers, body, identity=False))
+            relayed = await self._forward(self._upstream_request(scope, headers, body, identity=False),
+                                          decision_headers(None) if kind == "messages" else [])
         if isinstance(relayed, JSONResponse):
             return await relayed(scope, receive, send)
         await _relay(relayed[0], relayed[1], receive, send)
@@ -165,12 +166,12 @@ class Proxy:
             return _upstream_failed(exc)
         return response, decision_headers(call.flight)
 
-    async def _forward(self, upstream: httpx.Request) -> Relayed | JSONResponse:
+    async def _forward(self, upstream: httpx.Request, extra: list[tuple[str, str]]) -> Relayed | JSONResponse:
         try:
             response = await self.transport.handle_async_request(upstream)
         except httpx.TransportError as exc:
             return _upstream_failed(exc)
-        return response, []
+        return response, extra
 
 
 def _upstream_failed(exc: httpx.HTTPError) -> JSONResponse:
