@@ -212,6 +212,23 @@ def test_a_request_cancelled_while_its_decision_is_reserving_is_released(emulato
     assert emulator.requests() == [] and spent(eng) == 0
 
 
+def test_an_unclaimed_flight_is_released_unless_an_earlier_attempt_was_sent(engine: Engine) -> None:
+    from policy_engine.integrations._core import Runtime
+
+    runtime = Runtime(engine, observe=False)
+    never_sent = runtime.flight(messages_params(), None, None)
+    runtime.unclaimed(never_sent)
+    assert reserved(engine) == 0 and spent(engine) == 0
+    # A retry's flight: its first attempt went out, so the server may bill it.
+    retried = runtime.flight(messages_params(), None, "idem-1")
+    assert retried is not None
+    retried.sent_at = time.perf_counter()
+    assert runtime.flight(messages_params(), None, "idem-1") is retried
+    runtime.unclaimed(retried)
+    assert reserved(engine) == 0
+    assert spent(engine) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+
+
 def test_a_connection_refused_releases_the_reservation(kind: str, engine: Engine) -> None:
     # Nothing reached a server: nothing can be billed.
     with socket.socket() as probe:

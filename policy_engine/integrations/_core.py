@@ -348,6 +348,11 @@ class Runtime:
         if flight is not None and self._finish(flight):
             self.engine.release(flight.decision)
 
+    def unclaimed(self, flight: Flight | None) -> None:
+        """The flight of a caller cancelled while it was being decided: released if it was never sent; a retry's
+        flight, sent before, ends as any cancelled attempt does (at the worst case)."""
+        self.abandon(flight, asyncio.CancelledError())
+
     def abandon(self, flight: Flight | None, exc: BaseException, *, retried: bool = False,
                 answered: bool = False) -> None:
         """An attempt ended by `exc`: if the server cannot have billed it (it never got the request), the
@@ -582,7 +587,7 @@ class Wire(Protocol):
 def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | None,
              key: str | None, account: str | None = None) -> Generator[Step, Any, Any]:
     """One logical request from its decision to its settlement: returns the response to hand back."""
-    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key, account), runtime.release)
+    flight: Flight | None = yield CALL, (runtime.flight, (body, beta, key, account), runtime.unclaimed)
     try:
         while True:
             response = yield SEND, wire.request(flight)
@@ -678,14 +683,15 @@ async def _offloaded(call: tuple[Any, ...]) -> Any:
     try:
         return await asyncio.shield(work)  # a cancellation stops the waiting, never the thread
     except asyncio.CancelledError:
-        if len(call) > 2:
-            work.add_done_callback(lambda done: _undo(call[2], done))
+        work.add_done_callback(lambda done: _undo(call[2] if len(call) > 2 else None, done))
         raise
 
 
-def _undo(undo: Callable[[Any], Any], done: asyncio.Future[Any]) -> None:
-    if not done.cancelled() and done.exception() is None:
-        undo(done.result())
+def _undo(undo: Callable[[Any], Any] | None, done: asyncio.Future[Any]) -> None:
+    """Hand a result nobody awaits to `undo`, on a worker thread (it may do ledger I/O); an error is only retrieved."""
+    if done.cancelled() or done.exception() is not None or undo is None:
+        return
+    asyncio.get_running_loop().run_in_executor(None, undo, done.result())
 
 
 def body_usage(content: bytes) -> Any:

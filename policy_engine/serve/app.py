@@ -66,7 +66,8 @@ class ServeOptions:
 
 
 class UpstreamRefused(ValueError):
-    """An upstream URL the server will not send API keys to."""
+    """An upstream the server will not serve: a URL it will not send API keys to, or a platform whose clients
+    call paths it does not decide."""
 
 
 PROXIED_PLATFORMS: Final = ("claude_api", "claude_platform_aws", "foundry")

@@ -81,7 +81,7 @@ _HOP_BY_HOP_BYTES: Final = frozenset(name.encode() for name in _HOP_BY_HOP)
 
 def client_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
     """An upstream response's headers as they go back to the client, byte for byte (the server sets the framing)."""
-    named = _named_by_connection(v for n, v in headers.items() if n == "connection")
+    named = _named_by_connection(headers.get_list("connection"))
     dropped = _HOP_BY_HOP_BYTES | {name.encode("latin-1") for name in named} if named else _HOP_BY_HOP_BYTES
     return [(n, v) for n, v in headers.raw if n.lower() not in dropped]
 
