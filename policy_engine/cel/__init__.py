@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import threading
 from typing import Any, Callable, Mapping
 
 from . import runtime as _rt
@@ -71,28 +72,34 @@ __all__ = [
 class Program:
     """A compiled CEL expression. ``evaluate(activation)`` runs the generated function."""
 
-    __slots__ = ("source", "result_type", "cost", "references", "python_source", "evaluate", "_fn")
+    __slots__ = ("source", "result_type", "cost", "references", "evaluate", "_fn", "_fast_source", "_lazy")
 
     source: str
     result_type: CelType
     cost: int
     references: frozenset[str]
-    python_source: str
     evaluate: Callable[[Mapping[str, object]], object]
 
     def __init__(self, source: str, result_type: CelType, cost: int, references: frozenset[str],
-                 python_source: str, fn: Callable[[Mapping[str, object]], object]) -> None:
+                 python_source: str, fn: Callable[[Mapping[str, object]], object],
+                 lazy: _LazyVariant | None = None) -> None:
         self.source = source
         self.result_type = result_type
         self.cost = cost
         self.references = references
-        self.python_source = python_source
+        self._fast_source = python_source
+        self._lazy = lazy
         self._fn = fn
         # The generated function is the evaluator: no wrapper call per evaluation.
         self.evaluate = fn
 
     def __call__(self, activation: Mapping[str, object]) -> object:
         return self._fn(activation)
+
+    @property
+    def python_source(self) -> str:
+        """The generated Python: the function, and its lazy variant when it has one."""
+        return self._fast_source + (self._lazy.source if self._lazy is not None else "")
 
     def __repr__(self) -> str:
         return f"Program({self.source!r}, result_type={self.result_type}, cost={self.cost})"
@@ -198,30 +205,45 @@ def _compile(
     namespace = _NAMESPACE.copy()
     fast = "\n".join(_function("_cel", comp, node, check_result, comp.globals, "_cel_lazy" if lazy else None,
                                namespace)) + "\n"
-    lazy_source = ""
-    if lazy:  # variables read only where they are used, for when the activation lacks one
-        comp.lazy_mode = True
-        eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
-        lazy_source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None, namespace)) + "\n"
     namespace.update(comp.consts)
     filename = f"<cel: {source[:60]!r}>"
-    if lazy_source:
-        namespace["_cel_lazy"] = _LazyVariant(namespace, lazy_source, filename)
+    variant = _LazyVariant(comp, node, check_result, namespace, filename) if lazy else None
+    if variant is not None:
+        namespace["_cel_lazy"] = variant
     exec(builtins.compile(fast, filename, "exec"), namespace)  # noqa: S102 - generated from a checked AST only
-    return Program(source, result, cost, refs, fast + lazy_source, namespace["_cel"])
+    return Program(source, result, cost, refs, fast, namespace["_cel"], variant)
 
 
 class _LazyVariant:
-    """The lazy variant of a generated function, compiled the first time an activation lacks a
-    variable (activations usually bind every declared name, so most programs never need it)."""
+    """The lazy variant of a generated function (variables read only where they are used), for
+    an activation that lacks a variable. Activations usually bind every declared name, so most
+    programs never need it: its source is generated and compiled the first time it is called
+    (or `python_source` is read), from the checked AST kept for that."""
 
-    def __init__(self, namespace: dict[str, Any], source: str, filename: str) -> None:
+    def __init__(self, comp: Compiler, node: Any, check_result: str | None, namespace: dict[str, Any],
+                 filename: str) -> None:
+        self._pending: tuple[Compiler, Any, str | None] | None = (comp, node, check_result)
         self.namespace = namespace
-        self.source = source
         self.filename = filename
+        self._source = ""
+        self._lock = threading.Lock()
+
+    @property
+    def source(self) -> str:
+        with self._lock:
+            if self._pending is not None:
+                comp, node, check_result = self._pending
+                comp.lazy_mode = True
+                eager = {k: v for k, v in comp.globals.items() if k in comp.strict_globals}
+                self._source = "\n".join(_function("_cel_lazy", comp, node, check_result, eager, None,
+                                                   self.namespace)) + "\n"
+                self.namespace.update(comp.consts)
+                self._pending = None  # the compiler and its AST are no longer needed
+            return self._source
 
     def __call__(self, act: Mapping[str, object]) -> object:
-        exec(builtins.compile(self.source, self.filename, "exec"), self.namespace)  # noqa: S102 - replaces this stub
+        code = builtins.compile(self.source, self.filename, "exec")
+        exec(code, self.namespace)  # noqa: S102 - replaces this stub in the namespace
         return self.namespace["_cel_lazy"](act)
 
 

@@ -589,7 +589,7 @@ def _parse_string(text: str, is_bytes: bool) -> Any:
         text = text[1:]
     q = 3 if text[:3] in ('"""', "'''") else 1
     body = text[q:-q]
-    if raw:
+    if raw or "\\" not in body:  # (most literals: nothing to unescape)
         return body.encode("utf-8") if is_bytes else body
     out: list[Any] = []  # str pieces, or ints (raw bytes) for bytes literals
     i, n = 0, len(body)

@@ -76,23 +76,24 @@ class FastParser:
         # there costs a fifth of what it costs in the whole. What the front one leaves (numbers,
         # strings, comments, `-`, `/`, `.5`, `r'...'`), the whole one lexes.
         terminals = scanner.terminals
-        self.pattern = re.compile("|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals),
-                                  lexer.g_regex_flags)
         front, space = [], None
-        for t in terminals:
+        for t in terminals:  # (the front's groups are named `f_<kind>`: the whole has the kinds' names)
             regexp = t.pattern.to_regexp()
             if t.name == "IDENT":  # unless it is a string's prefix (r, b, br): `r'a'`, `b"a"`
-                front.append(f"(?P<IDENT>{regexp})(?![\'\"])")
+                front.append(f"(?P<f_IDENT>{regexp})(?![\'\"])")
             elif t.name == "DOT":  # unless it starts a number: `.5`
-                front.append(f"(?P<DOT>{regexp})(?![0-9])")
+                front.append(f"(?P<f_DOT>{regexp})(?![0-9])")
             elif t.name == "WHITESPACE":
                 space = regexp
             elif isinstance(t.pattern, PatternStr) and t.pattern.value[0] not in "-/.":
-                front.append(f"(?P<{t.name}>{regexp})")
+                front.append(f"(?P<f_{t.name}>{regexp})")
         if space is None or "WHITESPACE" not in lexer.ignore_types:  # pragma: no cover - another grammar
             raise RuntimeError("cel-python's grammar changed: no ignored WHITESPACE")
-        self.front = re.compile(f"(?:{space})?(?:{'|'.join(front)})", lexer.g_regex_flags)
-        self.front_kinds = {i: name for name, i in self.front.groupindex.items()}
+        # One scanner, the front alternation first: `finditer` walks the source in C, and a gap
+        # between two matches is a character no terminal matches.
+        whole = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
+        self.scanner = re.compile(f"(?:{space})?(?:{'|'.join(front)})|{whole}", lexer.g_regex_flags)
+        self.kinds = {i: name.removeprefix("f_") for name, i in self.scanner.groupindex.items()}
         self.ignore = frozenset(lexer.ignore_types)
         self.keywords = _keywords(lexer.callback)
         table = parser.parser.parser.parser.parse_table
@@ -145,26 +146,22 @@ class FastParser:
 
     def tokens(self, source: str) -> list[_Val]:
         out = []
-        pos, n = 0, len(source)
-        ignore, keywords, front, whole, kinds = self.ignore, self.keywords, self.front.match, self.pattern.match, self.front_kinds
-        while pos < n:
-            m = front(source, pos)
-            if m is not None:
-                i = m.lastindex
-                kind = kinds[i]
-                start, pos = m.span(i)
-            else:
-                m = whole(source, pos)
-                if m is None:  # a character no terminal matches
-                    raise _Decline
-                kind = m.lastgroup  # type: ignore[assignment]
-                start, pos = pos, m.end()
-                if kind in ignore:
-                    continue
+        pos = 0
+        ignore, keywords, kinds = self.ignore, self.keywords, self.kinds
+        for m in self.scanner.finditer(source):
+            if m.start() != pos:  # a character no terminal matches
+                raise _Decline
+            i = m.lastindex
+            kind = kinds[i]
+            start, pos = m.span(i)
+            if kind in ignore:
+                continue
             text = source[start:pos]
             if kind == "IDENT":
                 kind = keywords.get(text, kind)
             out.append(_Val(kind, None, text, 0, start, pos))
+        if pos != len(source):
+            raise _Decline
         return out
 
     def parse(self, builder: _Builder) -> Node | None:

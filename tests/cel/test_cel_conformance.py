@@ -51,6 +51,21 @@ def test_present_variables_take_the_eager_fast_path():
     assert "_cel_lazy" not in compile("x > 1", {"x": INT}).python_source
 
 
+def test_the_lazy_variant_is_generated_when_first_needed_with_its_own_constants():
+    # generated on the first activation that lacks a variable, or when python_source is read;
+    # the regex it matches with is one of its own constants
+    decls = {"x": INT, "s": STRING}
+    for read_source_first in (True, False):
+        prog = compile("x > 1 || s.matches('^a+$') || s.startsWith('z')", decls)
+        if read_source_first:
+            assert prog.python_source.count("def _cel") == 2
+        assert prog.evaluate({"s": "aaa"}) is True and prog.evaluate({"s": "zb"}) is True
+        assert prog.evaluate({"x": 5, "s": "b"}) is True
+        assert "no value for variable 'x'" in ev_err(prog.source, {"s": "b"}, decls)  # no branch absorbs it
+        assert "def _cel_lazy(act):" in prog.python_source
+        assert "no value for variable" in ev_err(prog.source, {}, decls)
+
+
 # ------------------------------------------------------------ dynamic mode: errors at run time
 def test_undeclared_function_in_dynamic_mode_is_an_evaluation_error():
     assert "undeclared function 'f_unknown'" in ev_err("f_unknown(17)")
