@@ -21,7 +21,7 @@ from policy_engine.integrations.httpx import AsyncFastModeTransport, FastModeRat
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.ratelimit import account_id
 from policy_engine.testing.emulator import Emulator
-from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
+from tests._emulator import emulator, engine_for, gateway, Gateway, messages_params  # noqa: F401 - fixture
 
 OPUS = load_catalog().model("claude-opus-5")
 BUDGET = """
@@ -138,6 +138,18 @@ def test_errors_release_the_reservation(raw: Raw, emulator: Emulator, engine: En
     status, body = raw.post("/v1/messages", messages_params())
     assert status == 529 and body["error"]["type"] == "overloaded_error"
     assert spent(engine) == 0 and reserved(engine) == 0
+
+
+def test_a_gateway_5xx_settles_what_the_server_may_bill(kind: str, emulator: Emulator, engine: Engine,  # noqa: F811
+                                                       gateway: Gateway) -> None:  # noqa: F811
+    # A 504 page from an intermediary, no request-id: the API behind it served and billed the request.
+    gateway.fail = 1
+    raw = Raw(kind, gateway.url, engine)
+    with pytest.raises(ValueError):  # (the page is not JSON)
+        raw.post("/v1/messages", messages_params())
+    assert reserved(engine) == 0
+    assert spent(engine) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+    assert spent(engine) > emulator.bill_micro() > 0
 
 
 def _billed_once_done(emulator: Emulator) -> int:
@@ -307,3 +319,13 @@ def test_non_json_bodies_pass_through(raw: Raw, emulator: Emulator, engine: Engi
 
     assert send() == 400
     assert reserved(engine) == 0
+
+
+def test_only_a_5xx_without_the_apis_request_id_is_taken_for_an_intermediarys() -> None:
+    from policy_engine.integrations._core import unanswered
+
+    assert unanswered(504, httpx.Headers({"content-type": "text/html"})) is not None
+    assert unanswered(524, httpx.Headers({"cf-ray": "8f1"})) is not None
+    assert unanswered(500, httpx.Headers({"Request-Id": "req_1"})) is None  # the API's own api_error
+    assert unanswered(503, httpx.Headers({"X-Amzn-RequestId": "4b1c"})) is None  # Bedrock's own
+    assert unanswered(404, httpx.Headers({})) is None  # a 4xx: refused, whoever answered

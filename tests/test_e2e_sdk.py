@@ -21,7 +21,7 @@ from policy_engine.ledger import MemoryLedger
 from policy_engine.observe import ThroughputObserver
 from policy_engine.ratelimit import account_id
 from policy_engine.testing.emulator import Emulator
-from tests._emulator import emulator, engine_for, messages_params  # noqa: F401 - fixture
+from tests._emulator import Gateway, emulator, engine_for, gateway, messages_params  # noqa: F401 - fixture
 
 CATALOG = load_catalog()
 OPUS = CATALOG.model("claude-opus-5")
@@ -386,3 +386,35 @@ def test_rate_limit_headers_are_recorded_per_hashed_key(client: Client, emulator
     assert snapshot["input_tokens_limit"] == 6_000
     assert 6_000 - 6 <= snapshot["input_tokens_remaining"] <= 6_000
     assert all(API_KEY not in account for account in engine.ratelimits._state)  # type: ignore[attr-defined]
+
+
+def test_a_gateway_5xx_is_settled_as_an_attempt_the_api_may_have_run(client: Client, emulator: Emulator,  # noqa: F811
+                                                                     engine: Engine, gateway: Gateway) -> None:
+    # The API served and billed the request; the client got the gateway's 504. Releasing it, as an
+    # error of the API's own, would count $0 for a billed response.
+    client = Client(client.kind, gateway.url, FastModePolicy(engine), max_retries=0)
+    gateway.fail = 1
+    with pytest.raises(anthropic.InternalServerError):
+        client.create(**messages_params())
+    assert emulator.bill_micro() > 0 and reserved(engine) == 0
+    worst = actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+    assert spent(engine) >= worst > emulator.bill_micro()  # max_tokens of output, and the input as estimated
+
+
+def test_a_gateway_5xx_then_a_retry_counts_both_attempts(client: Client, emulator: Emulator,  # noqa: F811
+                                                         engine: Engine, gateway: Gateway) -> None:
+    client = Client(client.kind, gateway.url, FastModePolicy(engine), max_retries=1)
+    gateway.fail = 1
+    assert client.create(**messages_params()).usage.speed == "fast"
+    assert len(emulator.billed()) == 2 and reserved(engine) == 0
+    worst = actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+    assert spent(engine) >= worst + actual(OPUS, emulator.billed()[-1]) > emulator.bill_micro()
+
+
+def test_an_api_5xx_with_its_request_id_is_still_released(client: Client, emulator: Emulator,  # noqa: F811
+                                                          engine: Engine, gateway: Gateway) -> None:
+    client = Client(client.kind, gateway.url, FastModePolicy(engine), max_retries=0)
+    emulator.inject(529)  # the API's own overload answer, passed on by the gateway with its request-id
+    with pytest.raises(anthropic.APIStatusError):
+        client.create(**messages_params())
+    assert reserved(engine) == 0 and spent(engine) == 0 == emulator.bill_micro()

@@ -37,7 +37,7 @@ from ..observe import ThroughputObserver
 from ..ratelimit import account_id, parse_retry_after
 from ..tokens import estimate_text_tokens
 
-__all__ = ["Runtime", "Flight", "StreamTracker", "FastModeRateLimited", "policy_context", "ContextSource", "Wire",
+__all__ = ["Runtime", "Flight", "StreamTracker", "FastModeRateLimited", "UpstreamUnanswered", "policy_context", "ContextSource", "Wire",
            "exchange", "drive", "adrive", "body_usage"]
 
 ContextSource = Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None
@@ -56,6 +56,31 @@ class FastModeRateLimited(PolicyEngineError):
         self.decision = decision
         wait = f"; retry after {retry_after_s:g}s" if retry_after_s is not None else ""
         super().__init__(f"fast mode is rate limited (HTTP 429){wait}; the policy says fail (on_fast_rate_limited)")
+
+
+class UpstreamUnanswered(Exception):
+    """A 5xx without the header every answer of the API carries (Anthropic's `request-id`, Bedrock's
+    `x-amzn-requestid`): it came from something in between (a load balancer, a gateway, a CDN's 502, 504
+    or 524), and the request may well have reached the API, which goes on and bills it. The life cycle ends
+    the attempt with this, as it would with a read timeout, instead of releasing it as an error of the
+    API's own. (Vertex AI's answers carry no such header: its 5xx are counted so too.)"""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(f"HTTP {status} without a request-id: not an answer of the API")
+        self.status = status
+        self.headers = headers
+
+
+def unanswered(status: int, headers: Mapping[str, str]) -> UpstreamUnanswered | None:
+    """The failure a non-2xx response stands for, when it may not be the API's own answer."""
+    if status >= 500 and not any(headers.get(name) is not None for name in _ANSWERED_BY):
+        return UpstreamUnanswered(status, headers)
+    return None
+
+
+_ANSWERED_BY: Final = ("request-id", "x-amzn-requestid")
+"""Headers a response of the API itself carries: Anthropic's `request-id`, Bedrock's `x-amzn-requestid`
+(its 503s under load are its own, refused before any output)."""
 
 
 @contextlib.contextmanager
@@ -363,7 +388,7 @@ class Runtime:
         if flight is None:
             return
         observed = flight.decision._observed
-        if observed is not None:
+        if observed is not None and not isinstance(exc, UpstreamUnanswered):  # (its status is recorded)
             observed.attempt(flight.speed, None, None, "error")
         if not (answered or (flight.sent_at and _may_be_billed(exc))):
             if not retried:
@@ -607,7 +632,11 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
     if flight is None:
         return response
     if not 200 <= status < 300:
-        wire.refused(flight, response)
+        between = unanswered(status, headers)
+        if between is not None:
+            wire.failed(flight, between)  # may be billed: settled as an attempt the server may have run
+        else:
+            wire.refused(flight, response)
         return response
     if wire.streaming:
         return wire.tracked(response, runtime.tracker(flight))
@@ -708,7 +737,7 @@ _ACCOUNTS_KEPT: Final = 1024
 must not grow the cache without end)."""
 
 _BILLABLE_FAILURES: Final = frozenset({"ReadTimeout", "WriteTimeout", "ReadError", "RemoteProtocolError",
-                                       "CancelledError"})
+                                       "CancelledError", "UpstreamUnanswered"})
 """httpx's (and httpx2's) errors raised once a request may have reached the server, and a cancellation (a
 task cancelled by its caller or by a server shutting down): once an attempt was handed to the transport,
 nothing says its bytes had not gone out, and the server goes on generating what it got."""

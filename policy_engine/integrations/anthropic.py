@@ -49,6 +49,7 @@ from ._core import (
     Flight,
     Runtime,
     StreamTracker,
+    UpstreamUnanswered,
     adrive,
     body_usage,
     drive,
@@ -174,7 +175,6 @@ class FastModePolicy(Middleware):
 
     def _error_response(self, request: APIRequest, flight: Flight, response: APIResponse[Any] | AsyncAPIResponse[Any]) -> None:
         """An error response: the flight lives on if the SDK will retry it, else its reservation goes."""
-        self._default_max_retries = response._client.max_retries
         http = response.http_response
         if not sdk_will_retry(http.status_code, http.headers, request.retries_taken, self._max_retries(request)):
             self.runtime.release(flight)
@@ -191,6 +191,9 @@ class FastModePolicy(Middleware):
                 if isinstance(cause, APIStatusError):
                     retry = sdk_will_retry(cause.status_code, cause.response.headers, request.retries_taken,
                                            self._max_retries(request))
+                    break
+                if isinstance(cause, UpstreamUnanswered):
+                    retry = sdk_will_retry(cause.status, cause.headers, request.retries_taken, self._max_retries(request))
                     break
                 if isinstance(cause, (APIConnectionError, _RetryableError)):
                     retry = True
@@ -230,6 +233,7 @@ class _Call:
     def inspect(self, flight: Flight | None, response: Any) -> tuple[int, Any, str | None]:
         client = response._client
         self.policy._platform(client, flight)
+        self.policy._default_max_retries = client.max_retries  # what the SDK's retry loop goes by
         # The client's key, not the sent headers: a case-insensitive header scan costs more.
         credential = getattr(client, "api_key", None) or getattr(client, "auth_token", None)
         http = response.http_response
