@@ -329,3 +329,78 @@ def test_only_a_5xx_without_the_apis_request_id_is_taken_for_an_intermediarys() 
     assert unanswered(500, httpx.Headers({"Request-Id": "req_1"})) is None  # the API's own api_error
     assert unanswered(503, httpx.Headers({"X-Amzn-RequestId": "4b1c"})) is None  # Bedrock's own
     assert unanswered(404, httpx.Headers({})) is None  # a 4xx: refused, whoever answered
+
+
+class _Ticker:
+    """Counts the event loop's turns: the longest gap between two is how long something held the loop."""
+
+    def __init__(self) -> None:
+        self.longest, self.last, self._task = 0.0, time.perf_counter(), None
+
+    def _turn(self) -> None:
+        now = time.perf_counter()
+        self.longest, self.last = max(self.longest, now - self.last), now
+
+    async def __aenter__(self) -> "_Ticker":
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(0.01)
+                self._turn()
+
+        self.last = time.perf_counter()
+        self._task = asyncio.ensure_future(tick())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._turn()  # (a loop held until now never got back to the ticker)
+        self._task.cancel()  # type: ignore[union-attr]
+
+
+HOLD_S = 1.0
+
+
+def _held(path: Path) -> sqlite3.Connection:
+    """Another writer holds the ledger's file for HOLD_S seconds (from a thread: the loop may be stuck)."""
+    import threading
+
+    lock = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN IMMEDIATE")
+    threading.Timer(HOLD_S, lambda: lock.execute("COMMIT")).start()
+    return lock
+
+
+@pytest.mark.parametrize("ending", ["stream", "error"])
+def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str, emulator: Emulator,  # noqa: F811
+                                                                     tmp_path: Path) -> None:
+    # A stream settles as its last event passes, an error status releases: with a shared ledger both do
+    # ledger I/O, which must wait on a worker thread, not hold the loop (a proxy's every other request).
+    path = tmp_path / "ledger.sqlite"
+    eng = engine_for(tmp_path, BUDGET, ledger=SqliteLedger(path))
+    transport = AsyncFastModeTransport(eng)
+    if ending == "error":
+        emulator.inject(529, hang_s=0.3)
+
+    async def run() -> _Ticker:
+        async with httpx.AsyncClient(base_url=emulator.url, transport=transport, timeout=10) as client, \
+                _Ticker() as ticker:
+            if ending == "stream":
+                async with client.stream("POST", "/v1/messages", json=messages_params(stream=True),
+                                         headers=HEADERS) as response:
+                    lines = response.aiter_lines()
+                    await lines.__anext__()  # reserved and sent; the settle comes at the stream's end
+                    _held(path)
+                    async for _ in lines:
+                        pass
+            else:
+                sent = asyncio.ensure_future(client.post("/v1/messages", json=messages_params(), headers=HEADERS))
+                await asyncio.sleep(0.15)  # reserved, and the emulator is still hanging
+                _held(path)
+                assert (await sent).status_code == 529
+            return ticker
+
+    started = time.perf_counter()
+    ticker = asyncio.run(run())
+    assert time.perf_counter() - started >= HOLD_S * 0.9  # the settle (or release) did wait for the writer
+    assert ticker.longest < HOLD_S / 2.5, f"the event loop was held {ticker.longest:.2f} s"
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM holds").fetchone() == (0,)
+    assert spent(eng) == (0 if ending == "error" else actual(OPUS, emulator.billed()[0]))

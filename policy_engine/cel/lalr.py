@@ -151,7 +151,7 @@ class FastParser:
         for m in self.scanner.finditer(source):
             if m.start() != pos:  # a character no terminal matches
                 raise _Decline
-            i = m.lastindex
+            i: int = m.lastindex  # type: ignore[assignment]  # (every alternative is a group)
             kind = kinds[i]
             start, pos = m.span(i)
             if kind in ignore:

@@ -32,7 +32,7 @@ from ..catalog import UsageError
 from ..decide import Decision, Engine, Settlement
 from ..decisionlog import Observed
 from ..errors import InvalidContext, InvalidRequest, PolicyEngineError
-from ..ledger import AsyncLedger
+from ..ledger import AsyncLedger, MemoryLedger
 from ..observe import ThroughputObserver
 from ..ratelimit import account_id, parse_retry_after
 from ..tokens import estimate_text_tokens
@@ -179,6 +179,9 @@ class Runtime:
                 f"{type(engine.ledger).__name__}: use RedisLedger (async clients run its calls in a worker thread), "
                 f"or call engine.adecide/asettle yourself around each request")
         self.engine = engine
+        self.offload = not isinstance(engine.ledger, MemoryLedger)
+        """Async callers run the engine's calls on a worker thread: a shared ledger does I/O of its own, which
+        must not hold an event loop (a stream's settlement and an error's release too)."""
         self.context = context
         self.policy = policy
         self.platform = platform or engine.platform
@@ -552,6 +555,16 @@ class StreamTracker:
                                     self._final_at - self._start_at)
 
 
+    async def afinish(self) -> None:
+        """`finish` for an async caller: on a worker thread when the runtime offloads (it settles in the ledger).
+        A cancellation stops the waiting, never the settlement."""
+        if self._finished:
+            return
+        if not self.runtime.offload:
+            self.finish()
+            return
+        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(self.finish)))
+
     def _observe(self, observed: Observed) -> None:
         """The stream's timings, for the decision log: what a reader waited for, and the generation rate."""
         sent = self.flight.sent_at
@@ -633,10 +646,10 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
         return response
     if not 200 <= status < 300:
         between = unanswered(status, headers)
-        if between is not None:
-            wire.failed(flight, between)  # may be billed: settled as an attempt the server may have run
+        if between is not None:  # may be billed: settled as an attempt the server may have run
+            yield CALL, (wire.failed, (flight, between))
         else:
-            wire.refused(flight, response)
+            yield CALL, (wire.refused, (flight, response))
         return response
     if wire.streaming:
         return wire.tracked(response, runtime.tracker(flight))

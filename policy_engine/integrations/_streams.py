@@ -55,7 +55,7 @@ def tracked_stream(module: Any) -> type:
                     self._tracker.feed(chunk)
                     yield chunk
             finally:
-                self._tracker.finish()
+                await self._tracker.afinish()
 
         def close(self) -> None:
             try:
@@ -67,6 +67,6 @@ def tracked_stream(module: Any) -> type:
             try:
                 await self._response.aclose()
             finally:
-                self._tracker.finish()
+                await self._tracker.afinish()
 
     return Tracked

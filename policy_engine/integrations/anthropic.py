@@ -42,7 +42,6 @@ from anthropic._request import APIRequest
 from anthropic._response import APIResponse, AsyncAPIResponse
 
 from ..decide import Engine
-from ..ledger import MemoryLedger
 from ._core import (
     ContextSource,
     FastModeRateLimited,
@@ -102,8 +101,6 @@ class FastModePolicy(Middleware):
                                fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s, platform=platform)
         self._platforms: dict[type, str] = {}
         self._default_max_retries = DEFAULT_MAX_RETRIES
-        # Async callers keep the event loop free of ledger I/O unless the ledger is in memory.
-        self._offload = not isinstance(engine.ledger, MemoryLedger)
 
     @classmethod
     def attach(cls, client: Any, engine: Engine, **options: Any) -> Any:
@@ -158,7 +155,7 @@ class FastModePolicy(Middleware):
             if fallback is None:
                 return await call_next(passed)  # type: ignore[arg-type]
             return await fallback[0].handle_async(request, lambda hop: self.handle_async(hop, fallback[1]))  # type: ignore[no-any-return]
-        return await adrive(call.steps(), call_next, _aclose, call.aread, self._offload)  # type: ignore[no-any-return]
+        return await adrive(call.steps(), call_next, _aclose, call.aread, self.runtime.offload)  # type: ignore[no-any-return]
 
     def _platform(self, client: Any, flight: Flight | None) -> None:
         """Follow the client's platform: decide for it from now on, and settle this flight at its prices."""

@@ -28,7 +28,6 @@ from typing import Any
 import httpx
 
 from ..decide import Engine
-from ..ledger import MemoryLedger
 from ._core import (
     ContextSource,
     FastModeRateLimited,
@@ -169,8 +168,6 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
         super().__init__(engine, context=context, policy=policy, account=account, observe=observe,
                          fast_retries=fast_retries, max_retry_wait_s=max_retry_wait_s)
         self._inner = transport or httpx.AsyncHTTPTransport()
-        # A shared ledger does I/O: keep it off the event loop.
-        self._offload = not isinstance(engine.ledger, MemoryLedger)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
@@ -178,7 +175,7 @@ class AsyncFastModeTransport(_Base, httpx.AsyncBaseTransport):
         if call is None:
             return await self._inner.handle_async_request(passed)  # type: ignore[arg-type]
         return await adrive(call.steps(), self._inner.handle_async_request, httpx.Response.aclose,  # type: ignore[no-any-return]
-                            httpx.Response.aread, self._offload)
+                            httpx.Response.aread, self.runtime.offload)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
