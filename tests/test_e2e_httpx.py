@@ -369,16 +369,19 @@ def _held(path: Path) -> sqlite3.Connection:
     return lock
 
 
-@pytest.mark.parametrize("ending", ["stream", "error"])
+@pytest.mark.parametrize("ending", ["stream", "error", "timeout"])
 def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str, emulator: Emulator,  # noqa: F811
                                                                      tmp_path: Path) -> None:
-    # A stream settles as its last event passes, an error status releases: with a shared ledger both do
-    # ledger I/O, which must wait on a worker thread, not hold the loop (a proxy's every other request).
+    # A stream settles as its last event passes, an error status releases, a timed-out attempt settles at its
+    # worst case: with a shared ledger each does ledger I/O, which must wait on a worker thread, not hold the
+    # loop (a proxy's every other request).
     path = tmp_path / "ledger.sqlite"
     eng = engine_for(tmp_path, BUDGET, ledger=SqliteLedger(path))
     transport = AsyncFastModeTransport(eng)
     if ending == "error":
         emulator.inject(529, hang_s=0.3)
+    if ending == "timeout":
+        emulator.inject(None, hang_s=2.0)
 
     async def run() -> _Ticker:
         async with httpx.AsyncClient(base_url=emulator.url, transport=transport, timeout=10) as client, \
@@ -392,10 +395,15 @@ def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str
                     async for _ in lines:
                         pass
             else:
-                sent = asyncio.ensure_future(client.post("/v1/messages", json=messages_params(), headers=HEADERS))
+                sent = asyncio.ensure_future(client.post("/v1/messages", json=messages_params(), headers=HEADERS,
+                                                         timeout=0.3 if ending == "timeout" else 10))
                 await asyncio.sleep(0.15)  # reserved, and the emulator is still hanging
                 _held(path)
-                assert (await sent).status_code == 529
+                if ending == "timeout":  # abandoned: settled at the worst case the server may bill
+                    with pytest.raises(httpx.ReadTimeout):
+                        await sent
+                else:
+                    assert (await sent).status_code == 529
             return ticker
 
     started = time.perf_counter()
@@ -403,4 +411,7 @@ def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str
     assert time.perf_counter() - started >= HOLD_S * 0.9  # the settle (or release) did wait for the writer
     assert ticker.longest < HOLD_S / 2.5, f"the event loop was held {ticker.longest:.2f} s"
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM holds").fetchone() == (0,)
-    assert spent(eng) == (0 if ending == "error" else actual(OPUS, emulator.billed()[0]))
+    if ending == "timeout":
+        assert spent(eng) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+    else:
+        assert spent(eng) == (0 if ending == "error" else actual(OPUS, emulator.billed()[0]))

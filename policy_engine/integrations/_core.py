@@ -405,6 +405,10 @@ class Runtime:
             self.engine.charge_attempt(decision, {"input_tokens": decision.input_tokens,
                                                   "output_tokens": decision.max_tokens, "speed": flight.speed})
 
+    def unread(self, flight: Flight, exc: BaseException) -> None:
+        """A success status came, and its body could not be read: billed, perhaps in full."""
+        self.abandon(flight, exc, answered=True)
+
     def settle_incomplete(self, flight: Flight, usage: Mapping[str, Any] | None, seen: int) -> None:
         """Settle a response that ended without its final usage, by the policy's `on_incomplete_stream`:
         `worst_case` charges max_tokens of output (what the server may have billed), `observed` what the client read.
@@ -635,12 +639,16 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
                 break
             yield DISCARD, response
             if action == "fail":
-                raise runtime.fail(flight, wait)  # type: ignore[arg-type]
+                raise (yield CALL, (runtime.fail, (flight, wait)))
             if action == "retry":
                 yield SLEEP, wait
+    except GeneratorExit:  # closed before its end (garbage-collected): no step can run any more
+        if flight is not None:
+            wire.failed(flight, asyncio.CancelledError())
+        raise
     except BaseException as exc:
         if flight is not None:
-            wire.failed(flight, exc)
+            yield CALL, (wire.failed, (flight, exc))
         raise
     if flight is None:
         return response
@@ -655,8 +663,11 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
         return wire.tracked(response, runtime.tracker(flight))
     try:
         read = yield READ, response
+    except GeneratorExit:
+        runtime.unread(flight, asyncio.CancelledError())
+        raise
     except BaseException as exc:
-        runtime.abandon(flight, exc, answered=True)  # a success status came, the body did not: billed, perhaps in full
+        yield CALL, (runtime.unread, (flight, exc))
         raise
     usage, handed = wire.concluded(response, read)
     yield CALL, (runtime.settle, (flight, usage))
