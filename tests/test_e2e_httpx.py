@@ -415,3 +415,30 @@ def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str
         assert spent(eng) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
     else:
         assert spent(eng) == (0 if ending == "error" else actual(OPUS, emulator.billed()[0]))
+
+
+def test_a_ledger_file_held_past_its_busy_timeout_loses_neither_the_response_nor_its_cost(
+        kind: str, emulator: Emulator, tmp_path: Path) -> None:  # noqa: F811
+    # Another process holds the SQLite file while the response comes back: the caller still gets its
+    # response, and the settlement waits in the ledger's journal until the file can be written.
+    import threading
+
+    path = tmp_path / "ledger.sqlite"
+    ledger = SqliteLedger(path, busy_timeout_s=0.1)
+    eng = engine_for(tmp_path, BUDGET, ledger=ledger)
+    emulator.inject(None, hang_s=0.6)  # reserved, then a while before the answer
+    holder: list[sqlite3.Connection] = []
+
+    def hold() -> None:
+        time.sleep(0.2)
+        holder.append(_held(path))
+
+    threading.Thread(target=hold).start()
+    status, body = Raw(kind, emulator.url, eng).post("/v1/messages", messages_params())
+    assert status == 200 and body["usage"]["output_tokens"] > 0
+    assert holder, "the file was not held while the response came back"
+    assert ledger.journal_size == 1
+    time.sleep(HOLD_S)  # the holder lets go
+    ledger.flush_journal()
+    assert spent(eng) == actual(OPUS, emulator.billed()[0])
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM holds").fetchone() == (0,)

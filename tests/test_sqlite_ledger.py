@@ -184,3 +184,78 @@ def test_a_refused_call_leaves_the_calls_committed_with_it_intact(tmp_path: Path
     assert len(refused) == 8 * 50
     [balance] = SqliteLedger(tmp_path / "l.db").balances([s])
     assert (balance.spent, balance.reserved) == (8 * 50 * 7, 1)
+
+
+class _Holder:
+    """Another process's writer: holds the ledger's file (BEGIN IMMEDIATE) until `free()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def free(self) -> None:
+        self.conn.execute("COMMIT")
+        self.conn.close()
+
+
+def test_a_file_held_past_the_busy_timeout_journals_settlements_and_delivers_them(tmp_path: Path) -> None:
+    from policy_engine.errors import StateUnavailable
+
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path, busy_timeout_s=0.05)
+    s = scope(limit=10_000)
+    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    ledger.reserve("r2", [(s, 800)], ttl_s=600)
+    holder = _Holder(path)
+    # What a response cost is never dropped, nor raised at the caller who got the response.
+    assert ledger.settle("r1", [(s, 321)]) is True
+    assert ledger.release("r2") is False
+    assert ledger.journal_size == 2
+    with pytest.raises(StateUnavailable, match="cannot be written: database is locked"):
+        ledger.reserve("r3", [(s, 100)], ttl_s=600)
+    with pytest.raises(StateUnavailable):
+        ledger.flush_journal()
+    assert ledger.journal_size == 2
+    holder.free()
+    assert ledger.reserve("r3", [(s, 100)], ttl_s=600).ok  # the next transaction delivers the journal first
+    assert ledger.journal_size == 0
+    [balance] = ledger.balances([s])
+    assert (balance.spent, balance.reserved) == (321, 100)
+    assert not ledger.settle("r1", [(s, 321)])  # delivered once: a settle again records nothing
+    ledger.close()
+
+
+def test_the_journal_is_delivered_with_no_further_call(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path, busy_timeout_s=0.05)
+    s = scope(limit=10_000)
+    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    holder = _Holder(path)
+    ledger.settle("r1", [(s, 321)])
+    holder.free()
+    deadline = time.monotonic() + 10
+    while ledger.journal_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ledger.journal_size == 0, "the background delivery never ran"
+    assert SqliteLedger(path).totals() == {s.id: 321}  # committed: another connection sees it
+    ledger.close()
+
+
+def test_what_the_journal_cannot_keep_is_logged_with_its_amounts(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path, busy_timeout_s=0.05, journal_max=1, hash_scopes=True)
+    s = scope(key="tenant-acme", limit=10_000)
+    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    ledger.reserve("r2", [(s, 900)], ttl_s=600)
+    holder = _Holder(path)
+    ledger.settle("r1", [(s, 321)])
+    ledger.settle("r2", [(s, 456)])
+    assert (ledger.journal_size, ledger.journal_overflow) == (1, 1)
+    overflow = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(overflow) == 1 and "settle of r2" in overflow[0] and "=456" in overflow[0]
+    assert s.key not in overflow[0]  # hashed scopes stay hashed in the log
+    ledger.close()  # the file is still held: what is left is logged, not silently dropped
+    lost = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][1:]
+    assert len(lost) == 1 and "settle of r1" in lost[0] and "=321" in lost[0] and "NOT recorded" in lost[0]
+    holder.free()

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Union
 
 from . import Charge, Scope
 
-__all__ = ["ScopeIds", "StoredScope", "HashScopes", "ScopeIdsMismatch"]
+__all__ = ["ScopeIds", "StoredScope", "HashScopes", "ScopeIdsMismatch", "describe_charges"]
 
 HashScopes = Union[bool, str, bytes]
 """A ledger's `hash_scopes` option: False (plain ids), True (SHA-256), or an HMAC secret."""
@@ -103,3 +103,8 @@ class ScopeIds:
 
 def _describe(fingerprint: str) -> str:
     return {"plain": "False", "sha256": "True"}.get(fingerprint, "<a secret>" if fingerprint.startswith("hmac") else repr(fingerprint))
+
+
+def describe_charges(charges: Iterable[tuple[str, int]]) -> str:
+    """Stored scope ids (hashed keys stay hashed) and amounts, for a log line: `budget/key/window=amount, ...`."""
+    return ", ".join(f"{sid.replace(chr(0x1f), '/')}={amount}" for sid, amount in charges) or "-"

@@ -86,7 +86,7 @@ from ..errors import StateUnavailable
 from ..ratelimit import FastRateLimit, RateLimitStore
 from .._fork import Periodic, ProcessIds, renew_in_child
 from . import AsyncLedger, Balance, Charge, Ledger, ReserveResult, Scope
-from ._keys import HashScopes, ScopeIds, StoredScope
+from ._keys import HashScopes, ScopeIds, StoredScope, describe_charges
 
 __all__ = ["RedisLedger", "AsyncRedisLedger", "RedisRateLimitStore"]
 
@@ -664,7 +664,7 @@ class _RedisLedgerCore(Generic[_Client]):
             if full:
                 self.journal_overflow += 1
                 log.error("ledger journal full (%d entries): %s of %s NOT recorded; charges: %s (cause: %s)",
-                          self._journal_max, entry[0], entry[1], _describe(entry[3]), cause)
+                          self._journal_max, entry[0], entry[1], describe_charges((s.id, a) for s, a in entry[3]), cause)
             else:
                 self._journal.append(entry)
                 self.journaled_total += 1
@@ -712,7 +712,7 @@ class _RedisLedgerCore(Generic[_Client]):
 
     def _journal_undeliverable(self, entry: _Entry, exc: BaseException) -> None:
         # Not an outage: replaying this entry can never succeed. Say so loudly and move on.
-        log.error("dropping journaled %s of %s after error %s; charges: %s", entry[0], entry[1], exc, _describe(entry[3]))
+        log.error("dropping journaled %s of %s after error %s; charges: %s", entry[0], entry[1], exc, describe_charges((s.id, a) for s, a in entry[3]))
         telemetry.record_event("policy_engine.ledger.journal_dropped", {"policy_engine.error": str(exc)})
 
     def _load_journal(self, path: Path) -> None:
@@ -1340,10 +1340,6 @@ def _amount(amount: int) -> int:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-
-
-def _describe(charges: Sequence[Charge]) -> str:
-    return ", ".join(f"{s.id.replace(chr(0x1f), '/')}={a}" for s, a in charges) or "-"
 
 
 def _alive(pid: int) -> bool:

@@ -18,26 +18,38 @@ Same semantics as `MemoryLedger` (see `policy_engine.ledger`), and:
   either recorded the whole settlement or none of it, never half;
 * a reservation carries its expiry time and balances only count unexpired ones, so a
   reservation left behind by a killed process stops counting at its TTL even if no
-  process ever sweeps it (`expire()` deletes such rows).
+  process ever sweeps it (`expire()` deletes such rows);
+* when the file cannot be written (another process holds it past `busy_timeout_s`, a disk
+  error, a read-only file), `reserve` and `balances` raise `StateUnavailable` (the engine
+  applies the policy's `on_state_unavailable`), and `settle`/`release` never raise: they go to
+  a bounded journal (`journal_max`) that the next transaction, a background thread (every
+  second) or `close()` delivers first. Settling is idempotent, so a delivery that did land
+  before its error changes nothing.
 
 Money is stored as SQLite INTEGERs (64-bit): micro-dollars, exact.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._fork import renew_in_child
+from .. import telemetry
+from .._fork import Periodic, renew_in_child
+from ..errors import StateUnavailable
 from . import Balance, Charge, Ledger, ReserveResult, Scope
-from ._keys import HashScopes, ScopeIds
+from ._keys import HashScopes, ScopeIds, describe_charges
 
 __all__ = ["SqliteLedger"]
+
+log = logging.getLogger("policy_engine.ledger.sqlite")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (
@@ -83,6 +95,18 @@ _INHERITED: list[sqlite3.Connection] = []
 """Connections a forked child inherited: held, never used nor closed (see `SqliteLedger._after_fork`)."""
 
 
+_Work = Callable[[sqlite3.Connection, float], Any]
+
+
+class _Entry:
+    """A settlement or release the file did not take: the write to run again, and what to log if it never runs."""
+
+    __slots__ = ("work", "described")
+
+    def __init__(self, work: _Work, described: str) -> None:
+        self.work, self.described = work, described
+
+
 class _Op:
     """One write waiting for its transaction."""
 
@@ -105,7 +129,8 @@ class SqliteLedger(Ledger):
     (`NORMAL` survives a killed process; `FULL` also a power cut, at one fsync per write);
     `hash_scopes` stores budget keys (tenant, user, ...) hashed, not in plain text: True for
     SHA-256, or a secret (str or bytes) for HMAC-SHA256 (see `policy_engine.ledger._keys`).
-    `totals()` then reports the hashed ids.
+    `totals()` then reports the hashed ids. `journal_max` bounds the settlements and releases
+    kept in memory while the file cannot be written (see the module docstring).
     """
 
     def __init__(
@@ -118,7 +143,10 @@ class SqliteLedger(Ledger):
         busy_timeout_s: float = 30.0,
         synchronous: str = "NORMAL",
         hash_scopes: HashScopes = False,
+        journal_max: int = 100_000,
     ) -> None:
+        if journal_max < 1:
+            raise ValueError("journal_max must be at least 1")
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
         self.path = str(path)
@@ -134,6 +162,14 @@ class SqliteLedger(Ledger):
         self._queue_lock = threading.Lock()
         self._queue: list[_Op] = []
         self._writing = False
+        # Settlements and releases the file did not take, oldest first. Only reservations made while
+        # the file was writable, or decided standard during the outage, settle into it.
+        self._journal: deque[_Entry] = deque()
+        self._journal_lock = threading.Lock()
+        self._journal_max = journal_max
+        self.journal_overflow = 0
+        """Entries the journal had no room for (each one logged at ERROR with its amounts)."""
+        self._flusher: Periodic | None = None
         self._renewal = renew_in_child(self._after_fork)
         self._connect()
 
@@ -172,8 +208,20 @@ class SqliteLedger(Ledger):
             _INHERITED.append(self._conn)
         self._lock, self._queue_lock, self._queue, self._writing = threading.Lock(), threading.Lock(), [], False
         self._conn = None
+        # The parent's journal stays the parent's to deliver (a second delivery would change nothing, but
+        # would log as if it were the child's).
+        self._journal_lock, self._journal = threading.Lock(), deque()
 
     def close(self) -> None:
+        """Deliver the journal once more (logging at ERROR what cannot be), then close the connection."""
+        if self._flusher is not None:
+            self._flusher.stop()
+        if self._journal:
+            try:
+                self.flush_journal()
+            except StateUnavailable as exc:
+                for entry in self._journal:
+                    log.error("closing with a journaled %s NOT recorded: %s", entry.described, exc)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -186,14 +234,18 @@ class SqliteLedger(Ledger):
         return [Balance(*execute(_BALANCE, (ids(scope), now)).fetchone(), scope.limit) for scope in scopes]
 
     def balances(self, scopes: Sequence[Scope]) -> list[Balance]:
+        """As the interface says; raises `StateUnavailable` when the file cannot be read."""
         now = self._clock()
         with self._lock:
-            conn = self._connect()
-            conn.execute("BEGIN")  # one snapshot for every scope
             try:
-                return self._balances(conn, scopes, now)
-            finally:
-                conn.execute("COMMIT")
+                conn = self._connect()
+                conn.execute("BEGIN")  # one snapshot for every scope
+                try:
+                    return self._balances(conn, scopes, now)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                raise StateUnavailable(f"SQLite ledger {self.path} cannot be read: {exc}") from exc
 
     def totals(self) -> dict[str, int]:
         """Settled spend per scope id (for tests and reports)."""
@@ -250,6 +302,12 @@ class SqliteLedger(Ledger):
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
+                with self._journal_lock:
+                    journaled = list(self._journal)
+                # Older than the batch: written first, in the same commit. They are the statements that failed
+                # before (no constraint can fail them), so only the file's state can stop them again.
+                for entry in journaled:
+                    entry.work(conn, self._clock())
                 for op in batch:
                     try:
                         op.result = op.work(conn, op.now)
@@ -261,12 +319,17 @@ class SqliteLedger(Ledger):
                     self._next_sweep = now + 1.0
                     self._sweep(conn, now)
                 conn.execute("COMMIT")
+                if journaled:
+                    with self._journal_lock:  # only a transaction's writer removes entries: the oldest are these
+                        for _ in journaled:
+                            self._journal.popleft()
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
 
     def reserve(self, reservation_id: str, charges: Sequence[Charge], *, ttl_s: float) -> ReserveResult:
+        """As the interface says; raises `StateUnavailable` when the file cannot be written."""
         def work(conn: sqlite3.Connection, now: float) -> ReserveResult:
             held_until, settled = conn.execute(_USED, (reservation_id,)).fetchone()
             if settled or (held_until is not None and held_until > now):
@@ -283,9 +346,11 @@ class SqliteLedger(Ledger):
                              [(reservation_id, self._ids(scope), amount, expires_at) for scope, amount in charges])
             return ReserveResult(True, tuple(Balance(b.spent, b.reserved + a, b.limit) for b, (_, a) in zip(balances, charges)))
 
-        return self._write(work)  # type: ignore[no-any-return]
+        return self._write_or_unavailable(work)  # type: ignore[no-any-return]
 
     def settle(self, reservation_id: str, charges: Sequence[Charge]) -> bool:
+        """As the interface says; when the file cannot be written the settlement is journaled and True
+        returned (the engine settles each decision once; a second delivery records nothing)."""
         def work(conn: sqlite3.Connection, now: float) -> bool:
             inserted = conn.execute("INSERT OR IGNORE INTO settled(id, forget_at) VALUES (?, ?)",
                                     (reservation_id, now + self._settled_memory_s)).rowcount
@@ -299,22 +364,80 @@ class SqliteLedger(Ledger):
                 [(self._ids(scope), amount, scope.expires_at) for scope, amount in charges])
             return True
 
-        return self._write(work)  # type: ignore[no-any-return]
+        return self._write_or_journal(work, "settle", reservation_id, charges, True)
 
     def release(self, reservation_id: str) -> bool:
+        """As the interface says; when the file cannot be written the release is journaled and False
+        returned (nothing was freed yet; the reservation also expires on its own)."""
         def work(conn: sqlite3.Connection, now: float) -> bool:
             live = conn.execute("DELETE FROM reservations WHERE id = ? AND expires_at > ?", (reservation_id, now)).rowcount
             conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
             conn.execute("DELETE FROM holds WHERE reservation = ?", (reservation_id,))
             return bool(live)
 
-        return self._write(work)  # type: ignore[no-any-return]
+        return self._write_or_journal(work, "release", reservation_id, (), False)
 
     def expire(self, now: float | None = None) -> int:
         def work(conn: sqlite3.Connection, clock_now: float) -> int:
             return self._sweep(conn, clock_now if now is None else now)
 
-        return self._write(work)  # type: ignore[no-any-return]
+        return self._write_or_unavailable(work)  # type: ignore[no-any-return]
+
+    # -- when the file cannot be written ------------------------------------------------
+
+    def _write_or_unavailable(self, work: _Work) -> Any:
+        try:
+            return self._write(work)
+        except sqlite3.OperationalError as exc:  # locked past busy_timeout_s, a disk I/O error, read-only
+            raise StateUnavailable(f"SQLite ledger {self.path} cannot be written: {exc}") from exc
+
+    def _write_or_journal(self, work: _Work, kind: str, reservation_id: str, charges: Sequence[Charge],
+                          journaled: bool) -> bool:
+        """Write, or journal the write (returning `journaled`): what a response cost is never dropped."""
+        try:
+            return self._write(work)  # type: ignore[no-any-return]
+        except sqlite3.OperationalError as exc:
+            described = f"{kind} of {reservation_id} (charges: {describe_charges((self._ids(s), a) for s, a in charges)})"
+            self._journal_add(_Entry(work, described), exc)
+            return journaled
+
+    @property
+    def journal_size(self) -> int:
+        """Settlements and releases waiting for the file."""
+        return len(self._journal)
+
+    def _journal_add(self, entry: _Entry, cause: BaseException) -> None:
+        with self._journal_lock:
+            full = len(self._journal) >= self._journal_max
+            if full:
+                self.journal_overflow += 1
+            else:
+                self._journal.append(entry)
+            if self._flusher is None:
+                self._flusher = Periodic(self._flush_quietly, 1.0, "policy-engine-sqlite-journal", log)
+        if full:
+            log.error("ledger journal full (%d entries): %s NOT recorded (cause: %s)", self._journal_max, entry.described, cause)
+            telemetry.record_event("policy_engine.ledger.journal_overflow", {"policy_engine.error": str(cause)})
+        else:
+            log.warning("ledger file not writable, journaled: %s (cause: %s)", entry.described, cause)
+            telemetry.record_event("policy_engine.ledger.journaled", {"policy_engine.error": str(cause)})
+
+    def flush_journal(self) -> int:
+        """Deliver journaled entries now, oldest first; returns how many were delivered.
+
+        Raises `StateUnavailable` (keeping them) when the file still cannot be written."""
+        if not self._journal:
+            return 0
+        before = len(self._journal)
+        self._write_or_unavailable(lambda conn, now: None)  # a transaction delivers the journal first
+        return before - len(self._journal)
+
+    def _flush_quietly(self) -> None:
+        try:
+            if self.flush_journal():
+                log.info("delivered journaled ledger entries; %d left", len(self._journal))
+        except StateUnavailable:
+            pass  # the next tick tries again
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> int:
         dropped = conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (now,)).rowcount
