@@ -67,11 +67,13 @@ def messages_params(text: str = "Hello there", **extra: Any) -> dict[str, Any]:
 class Gateway:
     """A real HTTP intermediary in front of the emulator (a load balancer, a CDN): it forwards each
     request, waits for the API's answer (so the emulator has billed it), and answers the next `fail`
-    requests itself with a 504 page of its own, which carries no `request-id`."""
+    requests itself with a 504 page of its own, which carries no `request-id` (and `fail_headers`: AWS API
+    Gateway's carry its `x-amzn-RequestId`)."""
 
     def __init__(self, upstream: str) -> None:
         gateway = self
         self.upstream, self.fail = upstream, 0
+        self.fail_headers: dict[str, str] = {}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
@@ -80,7 +82,7 @@ class Gateway:
                 answer = httpx.post(gateway.upstream + self.path, content=body, headers=headers, timeout=10)
                 if gateway.fail > 0:
                     gateway.fail -= 1
-                    status, sent, content = 504, {"content-type": "text/html"}, b"<html>504 Gateway Time-out</html>"
+                    status, sent, content = 504, {"content-type": "text/html", **gateway.fail_headers}, b"<html>504</html>"
                 else:
                     status, sent, content = answer.status_code, dict(answer.headers), answer.content
                 self.send_response(status)

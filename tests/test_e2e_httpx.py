@@ -140,10 +140,11 @@ def test_errors_release_the_reservation(raw: Raw, emulator: Emulator, engine: En
     assert spent(engine) == 0 and reserved(engine) == 0
 
 
-def test_a_gateway_5xx_settles_what_the_server_may_bill(kind: str, emulator: Emulator, engine: Engine,  # noqa: F811
-                                                       gateway: Gateway) -> None:  # noqa: F811
+@pytest.mark.parametrize("own", [{}, {"x-amzn-RequestId": "5f0c-api-gateway"}], ids=["bare", "aws-api-gateway"])
+def test_a_gateway_5xx_settles_what_the_server_may_bill(kind: str, own: dict[str, str], emulator: Emulator,  # noqa: F811
+                                                       engine: Engine, gateway: Gateway) -> None:  # noqa: F811
     # A 504 page from an intermediary, no request-id: the API behind it served and billed the request.
-    gateway.fail = 1
+    gateway.fail, gateway.fail_headers = 1, own
     raw = Raw(kind, gateway.url, engine)
     with pytest.raises(ValueError):  # (the page is not JSON)
         raw.post("/v1/messages", messages_params())
@@ -324,11 +325,14 @@ def test_non_json_bodies_pass_through(raw: Raw, emulator: Emulator, engine: Engi
 def test_only_a_5xx_without_the_apis_request_id_is_taken_for_an_intermediarys() -> None:
     from policy_engine.integrations._core import unanswered
 
-    assert unanswered(504, httpx.Headers({"content-type": "text/html"})) is not None
-    assert unanswered(524, httpx.Headers({"cf-ray": "8f1"})) is not None
-    assert unanswered(500, httpx.Headers({"Request-Id": "req_1"})) is None  # the API's own api_error
-    assert unanswered(503, httpx.Headers({"X-Amzn-RequestId": "4b1c"})) is None  # Bedrock's own
-    assert unanswered(404, httpx.Headers({})) is None  # a 4xx: refused, whoever answered
+    assert unanswered(504, httpx.Headers({"content-type": "text/html"}), "claude_api") is not None
+    assert unanswered(524, httpx.Headers({"cf-ray": "8f1"}), "claude_api") is not None
+    assert unanswered(500, httpx.Headers({"Request-Id": "req_1"}), "claude_api") is None  # the API's own api_error
+    assert unanswered(503, httpx.Headers({"X-Amzn-RequestId": "4b1c"}), "bedrock") is None  # Bedrock's own
+    # API Gateway's own 504 (its 29 s integration timeout) carries x-amzn-RequestId too: only Bedrock's count
+    for platform in ("claude_api", "claude_platform_aws", "vertex", "foundry"):
+        assert unanswered(504, httpx.Headers({"X-Amzn-RequestId": "4b1c"}), platform) is not None
+    assert unanswered(404, httpx.Headers({}), "claude_api") is None  # a 4xx: refused, whoever answered
 
 
 class _Ticker:

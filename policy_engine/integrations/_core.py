@@ -59,11 +59,11 @@ class FastModeRateLimited(PolicyEngineError):
 
 
 class UpstreamUnanswered(Exception):
-    """A 5xx without the header every answer of the API carries (Anthropic's `request-id`, Bedrock's
-    `x-amzn-requestid`): it came from something in between (a load balancer, a gateway, a CDN's 502, 504
-    or 524), and the request may well have reached the API, which goes on and bills it. The life cycle ends
-    the attempt with this, as it would with a read timeout, instead of releasing it as an error of the
-    API's own. (Vertex AI's answers carry no such header: its 5xx are counted so too.)"""
+    """A 5xx without the header every answer of the platform's API carries (Anthropic's `request-id`;
+    Bedrock's `x-amzn-requestid`): it came from something in between (a load balancer, a gateway, a CDN's
+    502, 504 or 524), and the request may well have reached the API, which goes on and bills it. The life
+    cycle ends the attempt with this, as it would with a read timeout, instead of releasing it as an error
+    of the API's own. (Vertex AI's answers carry no such header: its 5xx are counted so too.)"""
 
     def __init__(self, status: int, headers: Mapping[str, str]) -> None:
         super().__init__(f"HTTP {status} without a request-id: not an answer of the API")
@@ -71,16 +71,19 @@ class UpstreamUnanswered(Exception):
         self.headers = headers
 
 
-def unanswered(status: int, headers: Mapping[str, str]) -> UpstreamUnanswered | None:
-    """The failure a non-2xx response stands for, when it may not be the API's own answer."""
-    if status >= 500 and not any(headers.get(name) is not None for name in _ANSWERED_BY):
+def unanswered(status: int, headers: Mapping[str, str], platform: str) -> UpstreamUnanswered | None:
+    """The failure a non-2xx response stands for, when it may not be `platform`'s API's own answer."""
+    if status >= 500 and not any(headers.get(name) is not None for name in _ANSWERED_BY.get(platform, _ANTHROPIC)):
         return UpstreamUnanswered(status, headers)
     return None
 
 
-_ANSWERED_BY: Final = ("request-id", "x-amzn-requestid")
-"""Headers a response of the API itself carries: Anthropic's `request-id`, Bedrock's `x-amzn-requestid`
-(its 503s under load are its own, refused before any output)."""
+_ANTHROPIC: Final = ("request-id",)
+_ANSWERED_BY: Final = {"bedrock": ("request-id", "x-amzn-requestid")}
+"""Headers a response of the platform's API itself carries: Anthropic's `request-id` everywhere, and on
+Bedrock its `x-amzn-requestid` (its 503s under load are its own, refused before any output). Anywhere else
+`x-amzn-requestid` proves nothing: AWS API Gateway and Lambda URLs put it on their own errors, such as API
+Gateway's 504 after its 29 s integration timeout while the API goes on generating."""
 
 
 @contextlib.contextmanager
@@ -653,7 +656,7 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
     if flight is None:
         return response
     if not 200 <= status < 300:
-        between = unanswered(status, headers)
+        between = unanswered(status, headers, flight.decision.platform)
         if between is not None:  # may be billed: settled as an attempt the server may have run
             yield CALL, (wire.failed, (flight, between))
         else:
