@@ -48,6 +48,7 @@ from .errors import CeilingExceeded, InvalidContext, InvalidRequest, PolicyEngin
 from .errors import StateUnavailable
 from ._fork import ProcessIds
 from ._mypyc import mypyc_attr
+from ._threads import run_in_thread
 from .features import FEATURE_DOCS, context_features, request_features, valid_context
 from .ledger import AsyncLedger, Balance, Charge, Ledger, MemoryLedger, ReserveResult, Scope, window_bounds
 from .observe import DEFAULT_STANDARD_OTPS, ThroughputObserver
@@ -1275,7 +1276,7 @@ class Engine:
         if not self._async_ledger:
             if isinstance(self.ledger, MemoryLedger):
                 return self.settle(decision, usage)
-            return await asyncio.to_thread(self.settle, decision, usage)
+            return await run_in_thread(self.settle, decision, usage)  # (a cancellation must not drop it)
         counts, cost, charges, steps = self._to_settle(decision, usage)
         first = not decision._settled
         if charges is not None:

@@ -446,3 +446,39 @@ def test_a_ledger_file_held_past_its_busy_timeout_loses_neither_the_response_nor
     ledger.flush_journal()
     assert spent(eng) == actual(OPUS, emulator.billed()[0])
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM holds").fetchone() == (0,)
+
+
+def test_a_settlement_queued_behind_busy_workers_still_runs_when_the_loop_shuts_down(emulator: Emulator,  # noqa: F811
+                                                                                     tmp_path: Path) -> None:
+    # uvicorn past its graceful-shutdown timeout cancels the requests in flight, then asyncio.run cancels every
+    # task left. The settlement of a request cancelled once sent (at the worst case: the server may bill it)
+    # waits for a worker thread that a slow ledger call holds; it must run before the loop closes, not vanish.
+    import concurrent.futures
+
+    path = tmp_path / "ledger.sqlite"
+    eng = engine_for(tmp_path, BUDGET, ledger=SqliteLedger(path))
+    transport = AsyncFastModeTransport(eng)
+    emulator.inject(None, hang_s=2.0)
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        client = httpx.AsyncClient(base_url=emulator.url, transport=transport, timeout=10)
+        request = asyncio.ensure_future(client.post("/v1/messages", json=messages_params(), headers=HEADERS))
+        deadline = time.monotonic() + 10
+        while not reserved_in(path) and time.monotonic() < deadline:  # decided on the one worker, and reserved
+            await asyncio.sleep(0.01)
+        assert reserved_in(path) > 0
+        await asyncio.sleep(0.3)  # sent a moment after its reservation (on the loop); the emulator hangs 2 s
+        asyncio.ensure_future(asyncio.to_thread(time.sleep, 0.5))  # a slow ledger call holds the worker
+        await asyncio.sleep(0.05)
+        request.cancel()  # its settlement queues behind the busy worker
+        await asyncio.sleep(0.05)
+        # returning now: asyncio.run cancels the tasks left, then shuts the executor down
+
+    asyncio.run(run())
+    assert reserved_in(path) == 0
+    assert spent(eng) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
+
+
+def reserved_in(path: Path) -> int:
+    return sqlite3.connect(path).execute("SELECT COALESCE(SUM(amount), 0) FROM holds").fetchone()[0]  # type: ignore[no-any-return]

@@ -127,6 +127,27 @@ def test_a_forked_child_makes_ids_of_its_own() -> None:
     assert all(i.startswith(f"{pid:x}-") for i in child)
 
 
+def test_a_child_forked_while_a_lazy_cel_variant_was_being_generated_generates_its_own() -> None:
+    # The lazy variant of a compiled expression (for an activation that lacks a variable) is generated on
+    # first need, under a lock; a fork while another thread held it must not leave the child's copy held.
+    from policy_engine import cel
+    from policy_engine.cel import cache
+
+    program = cel.compile("x > 1 || y", {"x": cel.INT, "y": cel.BOOL})
+    read, write = os.pipe()
+    with cache.GENERATING:  # as a thread of the parent would hold it, generating another program's
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a deadlocked child dies rather than hanging the test
+            os.write(write, json.dumps(program.evaluate({"y": True})).encode())  # x absent: the lazy variant
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and json.loads(answer) is True
+
+
 def test_reservation_ids_differ_between_forked_children(tmp_path: Path) -> None:
     """The engine's reservation ids, made in children forked after import, never repeat."""
     policy = tmp_path / "p.yaml"

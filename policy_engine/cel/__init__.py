@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import builtins
 import math
-import threading
 from typing import Any, Callable, Mapping
 
+from . import cache
 from . import runtime as _rt
 from .ast import MAX_EXPRESSION_CHARS, MAX_NESTING, parse_with_issues
 from .cache import PROGRAMS, CacheInfo
@@ -226,11 +226,10 @@ class _LazyVariant:
         self.namespace = namespace
         self.filename = filename
         self._source = ""
-        self._lock = threading.Lock()
 
     @property
     def source(self) -> str:
-        with self._lock:
+        with cache.GENERATING:  # (looked up at each use: a forked child gets a fresh one)
             if self._pending is not None:
                 comp, node, check_result = self._pending
                 comp.lazy_mode = True

@@ -158,6 +158,8 @@ class ProgramCache:
 PROGRAMS = ProgramCache()
 PARSES = BoundedLru(MAX_ENTRIES, MAX_SOURCE_CHARS)
 """Source -> its AST and macro issues (see `ast.parsed`)."""
+GENERATING = threading.Lock()
+"""Held while a cached program's lazy variant is generated (its compiler is not thread-safe); rarely taken."""
 
 
 def _after_fork_in_child() -> None:
@@ -166,6 +168,8 @@ def _after_fork_in_child() -> None:
     for lru in (PROGRAMS._entries, PARSES):
         lru.lock = threading.Lock()
     PROGRAMS._lock = threading.Lock()
+    global GENERATING
+    GENERATING = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

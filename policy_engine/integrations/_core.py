@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, Protocol
 
 from .. import telemetry
 from .._fork import renew_in_child
+from .._threads import in_thread, run_in_thread
 from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine, Settlement
@@ -542,6 +543,20 @@ class StreamTracker:
         if self._finished:
             return
         self._finished = True
+        self._settle()
+
+    async def afinish(self) -> None:
+        """`finish` for an async caller: on a worker thread when the runtime offloads (it settles in the ledger).
+        A cancellation stops the waiting, never the settlement."""
+        if self._finished:
+            return
+        self._finished = True  # on the loop, before any await: a second afinish sends no second thread
+        if not self.runtime.offload:
+            self._settle()
+            return
+        await run_in_thread(self._settle)
+
+    def _settle(self) -> None:
         observer, flight = self.runtime.observer, self.flight
         observed = flight.decision._observed
         if observed is not None:
@@ -560,17 +575,6 @@ class StreamTracker:
             observer.observe_stream(self.runtime.model_key(flight.decision.model), str(usage.get("speed") or flight.speed),
                                     output if type(output) is int else 0, self._first_delta_at - flight.sent_at,
                                     self._final_at - self._start_at)
-
-
-    async def afinish(self) -> None:
-        """`finish` for an async caller: on a worker thread when the runtime offloads (it settles in the ledger).
-        A cancellation stops the waiting, never the settlement."""
-        if self._finished:
-            return
-        if not self.runtime.offload:
-            self.finish()
-            return
-        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(self.finish)))
 
     def _observe(self, observed: Observed) -> None:
         """The stream's timings, for the decision log: what a reader waited for, and the generation rate."""
@@ -735,7 +739,7 @@ async def _acall(call: tuple[Any, ...]) -> Any:
 
 
 async def _offloaded(call: tuple[Any, ...]) -> Any:
-    work = asyncio.ensure_future(asyncio.to_thread(call[0], *call[1]))
+    work = in_thread(call[0], *call[1])
     try:
         return await asyncio.shield(work)  # a cancellation stops the waiting, never the thread
     except asyncio.CancelledError:
@@ -747,7 +751,7 @@ def _undo(undo: Callable[[Any], Any] | None, done: asyncio.Future[Any]) -> None:
     """Hand a result nobody awaits to `undo`, on a worker thread (it may do ledger I/O); an error is only retrieved."""
     if done.cancelled() or done.exception() is not None or undo is None:
         return
-    asyncio.get_running_loop().run_in_executor(None, undo, done.result())
+    in_thread(undo, done.result())
 
 
 def body_usage(content: bytes) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -32,6 +33,7 @@ from ..integrations._core import Runtime
 from ..ledger import Ledger, MemoryLedger
 from ..ratelimit import RateLimitStore
 from ..reload import ReloadingEngine
+from .._threads import run_in_thread
 from .decisions import ApiFailure, DecisionApi, DecisionStore
 from .proxy import BodyTooLarge, ClientGone, Proxy, read_body
 
@@ -123,7 +125,7 @@ class Service:
 
     async def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.offload:
-            return await asyncio.to_thread(function, *args, **kwargs)
+            return await run_in_thread(functools.partial(function, *args, **kwargs))
         return function(*args, **kwargs)
 
     def reload(self) -> bool:
