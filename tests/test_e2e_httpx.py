@@ -373,7 +373,7 @@ def _held(path: Path) -> sqlite3.Connection:
     return lock
 
 
-@pytest.mark.parametrize("ending", ["stream", "error", "timeout"])
+@pytest.mark.parametrize("ending", ["stream", "dropped", "error", "timeout"])
 def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str, emulator: Emulator,  # noqa: F811
                                                                      tmp_path: Path) -> None:
     # A stream settles as its last event passes, an error status releases, a timed-out attempt settles at its
@@ -390,7 +390,16 @@ def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str
     async def run() -> _Ticker:
         async with httpx.AsyncClient(base_url=emulator.url, transport=transport, timeout=10) as client, \
                 _Ticker() as ticker:
-            if ending == "stream":
+            if ending == "dropped":  # opened, never read nor closed: settled as it is garbage-collected
+                import gc
+
+                response = await client.send(client.build_request("POST", "/v1/messages", headers=HEADERS,
+                                                                  json=messages_params(stream=True)), stream=True)
+                _held(path)
+                del response
+                gc.collect()
+                await asyncio.sleep(HOLD_S + 0.3)  # the settlement waits for the writer, on a worker thread
+            elif ending == "stream":
                 async with client.stream("POST", "/v1/messages", json=messages_params(stream=True),
                                          headers=HEADERS) as response:
                     lines = response.aiter_lines()
@@ -415,7 +424,7 @@ def test_a_shared_ledgers_settle_and_release_keep_off_the_event_loop(ending: str
     assert time.perf_counter() - started >= HOLD_S * 0.9  # the settle (or release) did wait for the writer
     assert ticker.longest < HOLD_S / 2.5, f"the event loop was held {ticker.longest:.2f} s"
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM holds").fetchone() == (0,)
-    if ending == "timeout":
+    if ending in ("timeout", "dropped"):
         assert spent(eng) >= actual(OPUS, {"input_tokens": 5, "output_tokens": 64, "speed": "fast"})
     else:
         assert spent(eng) == (0 if ending == "error" else actual(OPUS, emulator.billed()[0]))

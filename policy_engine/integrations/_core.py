@@ -556,6 +556,17 @@ class StreamTracker:
             return
         await run_in_thread(self._settle)
 
+    def dropped(self) -> None:
+        """The stream was garbage-collected unfinished: settle, off the event loop when one runs on this thread
+        and the runtime offloads (a collection on the loop would otherwise wait there for the ledger)."""
+        if self._finished:
+            return
+        if self.runtime.offload and _loop_running():
+            self._finished = True
+            in_thread(self._settle)  # (a plain future: the loop's shutdown still runs it)
+            return
+        self.finish()
+
     def _settle(self) -> None:
         observer, flight = self.runtime.observer, self.flight
         observed = flight.decision._observed
@@ -728,6 +739,14 @@ async def adrive(steps: Generator[Step, Any, Any], send: Callable[[Any], Awaitab
         except BaseException as exc:
             run.error = exc
     return run.result
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _call(call: tuple[Any, ...]) -> Any:

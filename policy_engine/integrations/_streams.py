@@ -39,7 +39,7 @@ def tracked_stream(module: Any) -> type:
         def __init__(self, response: Any, tracker: StreamTracker) -> None:
             self._response = response
             self._tracker = tracker
-            weakref.finalize(self, tracker.finish)
+            weakref.finalize(self, tracker.dropped)
 
         def __iter__(self) -> Iterator[bytes]:
             try:
