@@ -259,3 +259,55 @@ def test_what_the_journal_cannot_keep_is_logged_with_its_amounts(tmp_path: Path,
     lost = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][1:]
     assert len(lost) == 1 and "settle of r1" in lost[0] and "=321" in lost[0] and "NOT recorded" in lost[0]
     holder.free()
+
+
+def test_the_background_delivery_waits_for_the_file_without_holding_up_callers(tmp_path: Path) -> None:
+    # Reads still work while another process holds the file (WAL): the retries of a journaled settlement must
+    # not sit in SQLite's busy wait holding the ledger's lock, which callers' balances() need.
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path, busy_timeout_s=1.0)
+    s = scope(limit=10_000)
+    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    holder = _Holder(path)
+    ledger.settle("r1", [(s, 321)])  # journaled after a 1 s wait
+    slowest = 0.0
+    deadline = time.monotonic() + 2.5  # the flusher ticks twice meanwhile
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        ledger.balances([s])
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    assert slowest < 0.5, f"balances() waited {slowest:.2f} s behind the background delivery"
+    holder.free()
+    assert ledger.flush_journal() == 1
+    ledger.close()
+
+
+def test_a_settlement_journaled_after_close_is_still_delivered(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path, busy_timeout_s=0.05)
+    s = scope(limit=10_000)
+    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    holder = _Holder(path)
+    ledger.settle("r1", [(s, 5)])
+    ledger.close()  # the file still held: what is left is logged
+    ledger.settle("r2", [(s, 7)])  # a late settlement (a server shutting down): the ledger reopens, journals it
+    holder.free()
+    deadline = time.monotonic() + 10
+    while ledger.journal_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ledger.journal_size == 0
+    assert SqliteLedger(path).totals() == {s.id: 12}
+    ledger.close()
+
+
+def test_an_error_of_the_statements_is_raised_not_journaled(tmp_path: Path) -> None:
+    # Only the file's state (locked, a disk error, full, read-only) passes; a missing table never would.
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path)
+    s = scope(limit=10_000)
+    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    sqlite3.connect(path).execute("DROP TABLE settled")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        ledger.settle("r1", [(s, 321)])
+    assert ledger.journal_size == 0

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, Protocol
 
 from .. import telemetry
 from .._fork import renew_in_child
-from .._threads import in_thread, run_in_thread
+from .._threads import in_background, run_in_thread
 from ..apply import apply_params, merge_beta
 from ..catalog import UsageError
 from ..decide import Decision, Engine, Settlement
@@ -563,7 +563,10 @@ class StreamTracker:
             return
         if self.runtime.offload and _loop_running():
             self._finished = True
-            in_thread(self._settle)  # (a plain future: the loop's shutdown still runs it)
+            try:
+                in_background(self._settle)  # (a plain future: the loop's shutdown still runs it)
+            except RuntimeError:  # collected while the loop's executor shuts down: settle here, late but settled
+                self._settle()
             return
         self.finish()
 
@@ -758,19 +761,7 @@ async def _acall(call: tuple[Any, ...]) -> Any:
 
 
 async def _offloaded(call: tuple[Any, ...]) -> Any:
-    work = in_thread(call[0], *call[1])
-    try:
-        return await asyncio.shield(work)  # a cancellation stops the waiting, never the thread
-    except asyncio.CancelledError:
-        work.add_done_callback(lambda done: _undo(call[2] if len(call) > 2 else None, done))
-        raise
-
-
-def _undo(undo: Callable[[Any], Any] | None, done: asyncio.Future[Any]) -> None:
-    """Hand a result nobody awaits to `undo`, on a worker thread (it may do ledger I/O); an error is only retrieved."""
-    if done.cancelled() or done.exception() is not None or undo is None:
-        return
-    in_thread(undo, done.result())
+    return await run_in_thread(call[0], *call[1], undo=call[2] if len(call) > 2 else None)
 
 
 def body_usage(content: bytes) -> Any:

@@ -98,6 +98,17 @@ _INHERITED: list[sqlite3.Connection] = []
 _Work = Callable[[sqlite3.Connection, float], Any]
 
 
+_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN",
+              "SQLITE_PROTOCOL")
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> bool:
+    """Whether the file's state failed the call (locked past busy_timeout_s, a disk error, full, read-only), which
+    passes, as opposed to an error of the statements (SQLITE_ERROR: a missing table), which never would."""
+    name = getattr(exc, "sqlite_errorname", None)  # (Python 3.11 and later)
+    return name is None or name.startswith(_TRANSIENT)
+
+
 class _Entry:
     """A settlement or release the file did not take: the write to run again, and what to log if it never runs."""
 
@@ -169,6 +180,8 @@ class SqliteLedger(Ledger):
         self._journal_max = journal_max
         self.journal_overflow = 0
         """Entries the journal had no room for (each one logged at ERROR with its amounts)."""
+        self.journal_delivered = 0
+        """Entries the journal has delivered."""
         self._flusher: Periodic | None = None
         self._renewal = renew_in_child(self._after_fork)
         self._connect()
@@ -214,14 +227,18 @@ class SqliteLedger(Ledger):
 
     def close(self) -> None:
         """Deliver the journal once more (logging at ERROR what cannot be), then close the connection."""
-        if self._flusher is not None:
-            self._flusher.stop()
+        flusher, self._flusher = self._flusher, None  # (a later journaled entry starts another)
+        if flusher is not None:
+            flusher.stop()
         if self._journal:
             try:
                 self.flush_journal()
             except StateUnavailable as exc:
-                for entry in self._journal:
-                    log.error("closing with a journaled %s NOT recorded: %s", entry.described, exc)
+                with self._journal_lock:
+                    left = list(self._journal)
+                for entry in left:
+                    log.error("closing with a journaled %s undelivered, NOT recorded if the process ends now: %s",
+                              entry.described, exc)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -245,6 +262,8 @@ class SqliteLedger(Ledger):
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.OperationalError as exc:
+                if not _unavailable(exc):
+                    raise
                 raise StateUnavailable(f"SQLite ledger {self.path} cannot be read: {exc}") from exc
 
     def totals(self) -> dict[str, int]:
@@ -323,6 +342,7 @@ class SqliteLedger(Ledger):
                     with self._journal_lock:  # only a transaction's writer removes entries: the oldest are these
                         for _ in journaled:
                             self._journal.popleft()
+                        self.journal_delivered += len(journaled)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -388,7 +408,9 @@ class SqliteLedger(Ledger):
     def _write_or_unavailable(self, work: _Work) -> Any:
         try:
             return self._write(work)
-        except sqlite3.OperationalError as exc:  # locked past busy_timeout_s, a disk I/O error, read-only
+        except sqlite3.OperationalError as exc:
+            if not _unavailable(exc):
+                raise
             raise StateUnavailable(f"SQLite ledger {self.path} cannot be written: {exc}") from exc
 
     def _write_or_journal(self, work: _Work, kind: str, reservation_id: str, charges: Sequence[Charge],
@@ -397,6 +419,8 @@ class SqliteLedger(Ledger):
         try:
             return self._write(work)  # type: ignore[no-any-return]
         except sqlite3.OperationalError as exc:
+            if not _unavailable(exc):
+                raise
             described = f"{kind} of {reservation_id} (charges: {describe_charges((self._ids(s), a) for s, a in charges)})"
             self._journal_add(_Entry(work, described), exc)
             return journaled
@@ -428,16 +452,32 @@ class SqliteLedger(Ledger):
         Raises `StateUnavailable` (keeping them) when the file still cannot be written."""
         if not self._journal:
             return 0
-        before = len(self._journal)
+        before = self.journal_delivered
         self._write_or_unavailable(lambda conn, now: None)  # a transaction delivers the journal first
-        return before - len(self._journal)
+        return self.journal_delivered - before
 
     def _flush_quietly(self) -> None:
+        # Only once the file is free: a transaction waiting for it would hold `_lock` for up to busy_timeout_s
+        # while callers' reads and writes queue behind it.
+        if not self._journal or not self._writable_now():
+            return
         try:
             if self.flush_journal():
                 log.info("delivered journaled ledger entries; %d left", len(self._journal))
         except StateUnavailable:
             pass  # the next tick tries again
+
+    def _writable_now(self) -> bool:
+        try:
+            probe = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            finally:
+                probe.close()
+        except sqlite3.OperationalError:
+            return False
+        return True
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> int:
         dropped = conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (now,)).rowcount

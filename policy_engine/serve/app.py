@@ -123,9 +123,10 @@ class Service:
             runtime = self._runtime = Runtime(engine, platform=self.options.platform)
         return runtime
 
-    async def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def call(self, function: Callable[..., Any], *args: Any, undo: Callable[[Any], Any] | None = None,
+                   **kwargs: Any) -> Any:
         if self.offload:
-            return await run_in_thread(functools.partial(function, *args, **kwargs))
+            return await run_in_thread(functools.partial(function, *args, **kwargs), undo=undo)
         return function(*args, **kwargs)
 
     def reload(self) -> bool:

@@ -131,7 +131,8 @@ class DecisionStore:
 
 
 Call = Callable[..., Awaitable[Any]]
-"""`call(function, *args, **kwargs)`: runs an engine call (in a worker thread when the ledger does I/O)."""
+"""`call(function, *args, undo=None, **kwargs)`: runs an engine call (in a worker thread when the ledger does I/O;
+`undo` gets its result if the caller was cancelled meanwhile)."""
 
 
 class DecisionApi:
@@ -148,7 +149,8 @@ class DecisionApi:
         try:
             decision = await self.call(runtime.engine.decide, request.params, request.context,
                                        account=request.account or "default", policy=request.policy,
-                                       platform=request.platform or runtime.platform)
+                                       platform=request.platform or runtime.platform,
+                                       undo=runtime.engine.release)  # (a client gone: nobody will settle it)
         except CeilingExceeded as exc:
             raise ApiFailure(403, "ceiling_exceeded", str(exc)) from None
         except InvalidContext as exc:
