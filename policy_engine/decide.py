@@ -11,6 +11,7 @@ Order of a decision, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import operator
 import os
@@ -1253,16 +1254,19 @@ class Engine:
 
     # -- settle ---------------------------------------------------------------------------
 
-    def settle(self, decision: Decision, usage: Mapping[str, Any] | Any) -> Settlement:
+    def settle(self, decision: Decision, usage: Mapping[str, Any] | Any, *, worst_case: bool = False) -> Settlement:
         """Replace the decision's reservation with the actual cost of the response's usage.
 
         Billed at `usage.speed` (the speed that actually ran). Settling a decision twice
         records nothing the second time. Raises `UsageError` for a malformed usage, and
         then records nothing: the reservation stands until a good usage settles it.
+        `worst_case`: `usage` stands in for a bill nobody saw (an attempt cut short, charged
+        max_tokens of output); a request with `fallbacks` is then charged at least its whole
+        reserved worst case, since any of its hops may have served and billed.
         """
         if self._async_ledger:
             raise _needs_await("settle")
-        counts, cost, charges, steps = self._to_settle(decision, usage)
+        counts, cost, charges, steps = self._to_settle(decision, usage, worst_case)
         first = not decision._settled
         if charges is not None:
             first = self.ledger.settle(decision.reservation_id, charges)  # type: ignore[arg-type,assignment]
@@ -1271,13 +1275,13 @@ class Engine:
             self._log_end("settled", decision, settlement, usage)
         return settlement
 
-    async def asettle(self, decision: Decision, usage: Mapping[str, Any] | Any) -> Settlement:
+    async def asettle(self, decision: Decision, usage: Mapping[str, Any] | Any, *, worst_case: bool = False) -> Settlement:
         """`settle` for async callers: an `AsyncLedger` is awaited; another shared ledger runs in a worker thread."""
         if not self._async_ledger:
             if isinstance(self.ledger, MemoryLedger):
                 return self.settle(decision, usage)
-            return await run_in_thread(self.settle, decision, usage)  # (a cancellation must not drop it)
-        counts, cost, charges, steps = self._to_settle(decision, usage)
+            return await run_in_thread(functools.partial(self.settle, decision, usage, worst_case=worst_case))
+        counts, cost, charges, steps = self._to_settle(decision, usage, worst_case)
         first = not decision._settled
         if charges is not None:
             first = await self.ledger.settle(decision.reservation_id, charges)  # type: ignore[arg-type,misc]
@@ -1286,7 +1290,7 @@ class Engine:
             self._log_end("settled", decision, settlement, usage)
         return settlement
 
-    def _to_settle(self, decision: Decision, usage: Mapping[str, Any] | Any
+    def _to_settle(self, decision: Decision, usage: Mapping[str, Any] | Any, worst_case: bool = False
                    ) -> tuple[UsageCounts, int, list[Charge] | None, tuple[tuple[StepCost, ...], bool, str | None] | None]:
         """The usage, its cost, what to record against each budget (None: no ledger call to make), and
         (the priced steps, whether their speeds were assumed, the fallback credit) when the response has them."""
@@ -1309,6 +1313,8 @@ class Engine:
             for step in priced:
                 if step.speed == "fast":
                     speed = "fast"  # a budget of fast spend counts the steps priced fast
+        if worst_case:
+            cost, premium = self._worst_case_floor(decision, counts.speed, cost, premium)
         if decision._settled or decision.reservation_id is None:
             return counts, cost, None, steps
         charges, owed = self._charges_of(decision, counts, cost, speed, premium)
@@ -1342,21 +1348,40 @@ class Engine:
             charges.append((scope, amount))
         return charges, owed
 
-    def charge_attempt(self, decision: Decision, usage: Mapping[str, Any] | Any) -> int:
+    def charge_attempt(self, decision: Decision, usage: Mapping[str, Any] | Any, *, worst_case: bool = False) -> int:
         """Record what one abandoned attempt of a request may have cost, beside the request's reservation, which
-        stays for the attempt that follows (a retry after a read timeout: the server may bill both). Returns the cost."""
+        stays for the attempt that follows (a retry after a read timeout: the server may bill both). Returns the cost.
+        `worst_case` as for `settle`."""
         if self._async_ledger:
             raise _needs_await("charge_attempt")
         counts = parse_usage(usage)
         cost_or_none = self.usage_cost(decision, counts, counts.speed)
         cost = self._unpriced_cost(decision, counts, counts.speed) if cost_or_none is None else cost_or_none
+        premium: int | None = None
+        if worst_case:
+            cost, premium = self._worst_case_floor(decision, counts.speed, cost, premium)
         if decision.reservation_id is not None:
-            charges, owed = self._charges_of(decision, counts, cost)
+            charges, owed = self._charges_of(decision, counts, cost, None, premium)
             if owed:
                 self.ledger.settle(next(_reservation_ids), charges)  # type: ignore[union-attr]
         telemetry.record_event("policy_engine.attempt_charged", {
             "policy_engine.policy.name": decision.policy_name, "policy_engine.cost.actual_usd": cost / 1e6})
         return cost
+
+    @staticmethod
+    def _worst_case_floor(decision: Decision, speed: str | None, cost: int, premium: int | None) -> tuple[int, int | None]:
+        """(cost, fast premium) of a worst-case stand-in, raised to the worst case reserved for a request with
+        `fallbacks`: the stand-in prices the requested model only, and a dearer hop may be the one that served."""
+        if decision._inputs is None or decision._inputs[3] is None:
+            return cost, premium
+        fast = speed == "fast"
+        reserved = decision.estimate_fast_micro if fast else decision.estimate_standard_micro
+        if reserved is None or reserved <= cost:
+            return cost, premium
+        if fast:
+            standard = decision.estimate_standard_micro
+            premium = reserved - standard if standard is not None and reserved > standard else reserved
+        return reserved, premium
 
     def _unpriced_cost(self, decision: Decision, counts: UsageCounts, speed: str) -> int:
         """Settlement never refuses: a usage the decision's cards cannot price is charged at the catalog's

@@ -281,6 +281,25 @@ def test_the_reservation_covers_the_chains_worst_case(tmp_path: Path) -> None:
         CATALOG.model(OPUS_55), {"input_tokens": inp + 1024, "output_tokens": 64_000, "speed": "fast"})
 
 
+@pytest.mark.parametrize("speed", ["standard", "fast"])
+def test_a_worst_case_stand_in_charges_the_whole_chain(tmp_path: Path, speed: str) -> None:
+    # An attempt cut short (a timeout, a stream cut, a usage nobody sent) is charged max_tokens at the requested
+    # model; with `fallbacks` a dearer hop may have been the one that served: the whole reserved worst case counts.
+    eng = engine(tmp_path, speed)
+    body = params(max_tokens=1024, fallbacks=[{"model": OPUS_55, "max_tokens": 4096}])
+    stand_in = lambda d: {"input_tokens": d.input_tokens, "output_tokens": d.max_tokens, "speed": d.speed}  # noqa: E731
+    decision = eng.decide(body)
+    assert decision.speed == speed and eng.settle(decision, stand_in(decision), worst_case=True).cost_micro == decision.estimate_micro
+    assert spent(eng) == decision.estimate_micro
+    beside = eng.decide(body)
+    assert eng.charge_attempt(beside, stand_in(beside), worst_case=True) == beside.estimate_micro
+    eng.release(beside)
+    # A bill that was seen is priced as it is, hop by hop: no floor.
+    seen = eng.decide(body)
+    assert eng.settle(seen, stand_in(seen)).cost_micro == price(OPUS, speed, input_tokens=seen.input_tokens,
+                                                                 output_tokens=1024)
+
+
 def test_an_entry_that_would_be_refused_fast_is_sent_standard_through_the_sdk(tmp_path: Path, emu: Emulator) -> None:
     body = params(fallbacks=[{"model": SONNET, "speed": "fast"}], speed="fast")
     scenario = {"extra_headers": {"x-emulator-scenario": json.dumps({"refuse": [OPUS], "refuse_after": 5})}}

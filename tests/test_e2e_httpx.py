@@ -177,6 +177,23 @@ def test_a_timeout_settles_what_the_server_may_bill(kind: str, emulator: Emulato
     assert settle.attributes["policy_engine.incomplete_stream"] == "worst_case"
 
 
+def test_a_timed_out_fallbacks_chain_settles_the_worst_case_of_every_hop(kind: str, emulator: Emulator,  # noqa: F811
+                                                                        engine: Engine) -> None:
+    # Haiku declines, and Opus, a dearer fallback, serves after the client gave up: what the server may bill is
+    # the chain's worst case (reserved in full), not max_tokens at the requested model.
+    emulator.configure(output_tokens=64)
+    emulator.script(refuse=["claude-haiku-4-5"], refuse_after=0)
+    emulator.inject(None, hang_s=1.0)
+    body = messages_params(model="claude-haiku-4-5", fallbacks=[{"model": "claude-opus-5"}])
+    with pytest.raises(httpx.ReadTimeout):
+        Raw(kind, emulator.url, engine, timeout=0.2).post("/v1/messages", body,
+                                                          headers={"anthropic-beta": "server-side-fallback-2026-07-01"})
+    assert reserved(engine) == 0
+    billed = _billed_once_done(emulator)
+    assert [step["model"] for step in emulator.bill()] == ["claude-opus-5"]
+    assert spent(engine) >= billed > 0
+
+
 def test_a_request_cancelled_after_it_was_sent_counts_what_the_server_may_bill(emulator: Emulator,  # noqa: F811
                                                                                engine: Engine) -> None:
     # A task cancelled by its caller (a timeout around it, a server shutting down) while the server is

@@ -407,7 +407,8 @@ class Runtime:
         decision = flight.decision
         if self._incomplete_rule(decision) == "worst_case" and not flight.done:
             self.engine.charge_attempt(decision, {"input_tokens": decision.input_tokens,
-                                                  "output_tokens": decision.max_tokens, "speed": flight.speed})
+                                                  "output_tokens": decision.max_tokens, "speed": flight.speed},
+                                       worst_case=True)
 
     def unread(self, flight: Flight, exc: BaseException) -> None:
         """A success status came, and its body could not be read: billed, perhaps in full."""
@@ -431,7 +432,7 @@ class Runtime:
         telemetry.record_event("policy_engine.stream_abandoned", {
             "policy_engine.on_incomplete_stream": rule, "policy_engine.output_tokens": counted["output_tokens"],
             "policy_engine.output_tokens.observed": observed})
-        self.settle(flight, counted, timed=False)
+        self.settle(flight, counted, timed=False, worst_case=rule == "worst_case")
 
     def _incomplete_rule(self, decision: Decision) -> str:
         """The `on_incomplete_stream` of the policy that decided (worst_case if a reload has since removed it)."""
@@ -457,10 +458,12 @@ class Runtime:
             key = self._model_keys[name] = entry.id if entry is not None else name
         return key
 
-    def settle(self, flight: Flight | None, usage: Any, *, timed: bool = True) -> Settlement | None:
+    def settle(self, flight: Flight | None, usage: Any, *, timed: bool = True, worst_case: bool = False
+               ) -> Settlement | None:
         """Settle from a response's usage (a dict or the SDK's Usage); a missing speed is the one sent.
 
         `timed`: feed the throughput observer with this non-streaming response's total time.
+        `worst_case`: the usage stands in for a bill nobody saw (see `Engine.settle`).
         Returns what was recorded (None when the flight had ended already).
         """
         if flight is None or not self._finish(flight):
@@ -479,12 +482,13 @@ class Runtime:
             else:
                 usage = {**usage.model_dump(), "speed": flight.speed} if hasattr(usage, "model_dump") else None
         try:
-            settlement = self.engine.settle(decision, usage)
+            settlement = self.engine.settle(decision, usage, worst_case=worst_case)
         except UsageError as exc:
             # Billed, but we cannot tell for how much: count the worst case rather than nothing.
             telemetry.record_event("policy_engine.usage_unreadable", {"policy_engine.error": str(exc)[:200]})
             settlement = self.engine.settle(decision, {"input_tokens": decision.input_tokens,
-                                                       "output_tokens": decision.max_tokens, "speed": flight.speed})
+                                                       "output_tokens": decision.max_tokens, "speed": flight.speed},
+                                            worst_case=True)
         if timed and self.observer is not None and flight.sent_at:
             self.observer.observe_response(self.model_key(decision.model), settlement.speed, settlement.output_tokens,
                                            time.perf_counter() - flight.sent_at)
