@@ -19,7 +19,7 @@ import httpx
 import jsonschema
 import pytest
 
-from policy_engine.catalog import load_catalog
+from policy_engine.catalog import actual, load_catalog
 from policy_engine.cli import main
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.schemas import serve_openapi
@@ -114,11 +114,38 @@ def test_a_decision_stays_settleable_past_its_reservation_ttl(tmp_path: Path) ->
     now[0] += 601  # past the TTL: a long response's usage still counts in the ledger, so it is still taken
     assert store.take(late).decision is decision
     gone = store.add(Flight(decision, decision.speed, None, now[0]))
+    kept = store.add(Flight(decision, decision.speed, None, now[0] + 120))
     now[0] += 600 + 3600 + 61
-    store.add(Flight(decision, decision.speed, None, now[0]))  # sweeps what is over an hour past the TTL
+    [stale] = store.expired()  # what is over an hour past the TTL, handed to the caller to settle
+    assert stale.decision is decision and store.expired() == []  # (looked for once a minute)
     with pytest.raises(ApiFailure) as caught:
         store.take(gone)
     assert caught.value.code == "unknown_decision"
+    assert [f.decision for f in store.drain()] == [decision] and len(store) == 0
+    with pytest.raises(ApiFailure):
+        store.take(kept)
+
+
+def test_a_decision_nobody_settles_is_counted_at_its_worst_case(tmp_path: Path, emulator: Any) -> None:
+    # Handed out to be sent, never settled nor released: expired, or left when the server stops (a client
+    # settling later would find no decision), it is settled as an attempt cut short, never dropped.
+    from policy_engine.decide import load
+    from policy_engine.integrations._core import Flight, Runtime
+    from policy_engine.serve.decisions import DecisionApi
+
+    engine = load(write_policy(tmp_path, BUDGET))
+    decision = engine.decide(messages_params())
+    DecisionApi.settle_unclaimed(Runtime(engine), [Flight(decision, decision.speed, None, 0.0)], "expired")
+    assert sum(engine.ledger._reserved.values()) == 0  # type: ignore[attr-defined]
+    assert sum(engine.ledger.totals().values()) == actual(load_catalog().model("claude-opus-5"),  # type: ignore[attr-defined]
+        {"input_tokens": decision.input_tokens, "output_tokens": decision.max_tokens, "speed": decision.speed})
+    ledger = tmp_path / "ledger.sqlite"
+    with serving(write_policy(tmp_path, BUDGET), upstream=emulator.url, args=["--ledger-path", str(ledger)]) as server:
+        decided = httpx.post(server.url + "/v1/decide", json={"params": messages_params()}).json()
+        server.signal(signal.SIGTERM)
+        assert server.process.wait(20) in (0, -signal.SIGTERM)
+    assert ledger_spent_micro(ledger) == actual(load_catalog().model("claude-opus-5"), {
+        "input_tokens": decided["decision"]["input_tokens"], "output_tokens": 64, "speed": "fast"})
 
 
 # -- the proxy --------------------------------------------------------------------------------

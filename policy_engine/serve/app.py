@@ -147,6 +147,9 @@ class Service:
 
     async def aclose(self) -> None:
         await self.proxy.aclose()
+        waiting = self.decisions.store.drain()  # a client settling them later would find no decision
+        if waiting:
+            await self.call(self.decisions.settle_unclaimed, self.runtime(), waiting, "left at shutdown")
         self.engines.close()
         engine = self.engines.engine
         for part in (engine.decision_log, engine.ratelimits, engine.ledger):

@@ -8,10 +8,15 @@ A decision is kept in this process until it is settled or released, or for an ho
 engine's `reservation_ttl_s` (its reservation expires in the ledger at the TTL; a later settlement
 still counts), so settle on the replica that decided. `usage: null` settles at the worst case the decision reserved for (max_tokens
 of output): for a response that was billed but whose usage the caller does not have.
+
+A decision nobody settled or released, because it expired or the server shut down first, is
+settled as an attempt cut short (`on_incomplete_stream`: at the worst case by default): it was
+handed out to be sent, and silence is no proof that it was not billed.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -20,11 +25,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import telemetry
 from ..errors import CeilingExceeded, InvalidContext, InvalidRequest, StateUnavailable
 from ..integrations._core import Flight, Runtime
 
 __all__ = ["DecideRequest", "DecideResponse", "SettleRequest", "SettleResponse", "ReleaseRequest", "ReleaseResponse",
            "ApiError", "ErrorResponse", "DecisionStore", "DecisionApi", "ApiFailure"]
+
+
+log = logging.getLogger("policy_engine.serve")
 
 
 class _Model(BaseModel):
@@ -109,14 +118,25 @@ class DecisionStore:
 
     def add(self, flight: Flight) -> str:
         decision_id = secrets.token_urlsafe(16)
-        now = self._clock()
         with self._lock:
             self._flights[decision_id] = flight
-            if now >= self._next_sweep:
-                self._next_sweep = now + 60.0
-                for stale in [k for k, f in self._flights.items() if now - f.created > self.keep_s]:
-                    del self._flights[stale]
         return decision_id
+
+    def expired(self) -> list[Flight]:
+        """The decisions past their hour (looked for at most once a minute), taken out: for the caller to settle."""
+        now = self._clock()
+        with self._lock:
+            if now < self._next_sweep:
+                return []
+            self._next_sweep = now + 60.0
+            stale = [k for k, f in self._flights.items() if now - f.created > self.keep_s]
+            return [self._flights.pop(k) for k in stale]
+
+    def drain(self) -> list[Flight]:
+        """Every decision still waiting, taken out (the server is shutting down)."""
+        with self._lock:
+            flights, self._flights = list(self._flights.values()), {}
+        return flights
 
     def take(self, decision_id: str) -> Flight:
         with self._lock:
@@ -166,6 +186,9 @@ class DecisionApi:
         flight = Flight(decision, decision.speed, None, time.monotonic())
         beta = runtime.wire_beta(flight, None)
         store = self.store
+        stale = store.expired()
+        if stale:
+            await self.call(self.settle_unclaimed, runtime, stale, "expired")
         return DecideResponse(
             decision_id=store.add(flight), speed=decision.speed, decision=decision.to_dict(),  # type: ignore[arg-type]
             params=runtime.wire_body(flight, request.params), headers={"anthropic-beta": beta} if beta else {},
@@ -181,6 +204,16 @@ class DecisionApi:
         return SettleResponse(decision_id=request.decision_id, speed=settlement.speed,
                               cost_usd=settlement.cost_micro / 1_000_000, input_tokens=settlement.input_tokens,
                               output_tokens=settlement.output_tokens).model_dump()
+
+    @staticmethod
+    def settle_unclaimed(runtime: Runtime, flights: list[Flight], why: str) -> None:
+        """Settle decisions nobody settled nor released, as attempts cut short (by `on_incomplete_stream`)."""
+        for flight in flights:
+            decision = flight.decision
+            log.warning("decision %s %s unsettled: settled by on_incomplete_stream", decision.reservation_id, why)
+            telemetry.record_event("policy_engine.decision_unclaimed", {"policy_engine.policy.name": decision.policy_name,
+                                                                        "policy_engine.reason": why})
+            runtime.settle_incomplete(flight, None, 0)
 
     async def release(self, data: Any) -> dict[str, Any]:
         request = _parsed(ReleaseRequest, data)
