@@ -80,7 +80,9 @@ class ProcessIds(Iterator[str]):
 
     @staticmethod
     def _fresh() -> Iterator[str]:
-        return map(f"{os.getpid():x}-{os.urandom(4).hex()}-{{}}".format, itertools.count(1))
+        # 64 random bits: containers all run their server as pid 1, and two processes of a fleet sharing one
+        # ledger must never draw the same prefix (a settled id is remembered for a day).
+        return map(f"{os.getpid():x}-{os.urandom(8).hex()}-{{}}".format, itertools.count(1))
 
     def _renew(self) -> None:
         self._ids = self._fresh()

@@ -125,6 +125,7 @@ def test_a_forked_child_makes_ids_of_its_own() -> None:
     parent = [next(ids) for _ in range(3)]
     assert len(set(before + child + parent)) == 9
     assert all(i.startswith(f"{pid:x}-") for i in child)
+    assert len({i.split("-")[1] for i in before + child}) == 2 and all(len(i.split("-")[1]) == 16 for i in child)
 
 
 def test_a_child_forked_while_a_lazy_cel_variant_was_being_generated_generates_its_own() -> None:
