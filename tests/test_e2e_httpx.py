@@ -19,6 +19,7 @@ from policy_engine.decide import Engine
 from policy_engine.decisionlog import DecisionLog
 from policy_engine.errors import CeilingExceeded
 from policy_engine.integrations.httpx import AsyncFastModeTransport, FastModeRateLimited, FastModeTransport
+from policy_engine.ledger import MemoryLedger
 from policy_engine.ledger.sqlite import SqliteLedger
 from policy_engine.ratelimit import account_id
 from policy_engine.testing.emulator import Emulator
@@ -514,3 +515,23 @@ def test_a_settlement_queued_behind_busy_workers_still_runs_when_the_loop_shuts_
 
 def reserved_in(path: Path) -> int:
     return sqlite3.connect(path).execute("SELECT COALESCE(SUM(amount), 0) FROM holds").fetchone()[0]  # type: ignore[no-any-return]
+
+
+class _FailingReleases(MemoryLedger):
+    """A ledger of the user's own whose `release` fails (a store that went away)."""
+
+    def release(self, reservation_id: str) -> bool:
+        raise RuntimeError("the ledger's store went away")
+
+
+def test_a_ledger_failing_after_an_error_status_gives_the_connection_back(emulator: Emulator,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    # The 529's release raises: the caller gets that error, and the response nobody will read is closed,
+    # so a client with one connection can still send the next request.
+    eng = engine_for(tmp_path, BUDGET, ledger=_FailingReleases())
+    emulator.inject(529)
+    inner = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1))
+    with httpx.Client(base_url=emulator.url, transport=FastModeTransport(eng, inner), timeout=2) as client:
+        with pytest.raises(RuntimeError, match="went away"):
+            client.post("/v1/messages", json=messages_params(), headers=HEADERS)
+        assert client.post("/v1/messages", json=messages_params(), headers=HEADERS).status_code == 200

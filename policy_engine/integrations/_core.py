@@ -679,10 +679,16 @@ def exchange(runtime: Runtime, wire: Wire, body: Mapping[str, Any], beta: str | 
         return response
     if not 200 <= status < 300:
         between = unanswered(status, headers, flight.decision.platform)
-        if between is not None:  # may be billed: settled as an attempt the server may have run
-            yield CALL, (wire.failed, (flight, between))
-        else:
-            yield CALL, (wire.refused, (flight, response))
+        try:
+            if between is not None:  # may be billed: settled as an attempt the server may have run
+                yield CALL, (wire.failed, (flight, between))
+            else:
+                yield CALL, (wire.refused, (flight, response))
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield DISCARD, response  # nobody gets the response now: its connection goes back to the pool
+            raise
         return response
     if wire.streaming:
         return wire.tracked(response, runtime.tracker(flight))
