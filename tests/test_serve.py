@@ -478,6 +478,10 @@ def test_decision_api_bearer_auth(tmp_path: Path, emulator: Any) -> None:
         assert ok.status_code == 200 and ok.json()["speed"] == "fast"
         # The proxy is not behind it: clients authenticate to Anthropic with their own key.
         assert client(server.url).messages.create(**messages_params()).usage.speed == "fast"
+        # A decision route spelt with a trailing slash is the server's own, never proxied with the token upstream.
+        before = len(emulator.requests())
+        slash = httpx.post(server.url + "/v1/settle/", json={"decision_id": "x"}, headers={"authorization": "Bearer s3cret"})
+        assert slash.status_code in (307, 404) and len(emulator.requests()) == before
 
 
 def test_the_openapi_file_describes_every_decision_route() -> None:

@@ -230,7 +230,8 @@ def create_app(service: Service) -> ASGIApp:
     proxy = service.proxy
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in API_PATHS:
+        # (`/v1/settle/` too is the server's: proxied, it would carry the decision API's token upstream)
+        if scope["type"] == "http" and scope["path"].rstrip("/") not in API_PATHS:
             await proxy(scope, receive, send)
         else:
             await own(scope, receive, send)
