@@ -1279,7 +1279,7 @@ class Engine:
         """`settle` for async callers: an `AsyncLedger` is awaited; another shared ledger runs in a worker thread."""
         if not self._async_ledger:
             if isinstance(self.ledger, MemoryLedger):
-                return self.settle(decision, usage)
+                return self.settle(decision, usage, worst_case=worst_case)
             return await run_in_thread(functools.partial(self.settle, decision, usage, worst_case=worst_case))
         counts, cost, charges, steps = self._to_settle(decision, usage, worst_case)
         first = not decision._settled

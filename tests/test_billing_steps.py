@@ -6,6 +6,7 @@ oracle: for complete responses the ledger must hold exactly what the emulator bi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,6 +295,8 @@ def test_a_worst_case_stand_in_charges_the_whole_chain(tmp_path: Path, speed: st
     beside = eng.decide(body)
     assert eng.charge_attempt(beside, stand_in(beside), worst_case=True) == beside.estimate_micro
     eng.release(beside)
+    awaited = eng.decide(body)
+    assert asyncio.run(eng.asettle(awaited, stand_in(awaited), worst_case=True)).cost_micro == awaited.estimate_micro
     # A bill that was seen is priced as it is, hop by hop: no floor.
     seen = eng.decide(body)
     assert eng.settle(seen, stand_in(seen)).cost_micro == price(OPUS, speed, input_tokens=seen.input_tokens,

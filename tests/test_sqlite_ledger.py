@@ -186,6 +186,16 @@ def test_a_refused_call_leaves_the_calls_committed_with_it_intact(tmp_path: Path
     assert (balance.spent, balance.reserved) == (8 * 50 * 7, 1)
 
 
+def _reserved(tmp_path: Path, *ids: str, key: str = "k", **options: object) -> tuple[Path, SqliteLedger, Scope]:
+    """A ledger file with a reservation of 900 under each of `ids` in one scope (limit 10,000)."""
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path, **options)  # type: ignore[arg-type]
+    s = scope(key=key, limit=10_000)
+    for rid in ids:
+        ledger.reserve(rid, [(s, 900)], ttl_s=600)
+    return path, ledger, s
+
+
 class _Holder:
     """Another process's writer: holds the ledger's file (BEGIN IMMEDIATE) until `free()`."""
 
@@ -201,11 +211,7 @@ class _Holder:
 def test_a_file_held_past_the_busy_timeout_journals_settlements_and_delivers_them(tmp_path: Path) -> None:
     from policy_engine.errors import StateUnavailable
 
-    path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, busy_timeout_s=0.05)
-    s = scope(limit=10_000)
-    ledger.reserve("r1", [(s, 900)], ttl_s=600)
-    ledger.reserve("r2", [(s, 800)], ttl_s=600)
+    path, ledger, s = _reserved(tmp_path, "r1", "r2", busy_timeout_s=0.05)
     holder = _Holder(path)
     # What a response cost is never dropped, nor raised at the caller who got the response.
     assert ledger.settle("r1", [(s, 321)]) is True
@@ -226,10 +232,7 @@ def test_a_file_held_past_the_busy_timeout_journals_settlements_and_delivers_the
 
 
 def test_the_journal_is_delivered_with_no_further_call(tmp_path: Path) -> None:
-    path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, busy_timeout_s=0.05)
-    s = scope(limit=10_000)
-    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    path, ledger, s = _reserved(tmp_path, "r1", busy_timeout_s=0.05)
     holder = _Holder(path)
     ledger.settle("r1", [(s, 321)])
     holder.free()
@@ -243,11 +246,8 @@ def test_the_journal_is_delivered_with_no_further_call(tmp_path: Path) -> None:
 
 def test_what_the_journal_cannot_keep_is_logged_with_its_amounts(tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, busy_timeout_s=0.05, journal_max=1, hash_scopes=True)
-    s = scope(key="tenant-acme", limit=10_000)
-    ledger.reserve("r1", [(s, 900)], ttl_s=600)
-    ledger.reserve("r2", [(s, 900)], ttl_s=600)
+    path, ledger, s = _reserved(tmp_path, "r1", "r2", key="tenant-acme", busy_timeout_s=0.05, journal_max=1,
+                                hash_scopes=True)
     holder = _Holder(path)
     ledger.settle("r1", [(s, 321)])
     ledger.settle("r2", [(s, 456)])
@@ -264,10 +264,7 @@ def test_what_the_journal_cannot_keep_is_logged_with_its_amounts(tmp_path: Path,
 def test_the_background_delivery_waits_for_the_file_without_holding_up_callers(tmp_path: Path) -> None:
     # Reads still work while another process holds the file (WAL): the retries of a journaled settlement must
     # not sit in SQLite's busy wait holding the ledger's lock, which callers' balances() need.
-    path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, busy_timeout_s=1.0)
-    s = scope(limit=10_000)
-    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    path, ledger, s = _reserved(tmp_path, "r1", busy_timeout_s=1.0)
     holder = _Holder(path)
     ledger.settle("r1", [(s, 321)])  # journaled after a 1 s wait
     slowest = 0.0
@@ -284,10 +281,7 @@ def test_the_background_delivery_waits_for_the_file_without_holding_up_callers(t
 
 
 def test_a_settlement_journaled_after_close_is_still_delivered(tmp_path: Path) -> None:
-    path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, busy_timeout_s=0.05)
-    s = scope(limit=10_000)
-    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    path, ledger, s = _reserved(tmp_path, "r1", busy_timeout_s=0.05)
     holder = _Holder(path)
     ledger.settle("r1", [(s, 5)])
     ledger.close()  # the file still held: what is left is logged
@@ -303,10 +297,7 @@ def test_a_settlement_journaled_after_close_is_still_delivered(tmp_path: Path) -
 
 def test_an_error_of_the_statements_is_raised_not_journaled(tmp_path: Path) -> None:
     # Only the file's state (locked, a disk error, full, read-only) passes; a missing table never would.
-    path = tmp_path / "l.db"
-    ledger = SqliteLedger(path)
-    s = scope(limit=10_000)
-    ledger.reserve("r1", [(s, 900)], ttl_s=600)
+    path, ledger, s = _reserved(tmp_path, "r1")
     sqlite3.connect(path).execute("DROP TABLE settled")
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         ledger.settle("r1", [(s, 321)])

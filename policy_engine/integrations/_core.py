@@ -406,9 +406,7 @@ class Runtime:
             return
         decision = flight.decision
         if self._incomplete_rule(decision) == "worst_case" and not flight.done:
-            self.engine.charge_attempt(decision, {"input_tokens": decision.input_tokens,
-                                                  "output_tokens": decision.max_tokens, "speed": flight.speed},
-                                       worst_case=True)
+            self.engine.charge_attempt(decision, _worst_case_usage(flight), worst_case=True)
 
     def unread(self, flight: Flight, exc: BaseException) -> None:
         """A success status came, and its body could not be read: billed, perhaps in full."""
@@ -486,9 +484,7 @@ class Runtime:
         except UsageError as exc:
             # Billed, but we cannot tell for how much: count the worst case rather than nothing.
             telemetry.record_event("policy_engine.usage_unreadable", {"policy_engine.error": str(exc)[:200]})
-            settlement = self.engine.settle(decision, {"input_tokens": decision.input_tokens,
-                                                       "output_tokens": decision.max_tokens, "speed": flight.speed},
-                                            worst_case=True)
+            settlement = self.engine.settle(decision, _worst_case_usage(flight), worst_case=True)
         if timed and self.observer is not None and flight.sent_at:
             self.observer.observe_response(self.model_key(decision.model), settlement.speed, settlement.output_tokens,
                                            time.perf_counter() - flight.sent_at)
@@ -752,6 +748,12 @@ async def adrive(steps: Generator[Step, Any, Any], send: Callable[[Any], Awaitab
         except BaseException as exc:
             run.error = exc
     return run.result
+
+
+def _worst_case_usage(flight: Flight) -> dict[str, Any]:
+    """What an attempt nobody saw billed may have cost: the input as the decision bounded it, max_tokens of output."""
+    decision = flight.decision
+    return {"input_tokens": decision.input_tokens, "output_tokens": decision.max_tokens, "speed": flight.speed}
 
 
 def _loop_running() -> bool:

@@ -321,8 +321,10 @@ class SqliteLedger(Ledger):
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                with self._journal_lock:
-                    journaled = list(self._journal)
+                journaled: list[_Entry] = []
+                if self._journal:  # (almost always empty: no lock taken then)
+                    with self._journal_lock:
+                        journaled = list(self._journal)
                 # Older than the batch: written first, in the same commit. They are the statements that failed
                 # before (no constraint can fail them), so only the file's state can stop them again.
                 for entry in journaled:
@@ -417,10 +419,8 @@ class SqliteLedger(Ledger):
                           journaled: bool) -> bool:
         """Write, or journal the write (returning `journaled`): what a response cost is never dropped."""
         try:
-            return self._write(work)  # type: ignore[no-any-return]
-        except sqlite3.OperationalError as exc:
-            if not _unavailable(exc):
-                raise
+            return self._write_or_unavailable(work)  # type: ignore[no-any-return]
+        except StateUnavailable as exc:
             described = f"{kind} of {reservation_id} (charges: {describe_charges((self._ids(s), a) for s, a in charges)})"
             self._journal_add(_Entry(work, described), exc)
             return journaled
@@ -430,7 +430,7 @@ class SqliteLedger(Ledger):
         """Settlements and releases waiting for the file."""
         return len(self._journal)
 
-    def _journal_add(self, entry: _Entry, cause: BaseException) -> None:
+    def _journal_add(self, entry: _Entry, cause: StateUnavailable) -> None:
         with self._journal_lock:
             full = len(self._journal) >= self._journal_max
             if full:
